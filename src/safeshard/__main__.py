@@ -1,0 +1,5 @@
+"""``python -m safeshard``."""
+
+from .cli import main
+
+main(prog_name="safeshard")

@@ -1,0 +1,217 @@
+"""The safeshard error tree.
+
+Every error safeshard raises derives from :class:`SafeshardError`. Each class also
+inherits the builtin exception a caller would naturally catch, so
+``except ValueError`` keeps working for code that does not know safeshard::
+
+    SafeshardError
+    ├── SizeParseError (ValueError)               a size string like "4GB" is malformed
+    ├── HeaderError (ValueError)                  a .safetensors file is malformed
+    │   ├── FileTooShortError                     fewer than 8 bytes
+    │   ├── HeaderTooLargeError                   header length over 100,000,000
+    │   ├── HeaderLengthError                     header runs past the end of the file
+    │   ├── HeaderEncodingError                   header is not UTF-8
+    │   ├── HeaderStartError                      header does not start with "{"
+    │   ├── HeaderJSONError                       header is not JSON
+    │   ├── HeaderNotObjectError                  header JSON is not an object
+    │   ├── DuplicateKeyError                     a JSON object repeats a key
+    │   ├── TensorEntryError                      a tensor entry lacks or mistypes a field
+    │   ├── UnknownDtypeError                     dtype not on the official list
+    │   ├── InvalidShapeError                     shape is not a list of non-negative ints
+    │   ├── ByteRangeMismatchError                data_offsets disagree with shape × dtype
+    │   ├── MisalignedTensorError                 sub-byte dtype not ending on a byte
+    │   ├── OverlapError                          two tensors share bytes
+    │   ├── GapError                              a hole between tensors
+    │   ├── IncompleteDataError                   data does not end exactly at end of file
+    │   └── MetadataError                         __metadata__ is not a str→str map
+    ├── IndexFormatError (ValueError)             a *.safetensors.index.json is malformed
+    │   └── UnsafeIndexPathError                  weight_map points outside the folder
+    ├── CheckpointNotFoundError (FileNotFoundError)
+    ├── AmbiguousCheckpointError (ValueError)     two checkpoints could be meant
+    ├── ShardMismatchError (ValueError)           index and shards disagree
+    ├── PlanError (ValueError)                    a cap cannot be kept
+    │   └── OversizeTensorError                   one tensor is larger than the cap
+    ├── OutputExistsError (FileExistsError)       refusing to overwrite
+    ├── OutputLockedError (BlockingIOError)       another process writes the output
+    ├── DiskFullError (OSError)                   the disk filled up while writing
+    ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
+    └── BudgetError (MemoryError)                 a block is larger than the memory budget
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "AmbiguousCheckpointError",
+    "BudgetError",
+    "ByteRangeMismatchError",
+    "CheckpointNotFoundError",
+    "DiskFullError",
+    "DuplicateKeyError",
+    "FileTooShortError",
+    "GapError",
+    "HeaderEncodingError",
+    "HeaderError",
+    "HeaderJSONError",
+    "HeaderLengthError",
+    "HeaderNotObjectError",
+    "HeaderStartError",
+    "HeaderTooLargeError",
+    "IncompleteDataError",
+    "IndexFormatError",
+    "InvalidShapeError",
+    "MetadataError",
+    "MisalignedTensorError",
+    "OutputExistsError",
+    "OutputLockedError",
+    "OverlapError",
+    "OversizeTensorError",
+    "PlanError",
+    "QuantizationConfigError",
+    "SafeshardError",
+    "ShardMismatchError",
+    "SizeParseError",
+    "TensorEntryError",
+    "UnknownDtypeError",
+    "UnsafeIndexPathError",
+]
+
+
+class SafeshardError(Exception):
+    """Base of every error safeshard raises."""
+
+
+class SizeParseError(SafeshardError, ValueError):
+    """A size string such as ``4GB`` could not be parsed."""
+
+
+class HeaderError(SafeshardError, ValueError):
+    """A safetensors file is malformed. ``path`` names the file."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class FileTooShortError(HeaderError):
+    """The file is shorter than the 8-byte header length."""
+
+
+class HeaderTooLargeError(HeaderError):
+    """The header length exceeds 100,000,000 bytes."""
+
+
+class HeaderLengthError(HeaderError):
+    """The header length runs past the end of the file."""
+
+
+class HeaderEncodingError(HeaderError):
+    """The header is not valid UTF-8."""
+
+
+class HeaderStartError(HeaderError):
+    """The header does not start with ``{``."""
+
+
+class HeaderJSONError(HeaderError):
+    """The header is not valid JSON."""
+
+
+class HeaderNotObjectError(HeaderError):
+    """The header JSON is not an object."""
+
+
+class DuplicateKeyError(HeaderError):
+    """A JSON object in the header repeats a key."""
+
+
+class TensorEntryError(HeaderError):
+    """A tensor entry is not an object with dtype, shape and data_offsets."""
+
+
+class UnknownDtypeError(HeaderError):
+    """A tensor's dtype is not on the official list."""
+
+
+class InvalidShapeError(HeaderError):
+    """A tensor's shape is not a list of non-negative integers."""
+
+
+class ByteRangeMismatchError(HeaderError):
+    """A tensor's data_offsets do not match shape × dtype size."""
+
+
+class MisalignedTensorError(HeaderError):
+    """A sub-byte dtype tensor does not end on a byte boundary."""
+
+
+class OverlapError(HeaderError):
+    """Two tensors' byte ranges overlap."""
+
+
+class GapError(HeaderError):
+    """There is a hole between two tensors' byte ranges."""
+
+
+class IncompleteDataError(HeaderError):
+    """The tensor data does not end exactly at the end of the file."""
+
+
+class MetadataError(HeaderError):
+    """``__metadata__`` is not a string-to-string map."""
+
+
+class IndexFormatError(SafeshardError, ValueError):
+    """A Hugging Face ``*.safetensors.index.json`` is malformed."""
+
+
+class UnsafeIndexPathError(IndexFormatError):
+    """A weight_map entry is not a plain ``.safetensors`` file name in the index's folder."""
+
+
+class CheckpointNotFoundError(SafeshardError, FileNotFoundError):
+    """No checkpoint was found at the given path."""
+
+
+class AmbiguousCheckpointError(SafeshardError, ValueError):
+    """A folder holds more than one checkpoint that could be meant."""
+
+
+class ShardMismatchError(SafeshardError, ValueError):
+    """An index and its shards disagree (missing, extra or duplicated tensors)."""
+
+
+class PlanError(SafeshardError, ValueError):
+    """A shard plan cannot keep the requested cap."""
+
+
+class OversizeTensorError(PlanError):
+    """A single tensor is larger than the cap."""
+
+
+class OutputExistsError(SafeshardError, FileExistsError):
+    """The output already exists and overwriting was not requested."""
+
+
+class OutputLockedError(SafeshardError, BlockingIOError):
+    """Another process is writing the same output."""
+
+
+class DiskFullError(SafeshardError, OSError):
+    """The disk filled up while writing; the partial file was removed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class QuantizationConfigError(SafeshardError, ValueError):
+    """GPTQ settings disagree with each other or with the tensor shapes."""
+
+
+class BudgetError(SafeshardError, MemoryError):
+    """A block is larger than the memory budget given to a lazy checkpoint."""

@@ -1,0 +1,193 @@
+"""Byte-range copies and crash-safe writes.
+
+- :func:`copy_range` moves bytes between files with ``os.copy_file_range`` where the
+  kernel has it, else ``os.sendfile``, else a bounded buffer: tensor bytes never pass
+  through Python objects the size of a tensor.
+- :class:`AtomicWriter` writes under a temporary name in the target folder, fsyncs,
+  then renames over the target and fsyncs the folder. On any error the temporary
+  file is removed; a full disk becomes :class:`DiskFullError`.
+- :class:`DirLock` refuses a second writer of the same output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from .errors import DiskFullError, OutputLockedError
+
+CHUNK = 8 * 1024 * 1024
+"""Buffer size for the fallback copy and for hashing reads."""
+
+MAX_COPY = 1 << 30
+"""Largest single copy_file_range/sendfile request (the kernel caps one at ~2 GiB)."""
+
+TMP_PREFIX = ".safeshard-tmp-"
+LOCK_NAME = ".safeshard.lock"
+
+_HAS_CFR = hasattr(os, "copy_file_range")
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
+    """Copy ``length`` bytes at ``offset`` in ``src_fd`` to ``dst_offset`` in ``dst_fd``."""
+    global _HAS_CFR
+    done = 0
+    while done < length:
+        want = min(MAX_COPY, length - done)
+        n = 0
+        if _HAS_CFR:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)
+            except OSError as e:
+                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    _HAS_CFR = False
+                    continue
+                raise
+        else:
+            n = _copy_buffered(src_fd, dst_fd, offset + done, want, dst_offset + done)
+        if n == 0:
+            raise OSError(
+                errno.EIO,
+                f"source ended early: wanted {length - done} more bytes at {offset + done}",
+            )
+        done += n
+
+
+def _copy_buffered(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> int:
+    buf = bytearray(min(CHUNK, length))
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        want = min(len(buf), length - done)
+        got = os.preadv(src_fd, [view[:want]], offset + done)
+        if got == 0:
+            break
+        written = 0
+        while written < got:
+            written += os.pwrite(dst_fd, view[written:got], dst_offset + done + written)
+        done += got
+    return done
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicWriter:
+    """Write ``target`` under a temporary name; on success fsync and rename over it.
+
+    Use as a context manager; ``fd`` is the open temporary file. The target appears
+    only complete. On error (a full disk included) the temporary file is removed.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, durable: bool = True) -> None:
+        self.target = Path(target)
+        self.tmp = self.target.parent / f"{TMP_PREFIX}{self.target.name}.{os.getpid()}"
+        self.durable = durable
+        self.fd = -1
+
+    def __enter__(self) -> AtomicWriter:
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        return self
+
+    def write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc is None:
+                if self.durable:
+                    os.fsync(self.fd)
+                os.close(self.fd)
+                self.fd = -1
+                os.replace(self.tmp, self.target)
+                if self.durable:
+                    fsync_dir(self.target.parent)
+                return
+        except OSError as e:
+            self._discard()
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(
+                    f"{self.target}: the disk is full; the partial file was removed. "
+                    "Free space or choose another output folder."
+                ) from e
+            raise
+        self._discard()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise DiskFullError(
+                f"{self.target}: the disk is full; the partial file was removed. "
+                "Free space or choose another output folder."
+            ) from exc
+
+    def _discard(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+def write_atomic(target: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically (temp name, fsync, rename)."""
+    with AtomicWriter(target) as w:
+        w.write(data, 0)
+
+
+class DirLock:
+    """An exclusive, non-blocking lock on an output folder (``.safeshard.lock`` inside it)."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.fd = -1
+
+    def __enter__(self) -> DirLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self.fd)
+            self.fd = -1
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputLockedError(
+                    f"{self.folder}: another safeshard process is writing this folder; "
+                    "wait for it to finish or choose another output folder"
+                ) from None
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files a killed safeshard left in ``folder``."""
+    return sorted(folder.glob(TMP_PREFIX + "*"))

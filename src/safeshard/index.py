@@ -1,0 +1,148 @@
+"""Hugging Face shard indexes (``*.safetensors.index.json``): strict, path-safe parsing.
+
+Every ``weight_map`` value must be a plain ``.safetensors`` file name in the index's
+own folder, so that a hostile index can never make safeshard read or write
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DuplicateKeyError, IndexFormatError, UnsafeIndexPathError
+
+INDEX_SUFFIX = ".safetensors.index.json"
+SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+"""``{base}-{i:05d}-of-{n:05d}.safetensors``"""
+
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """A parsed index: ``weight_map`` maps tensor names to shard file names."""
+
+    path: Path
+    weight_map: dict[str, str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    @property
+    def base(self) -> str:
+        return self.path.name[: -len(INDEX_SUFFIX)]
+
+    @property
+    def total_size(self) -> int | None:
+        value = self.metadata.get("total_size")
+        return value if isinstance(value, int) else None
+
+    def shard_files(self) -> list[str]:
+        """Distinct shard file names, in first-appearance order of the sorted weight map."""
+        seen: dict[str, None] = {}
+        for name in sorted(self.weight_map.values()):
+            seen.setdefault(name, None)
+        return list(seen)
+
+    def tensors_by_shard(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {f: [] for f in self.shard_files()}
+        for tensor, f in self.weight_map.items():
+            out[f].append(tensor)
+        return out
+
+
+def check_shard_name(index_path: str | os.PathLike[str], tensor: str, value: object) -> str:
+    """Return ``value`` if it is a safe shard file name; else :class:`UnsafeIndexPathError`."""
+    where = f"{index_path}: weight_map[{tensor!r}]"
+    if not isinstance(value, str) or not value:
+        raise UnsafeIndexPathError(f"{where} must be a non-empty file name, found {value!r}")
+    if "\x00" in value:
+        raise UnsafeIndexPathError(f"{where} = {value!r} contains a NUL byte")
+    if value.startswith(("/", "\\")) or os.path.isabs(value):
+        raise UnsafeIndexPathError(
+            f"{where} = {value!r} is an absolute path; shards must sit beside the index"
+        )
+    if _DRIVE_RE.match(value):
+        raise UnsafeIndexPathError(
+            f"{where} = {value!r} names a drive; shards must sit beside the index"
+        )
+    if value in (".", "..") or value.startswith("..") or "/.." in value or "\\.." in value:
+        raise UnsafeIndexPathError(
+            f"{where} = {value!r} climbs out of the index's folder with '..'"
+        )
+    if "/" in value or "\\" in value:
+        raise UnsafeIndexPathError(
+            f"{where} = {value!r} has a path separator; shards must be plain file names "
+            "beside the index"
+        )
+    if not value.endswith(".safetensors"):
+        raise UnsafeIndexPathError(
+            f"{where} = {value!r} does not end in .safetensors; safeshard reads only "
+            "safetensors shards"
+        )
+    return value
+
+
+def _no_duplicates(path: str) -> Any:
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise IndexFormatError(f"{path}: the key {key!r} appears twice")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def parse_index_bytes(data: bytes, path: str | os.PathLike[str]) -> ShardIndex:
+    """Parse and validate index JSON ``data`` read from ``path``."""
+    name = str(path)
+    try:
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates(name))
+    except (UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, (IndexFormatError, DuplicateKeyError)):
+            raise
+        raise IndexFormatError(f"{name}: not a valid JSON index ({e})") from None
+    if not isinstance(obj, dict):
+        raise IndexFormatError(f"{name}: index must be a JSON object, found {type(obj).__name__}")
+    wm = obj.get("weight_map")
+    if not isinstance(wm, dict):
+        raise IndexFormatError(f"{name}: index has no 'weight_map' object")
+    meta = obj.get("metadata", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise IndexFormatError(f"{name}: 'metadata' must be an object, found {type(meta).__name__}")
+    if "total_size" in meta:
+        ts = meta["total_size"]
+        if not isinstance(ts, int) or isinstance(ts, bool) or ts < 0:
+            raise IndexFormatError(
+                f"{name}: metadata.total_size must be a non-negative integer, found {ts!r}"
+            )
+    weight_map = {str(k): check_shard_name(name, k, v) for k, v in wm.items()}
+    return ShardIndex(path=Path(path), weight_map=weight_map, metadata=dict(meta))
+
+
+def read_index(path: str | os.PathLike[str]) -> ShardIndex:
+    """Read and validate the index at ``path``."""
+    with open(path, "rb") as f:
+        return parse_index_bytes(f.read(), path)
+
+
+def index_json(weight_map: dict[str, str], metadata: dict[str, Any]) -> bytes:
+    """Serialize an index the way transformers and huggingface_hub write it (sorted keys)."""
+    obj = {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def shard_name(base: str, i: int, n: int) -> str:
+    """``{base}-{i:05d}-of-{n:05d}.safetensors`` with ``i`` counted from 1."""
+    return f"{base}-{i:05d}-of-{n:05d}.safetensors"

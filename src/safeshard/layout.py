@@ -1,0 +1,193 @@
+"""Model structure from tensor names alone: blocks, quantized modules and model order.
+
+A *block* is a repeated numbered prefix such as ``model.layers.7`` or
+``transformer.h.7``: the first all-digit name component, with what precedes it as
+the block's *family* (``model.layers``). A model may have several families
+(an encoder and a decoder, a vision tower and a language model). Tensors outside
+every block are *head* tensors (embeddings: they come before the first block) or
+*tail* tensors (final norm, lm_head: they come after the last block).
+
+Inside a block, the tensors of one module (the name without its last component)
+form a *sub-group*; a GPTQ-quantized module is one that has a ``qweight``.
+
+Model order, used for shard packing and for data order inside shards:
+head tensors, then each family's blocks by number (compared as numbers), then
+tail tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+"""The tensors of a GPTQ-quantized linear (``bias`` may join them)."""
+
+_TAIL_HINTS = re.compile(
+    r"(^|[._])(lm_head|ln_f|norm|final|output|score|classifier|pooler|head)([._]|$)"
+)
+_DIGITS = re.compile(r"(\d+)")
+
+GroupKind = Literal["head", "block", "tail"]
+
+
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that compares digit runs as numbers: ``layers.2`` < ``layers.10``."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(name) if part
+    )
+
+
+def split_block(name: str) -> tuple[str, int] | None:
+    """``("model.layers", 7)`` for ``model.layers.7.mlp.up_proj.weight``; None outside blocks.
+
+    The block index is the first all-digit component that has a family before it and
+    something after it.
+    """
+    parts = name.split(".")
+    for i in range(1, len(parts) - 1):
+        if parts[i].isdigit():
+            return ".".join(parts[:i]), int(parts[i])
+    return None
+
+
+def module_of(name: str) -> str:
+    """The module a tensor belongs to: its name without the last component."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def is_tail(name: str) -> bool:
+    """Whether an outside-block tensor comes after the blocks (final norm, lm_head, ...)."""
+    if "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"]):
+        return False
+    return bool(_TAIL_HINTS.search(name))
+
+
+def _tail_rank(name: str) -> int:
+    # final norms first, then heads
+    return 1 if ("head" in name or "output" in name or "score" in name) else 0
+
+
+@dataclass(frozen=True)
+class Module:
+    """A sub-group: the tensors of one module, in model order."""
+
+    name: str
+    tensors: tuple[str, ...]
+
+    @property
+    def quantized(self) -> bool:
+        return any(t.endswith(".qweight") for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Group:
+    """A unit of model order: a whole block, or one tensor outside the blocks."""
+
+    key: str
+    kind: GroupKind
+    modules: tuple[Module, ...]
+    family: str | None = None
+    number: int | None = None
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return tuple(t for m in self.modules for t in m.tensors)
+
+
+def _member_key(name: str) -> tuple[int, tuple[tuple[int, int | str], ...]]:
+    last = name.rsplit(".", 1)[-1]
+    if last in GPTQ_SUFFIXES:
+        return GPTQ_SUFFIXES.index(last), ()
+    return len(GPTQ_SUFFIXES), natural_key(last)
+
+
+def _modules(names: Iterable[str]) -> tuple[Module, ...]:
+    by_module: dict[str, list[str]] = {}
+    for n in names:
+        by_module.setdefault(module_of(n), []).append(n)
+    return tuple(
+        Module(name=m, tensors=tuple(sorted(ts, key=_member_key)))
+        for m, ts in sorted(by_module.items(), key=lambda kv: natural_key(kv[0]))
+    )
+
+
+def group_tensors(names: Sequence[str]) -> list[Group]:
+    """Group ``names`` into blocks and outside tensors, in model order."""
+    blocks: dict[tuple[str, int], list[str]] = {}
+    head: list[str] = []
+    tail: list[str] = []
+    for n in names:
+        b = split_block(n)
+        if b is not None:
+            blocks.setdefault(b, []).append(n)
+        elif is_tail(n):
+            tail.append(n)
+        else:
+            head.append(n)
+    groups: list[Group] = []
+    for n in sorted(head, key=lambda x: (0 if "embed" in x else 1, natural_key(x))):
+        groups.append(Group(key=n, kind="head", modules=(Module(module_of(n), (n,)),)))
+    for (family, number), members in sorted(
+        blocks.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][1])
+    ):
+        groups.append(
+            Group(
+                key=f"{family}.{number}",
+                kind="block",
+                modules=_modules(members),
+                family=family,
+                number=number,
+            )
+        )
+    for n in sorted(tail, key=lambda x: (_tail_rank(x), natural_key(x))):
+        groups.append(Group(key=n, kind="tail", modules=(Module(module_of(n), (n,)),)))
+    return groups
+
+
+def model_order(names: Sequence[str]) -> list[str]:
+    """All of ``names`` in model order."""
+    return [t for g in group_tensors(names) for t in g.tensors]
+
+
+def families(groups: Iterable[Group]) -> dict[str, list[int]]:
+    """Block numbers of each family, in model order."""
+    out: dict[str, list[int]] = {}
+    for g in groups:
+        if g.kind == "block" and g.family is not None and g.number is not None:
+            out.setdefault(g.family, []).append(g.number)
+    return out
+
+
+def describe_blocks(groups: Sequence[Group]) -> str:
+    """Short human label for a run of groups, e.g. ``embed_tokens, layers 0-17``."""
+    parts: list[str] = []
+    run: tuple[str, int, int] | None = None
+
+    def flush() -> None:
+        nonlocal run
+        if run is not None:
+            fam, a, b = run
+            short = fam.rsplit(".", 1)[-1]
+            parts.append(f"{short} {a}" if a == b else f"{short} {a}-{b}")
+            run = None
+
+    for g in groups:
+        if g.kind == "block" and g.family is not None and g.number is not None:
+            if run is not None and run[0] == g.family and g.number in (run[2], run[2] + 1):
+                run = (run[0], run[1], g.number)
+            else:
+                flush()
+                run = (g.family, g.number, g.number)
+        else:
+            flush()
+            parts.append(g.key.rsplit(".", 1)[0] if g.key.endswith((".weight", ".bias")) else g.key)
+    flush()
+    # collapse consecutive duplicates (a block split across shards is named in each)
+    out: list[str] = []
+    for p in parts:
+        if not out or out[-1] != p:
+            out.append(p)
+    return ", ".join(out)

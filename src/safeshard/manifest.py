@@ -1,0 +1,142 @@
+"""The sidecar manifest safeshard writes beside an index: ``{BASE}.safeshard.json``.
+
+It keeps loaders' files untouched (the index stays exactly what transformers and
+huggingface_hub expect) and records what the index cannot:
+
+- each shard's file name, size and SHA-256 (the Hugging Face Hub's LFS id), so a
+  copy or an upload can be checked without the source;
+- each tensor's SHA-256 and size, so an update reads the new source only once;
+- the source: its file name, size, and its header bytes exactly as stored, which
+  fix key order, whitespace, metadata position, data order and padding. With them,
+  ``merge`` restores the original file byte for byte.
+
+Layout (version 1)::
+
+    {
+      "format": "safeshard-manifest", "version": 1,
+      "base": "model", "cap": 4000000000,
+      "shards": [{"file": "model-00001-of-00002.safetensors", "size": 123, "sha256": "..."}],
+      "tensors": {"model.embed_tokens.weight": {"sha256": "...", "nbytes": 456}},
+      "source": {"file": "gptq_model-4bit-128g.safetensors", "size": 789,
+                 "header": "{...}"}   # or null for foreign input
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import IndexFormatError
+
+MANIFEST_SUFFIX = ".safeshard.json"
+FORMAT = "safeshard-manifest"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    sha256: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """The original single file: name, size, and its header JSON exactly as stored."""
+
+    file: str
+    size: int
+    header: str
+
+    @property
+    def header_bytes(self) -> bytes:
+        return self.header.encode("utf-8")
+
+
+@dataclass
+class Manifest:
+    base: str
+    cap: int | None
+    shards: list[ShardRecord] = field(default_factory=list)
+    tensors: dict[str, TensorRecord] = field(default_factory=dict)
+    source: SourceRecord | None = None
+
+    def to_json(self) -> bytes:
+        obj: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "base": self.base,
+            "cap": self.cap,
+            "shards": [{"file": s.file, "size": s.size, "sha256": s.sha256} for s in self.shards],
+            "tensors": {
+                name: {"sha256": t.sha256, "nbytes": t.nbytes}
+                for name, t in sorted(self.tensors.items())
+            },
+            "source": None
+            if self.source is None
+            else {"file": self.source.file, "size": self.source.size, "header": self.source.header},
+        }
+        return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes, path: str | os.PathLike[str] = "<manifest>") -> Manifest:
+        where = str(path)
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise IndexFormatError(f"{where}: manifest is not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise IndexFormatError(f"{where}: not a safeshard manifest")
+        if obj.get("version") != VERSION:
+            raise IndexFormatError(
+                f"{where}: manifest version {obj.get('version')!r} is not supported "
+                f"(this safeshard reads version {VERSION}); upgrade safeshard"
+            )
+        try:
+            shards = [
+                ShardRecord(str(s["file"]), int(s["size"]), str(s["sha256"])) for s in obj["shards"]
+            ]
+            tensors = {
+                str(k): TensorRecord(str(v["sha256"]), int(v["nbytes"]))
+                for k, v in obj["tensors"].items()
+            }
+            src = obj.get("source")
+            source = (
+                None
+                if src is None
+                else SourceRecord(str(src["file"]), int(src["size"]), str(src["header"]))
+            )
+            cap = obj.get("cap")
+            return cls(
+                base=str(obj["base"]),
+                cap=None if cap is None else int(cap),
+                shards=shards,
+                tensors=tensors,
+                source=source,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise IndexFormatError(f"{where}: malformed manifest ({e!r})") from None
+
+
+def manifest_path(folder: Path, base: str) -> Path:
+    return folder / f"{base}{MANIFEST_SUFFIX}"
+
+
+def read_manifest(folder: Path, base: str) -> Manifest | None:
+    """The manifest for ``base`` in ``folder``, or None if there is none."""
+    p = manifest_path(folder, base)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return None
+    return Manifest.from_json(data, p)

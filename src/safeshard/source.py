@@ -1,0 +1,230 @@
+"""Finding a checkpoint the way the ecosystem does, and reading it as one set of tensors.
+
+Given a folder: an index (``*.safetensors.index.json``) first; otherwise one
+``.safetensors`` file, named by ``quantize_config.json``'s ``model_file_base_name``,
+AutoGPTQ's ``gptq_model-{bits}bit-{group}g``, or ``model``. Two candidates that could
+both be meant are an error that lists both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
+from .header import Header, TensorInfo, read_header
+from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, read_index
+
+SAFETENSORS = ".safetensors"
+
+
+@dataclass(frozen=True)
+class Located:
+    """Where a checkpoint is: a single file, or an index with its shards."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    index: ShardIndex | None = None
+
+    @property
+    def base(self) -> str:
+        """Base name: ``model`` for ``model.safetensors`` or ``model.safetensors.index.json``."""
+        if self.index is not None:
+            return self.index.base
+        return self.files[0].name[: -len(SAFETENSORS)]
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Every weights path, the index included."""
+        return self.files + ((self.index.path,) if self.index is not None else ())
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``, or None if absent or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _candidate_bases(folder: Path) -> list[str]:
+    """Base names the loaders try, in their order (AutoGPTQ ``get_checkpoints``)."""
+    bases: list[str] = []
+    qc = read_json_file(folder / "quantize_config.json") or {}
+    named = qc.get("model_file_base_name")
+    if isinstance(named, str) and named:
+        bases.append(named)
+    bits, group = qc.get("bits"), qc.get("group_size")
+    if bits is not None and group is not None:
+        bases.append(f"gptq_model-{bits}bit-{group}g")
+    bases.append("model")
+    return bases
+
+
+def locate(path: str | os.PathLike[str]) -> Located:
+    """Find the checkpoint at ``path``: a ``.safetensors`` file, an index, or a folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p}: no such file or folder")
+    if p.is_file():
+        if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(".index.json"):
+            return _from_index(p)
+        if p.name.endswith(SAFETENSORS):
+            return Located(folder=p.parent, files=(p,))
+        raise CheckpointNotFoundError(
+            f"{p}: not a .safetensors file or a *.safetensors.index.json index"
+        )
+    return _from_folder(p)
+
+
+def _from_index(p: Path) -> Located:
+    idx = read_index(p)
+    files = tuple(p.parent / f for f in idx.shard_files())
+    return Located(folder=p.parent, files=files, index=idx)
+
+
+def _from_folder(folder: Path) -> Located:
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    shards_of_indexes: set[str] = set()
+    for ip in indexes:
+        base = ip.name[: -len(INDEX_SUFFIX)]
+        for f in folder.glob(base + "-*" + SAFETENSORS):
+            if SHARD_RE.match(f.name):
+                shards_of_indexes.add(f.name)
+    singles = sorted(
+        f
+        for f in folder.glob("*" + SAFETENSORS)
+        if f.is_file() and f.name not in shards_of_indexes and not SHARD_RE.match(f.name)
+    )
+    candidates: list[Path] = list(indexes) + singles
+    if not candidates:
+        raise CheckpointNotFoundError(
+            f"{folder}: no *.safetensors file or *.safetensors.index.json index in this folder"
+        )
+    if len(candidates) == 1:
+        return locate(candidates[0])
+    # Several: the loaders' own order decides only when it singles one out.
+    by_base: dict[str, list[Path]] = {}
+    for c in candidates:
+        base = (
+            c.name[: -len(INDEX_SUFFIX)]
+            if c.name.endswith(INDEX_SUFFIX)
+            else c.name[: -len(SAFETENSORS)]
+        )
+        by_base.setdefault(base, []).append(c)
+    for base in _candidate_bases(folder):
+        if base in by_base and len(by_base) == 1:
+            return locate(sorted(by_base[base], key=lambda c: not c.name.endswith(INDEX_SUFFIX))[0])
+    listed = ", ".join(c.name for c in candidates)
+    raise AmbiguousCheckpointError(
+        f"{folder}: more than one checkpoint could be meant ({listed}); "
+        "pass the file or index itself"
+    )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A tensor of a (possibly sharded) checkpoint: which file, and where in it."""
+
+    info: TensorInfo
+    shard: int  # position in Checkpoint.headers
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class Checkpoint:
+    """A located checkpoint with every shard's header read (no tensor data read)."""
+
+    located: Located
+    headers: list[Header]
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return self.located.folder
+
+    @property
+    def index(self) -> ShardIndex | None:
+        return self.located.index
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The ``__metadata__`` of the first shard (all shards carry the same for safeshard)."""
+        return self.headers[0].metadata if self.headers else None
+
+    def path_of(self, name: str) -> Path:
+        return Path(self.headers[self.entries[name].shard].path)
+
+    def absolute_offset(self, name: str) -> int:
+        e = self.entries[name]
+        return self.headers[e.shard].data_start + e.info.begin
+
+    def tensors(self) -> Iterator[TensorInfo]:
+        for e in self.entries.values():
+            yield e.info
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(e.info.nbytes for e in self.entries.values())
+
+    @property
+    def file_size(self) -> int:
+        return sum(h.file_size for h in self.headers)
+
+
+def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -> Checkpoint:
+    """Locate ``path`` and read every shard's header.
+
+    With ``check_index``, the index must agree with the shards: every listed tensor in
+    its named shard, every shard tensor listed, no tensor in two shards; a
+    disagreement raises :class:`ShardMismatchError`.
+    """
+    loc = locate(path)
+    missing = [f for f in loc.files if not f.is_file()]
+    if missing:
+        raise CheckpointNotFoundError(
+            f"{loc.index.path if loc.index else loc.folder}: shard "
+            f"{', '.join(m.name for m in missing)} listed in the index does not exist"
+        )
+    headers = [read_header(f) for f in loc.files]
+    entries: dict[str, Entry] = {}
+    problems: list[str] = []
+    for i, h in enumerate(headers):
+        for t in h.tensors:
+            if t.name in entries:
+                other = Path(headers[entries[t.name].shard].path).name
+                problems.append(f"tensor {t.name!r} is in both {other} and {Path(h.path).name}")
+                continue
+            entries[t.name] = Entry(info=t, shard=i)
+    if loc.index is not None and check_index:
+        names = {Path(h.path).name: i for i, h in enumerate(headers)}
+        for tensor, fname in loc.index.weight_map.items():
+            e = entries.get(tensor)
+            if e is None:
+                problems.append(f"tensor {tensor!r} listed in the index for {fname} is in no shard")
+            elif e.shard != names[fname]:
+                actual = Path(headers[e.shard].path).name
+                problems.append(f"tensor {tensor!r} is indexed to {fname} but lies in {actual}")
+        for tensor in entries:
+            if tensor not in loc.index.weight_map:
+                problems.append(
+                    f"tensor {tensor!r} in {Path(headers[entries[tensor].shard].path).name} "
+                    "is not in the index"
+                )
+    if problems:
+        where = loc.index.path if loc.index is not None else loc.folder
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ShardMismatchError(
+            f"{where}: index and shards disagree: {'; '.join(problems[:5])}{more}. "
+            "Run `safeshard verify` for the full list."
+        )
+    return Checkpoint(located=loc, headers=headers, entries=entries)
