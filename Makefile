@@ -42,7 +42,7 @@ lint: $(TSTAMP)
 	$(VENV)/bin/mypy
 
 bench: $(TSTAMP)
-	@echo "benchmark: not written yet"
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
