@@ -6,6 +6,7 @@ inherits the builtin exception a caller would naturally catch, so
 
     SafeshardError
     ├── SizeParseError (ValueError)               a size string like "4GB" is malformed
+    ├── UsageError (ValueError)                   options contradict each other or are invalid
     ├── HeaderError (ValueError)                  a .safetensors file is malformed
     │   ├── FileTooShortError                     fewer than 8 bytes
     │   ├── HeaderTooLargeError                   header length over 100,000,000
@@ -75,6 +76,7 @@ __all__ = [
     "TensorEntryError",
     "UnknownDtypeError",
     "UnsafeIndexPathError",
+    "UsageError",
 ]
 
 
@@ -84,6 +86,10 @@ class SafeshardError(Exception):
 
 class SizeParseError(SafeshardError, ValueError):
     """A size string such as ``4GB`` could not be parsed."""
+
+
+class UsageError(SafeshardError, ValueError):
+    """Options that contradict each other or are invalid (e.g. a --name with a slash)."""
 
 
 class HeaderError(SafeshardError, ValueError):
