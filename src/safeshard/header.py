@@ -44,6 +44,8 @@ HEADER_ALIGNMENT = 8
 
 METADATA_KEY = "__metadata__"
 
+_LEADING_JUNK = " \t\r\n\ufeff"  # JSON whitespace and a byte-order mark
+
 DTYPE_BITS: dict[str, int] = {
     "BOOL": 8,
     "F4": 4,
@@ -167,8 +169,9 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
     """Validate ``data``, which holds at least the first ``8 + N`` bytes of a file of ``file_size``.
 
     Checks, in order: length prefix, header size limit, header within the file, UTF-8,
-    leading ``{``, JSON, object, duplicate keys, metadata, each entry (fields, dtype,
-    shape, size, alignment), then the byte ranges (overlap, holes, end of file).
+    nothing before the leading ``{``, JSON (duplicate keys, NaN/Infinity), object,
+    Unicode keys (no lone surrogates), metadata, each entry (fields, dtype, shape, size,
+    alignment), then the byte ranges (overlap, holes, end of file).
     """
     name = str(path)
     if file_size < 8 or len(data) < 8:
@@ -193,8 +196,12 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
         raise HeaderEncodingError(
             name, f"header is not valid UTF-8 ({e.reason} at byte {e.start})"
         ) from None
-    if not text.startswith("{"):
-        raise HeaderStartError(name, f"header must start with '{{', found {text[:1]!r}")
+    if not text.startswith("{") and text.lstrip(_LEADING_JUNK).startswith("{"):
+        raise HeaderStartError(
+            name, f"header must start with '{{' with nothing before it, found {text[:1]!r}"
+        )
+    # A header that does not start with "{" at all is either not JSON or JSON that is
+    # not an object; both are reported below, each with its own class.
     try:
         obj = json.loads(
             text,
@@ -211,6 +218,8 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
         raise HeaderNotObjectError(
             name, f"header JSON must be an object, found {type(obj).__name__}"
         )
+    for key in obj:
+        _check_text(name, key)
     metadata = _parse_metadata(name, obj.get(METADATA_KEY))
     entries = [_parse_entry(name, key, value) for key, value in obj.items() if key != METADATA_KEY]
     entries.sort(key=lambda t: (t.begin, t.end))
@@ -247,6 +256,19 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
     )
 
 
+def _check_text(path: str, text: str) -> None:
+    """Reject strings that are not Unicode text: JSON escapes like ``\\ud800`` decode to
+    lone surrogates, which the official reader refuses and no writer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HeaderJSONError(
+            path,
+            f"header string {text!r} holds a lone surrogate escape at character {e.start}; "
+            "it is not valid Unicode text",
+        ) from None
+
+
 def _parse_metadata(path: str, value: Any) -> dict[str, str] | None:
     if value is None:
         return None
@@ -257,6 +279,8 @@ def _parse_metadata(path: str, value: Any) -> dict[str, str] | None:
             raise MetadataError(
                 path, f"__metadata__[{k!r}] must be a string, found {type(v).__name__} {v!r}"
             )
+        _check_text(path, k)
+        _check_text(path, v)
     return dict(value)
 
 
