@@ -8,6 +8,7 @@ A lowercase ``b`` would mean bits, so it is refused rather than guessed.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from .errors import SizeParseError
 
@@ -30,7 +31,8 @@ UNITS = {
 }
 """Accepted units, case-sensitive: the SI and IEC spellings."""
 
-_SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?|\.\d+)\s*(?P<unit>[A-Za-z]*)\s*$", re.ASCII)
+_BYTE_UNITS = {u.lower(): u for u in reversed(UNITS)}  # KB wins over kB
 
 
 def parse_size(text: str | int) -> int:
@@ -56,22 +58,26 @@ def parse_size(text: str | int) -> int:
         )
     unit = m.group("unit") or "B"
     if unit not in UNITS:
-        if unit.endswith("b") and (unit[:-1] + "B") in UNITS:
+        if unit.endswith("b") and unit.lower() in _BYTE_UNITS:
             raise SizeParseError(
                 f"size {raw!r} ends in a lowercase 'b', which means bits; "
-                f"write {unit[:-1]}B for bytes"
+                f"write {_BYTE_UNITS[unit.lower()]} for bytes"
             )
         raise SizeParseError(
             f"unknown unit {unit!r} in size {raw!r}; use B, KB, MB, GB, TB (decimal) or "
             "KiB, MiB, GiB, TiB (binary)"
         )
-    value = float(m.group("num")) * UNITS[unit]
-    result = round(value)
-    if result <= 0:
+    # Exact arithmetic: float would reject 4.1GB (4.1e9 is not exact in binary) and
+    # overflow on long digit strings.
+    try:
+        value = Fraction(m.group("num")) * UNITS[unit]
+    except ValueError:  # more digits than int() will convert
+        raise SizeParseError(f"size {raw[:40]!r}... is too long to be a size") from None
+    if value <= 0:
         raise SizeParseError(f"size {raw!r} must be a positive number of bytes")
-    if "." in m.group("num") and result != value:
+    if value.denominator != 1:
         raise SizeParseError(f"size {raw!r} is not a whole number of bytes")
-    return result
+    return int(value)
 
 
 def format_size(n: int) -> str:
@@ -79,7 +85,7 @@ def format_size(n: int) -> str:
     step = 1000.0
     value = float(n)
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(value) < step or unit == "TB":
+        if round(abs(value), 2) < step or unit == "TB":  # 999,999,999 is 1.00 GB
             return f"{n} B" if unit == "B" else f"{value:.2f} {unit}"
         value /= step
     raise AssertionError("unreachable")
