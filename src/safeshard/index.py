@@ -107,7 +107,7 @@ def parse_index_bytes(data: bytes, path: str | os.PathLike[str]) -> ShardIndex:
     name = str(path)
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates(name))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         if isinstance(e, (IndexFormatError, DuplicateKeyError)):
             raise
         raise IndexFormatError(f"{name}: not a valid JSON index ({e})") from None
