@@ -11,20 +11,31 @@ from . import errors
 from .errors import *  # noqa: F403
 from .header import Header, TensorInfo, read_header
 from .index import ShardIndex, read_index
+from .lazy import LazyCheckpoint, open  # torch/numpy are imported only when used
+from .load import load
+from .merge import MergeResult, merge
 from .sizes import FAT32_LIMIT, parse_size
 from .source import Checkpoint, locate, open_checkpoint
+from .split import SplitResult, split
 
+# `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.
 __all__ = [
     "FAT32_LIMIT",
     "Checkpoint",
     "Header",
+    "LazyCheckpoint",
+    "MergeResult",
     "ShardIndex",
+    "SplitResult",
     "TensorInfo",
     "__version__",
+    "load",
     "locate",
+    "merge",
     "open_checkpoint",
     "parse_size",
     "read_header",
     "read_index",
+    "split",
     *errors.__all__,
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import DiskFullError, OutputLockedError
+from .sizes import format_size
 
 CHUNK = 8 * 1024 * 1024
 """Buffer size for the fallback copy and for hashing reads."""
@@ -191,3 +192,32 @@ class DirLock:
 def stale_temporaries(folder: Path) -> list[Path]:
     """Temporary files a killed safeshard left in ``folder``."""
     return sorted(folder.glob(TMP_PREFIX + "*"))
+
+
+def free_bytes(folder: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged writer may still use in ``folder``'s file system (None: unknown)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def require_space(folder: Path, need: int, what: str) -> None:
+    """Raise :class:`DiskFullError` before writing when ``need`` bytes clearly do not fit."""
+    free = free_bytes(folder)
+    if free is not None and need > free:
+        raise DiskFullError(
+            f"{folder}: {what} need {need} bytes ({format_size(need)}) but only {free} bytes "
+            f"({format_size(free)}) are free; free space or choose another output folder"
+        )
+
+
+def unwritable(folder: Path, e: OSError) -> OSError:
+    """A clear error for an output folder that cannot be written (read-only, no permission)."""
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "is on a read-only file system" if e.errno == errno.EROFS else "is not writable"
+        return PermissionError(
+            e.errno, f"the output folder {why}; choose a writable folder", str(folder)
+        )
+    return e

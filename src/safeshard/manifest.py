@@ -18,7 +18,8 @@ Layout (version 1)::
       "shards": [{"file": "model-00001-of-00002.safetensors", "size": 123, "sha256": "..."}],
       "tensors": {"model.embed_tokens.weight": {"sha256": "...", "nbytes": 456}},
       "source": {"file": "gptq_model-4bit-128g.safetensors", "size": 789,
-                 "header": "{...}"}   # or null for foreign input
+                 "header": "{...}"},  # or null for foreign input
+      "fingerprint": "..."  # the split's plan and source identity, for --resume (or null)
     }
 """
 
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import IndexFormatError
+from .header import Header, parse_header
 
 MANIFEST_SUFFIX = ".safeshard.json"
 FORMAT = "safeshard-manifest"
@@ -62,6 +65,15 @@ class SourceRecord:
     def header_bytes(self) -> bytes:
         return self.header.encode("utf-8")
 
+    def parse(self) -> Header:
+        """The recorded header, validated as if read from the original file.
+
+        Raises a :class:`~safeshard.errors.HeaderError` when the record is not a valid
+        header for a file of ``size`` bytes.
+        """
+        raw = self.header_bytes
+        return parse_header(struct.pack("<Q", len(raw)) + raw, self.size, self.file)
+
 
 @dataclass
 class Manifest:
@@ -70,6 +82,7 @@ class Manifest:
     shards: list[ShardRecord] = field(default_factory=list)
     tensors: dict[str, TensorRecord] = field(default_factory=dict)
     source: SourceRecord | None = None
+    fingerprint: str | None = None
 
     def to_json(self) -> bytes:
         obj: dict[str, Any] = {
@@ -85,6 +98,7 @@ class Manifest:
             "source": None
             if self.source is None
             else {"file": self.source.file, "size": self.source.size, "header": self.source.header},
+            "fingerprint": self.fingerprint,
         }
         return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -117,12 +131,14 @@ class Manifest:
                 else SourceRecord(str(src["file"]), int(src["size"]), str(src["header"]))
             )
             cap = obj.get("cap")
+            fp = obj.get("fingerprint")
             return cls(
                 base=str(obj["base"]),
                 cap=None if cap is None else int(cap),
                 shards=shards,
                 tensors=tensors,
                 source=source,
+                fingerprint=None if fp is None else str(fp),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise IndexFormatError(f"{where}: malformed manifest ({e!r})") from None

@@ -1,0 +1,47 @@
+"""``safeshard merge SRC OUT_FILE``: shards back into one file, losslessly where possible."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..merge import merge
+from ..sizes import format_size
+from ..source import open_checkpoint
+from . import byte_progress, emit_json, err, handle_errors, json_option, main, out, quiet_option
+
+
+@main.command("merge")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT_FILE if it exists.")
+@json_option
+@quiet_option
+@handle_errors()
+def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool) -> None:
+    """Merge the shards of SRC (a folder or an index) into OUT_FILE.
+
+    The index is checked against the shards first. Shards written by safeshard
+    come back as the original file, byte for byte (the same SHA-256); shards from
+    elsewhere become a canonical file, and the result says so.
+    """
+    total = open_checkpoint(src).total_tensor_bytes
+    with byte_progress(total, "merge", quiet or as_json) as advance:
+        result = merge(src, out_file, force=force, progress=advance)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
+    out.print(
+        f"{result.source} -> {result.out_file}: {result.tensors} tensors, "
+        f"{result.size} bytes ({format_size(result.size)})"
+    )
+    out.print(f"sha256 {result.sha256}")
+    if result.lossless:
+        out.print("lossless: the original file's exact header and data order were restored")
+    else:
+        out.print(f"canonical: {result.reason}")
+    if result.verified and not quiet:
+        out.print(f"{result.verified} tensors matched the manifest's SHA-256")

@@ -1,0 +1,127 @@
+"""``safeshard split SRC OUT_DIR``: layer-aligned, size-true, streaming, crash-safe."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from ..errors import UsageError
+from ..sizes import format_size
+from ..split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
+from . import SIZE, byte_progress, emit_json, err, fail, handle_errors, json_option, main, out
+from . import quiet_option as quiet_opt
+
+
+@main.command("split")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--max-shard-size",
+    "-s",
+    "cap",
+    type=SIZE,
+    default=DEFAULT_MAX_SHARD_SIZE,
+    show_default=True,
+    help="Cap on each whole file (header included): 4GB, 500MiB, fat32, bytes.",
+)
+@click.option("--balance", is_flag=True, help="Same shard count, sizes as even as possible.")
+@click.option(
+    "--allow-oversize",
+    is_flag=True,
+    help="Put a tensor larger than the cap alone in its own oversized shard (with a warning).",
+)
+@click.option(
+    "--name",
+    "base",
+    default="model",
+    show_default=True,
+    help="Base name: BASE-00001-of-0000N.safetensors and BASE.safetensors.index.json.",
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--resume", is_flag=True, help="Keep finished shards that match the plan.")
+@click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT_DIR.")
+@json_option
+@quiet_opt
+@handle_errors()
+def split_cmd(
+    src: Path,
+    out_dir: Path,
+    cap: int,
+    balance: bool,
+    allow_oversize: bool,
+    base: str,
+    dry_run: bool,
+    resume: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Split SRC (a .safetensors file, a model folder, or an index to reshard) into OUT_DIR.
+
+    Shards keep whole transformer layers together, every file stays within the cap
+    with its header, tensor bytes are copied by byte ranges, and a folder with an
+    index is always complete. A manifest (BASE.safeshard.json) records shard and
+    tensor SHA-256 and the original header, so `safeshard merge` restores the
+    original file exactly.
+    """
+    run = functools.partial(
+        split,
+        src,
+        out_dir,
+        max_shard_size=cap,
+        balance=balance,
+        allow_oversize=allow_oversize,
+        name=base,
+        resume=resume,
+        force=force,
+    )
+    try:
+        planned = run(dry_run=True)
+        if dry_run:
+            result = planned
+        else:
+            total = sum(f.size for f in planned.files)
+            with byte_progress(total, "split", quiet or as_json) as advance:
+                result = run(progress=advance)
+    except UsageError as e:
+        fail(str(e), 2)
+        return
+    if as_json:
+        emit_json(result.to_json())
+        return
+    _report(result, quiet)
+
+
+def _report(result: SplitResult, quiet: bool) -> None:
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
+    width = max((len(f.file) + (11 if f.oversize else 0) for f in result.files), default=4)
+    head = f"{'#':>3}  {'file':<{width}}  {'bytes':>15}  {'size':>9}  {'tensors':>7}  "
+    lines = [head + ("blocks" if result.dry_run else "status   blocks")]
+    for i, f in enumerate(result.files, 1):
+        name = f.file + (" (oversize)" if f.oversize else "")
+        row = f"{i:>3}  {name:<{width}}  {f.size:>15,}  {format_size(f.size):>9}  {f.tensors:>7}  "
+        lines.append(row + (f.blocks if result.dry_run else f"{f.status:<8} {f.blocks}"))
+    verb = "would write" if result.dry_run else "wrote"
+    out.print(f"{result.source} -> {result.out_dir}: {verb} {describe(result)}")
+    for line in lines:
+        out.print(line, markup=False)
+    if result.index is not None:
+        out.print(f"index: {result.index.name} (total_size {result.total_size})")
+    if result.manifest is not None and not result.dry_run:
+        kind = "lossless merge" if result.lossless else "canonical merge (source was sharded)"
+        out.print(f"manifest: {result.manifest.name} ({kind})")
+    if quiet:
+        return
+    if result.plan.split_groups:
+        out.print(f"blocks larger than the cap, split between files: {result.plan.split_groups}")
+    if result.kept:
+        out.print(f"kept {len(result.kept)} finished shard(s): {', '.join(result.kept)}")
+    if result.removed:
+        out.print(f"removed from OUT_DIR: {', '.join(result.removed)}")
+    if result.copied:
+        out.print(f"copied: {', '.join(result.copied)}")
+    for n in result.notes:
+        out.print(f"note: {n}")

@@ -1,0 +1,185 @@
+"""Copy byte ranges into a file while hashing them, without slowing the copy.
+
+One safetensors file is written as a header followed by *pieces*: byte ranges of
+open source files, each one tensor. The calling thread moves the bytes with
+:func:`fsio.copy_range` (``copy_file_range`` where the kernel has it), in chunks of
+:data:`COPY_CHUNK`. Two background threads follow it: one computes the SHA-256 of
+the whole file (the Hugging Face Hub's LFS id), the other one SHA-256 per tensor.
+Each re-reads the just-copied chunk from the *source* with ``os.preadv``, where it
+is still in the page cache, into its own reusable :data:`fsio.CHUNK` buffer.
+hashlib releases the GIL on large buffers, so the two hashers and the kernel copy
+run side by side.
+
+Memory stays bounded: each hasher's queue holds at most :data:`MAX_LAG` chunks, so
+the copier waits for a hasher that falls behind instead of letting the page cache
+drop the bytes before they are hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .fsio import CHUNK, copy_range
+
+COPY_CHUNK = 64 * 1024 * 1024
+"""Bytes per copy request; hashers are fed at this granularity."""
+
+MAX_LAG = 4
+"""Chunks a hasher may fall behind the copier (so at most 256 MiB of source)."""
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``nbytes`` bytes at ``offset`` in ``fd``, forming the tensor ``name``."""
+
+    name: str
+    fd: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Hashes:
+    """SHA-256 of a whole written file and of each tensor in it (hex digests)."""
+
+    file_sha256: str
+    tensors: dict[str, str]
+
+
+# (piece index, fd, offset, length, last chunk of the piece) or None to stop
+_Item = tuple[int, int, int, int, bool] | None
+
+
+class _HashThread(threading.Thread):
+    """Re-reads queued source ranges and feeds them to one hasher or one per piece."""
+
+    def __init__(self, pieces: Sequence[Piece], per_piece: bool, prefix: bytes) -> None:
+        super().__init__(daemon=True, name="safeshard-hash")
+        self.pieces = pieces
+        self.per_piece = per_piece
+        self.queue: queue.Queue[_Item] = queue.Queue(maxsize=MAX_LAG)
+        self.whole = hashlib.sha256(prefix)
+        self.digests: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._cancel = threading.Event()
+
+    def run(self) -> None:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        current = hashlib.sha256()
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self._cancel.is_set() or self.error is not None:
+                continue  # drain so the copier never blocks on a dead hasher
+            index, fd, offset, length, last = item
+            try:
+                h = current if self.per_piece else self.whole
+                done = 0
+                while done < length:
+                    want = min(len(buf), length - done)
+                    got = os.preadv(fd, [view[:want]], offset + done)
+                    if got <= 0:
+                        raise OSError(
+                            f"source ended early while hashing {self.pieces[index].name!r}"
+                        )
+                    h.update(view[:got])
+                    done += got
+                if self.per_piece and last:
+                    self.digests[self.pieces[index].name] = current.hexdigest()
+                    current = hashlib.sha256()
+            except BaseException as e:  # reported by the copier after join
+                self.error = e
+
+    def stop(self) -> None:
+        self._cancel.set()
+
+
+def copy_pieces(
+    dst_fd: int,
+    header: bytes,
+    pieces: Sequence[Piece],
+    *,
+    progress: Progress | None = None,
+) -> Hashes:
+    """Write ``header`` then every piece, in order, to ``dst_fd`` from offset 0.
+
+    Returns the SHA-256 of the written file and of each piece. Raises whatever the
+    copy or a hasher raised (``OSError`` with ``ENOSPC`` on a full disk).
+    """
+    whole = _HashThread(pieces, per_piece=False, prefix=header)
+    each = _HashThread(pieces, per_piece=True, prefix=b"")
+    threads = (whole, each)
+    for t in threads:
+        t.start()
+    ok = False
+    try:
+        _write_all(dst_fd, header, 0)
+        pos = len(header)
+        if progress is not None:
+            progress(pos)
+        for index, p in enumerate(pieces):
+            done = 0
+            while True:
+                n = min(COPY_CHUNK, p.nbytes - done)
+                if n:
+                    copy_range(p.fd, dst_fd, p.offset + done, n, pos + done)
+                last = done + n >= p.nbytes
+                for t in threads:
+                    if t.error is not None:
+                        raise t.error
+                    t.queue.put((index, p.fd, p.offset + done, n, last))
+                done += n
+                if progress is not None and n:
+                    progress(n)
+                if last:
+                    break
+            pos += p.nbytes
+        ok = True
+    finally:
+        for t in threads:
+            if not ok:
+                t.stop()
+            t.queue.put(None)
+        for t in threads:
+            t.join()
+    for t in threads:
+        if t.error is not None:
+            raise t.error
+    return Hashes(file_sha256=whole.whole.hexdigest(), tensors=each.digests)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def hash_file(path: str | os.PathLike[str], *, progress: Progress | None = None) -> str:
+    """SHA-256 of a whole file, read with a bounded buffer."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while True:
+            got = os.preadv(fd, [view], offset)
+            if got <= 0:
+                break
+            h.update(view[:got])
+            offset += got
+            if progress is not None:
+                progress(got)
+    finally:
+        os.close(fd)
+    return h.hexdigest()

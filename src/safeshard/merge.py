@@ -1,0 +1,247 @@
+"""Merge shards back into one ``.safetensors`` file, losslessly where possible.
+
+``merge(SRC, OUT_FILE)`` first validates the index against the shards
+(:func:`source.open_checkpoint`: every listed tensor in its shard, no extras, no
+duplicates). It then streams tensor bytes by byte ranges into a temporary file
+beside OUT_FILE, fsyncs it and renames it (:class:`fsio.AtomicWriter`); an existing
+OUT_FILE is refused unless ``force``.
+
+- **Lossless.** When the shards' manifest (``{BASE}.safeshard.json``) records the
+  original file's header and that header describes exactly the shards' tensors
+  (names, dtypes, shapes, sizes) and ``__metadata__``, the output gets those header
+  bytes and the source's data order: it is the original file, byte for byte, with
+  the same SHA-256.
+- **Canonical.** Otherwise (shards from another tool, or a manifest that no longer
+  matches), the output has a compact header and model order, and the result says
+  so and why.
+
+Each tensor's SHA-256 is computed while copying and checked against the manifest,
+so a corrupted shard fails the merge instead of producing a corrupted file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import (
+    HeaderError,
+    IndexFormatError,
+    OutputExistsError,
+    SafeshardError,
+    ShardMismatchError,
+)
+from .fsio import AtomicWriter, DirLock, require_space, unwritable
+from .hashcopy import Piece, Progress, copy_pieces
+from .header import TensorSpec, build_header
+from .layout import model_order
+from .manifest import Manifest, manifest_path, read_manifest
+from .source import Checkpoint, open_checkpoint
+from .split import common_metadata
+
+__all__ = ["MergeResult", "merge", "merge_layout"]
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` wrote."""
+
+    source: str
+    out_file: Path
+    size: int
+    sha256: str
+    tensors: int
+    lossless: bool
+    reason: str
+    """Why the output is canonical (empty when lossless)."""
+    verified: int = 0
+    """Tensors whose SHA-256 matched the manifest."""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "out_file": str(self.out_file),
+            "size": self.size,
+            "sha256": self.sha256,
+            "tensors": self.tensors,
+            "lossless": self.lossless,
+            "reason": self.reason,
+            "verified_tensors": self.verified,
+            "warnings": self.warnings,
+        }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The merged file: header bytes and tensor names in data order."""
+
+    header: bytes
+    order: list[str]
+    lossless: bool
+    reason: str
+
+    @property
+    def header_len(self) -> int:
+        return len(self.header)
+
+
+def _read_manifest(ckpt: Checkpoint, warnings: list[str]) -> Manifest | None:
+    try:
+        return read_manifest(ckpt.folder, ckpt.located.base)
+    except IndexFormatError as e:
+        warnings.append(f"ignoring an unreadable manifest: {e}")
+        return None
+
+
+def merge_layout(ckpt: Checkpoint, manifest: Manifest | None) -> Layout:
+    """The header and data order of the merged file (lossless when the manifest allows)."""
+    metadata, _ = common_metadata(ckpt)
+    why = _lossless_problem(ckpt, manifest, metadata)
+    if why is None and manifest is not None and manifest.source is not None:
+        src = manifest.source.parse()
+        raw = manifest.source.header_bytes
+        return Layout(
+            header=struct.pack("<Q", len(raw)) + raw,
+            order=[t.name for t in src.tensors],
+            lossless=True,
+            reason="",
+        )
+    order = model_order(list(ckpt.entries))
+    specs = [
+        TensorSpec(
+            n, ckpt.entries[n].info.dtype, ckpt.entries[n].info.shape, ckpt.entries[n].info.nbytes
+        )
+        for n in order
+    ]
+    return Layout(
+        header=build_header(specs, metadata),
+        order=order,
+        lossless=False,
+        reason=f"{why}: wrote a canonical file (compact header, model order)",
+    )
+
+
+def _lossless_problem(
+    ckpt: Checkpoint, manifest: Manifest | None, metadata: dict[str, str] | None
+) -> str | None:
+    where = manifest_path(ckpt.folder, ckpt.located.base)
+    if manifest is None:
+        return f"no safeshard manifest ({where.name}) beside the shards"
+    if manifest.source is None:
+        return f"{where.name} records no original file (the split's input was already sharded)"
+    try:
+        src = manifest.source.parse()
+    except HeaderError as e:
+        return f"{where.name} records an invalid original header ({e})"
+    recorded = {t.name: (t.dtype, t.shape, t.nbytes) for t in src.tensors}
+    actual = {n: (e.info.dtype, e.info.shape, e.info.nbytes) for n, e in ckpt.entries.items()}
+    if recorded != actual:
+        diff = sorted(set(recorded) ^ set(actual)) or sorted(
+            n for n in recorded if recorded[n] != actual[n]
+        )
+        return (
+            f"the shards' tensors differ from the original recorded in {where.name} "
+            f"(e.g. {diff[0]!r})"
+        )
+    if (src.metadata or None) != (metadata or None):
+        return f"the shards' __metadata__ differs from the original recorded in {where.name}"
+    return None
+
+
+def merge(
+    src: str | os.PathLike[str],
+    out_file: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge the checkpoint at ``src`` (a folder, an index or a file) into ``out_file``.
+
+    ``progress`` is called with a number of bytes each time that many are written;
+    the total is the output's size (``MergeResult.size``).
+    """
+    ckpt = open_checkpoint(src)
+    out = Path(out_file)
+    _check_output(out, ckpt, force)
+    warnings: list[str] = []
+    manifest = _read_manifest(ckpt, warnings)
+    layout = merge_layout(ckpt, manifest)
+    size = layout.header_len + ckpt.total_tensor_bytes
+    require_space(out.parent, size, f"{out.name}: the merged file would")
+    recorded = manifest.tensors if manifest is not None else {}
+    try:
+        lock = DirLock(out.parent).__enter__()
+    except OSError as e:
+        if isinstance(e, SafeshardError):
+            raise
+        raise unwritable(out.parent, e) from None
+    fds: list[int] = []
+    try:
+        fds = [os.open(h.path, os.O_RDONLY) for h in ckpt.headers]
+        pieces = [
+            Piece(
+                n, fds[ckpt.entries[n].shard], ckpt.absolute_offset(n), ckpt.entries[n].info.nbytes
+            )
+            for n in layout.order
+        ]
+        with AtomicWriter(out) as w:
+            hashes = copy_pieces(w.fd, layout.header, pieces, progress=progress)
+            bad = [
+                n
+                for n, digest in hashes.tensors.items()
+                if n in recorded and recorded[n].sha256 != digest
+            ]
+            if bad:
+                raise ShardMismatchError(
+                    f"{ckpt.path_of(bad[0])}: tensor {bad[0]!r} does not match the SHA-256 "
+                    f"recorded in {manifest_path(ckpt.folder, ckpt.located.base).name}"
+                    + (f" ({len(bad)} tensors differ)" if len(bad) > 1 else "")
+                    + "; the shard is corrupted or was changed, so nothing was written. "
+                    "Run `safeshard verify` to see every difference."
+                )
+    finally:
+        for fd in fds:
+            os.close(fd)
+        lock.__exit__(None, None, None)
+    verified = sum(1 for n in hashes.tensors if n in recorded)
+    if manifest is not None and verified < len(ckpt.entries):
+        warnings.append(
+            f"{len(ckpt.entries) - verified} tensors have no hash in the manifest and were "
+            "not checked"
+        )
+    return MergeResult(
+        source=str(src),
+        out_file=out,
+        size=size,
+        sha256=hashes.file_sha256,
+        tensors=len(layout.order),
+        lossless=layout.lossless,
+        reason=layout.reason,
+        verified=verified,
+        warnings=warnings,
+    )
+
+
+def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
+    if out.is_dir():
+        raise OutputExistsError(f"{out}: is a folder; give the path of the file to write")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"the folder for {out.name} does not exist (or is a file); create it first",
+            str(out.parent),
+        )
+    if out.exists():
+        for p in ckpt.located.paths:
+            if os.path.samefile(out, p):
+                raise OutputExistsError(
+                    f"{out}: is one of the checkpoint's own files; write the merged file "
+                    "elsewhere (the source is never modified)"
+                )
+        if not force:
+            raise OutputExistsError(f"{out}: already exists; pass --force to replace it")

@@ -1,0 +1,178 @@
+"""Copying a model folder's other files (config, tokenizer, README) beside new shards.
+
+What is copied:
+
+- SRC is a folder or an index: every regular file of that folder (symlinks, such as
+  a Hugging Face cache snapshot's, are followed), except weights and hidden files;
+- SRC is a single ``.safetensors`` file: its folder may be anything (a Downloads
+  folder), so only the files a model folder is known to hold
+  (:data:`KNOWN_SIDECARS`) are copied.
+
+Never copied: weights of any format (``.safetensors``, ``.bin``, ``.pt``, ``.pth``,
+``.ckpt``, ``.h5``, ``.msgpack``, ``.gguf``, ``.onnx``, ...), any ``*.index.json``
+(an old index must never sit beside new shards), safeshard manifests
+(``*.safeshard.json``), hidden files (``.gitattributes``, safeshard's lock and
+temporaries) and sub-folders.
+
+``quantize_config.json`` is rewritten when needed so that AutoGPTQ and GPTQModel
+find the new shards: a ``model_file_base_name`` that names another base is
+changed to BASE, and one is added when BASE is not a name those loaders try by
+default (``gptq_model-{bits}bit-{group}g`` or ``model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fsio import AtomicWriter, copy_range, write_atomic
+
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".ggml",
+    ".onnx",
+    ".onnx_data",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".tflite",
+    ".mlmodel",
+)
+"""File endings of model weights: never copied beside new shards."""
+
+SKIPPED_SUFFIXES = (*WEIGHT_SUFFIXES, ".index.json", ".safeshard.json")
+
+KNOWN_SIDECARS = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "quantize_config.json",
+        "quant_config.json",
+        "quantization_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "tokenizer.model",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+        "chat_template.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "README.md",
+        "LICENSE",
+        "LICENSE.txt",
+        "USE_POLICY.md",
+    }
+)
+"""What a model folder holds besides weights; copied when SRC is a single file."""
+
+QUANTIZE_CONFIG = "quantize_config.json"
+
+
+@dataclass
+class SidecarResult:
+    """File names copied, skipped (weights, indexes, hidden), and notes for the user."""
+
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_weights_file(name: str) -> bool:
+    """Whether ``name`` is a weights file, an index or a manifest (never copied)."""
+    return name.endswith(SKIPPED_SUFFIXES)
+
+
+def plan_sidecars(folder: Path, *, only_known: bool) -> tuple[list[Path], list[str]]:
+    """Files of ``folder`` to copy, and names deliberately left behind."""
+    copy: list[Path] = []
+    skipped: list[str] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name.startswith(".") or not entry.is_file():
+            continue
+        if is_weights_file(name) or (only_known and name not in KNOWN_SIDECARS):
+            skipped.append(name)
+        else:
+            copy.append(entry)
+    return copy, skipped
+
+
+def default_bases(quantize_config: dict[str, Any]) -> list[str]:
+    """Base names AutoGPTQ tries when ``model_file_base_name`` is unset."""
+    bases: list[str] = []
+    bits, group = quantize_config.get("bits"), quantize_config.get("group_size")
+    if bits is not None and group is not None:
+        bases.append(f"gptq_model-{bits}bit-{group}g")
+    bases.append("model")
+    return bases
+
+
+def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str | None]:
+    """The new ``quantize_config.json`` bytes naming ``base`` (None: keep as is), and a note."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None, f"{QUANTIZE_CONFIG} is not valid JSON; copied unchanged"
+    if not isinstance(obj, dict):
+        return None, None
+    named = obj.get("model_file_base_name")
+    if isinstance(named, str) and named:
+        if named == base:
+            return None, None
+        note = f"{QUANTIZE_CONFIG}: model_file_base_name {named!r} -> {base!r}"
+    elif base in default_bases(obj):
+        return None, None
+    else:
+        note = (
+            f"{QUANTIZE_CONFIG}: added model_file_base_name {base!r} so that AutoGPTQ and "
+            "GPTQModel find the shards"
+        )
+    obj["model_file_base_name"] = base
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), note
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically, by byte ranges."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        with AtomicWriter(dst) as w:
+            if size:
+                copy_range(fd, w.fd, 0, size, 0)
+    finally:
+        os.close(fd)
+
+
+def copy_sidecars(folder: Path, out_dir: Path, *, base: str, only_known: bool) -> SidecarResult:
+    """Copy ``folder``'s other files into ``out_dir`` (see the module docstring)."""
+    result = SidecarResult()
+    files, result.skipped = plan_sidecars(folder, only_known=only_known)
+    for src in files:
+        dst = out_dir / src.name
+        if src.name == QUANTIZE_CONFIG:
+            new, note = rewrite_quantize_config(src.read_bytes(), base)
+            if note:
+                result.notes.append(note)
+            if new is not None:
+                write_atomic(dst, new)
+                result.copied.append(src.name)
+                continue
+        copy_file(src, dst)
+        result.copied.append(src.name)
+    return result
