@@ -53,20 +53,6 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _candidate_bases(folder: Path) -> list[str]:
-    """Base names the loaders try, in their order (AutoGPTQ ``get_checkpoints``)."""
-    bases: list[str] = []
-    qc = read_json_file(folder / "quantize_config.json") or {}
-    named = qc.get("model_file_base_name")
-    if isinstance(named, str) and named:
-        bases.append(named)
-    bits, group = qc.get("bits"), qc.get("group_size")
-    if bits is not None and group is not None:
-        bases.append(f"gptq_model-{bits}bit-{group}g")
-    bases.append("model")
-    return bases
-
-
 def locate(path: str | os.PathLike[str]) -> Located:
     """Find the checkpoint at ``path``: a ``.safetensors`` file, an index, or a folder."""
     p = Path(path)
@@ -89,6 +75,11 @@ def _from_index(p: Path) -> Located:
     return Located(folder=p.parent, files=files, index=idx)
 
 
+def _base_of(filename: str) -> str:
+    suffix = INDEX_SUFFIX if filename.endswith(INDEX_SUFFIX) else SAFETENSORS
+    return filename[: -len(suffix)]
+
+
 def _from_folder(folder: Path) -> Located:
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     shards_of_indexes: set[str] = set()
@@ -103,24 +94,32 @@ def _from_folder(folder: Path) -> Located:
         if f.is_file() and f.name not in shards_of_indexes and not SHARD_RE.match(f.name)
     )
     candidates: list[Path] = list(indexes) + singles
+    orphans = sorted(
+        f.name
+        for f in folder.glob("*" + SAFETENSORS)
+        if SHARD_RE.match(f.name) and f.name not in shards_of_indexes
+    )
+    if not candidates and orphans:
+        raise CheckpointNotFoundError(
+            f"{folder}: shards without an index ({', '.join(orphans[:3])}"
+            f"{', ...' if len(orphans) > 3 else ''}); the *.safetensors.index.json that lists "
+            "them is missing, so which tensors they hold cannot be trusted. Pass one shard "
+            "file to read it alone"
+        )
     if not candidates:
         raise CheckpointNotFoundError(
             f"{folder}: no *.safetensors file or *.safetensors.index.json index in this folder"
         )
     if len(candidates) == 1:
         return locate(candidates[0])
-    # Several: the loaders' own order decides only when it singles one out.
-    by_base: dict[str, list[Path]] = {}
-    for c in candidates:
-        base = (
-            c.name[: -len(INDEX_SUFFIX)]
-            if c.name.endswith(INDEX_SUFFIX)
-            else c.name[: -len(SAFETENSORS)]
-        )
-        by_base.setdefault(base, []).append(c)
-    for base in _candidate_bases(folder):
-        if base in by_base and len(by_base) == 1:
-            return locate(sorted(by_base[base], key=lambda c: not c.name.endswith(INDEX_SUFFIX))[0])
+    # Several. One base name with both an index and a single file: every loader tries
+    # {base}.safetensors.index.json before {base}.safetensors, so the index is meant.
+    # Two base names: transformers looks for `model`, AutoGPTQ and GPTQModel for
+    # quantize_config's model_file_base_name or gptq_model-{bits}bit-{group}g first, so
+    # different loaders would load different weights: refuse rather than guess.
+    bases = {_base_of(c.name) for c in candidates}
+    if len(bases) == 1 and indexes:
+        return locate(indexes[0])
     listed = ", ".join(c.name for c in candidates)
     raise AmbiguousCheckpointError(
         f"{folder}: more than one checkpoint could be meant ({listed}); "
