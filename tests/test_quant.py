@@ -334,7 +334,9 @@ def test_gptq_config_without_quantized_tensors_is_reported(tmp_path: Path) -> No
 
 
 def test_non_gptq_method_is_reported_but_not_checked_as_gptq(tmp_path: Path) -> None:
-    write_json(tmp_path / "config.json", {"quantization_config": {"quant_method": "awq", "bits": 4}})
+    write_json(
+        tmp_path / "config.json", {"quantization_config": {"quant_method": "awq", "bits": 4}}
+    )
     # AWQ packs along out: qweight [in, out*bits/32], which is not GPTQ's layout
     tensors = [
         info(f"{MOD}.qweight", "I32", (256, 16)),

@@ -11,6 +11,7 @@ from . import errors
 from .errors import *  # noqa: F403
 from .header import Header, TensorInfo, read_header
 from .index import ShardIndex, read_index
+from .inspect import InspectReport, inspect
 from .lazy import LazyCheckpoint, open  # torch/numpy are imported only when used
 from .load import load
 from .merge import MergeResult, merge
@@ -23,12 +24,14 @@ __all__ = [
     "FAT32_LIMIT",
     "Checkpoint",
     "Header",
+    "InspectReport",
     "LazyCheckpoint",
     "MergeResult",
     "ShardIndex",
     "SplitResult",
     "TensorInfo",
     "__version__",
+    "inspect",
     "load",
     "locate",
     "merge",

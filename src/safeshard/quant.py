@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from .header import TensorInfo
-from .layout import GPTQ_SUFFIXES, module_of
+from .layout import GPTQ_SUFFIXES, module_of, natural_key
 from .source import read_json_file
 
 JSONValue: TypeAlias = "str | int | bool | list[int] | None"
@@ -76,6 +76,8 @@ class QuantProblem:
             text = f"{where}: shape {self.found} but expected {self.expected}"
         elif self.kind == "dtype":
             text = f"{where}: dtype {self.found} but expected {self.expected}"
+        elif self.detail:
+            return f"{where}: {self.detail}" if self.module or self.tensor else self.detail
         else:
             text = f"{where}: expected {self.expected!r}, found {self.found!r}"
         return f"{text} ({self.detail})" if self.detail else text
@@ -298,15 +300,15 @@ def quantized_modules(tensors: Iterable[TensorInfo]) -> dict[str, dict[str, Tens
     """GPTQ modules: those with a qweight, qzeros or g_idx (scales alone is too common).
 
     Each maps member names (``qweight``, ``bias``, ...) to header entries; modules are
-    in first-seen order.
+    in natural order (``layers.2`` before ``layers.10``).
     """
     by_module: dict[str, dict[str, TensorInfo]] = {}
     for t in tensors:
         by_module.setdefault(module_of(t.name), {})[member_of(t.name)] = t
     return {
-        mod: members
-        for mod, members in by_module.items()
-        if any(k in members for k in ("qweight", "qzeros", "g_idx"))
+        mod: by_module[mod]
+        for mod in sorted(by_module, key=natural_key)
+        if any(k in by_module[mod] for k in ("qweight", "qzeros", "g_idx"))
     }
 
 
@@ -472,6 +474,10 @@ def config_settings(
     return found, problems
 
 
+def _label(source: SettingsSource) -> str:
+    return "the weights' __metadata__" if source == "metadata" else source
+
+
 def _disagreements(sources: Sequence[QuantSettings]) -> list[QuantProblem]:
     if len(sources) < 2:
         return []
@@ -488,8 +494,9 @@ def _disagreements(sources: Sequence[QuantSettings]) -> list[QuantProblem]:
                         None,
                         expected=a,
                         found=b,
-                        detail=f"{other.source} says {key}={b!r} but {first.source} says "
-                        f"{a!r}; loaders read different files, so make them agree",
+                        detail=f"{_label(other.source)} says {key}={b!r} but "
+                        f"{_label(first.source)} says {a!r}; loaders read different files, "
+                        "so make them agree",
                     )
                 )
     return problems

@@ -132,3 +132,4 @@ def main() -> None:
 
 # Commands register themselves on `main` when imported. One line per command module.
 # from . import <name>_cmd
+from . import inspect_cmd  # noqa: E402,F401
