@@ -36,7 +36,8 @@ inherits the builtin exception a caller would naturally catch, so
     ├── OutputLockedError (BlockingIOError)       another process writes the output
     ├── DiskFullError (OSError)                   the disk filled up while writing
     ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
-    └── BudgetError (MemoryError)                 a block is larger than the memory budget
+    ├── BudgetError (MemoryError)                 a block is larger than the memory budget
+    └── SynthError (ValueError)                   unknown synth preset, bad layer count or dtype
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ __all__ = [
     "SafeshardError",
     "ShardMismatchError",
     "SizeParseError",
+    "SynthError",
     "TensorEntryError",
     "UnknownDtypeError",
     "UnsafeIndexPathError",
@@ -221,3 +223,7 @@ class QuantizationConfigError(SafeshardError, ValueError):
 
 class BudgetError(SafeshardError, MemoryError):
     """A block is larger than the memory budget given to a lazy checkpoint."""
+
+
+class SynthError(SafeshardError, ValueError):
+    """A synthetic checkpoint cannot be made as asked (unknown preset, layers, dtype)."""

@@ -133,3 +133,4 @@ def main() -> None:
 # Commands register themselves on `main` when imported. One line per command module.
 # from . import <name>_cmd
 from . import inspect_cmd  # noqa: E402,F401
+from . import synth_cmd  # noqa: E402,F401
