@@ -34,7 +34,11 @@ GroupKind = Literal["head", "block", "tail"]
 
 
 def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that compares digit runs as numbers: ``layers.2`` < ``layers.10``."""
+    """Sort key that compares digit runs as numbers: ``layers.2`` < ``layers.10``.
+
+    Names that differ only in leading zeros (``a01``, ``a1``) get equal keys; sorts in
+    this module add the name itself as a tie-break so that order never depends on
+    the order of the input."""
     return tuple(
         (0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(name) if part
     )
@@ -97,11 +101,11 @@ class Group:
         return tuple(t for m in self.modules for t in m.tensors)
 
 
-def _member_key(name: str) -> tuple[int, tuple[tuple[int, int | str], ...]]:
+def _member_key(name: str) -> tuple[int, tuple[tuple[int, int | str], ...], str]:
     last = name.rsplit(".", 1)[-1]
     if last in GPTQ_SUFFIXES:
-        return GPTQ_SUFFIXES.index(last), ()
-    return len(GPTQ_SUFFIXES), natural_key(last)
+        return GPTQ_SUFFIXES.index(last), (), last
+    return len(GPTQ_SUFFIXES), natural_key(last), last
 
 
 def _modules(names: Iterable[str]) -> tuple[Module, ...]:
@@ -110,7 +114,7 @@ def _modules(names: Iterable[str]) -> tuple[Module, ...]:
         by_module.setdefault(module_of(n), []).append(n)
     return tuple(
         Module(name=m, tensors=tuple(sorted(ts, key=_member_key)))
-        for m, ts in sorted(by_module.items(), key=lambda kv: natural_key(kv[0]))
+        for m, ts in sorted(by_module.items(), key=lambda kv: (natural_key(kv[0]), kv[0]))
     )
 
 
@@ -128,10 +132,10 @@ def group_tensors(names: Sequence[str]) -> list[Group]:
         else:
             head.append(n)
     groups: list[Group] = []
-    for n in sorted(head, key=lambda x: (0 if "embed" in x else 1, natural_key(x))):
+    for n in sorted(head, key=lambda x: (0 if "embed" in x else 1, natural_key(x), x)):
         groups.append(Group(key=n, kind="head", modules=(Module(module_of(n), (n,)),)))
     for (family, number), members in sorted(
-        blocks.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][1])
+        blocks.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][0], kv[0][1])
     ):
         groups.append(
             Group(
@@ -142,7 +146,7 @@ def group_tensors(names: Sequence[str]) -> list[Group]:
                 number=number,
             )
         )
-    for n in sorted(tail, key=lambda x: (_tail_rank(x), natural_key(x))):
+    for n in sorted(tail, key=lambda x: (_tail_rank(x), natural_key(x), x)):
         groups.append(Group(key=n, kind="tail", modules=(Module(module_of(n), (n,)),)))
     return groups
 
@@ -162,7 +166,7 @@ def families(groups: Iterable[Group]) -> dict[str, list[int]]:
 
 
 def describe_blocks(groups: Sequence[Group]) -> str:
-    """Short human label for a run of groups, e.g. ``embed_tokens, layers 0-17``."""
+    """Short human label for a run of groups, e.g. ``model.embed_tokens, layers 0-17``."""
     parts: list[str] = []
     run: tuple[str, int, int] | None = None
 
