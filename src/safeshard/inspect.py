@@ -269,7 +269,8 @@ def inspect(path: str | os.PathLike[str], cap: int = DEFAULT_CAP) -> InspectRepo
             warnings.append(
                 f"{f.name} is {f.size} bytes ({format_size(f.size)}), over FAT32's limit of "
                 f"{FAT32_LIMIT} bytes (4 GiB - 1): it cannot be copied to a FAT32 drive; "
-                "split it with --max-shard-size fat32 or smaller"
+                "`safeshard split` with the default 4GB cap (or --max-shard-size fat32) "
+                "makes files that fit"
             )
     if any(f.size > cap for f in files):
         exceeds.append(LIMIT_CAP)

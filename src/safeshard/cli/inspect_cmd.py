@@ -148,7 +148,9 @@ def render(r: InspectReport) -> None:
 
     out.print()
     cap_text = f"{format_size(r.cap)} ({r.cap:,} B)"
-    if r.predicted_shards is None:
+    if r.predicted_shards == 0:
+        out.print(f"Split at {cap_text}: nothing to split (no tensors)")
+    elif r.predicted_shards is None:
         out.print(
             f"Split at {cap_text}: [bold red]impossible[/]: {len(r.oversize_tensors)} tensor(s) "
             f"alone exceed the cap; the smallest cap that works is {_size(r.smallest_cap)}"
@@ -157,13 +159,13 @@ def render(r: InspectReport) -> None:
         sizes = ", ".join(format_size(s) for s in r.predicted_shard_sizes[:MAX_ROWS])
         more = ", ..." if len(r.predicted_shard_sizes) > MAX_ROWS else ""
         out.print(f"Split at {cap_text}: {r.predicted_shards} shard(s) ({sizes}{more})")
-    for b in r.oversize_blocks[:MAX_ROWS]:
+    if r.oversize_blocks:
+        worst = max(r.oversize_blocks, key=lambda b: b.file_size)
         out.print(
-            f"  block {escape(b.name)} ({format_size(b.file_size)} alone) exceeds the cap: "
-            "it would be split between its modules"
+            f"  {len(r.oversize_blocks)} block(s) do not fit in one file at this cap "
+            f"(largest: {escape(worst.name)}, {format_size(worst.file_size)} alone); "
+            "split divides them between their modules"
         )
-    if len(r.oversize_blocks) > MAX_ROWS:
-        out.print(f"  {_more(len(r.oversize_blocks) - MAX_ROWS)}")
     for w in r.warnings:
         if w.startswith("GPTQ check"):
             continue
