@@ -1,0 +1,664 @@
+"""split: layout, sizes, names, index, manifest, sidecars, resume, refusals."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import safeshard
+from safeshard.cli import main
+from safeshard.errors import (
+    DiskFullError,
+    OutputExistsError,
+    OutputLockedError,
+    OversizeTensorError,
+    UsageError,
+)
+from safeshard.fsio import TMP_PREFIX, DirLock
+from safeshard.header import TensorSpec, build_header, read_header
+from safeshard.index import SHARD_RE, read_index
+from safeshard.layout import model_order, split_block
+from safeshard.manifest import read_manifest
+from safeshard.split import JOURNAL_NAME
+from splitkit import (
+    all_tensor_bytes,
+    folder_hashes,
+    gptq_llama,
+    llama,
+    sha256,
+    tensor_bytes,
+    write_custom,
+    write_official,
+)
+
+split_mod = importlib.import_module("safeshard.split")
+GPTQ_META = {"format": "pt", "gptq_bits": "4", "gptq_group_size": "32"}
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """A folder with an AutoGPTQ-style single file, its configs and other files."""
+    folder = tmp_path / "src"
+    write_official(folder / "gptq_model-4bit-32g.safetensors", gptq_llama(), GPTQ_META)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32}))
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "README.md").write_text("# model\n")
+    return folder
+
+
+def weights(folder: Path) -> Path:
+    return next(folder.glob("*.safetensors"))
+
+
+def shard_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------- layout and sizes
+
+
+@pytest.mark.parametrize("cap", [20_000, 30_000, 45_000, 70_000, 10**9])
+@pytest.mark.parametrize("balance", [False, True])
+def test_files_within_cap_and_blocks_whole(
+    src: Path, tmp_path: Path, cap: int, balance: bool
+) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=cap, balance=balance)
+    files = shard_files(out)
+    assert [f.name for f in files] == [f.file for f in r.files]
+    where: dict[str, set[str]] = {}
+    for f in files:
+        assert f.stat().st_size <= cap
+        assert f.stat().st_size == next(x.size for x in r.files if x.file == f.name)
+        for t in read_header(f).tensors:
+            b = split_block(t.name)
+            if b is not None:
+                where.setdefault(f"{b[0]}.{b[1]}", set()).add(f.name)
+    for block, names in where.items():
+        assert len(names) == 1 or block in r.plan.split_groups, block
+    assert all_tensor_bytes(out) == tensor_bytes(weights(src))
+
+
+def test_block_larger_than_cap_is_split_between_modules(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=12_000)
+    assert r.plan.split_groups  # a whole block is ~20 KB here
+    for f in shard_files(out):
+        assert f.stat().st_size <= 12_000
+        modules: dict[str, set[str]] = {}
+        for t in read_header(f).tensors:
+            modules.setdefault(t.name.rsplit(".", 1)[0], set()).add(t.name.rsplit(".", 1)[1])
+        for mod, parts in modules.items():
+            if "qweight" in parts:  # a quantized module is never split at this cap
+                assert parts == {"qweight", "qzeros", "scales", "g_idx"}, mod
+
+
+def test_data_in_model_order_and_metadata_kept(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    safeshard.split(src, out, max_shard_size=40_000)
+    names: list[str] = []
+    for f in shard_files(out):
+        h = read_header(f)
+        assert h.metadata == GPTQ_META
+        assert h.header_len % 8 == 0
+        names += [t.name for t in h.tensors]
+    assert names == model_order(list(gptq_llama()))
+    assert names[0] == "model.embed_tokens.weight" and names[-1] == "lm_head.weight"
+
+
+def test_every_shard_loads_with_official_safetensors(src: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    safeshard.split(src, out, max_shard_size=30_000)
+    expected = tensor_bytes(weights(src))
+    seen = 0
+    for f in shard_files(out):
+        with safe_open(str(f), framework="numpy") as g:
+            assert g.metadata() == GPTQ_META
+            for k in g.keys():  # noqa: SIM118 (safe_open is not a dict)
+                assert g.get_tensor(k).tobytes() == expected[k]
+                seen += 1
+    assert seen == len(expected)
+
+
+def test_deterministic(src: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    safeshard.split(src, a, max_shard_size=30_000, balance=True)
+    safeshard.split(src, b, max_shard_size=30_000, balance=True)
+    assert folder_hashes(a) == folder_hashes(b)
+
+
+# --------------------------------------------------------------------------- names and index
+
+
+def test_names_index_and_manifest_exactly(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=30_000)
+    n = len(r.files)
+    assert n > 2
+    assert [f.file for f in r.files] == [
+        f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+    ]
+    idx_path = out / "model.safetensors.index.json"
+    obj = json.loads(idx_path.read_text())
+    assert list(obj) == ["metadata", "weight_map"]
+    assert obj["metadata"] == {
+        "total_size": sum(len(v) for v in tensor_bytes(weights(src)).values())
+    }
+    assert list(obj["weight_map"]) == sorted(obj["weight_map"])
+    for f in shard_files(out):
+        for t in read_header(f).tensors:
+            assert obj["weight_map"][t.name] == f.name
+    assert read_index(idx_path).total_size == r.total_size
+    man = read_manifest(out, "model")
+    assert man is not None
+    assert [(s.file, s.size, s.sha256) for s in man.shards] == [
+        (f.name, f.stat().st_size, sha256(f)) for f in shard_files(out)
+    ]
+    src_bytes = tensor_bytes(weights(src))
+    assert {k: v.sha256 for k, v in man.tensors.items()} == {
+        k: hashlib.sha256(v).hexdigest() for k, v in src_bytes.items()
+    }
+    assert man.source is not None
+    assert man.source.file == weights(src).name
+    assert man.source.header_bytes == read_header(weights(src)).raw
+    assert [f.sha256 for f in r.files] == [sha256(f) for f in shard_files(out)]
+    assert not (out / JOURNAL_NAME).exists()
+    assert not list(out.glob(TMP_PREFIX + "*"))
+    assert not (out / ".safeshard.lock").exists()
+
+
+def test_single_shard_is_one_file_without_index(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out)
+    assert [f.name for f in shard_files(out)] == ["model.safetensors"]
+    assert r.index is None and r.single_file
+    assert not list(out.glob("*.index.json"))
+    assert any("one file" in n for n in r.notes)
+    assert tensor_bytes(out / "model.safetensors") == tensor_bytes(weights(src))
+
+
+def test_name_option_and_quantize_config_rewrite(src: Path, tmp_path: Path) -> None:
+    (src / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": 32, "model_file_base_name": "gptq_model-4bit-32g"})
+    )
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=30_000, name="mymodel")
+    n = len(r.files)
+    assert (out / "mymodel.safetensors.index.json").is_file()
+    assert (out / "mymodel.safeshard.json").is_file()
+    assert all(SHARD_RE.match(f.name)["base"] == "mymodel" for f in shard_files(out))  # type: ignore[index]
+    assert (out / f"mymodel-00001-of-{n:05d}.safetensors").is_file()
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc == {"bits": 4, "group_size": 32, "model_file_base_name": "mymodel"}
+    assert any("model_file_base_name" in n for n in r.notes)
+    # default name: the explicit base name is rewritten to "model"
+    out2 = tmp_path / "out2"
+    safeshard.split(src, out2, max_shard_size=30_000)
+    assert (
+        json.loads((out2 / "quantize_config.json").read_text())["model_file_base_name"] == "model"
+    )
+
+
+def test_quantize_config_without_base_name(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    safeshard.split(src, out, max_shard_size=30_000)  # "model" is found by default
+    assert (out / "quantize_config.json").read_bytes() == (
+        src / "quantize_config.json"
+    ).read_bytes()
+    out2 = tmp_path / "out2"
+    safeshard.split(src, out2, max_shard_size=30_000, name="custom")  # not a default name
+    assert (
+        json.loads((out2 / "quantize_config.json").read_text())["model_file_base_name"] == "custom"
+    )
+    out3 = tmp_path / "out3"
+    safeshard.split(src, out3, max_shard_size=30_000, name="gptq_model-4bit-32g")  # a default
+    assert (out3 / "quantize_config.json").read_bytes() == (
+        src / "quantize_config.json"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("bad", ["", ".hidden", "a/b", "a\\b", "x.safetensors", ".."])
+def test_bad_name_is_a_usage_error(src: Path, tmp_path: Path, bad: str) -> None:
+    with pytest.raises(UsageError):
+        safeshard.split(src, tmp_path / "out", name=bad)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- other files
+
+
+def test_sidecars_copied_old_weights_never(src: Path, tmp_path: Path) -> None:
+    (src / "pytorch_model.bin").write_bytes(b"old weights")
+    (src / "pytorch_model.bin.index.json").write_text("{}")
+    (src / "old.safeshard.json").write_text("{}")
+    (src / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (src / "sub").mkdir()
+    (src / "sub" / "x.txt").write_text("x")
+    (src / "notes.txt").write_text("hi")
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=30_000)
+    expected = {"config.json", "quantize_config.json", "tokenizer.json", "README.md", "notes.txt"}
+    assert set(r.copied) == expected
+    others = {p.name for p in out.iterdir()} - {f.file for f in r.files}
+    assert others == expected | {"model.safetensors.index.json", "model.safeshard.json"}
+    assert (out / "README.md").read_text() == "# model\n"
+    assert {"pytorch_model.bin", "pytorch_model.bin.index.json"} <= set(r.skipped)
+
+
+def test_file_source_copies_only_known_sidecars(src: Path, tmp_path: Path) -> None:
+    (src / "holiday.jpg").write_bytes(b"\xff\xd8")
+    out = tmp_path / "out"
+    r = safeshard.split(weights(src), out, max_shard_size=30_000)
+    assert set(r.copied) == {"config.json", "quantize_config.json", "tokenizer.json", "README.md"}
+    assert not (out / "holiday.jpg").exists()
+
+
+def test_index_source_reshard_never_mixes_old_index(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    f = write_custom(tmp_path / "src" / "model.safetensors", llama(), {"format": "pt"})
+    safeshard.split(f, first, max_shard_size=5_000)
+    (first / "config.json").write_text("{}")
+    r = safeshard.split(first / "model.safetensors.index.json", second, max_shard_size=9_000)
+    idx = read_index(second / "model.safetensors.index.json")
+    assert set(idx.shard_files()) == {x.file for x in r.files}
+    assert {p.name for p in second.glob("*.safetensors")} == {x.file for x in r.files}
+    assert (second / "config.json").is_file()
+    assert all_tensor_bytes(second) == tensor_bytes(f)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_oversize_tensor_is_an_error_naming_it(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(OversizeTensorError, match=r"embed_tokens|lm_head") as e:
+        safeshard.split(src, out, max_shard_size=4_000)
+    assert "smallest cap" in str(e.value)
+    assert not out.exists()
+
+
+def test_allow_oversize_warns_and_isolates(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=4_000, allow_oversize=True)
+    big = [f for f in r.files if f.oversize]
+    assert big and all(f.tensors == 1 for f in big)
+    assert r.warnings
+    for f in r.files:
+        assert f.size <= 4_000 or f.oversize
+    assert all_tensor_bytes(out) == tensor_bytes(weights(src))
+
+
+def test_existing_output_refused_then_force_replaces(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious")
+    (out / "other.safetensors.index.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="--force"):
+        safeshard.split(src, out, max_shard_size=30_000)
+    assert (out / "model.safetensors").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.safetensors",
+        "other.safetensors.index.json",
+    ]
+    r = safeshard.split(src, out, max_shard_size=30_000, force=True)
+    assert set(r.removed) == {"model.safetensors", "other.safetensors.index.json"}
+    assert {p.name for p in out.glob("*.safetensors*")} == {f.file for f in r.files} | {
+        "model.safetensors.index.json"
+    }
+
+
+def test_resume_and_force_together_is_usage_error(src: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        safeshard.split(src, tmp_path / "out", resume=True, force=True)
+
+
+def test_out_dir_is_source_folder_refused(src: Path) -> None:
+    before = folder_hashes(src)
+    for flag in ({}, {"force": True}):
+        with pytest.raises(OutputExistsError, match="own folder"):
+            safeshard.split(src, src, max_shard_size=30_000, **flag)  # type: ignore[arg-type]
+    assert folder_hashes(src) == before
+
+
+def test_concurrent_writer_refused(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with DirLock(out), pytest.raises(OutputLockedError, match="another safeshard"):
+        safeshard.split(src, out, max_shard_size=30_000)
+    assert [p.name for p in out.iterdir()] == []
+
+
+def test_concurrent_writer_in_another_process_refused(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from safeshard.fsio import DirLock\n"
+            f"with DirLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLockedError):
+            safeshard.split(src, out, max_shard_size=30_000)
+        assert not shard_files(out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_output_under_a_file_is_a_clear_error(src: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputExistsError, match="is a file"):
+        safeshard.split(src, tmp_path / "afile" / "out", max_shard_size=30_000)
+
+
+def test_unwritable_output_folder_is_a_clear_error(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tests run as root, which chmod cannot stop: make the file system refuse instead.
+    out = tmp_path / "out"
+    out.mkdir()
+    real_open = os.open
+
+    def refuse(path: str | os.PathLike[str], flags: int, *args: int, **kw: int) -> int:
+        if Path(path).parent == out and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(PermissionError, match="read-only") as e:
+        safeshard.split(src, out, max_shard_size=30_000)
+    assert str(out) in str(e.value)
+    monkeypatch.undo()
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_folder_with_chmod(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            safeshard.split(src, out, max_shard_size=30_000)
+    finally:
+        out.chmod(0o755)
+
+
+def test_full_disk_removes_partial_and_resume_finishes(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    plan = safeshard.split(src, out, max_shard_size=30_000, dry_run=True)
+    real = os.copy_file_range
+    calls = {"n": 0}
+    first_shard_tensors = plan.files[0].tensors
+
+    def full(*args: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > first_shard_tensors + 2:  # fail inside the second shard
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    with pytest.raises(DiskFullError, match="disk is full") as e:
+        safeshard.split(src, out, max_shard_size=30_000)
+    assert plan.files[1].file in str(e.value)
+    monkeypatch.undo()
+    names = {p.name for p in out.iterdir()}
+    assert not any(n.startswith(TMP_PREFIX) for n in names)
+    assert "model.safetensors.index.json" not in names
+    assert plan.files[1].file not in names
+    assert plan.files[0].file in names
+    r = safeshard.split(src, out, max_shard_size=30_000, resume=True)
+    assert r.kept == [plan.files[0].file]
+    assert all_tensor_bytes(out) == tensor_bytes(weights(src))
+
+
+def test_not_enough_space_refused_before_writing(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("safeshard.fsio.free_bytes", lambda folder: 1000)
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError, match="are free"):
+        safeshard.split(src, out, max_shard_size=30_000)
+    assert not shard_files(out)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_keeps_matching_shards_and_rewrites_the_rest(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=30_000)
+    names = [f.file for f in r.files]
+    # an interrupted run: no index, no manifest, the last shard missing, one corrupted
+    (out / "model.safetensors.index.json").unlink()
+    man = out / "model.safeshard.json"
+    journal = {
+        "format": "safeshard-journal",
+        "version": 1,
+        "fingerprint": json.loads(man.read_text())["fingerprint"],
+        "shards": {
+            s["file"]: {
+                "size": s["size"],
+                "sha256": s["sha256"],
+                "tensors": {
+                    t.name: json.loads(man.read_text())["tensors"][t.name]["sha256"]
+                    for t in read_header(out / s["file"]).tensors
+                },
+            }
+            for s in json.loads(man.read_text())["shards"]
+        },
+    }
+    man.unlink()
+    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    (out / names[-1]).unlink()
+    with open(out / names[1], "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    mtime0 = (out / names[0]).stat().st_mtime_ns
+    (out / (TMP_PREFIX + "junk.123")).write_bytes(b"partial")
+    r2 = safeshard.split(src, out, max_shard_size=30_000, resume=True)
+    assert r2.kept == [n for n in names if n not in (names[1], names[-1])]
+    assert set(r2.written) == {names[1], names[-1]}
+    assert (out / names[0]).stat().st_mtime_ns == mtime0
+    assert [f.sha256 for f in r2.files] == [f.sha256 for f in r.files]
+    assert not (out / (TMP_PREFIX + "junk.123")).exists()
+    assert not (out / JOURNAL_NAME).exists()
+    assert (out / "model.safetensors.index.json").is_file()
+    for name, f in zip(names, r.files, strict=True):
+        assert sha256(out / name) == f.sha256
+
+
+def test_resume_of_a_finished_split_keeps_everything(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=30_000)
+    before = folder_hashes(out)
+    r2 = safeshard.split(src, out, max_shard_size=30_000, resume=True)
+    assert r2.kept == [f.file for f in r.files] and not r2.written
+    assert folder_hashes(out) == before
+
+
+def test_resume_rewrites_after_the_source_changed(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    safeshard.split(src, out, max_shard_size=30_000)
+    w = weights(src)
+    st = w.stat()
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    r = safeshard.split(src, out, max_shard_size=30_000, resume=True)
+    assert not r.kept and r.written
+    assert any("changed" in n for n in r.notes)
+
+
+def test_resume_with_another_cap_rewrites_and_removes_stale(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r1 = safeshard.split(src, out, max_shard_size=20_000)
+    r2 = safeshard.split(src, out, max_shard_size=45_000, resume=True)
+    assert len(r2.files) != len(r1.files)
+    assert {p.name for p in out.glob("*.safetensors")} == {f.file for f in r2.files}
+    assert all_tensor_bytes(out) == tensor_bytes(weights(src))
+
+
+# --------------------------------------------------------------------------- source safety, dry run
+
+
+def test_source_is_never_modified(src: Path, tmp_path: Path) -> None:
+    before = {p.name: (sha256(p), p.stat().st_mtime_ns) for p in src.iterdir()}
+    safeshard.split(src, tmp_path / "out", max_shard_size=30_000)
+    safeshard.split(src, tmp_path / "out", max_shard_size=20_000, force=True)
+    assert {p.name: (sha256(p), p.stat().st_mtime_ns) for p in src.iterdir()} == before
+
+
+def test_dry_run_writes_nothing(src: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = safeshard.split(src, out, max_shard_size=30_000, dry_run=True)
+    assert not out.exists()
+    assert r.dry_run and all(f.status == "planned" and f.sha256 is None for f in r.files)
+    real = safeshard.split(src, out, max_shard_size=30_000)
+    assert [(f.file, f.size, f.blocks) for f in r.files] == [
+        (f.file, f.size, f.blocks) for f in real.files
+    ]
+
+
+# --------------------------------------------------------------------------- hashing engine
+
+
+def test_copy_pieces_hashes_match_and_bounded_queue(tmp_path: Path) -> None:
+    from safeshard import hashcopy
+
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    srcf = tmp_path / "s.bin"
+    srcf.write_bytes(data)
+    cuts = [0, 5, 5, 1_000_000, len(data)]
+    fd = os.open(srcf, os.O_RDONLY)
+    dst = os.open(tmp_path / "d.bin", os.O_WRONLY | os.O_CREAT)
+    old = hashcopy.COPY_CHUNK
+    hashcopy.COPY_CHUNK = 65536  # many chunks through the bounded queues
+    try:
+        pieces = [
+            hashcopy.Piece(f"t{i}", fd, a, b - a)
+            for i, (a, b) in enumerate(itertools.pairwise(cuts))
+        ]
+        got = hashcopy.copy_pieces(dst, b"HEAD", pieces)
+    finally:
+        hashcopy.COPY_CHUNK = old
+        os.close(fd)
+        os.close(dst)
+    written = (tmp_path / "d.bin").read_bytes()
+    assert written == b"HEAD" + data
+    assert got.file_sha256 == hashlib.sha256(written).hexdigest()
+    assert got.tensors == {
+        f"t{i}": hashlib.sha256(data[a:b]).hexdigest()
+        for i, (a, b) in enumerate(itertools.pairwise(cuts))
+    }
+
+
+def test_hasher_error_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeshard import hashcopy
+
+    srcf = tmp_path / "s.bin"
+    srcf.write_bytes(b"x" * 1000)
+
+    def broken(*a: object) -> int:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    fd = os.open(srcf, os.O_RDONLY)
+    dst = os.open(tmp_path / "d.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="I/O error"):
+            hashcopy.copy_pieces(dst, b"", [hashcopy.Piece("t", fd, 0, 1000)])
+    finally:
+        os.close(fd)
+        os.close(dst)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_dry_run_shows_files_sizes_blocks(src: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        main, ["split", str(src), str(tmp_path / "o"), "-s", "45000", "--dry-run"]
+    )
+    assert res.exit_code == 0, res.output
+    plan = safeshard.split(src, tmp_path / "o", max_shard_size=45_000, dry_run=True)
+    for f in plan.files:
+        assert f.file in res.output and f"{f.size:,}" in res.output and f.blocks in res.output
+    assert "layers 0" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_json_and_exit_codes(src: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "o"
+    res = runner.invoke(main, ["split", str(src), str(out), "-s", "30000", "--json"])
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.output)
+    assert obj["index"] == "model.safetensors.index.json"
+    assert [s["file"] for s in obj["shards"]] == [p.name for p in shard_files(out)]
+    assert all(s["status"] == "written" and len(s["sha256"]) == 64 for s in obj["shards"])
+    again = runner.invoke(main, ["split", str(src), str(out), "-s", "30000"])
+    assert again.exit_code == 1 and "--force" in again.output
+    both = runner.invoke(main, ["split", str(src), str(out), "--resume", "--force"])
+    assert both.exit_code == 2
+    bad = runner.invoke(main, ["split", str(src), str(out), "-s", "4gb"])
+    assert bad.exit_code == 2
+
+
+def test_split_module_has_no_torch_or_numpy() -> None:
+    code = (
+        "import sys, safeshard.split, safeshard.merge, safeshard.cli.split_cmd;"
+        "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_peak_rss_stays_small(tmp_path: Path) -> None:
+    # ~600 MB of tensors in 12 blocks; the source is sparse so that writing it is cheap.
+    tensors = {"model.embed_tokens.weight": ("F16", (1024, 4096))}
+    for i in range(12):
+        tensors[f"model.layers.{i}.mlp.up_proj.weight"] = ("F16", (4096, 6144))
+    specs = [TensorSpec(k, d, s, 2 * s[0] * s[1]) for k, (d, s) in tensors.items()]
+    header = build_header(specs, {"format": "pt"})
+    srcf = tmp_path / "big.safetensors"
+    with open(srcf, "wb") as f:
+        f.write(header)
+        f.truncate(len(header) + sum(s.nbytes for s in specs))
+    code = (
+        "import resource, sys, safeshard\n"
+        "safeshard.split(sys.argv[1], sys.argv[2], max_shard_size='150MB')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(srcf), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    rss_kib = int(proc.stdout.strip())
+    assert rss_kib < 100 * 1024, f"peak RSS {rss_kib} KiB"
+    assert sum(p.stat().st_size for p in shard_files(out)) > 600_000_000
