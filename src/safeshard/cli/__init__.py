@@ -134,3 +134,5 @@ def main() -> None:
 # from . import <name>_cmd
 from . import inspect_cmd  # noqa: E402,F401
 from . import synth_cmd  # noqa: E402,F401
+from . import split_cmd  # noqa: E402,F401
+from . import merge_cmd  # noqa: E402,F401
