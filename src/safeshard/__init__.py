@@ -8,6 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import errors
+from .diff import DiffReport, diff
 from .errors import *  # noqa: F403
 from .header import Header, TensorInfo, read_header
 from .index import ShardIndex, read_index
@@ -18,11 +19,14 @@ from .merge import MergeResult, merge
 from .sizes import FAT32_LIMIT, parse_size
 from .source import Checkpoint, locate, open_checkpoint
 from .split import SplitResult, split
+from .verify import Finding, VerifyReport, verify
 
 # `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.
 __all__ = [
     "FAT32_LIMIT",
     "Checkpoint",
+    "DiffReport",
+    "Finding",
     "Header",
     "InspectReport",
     "LazyCheckpoint",
@@ -30,7 +34,9 @@ __all__ = [
     "ShardIndex",
     "SplitResult",
     "TensorInfo",
+    "VerifyReport",
     "__version__",
+    "diff",
     "inspect",
     "load",
     "locate",
@@ -40,5 +46,6 @@ __all__ = [
     "read_header",
     "read_index",
     "split",
+    "verify",
     *errors.__all__,
 ]

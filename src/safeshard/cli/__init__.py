@@ -136,3 +136,5 @@ from . import inspect_cmd  # noqa: E402,F401
 from . import synth_cmd  # noqa: E402,F401
 from . import split_cmd  # noqa: E402,F401
 from . import merge_cmd  # noqa: E402,F401
+from . import verify_cmd  # noqa: E402,F401
+from . import diff_cmd  # noqa: E402,F401

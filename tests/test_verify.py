@@ -1,0 +1,584 @@
+"""verify: every finding from a crafted broken checkpoint, none on a clean split."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _ckpt import (
+    GROUP,
+    edit_index,
+    flip_byte,
+    gptq_source,
+    gptq_tensors,
+    names_in,
+    read_tensors,
+    rewrite,
+    shards,
+    write_file,
+)
+from safeshard.cli import main
+from safeshard.errors import CheckpointNotFoundError, SizeParseError, UsageError
+from safeshard.header import read_header
+from safeshard.split import split
+from safeshard.verify import CODES, VerifyReport, verify
+
+CAP = 20_000
+
+
+@dataclass
+class Split:
+    src: Path
+    out: Path
+
+    @property
+    def shards(self) -> list[Path]:
+        return shards(self.out)
+
+    @property
+    def index(self) -> Path:
+        return self.out / "model.safetensors.index.json"
+
+
+def make_split(tmp: Path, **source: object) -> Split:
+    src = gptq_source(tmp / "src", **source)
+    split(src, tmp / "out", max_shard_size=CAP)
+    return Split(src, tmp / "out")
+
+
+@pytest.fixture
+def clean(tmp_path: Path) -> Split:
+    s = make_split(tmp_path)
+    assert len(s.shards) >= 3
+    return s
+
+
+def codes(rep: VerifyReport) -> set[str]:
+    return rep.codes
+
+
+def find(rep: VerifyReport, code: str) -> list[tuple[str | None, str | None]]:
+    return [(f.file, f.tensor) for f in rep.by_code(code)]
+
+
+def full(s: Split, **kw: object) -> VerifyReport:
+    return verify(s.out, against=s.src, deep=True, max_shard_size=CAP, **kw)
+
+
+# --------------------------------------------------------------------------- clean
+
+
+def test_clean_split_has_no_findings(clean: Split) -> None:
+    rep = full(clean)
+    assert rep.findings == []
+    assert rep.ok
+    assert rep.checks == ["structure", "size", "manifest", "gptq", "against", "deep"]
+    assert rep.shards == len(clean.shards)
+    assert rep.tensors == len(gptq_tensors())
+    files = sum(p.stat().st_size for p in clean.shards)
+    assert rep.total_size == files
+    assert rep.bytes_verified == files
+    # each shard byte read once for its hash; each compared source byte once
+    src_data = read_header(clean.src).data_size
+    assert rep.bytes_read == files + src_data
+
+
+@pytest.mark.parametrize("how", ["folder", "index", "single"])
+def test_clean_every_path_form(clean: Split, tmp_path: Path, how: str) -> None:
+    target = {"folder": clean.out, "index": clean.index, "single": clean.src}[how]
+    rep = verify(target)
+    assert rep.ok, rep.findings
+    assert rep.shards == (1 if how == "single" else len(clean.shards))
+
+
+def test_single_file_split_with_manifest(tmp_path: Path) -> None:
+    src = gptq_source(tmp_path / "src", layers=1)
+    split(src, tmp_path / "one", max_shard_size="1MB")
+    (single,) = (tmp_path / "one").glob("*.safetensors")
+    assert verify(tmp_path / "one", against=src).ok
+    flip_byte(single, single.stat().st_size - 1)
+    rep = verify(tmp_path / "one")
+    assert find(rep, "hash-mismatch") == [(single.name, None)]
+    assert find(rep, "manifest-tensor-hash") == [(single.name, "lm_head.weight")]
+
+
+def test_no_data_read_without_manifest_or_source(clean: Split) -> None:
+    (clean.out / "model.safeshard.json").unlink()
+    rep = verify(clean.out)
+    assert rep.ok
+    assert rep.bytes_read == 0
+    assert "manifest" not in rep.checks
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def test_missing_shard(clean: Split) -> None:
+    gone = clean.shards[1]
+    gone.unlink()
+    rep = full(clean)
+    assert find(rep, "missing-shard") == [(gone.name, None)]
+    # tensors that were in it are not blamed a second time
+    assert "missing-tensor" not in codes(rep)
+    assert "against-missing" not in codes(rep)
+    assert "gptq-missing" not in codes(rep)
+    assert "total-size" not in codes(rep)
+
+
+def test_truncated_shard(clean: Split) -> None:
+    p = clean.shards[2]
+    with open(p, "r+b") as f:
+        f.truncate(p.stat().st_size - 10)
+    rep = full(clean)
+    assert (p.name, None) in find(rep, "bad-header")
+    assert "truncated" in rep.by_code("bad-header")[0].message
+    assert find(rep, "size-mismatch") == [(p.name, None)]
+
+
+def test_bad_header_message_is_the_readers(clean: Split) -> None:
+    p = clean.shards[0]
+    with open(p, "r+b") as f:
+        f.write(struct.pack("<Q", 10**9))
+    rep = verify(clean.out)
+    (f,) = rep.by_code("bad-header")
+    assert f.file == p.name and "exceeds the limit" in f.message
+
+
+def test_flipped_byte_detected_by_manifest_and_against(clean: Split) -> None:
+    p = clean.shards[1]
+    h = read_header(p)
+    victim = h.tensors[len(h.tensors) // 2]
+    flip_byte(p, h.data_start + victim.begin + 3)
+    rep = verify(clean.out)
+    assert find(rep, "hash-mismatch") == [(p.name, None)]
+    assert find(rep, "manifest-tensor-hash") == [(p.name, victim.name)]
+    rep = verify(clean.out, against=clean.src)
+    assert find(rep, "against-bytes") == [(p.name, victim.name)]
+    assert "first at byte 3 " in rep.by_code("against-bytes")[0].message
+
+
+def test_flipped_byte_in_source_detected_by_against(clean: Split) -> None:
+    h = read_header(clean.src)
+    victim = h.tensors[-1]
+    flip_byte(clean.src, h.data_start + victim.end - 1)
+    rep = verify(clean.out, against=clean.src)
+    assert [t for _, t in find(rep, "against-bytes")] == [victim.name]
+    assert rep.codes == {"against-bytes"}  # the shards themselves are fine
+    assert verify(clean.out).ok
+
+
+def test_flipped_header_byte(clean: Split) -> None:
+    p = clean.shards[0]
+    h = read_header(p)
+    # a space of the header padding, or the last byte of the JSON, changes
+    flip_byte(p, h.data_start - 1)
+    rep = verify(clean.out)
+    assert rep.codes & {"bad-header", "hash-mismatch"}
+
+
+def test_tensor_missing_from_index(clean: Split) -> None:
+    victim = "model.layers.1.mlp.up_proj.scales"
+    edit_index(clean.out, lambda o: o["weight_map"].pop(victim))
+    rep = full(clean)
+    holder = [p.name for p in clean.shards if victim in names_in(p)]
+    assert find(rep, "unindexed-tensor") == [(holder[0], victim)]
+
+
+def test_tensor_in_two_shards(clean: Split) -> None:
+    a, b = clean.shards[0], clean.shards[1]
+    victim = next(iter(names_in(b)))
+    _, data_b, _ = read_tensors(b)
+
+    def add(decls: dict[str, Any], data: dict[str, bytes]) -> None:
+        decls[victim] = read_tensors(b)[0][victim]
+        data[victim] = data_b[victim]
+
+    rewrite(a, add)
+    rep = verify(clean.out)
+    assert find(rep, "duplicate-tensor") == [(b.name, victim)]
+    assert a.name in rep.by_code("duplicate-tensor")[0].message
+    # the index still lists b only, so it is not "unindexed"; a's extra copy is
+    assert "wrong-shard" not in codes(rep)
+
+
+def test_wrong_total_size(clean: Split) -> None:
+    edit_index(clean.out, lambda o: o["metadata"].update(total_size=12345))
+    rep = full(clean)
+    assert find(rep, "total-size") == [(clean.index.name, None)]
+    data = sum(read_header(p).data_size for p in clean.shards)
+    assert f"set it to {data}" in rep.by_code("total-size")[0].message
+
+
+def test_total_size_counting_whole_files_is_accepted(clean: Split) -> None:
+    """GPTQModel writes total_size as the sum of file sizes: not a finding."""
+    files = sum(p.stat().st_size for p in clean.shards)
+    edit_index(clean.out, lambda o: o["metadata"].update(total_size=files))
+    assert "total-size" not in verify(clean.out).codes
+
+
+def test_entry_points_to_wrong_shard(clean: Split) -> None:
+    a, b = clean.shards[0], clean.shards[2]
+    victim = next(iter(names_in(a)))
+    edit_index(clean.out, lambda o: o["weight_map"].update({victim: b.name}))
+    rep = full(clean)
+    assert find(rep, "wrong-shard") == [(b.name, victim)]
+    assert a.name in rep.by_code("wrong-shard")[0].message
+
+
+def test_index_entry_in_no_shard(clean: Split) -> None:
+    edit_index(
+        clean.out,
+        lambda o: o["weight_map"].update({"ghost.weight": clean.shards[0].name}),
+    )
+    rep = verify(clean.out)
+    assert find(rep, "missing-tensor") == [(clean.shards[0].name, "ghost.weight")]
+
+
+def test_stray_shard(clean: Split) -> None:
+    stray = clean.out / "model-00001-of-00009.safetensors"
+    shutil.copy(clean.shards[0], stray)
+    rep = full(clean)
+    assert find(rep, "stray-shard") == [(stray.name, None)]
+
+
+def test_stale_temporary(clean: Split) -> None:
+    (clean.out / ".safeshard-tmp-model-00001-of-00005.safetensors.123").write_bytes(b"x")
+    assert [f.code for f in verify(clean.out).findings] == ["stale-temp"]
+
+
+def test_shard_count_mismatch(clean: Split) -> None:
+    last = clean.shards[-1]
+    n = len(clean.shards)
+    renamed = last.with_name(f"model-{n:05d}-of-{n + 1:05d}.safetensors")
+    last.rename(renamed)
+    edit_index(
+        clean.out,
+        lambda o: o["weight_map"].update(
+            {k: renamed.name for k, v in o["weight_map"].items() if v == last.name}
+        ),
+    )
+    rep = verify(clean.out)
+    assert (renamed.name, None) in find(rep, "shard-count")
+
+
+def test_shard_numbering_gap(clean: Split) -> None:
+    n = len(clean.shards)
+    first = clean.shards[0]
+    moved = first.with_name(f"model-{n + 1:05d}-of-{n:05d}.safetensors")
+    first.rename(moved)
+    edit_index(
+        clean.out,
+        lambda o: o["weight_map"].update(
+            {k: moved.name for k, v in o["weight_map"].items() if v == first.name}
+        ),
+    )
+    rep = verify(clean.out)
+    assert (clean.index.name, None) in find(rep, "shard-count")
+
+
+def test_oversize(clean: Split) -> None:
+    sizes = {p.name: p.stat().st_size for p in clean.shards}
+    cap = sorted(sizes.values())[-2]  # only files strictly larger are over
+    rep = verify(clean.out, max_shard_size=cap)
+    over = sorted(n for n, s in sizes.items() if s > cap)
+    assert over and sorted(f for f, _ in find(rep, "oversize")) == over
+    assert verify(clean.out, max_shard_size=max(sizes.values())).ok
+
+
+# --------------------------------------------------------------------------- index
+
+
+def test_unsafe_index_entry_is_reported_and_skipped(clean: Split) -> None:
+    edit_index(
+        clean.out,
+        lambda o: o["weight_map"].update({"model.norm.weight": "../evil.safetensors"}),
+    )
+    rep = verify(clean.out)
+    assert find(rep, "bad-index") == [(clean.index.name, "model.norm.weight")]
+    assert "climbs out" in rep.by_code("bad-index")[0].message
+    # the real tensor is still found, unlisted
+    assert [t for _, t in find(rep, "unindexed-tensor")] == ["model.norm.weight"]
+
+
+def test_unparsable_index(clean: Split) -> None:
+    clean.index.write_text("{not json")
+    rep = verify(clean.out)
+    assert find(rep, "bad-index") == [(clean.index.name, None)]
+    assert rep.shards == len(clean.shards)  # shards still checked, found by name
+
+
+def test_bad_total_size_type(clean: Split) -> None:
+    edit_index(clean.out, lambda o: o["metadata"].update(total_size="12"))
+    rep = verify(clean.out)
+    assert rep.codes == {"bad-index"}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_manifest_records_another_file(clean: Split) -> None:
+    mp = clean.out / "model.safeshard.json"
+    obj = json.loads(mp.read_text())
+    obj["shards"][0]["file"] = "model-00009-of-00009.safetensors"
+    mp.write_text(json.dumps(obj))
+    rep = verify(clean.out)
+    got = find(rep, "manifest-mismatch")
+    assert (clean.shards[0].name, None) in got
+    assert ("model-00009-of-00009.safetensors", None) in got
+
+
+def test_manifest_tensor_records(clean: Split) -> None:
+    mp = clean.out / "model.safeshard.json"
+    obj = json.loads(mp.read_text())
+    obj["tensors"]["ghost"] = {"sha256": "0" * 64, "nbytes": 4}
+    del obj["tensors"]["model.norm.weight"]
+    mp.write_text(json.dumps(obj))
+    rep = verify(clean.out)
+    assert sorted(t for _, t in find(rep, "manifest-mismatch")) == ["ghost", "model.norm.weight"]
+
+
+def test_unreadable_manifest(clean: Split) -> None:
+    (clean.out / "model.safeshard.json").write_text("[]")
+    rep = verify(clean.out)
+    assert find(rep, "bad-manifest") == [("model.safeshard.json", None)]
+
+
+def test_manifest_with_wrong_size(clean: Split) -> None:
+    mp = clean.out / "model.safeshard.json"
+    obj = json.loads(mp.read_text())
+    obj["shards"][1]["size"] += 1
+    mp.write_text(json.dumps(obj))
+    rep = verify(clean.out)
+    assert find(rep, "size-mismatch") == [(clean.shards[1].name, None)]
+    assert "hash-mismatch" not in rep.codes
+
+
+# --------------------------------------------------------------------------- gptq
+
+
+def _holder(s: Split, tensor: str) -> Path:
+    return next(p for p in s.shards if tensor in names_in(p))
+
+
+def test_gptq_module_missing_scales(clean: Split) -> None:
+    victim = "model.layers.1.self_attn.k_proj.scales"
+    holder = _holder(clean, victim)
+
+    def drop(decls: dict[str, Any], data: dict[str, bytes]) -> None:
+        del decls[victim], data[victim]
+
+    rewrite(holder, drop)
+    edit_index(clean.out, lambda o: o["weight_map"].pop(victim))
+    rep = verify(clean.out)
+    assert (None, victim) in [(None, t) for _, t in find(rep, "gptq-missing")]
+    assert len(rep.by_code("gptq-missing")) == 1
+
+
+def test_wrong_g_idx_length(tmp_path: Path) -> None:
+    tensors = gptq_tensors()
+    victim = "model.layers.2.mlp.down_proj.g_idx"
+    tensors[victim] = ("I32", (tensors[victim][1][0] - 8,))
+    s = make_split(tmp_path, tensors=tensors)
+    rep = verify(s.out)
+    assert find(rep, "gptq-shape") == [(_holder(s, victim).name, victim)]
+    assert "bits=4" in rep.by_code("gptq-shape")[0].message
+
+
+def test_wrong_gptq_dtype(tmp_path: Path) -> None:
+    tensors = gptq_tensors(layers=1)
+    victim = "model.layers.0.mlp.up_proj.scales"
+    tensors[victim] = ("F32", tensors[victim][1])
+    s = make_split(tmp_path, layers=1, tensors=tensors)
+    assert [t for _, t in find(verify(s.out), "gptq-dtype")] == [victim]
+
+
+def test_gptq_config_disagreeing_with_shapes(clean: Split) -> None:
+    (clean.out / "quantize_config.json").write_text(json.dumps({"bits": 8, "group_size": 32}))
+    rep = verify(clean.out)
+    assert "gptq-config" in rep.codes
+
+
+def test_g_idx_out_of_range_only_with_deep(tmp_path: Path) -> None:
+    victim = "model.layers.0.self_attn.q_proj.g_idx"
+    n_in = gptq_tensors()[victim][1][0]
+    values = [i // GROUP for i in range(n_in)]
+    values[5] = n_in  # far past the last group
+    values[6] = -1
+    s = make_split(tmp_path, data={victim: struct.pack(f"<{n_in}i", *values)})
+    assert "gptq-g-idx-range" not in verify(s.out).codes
+    rep = verify(s.out, deep=True)
+    assert find(rep, "gptq-g-idx-range") == [(_holder(s, victim).name, victim)]
+    assert "2 of 64 values" in rep.by_code("gptq-g-idx-range")[0].message
+
+
+def test_unquantized_model_skips_gptq(tmp_path: Path) -> None:
+    f = write_file(
+        tmp_path / "model.safetensors", {"w": ("F16", (4, 4))}, metadata={"format": "pt"}
+    )
+    rep = verify(f, deep=True)
+    assert rep.ok and "gptq" not in rep.checks
+
+
+def test_gptq_metadata_without_quantized_tensors(tmp_path: Path) -> None:
+    f = write_file(tmp_path / "model.safetensors", {"w": ("F16", (4, 4))})  # gptq_* metadata
+    assert verify(f).codes == {"gptq-config"}
+
+
+# --------------------------------------------------------------------------- against
+
+
+def test_against_name_dtype_shape_metadata(clean: Split, tmp_path: Path) -> None:
+    decls, data, _meta = read_tensors(clean.src)
+    other = tmp_path / "other" / "model.safetensors"
+    decls2 = dict(decls)
+    data2 = dict(data)
+    decls2.pop("model.norm.weight")
+    decls2["extra.weight"] = ("F16", (2,))
+    data2["extra.weight"] = b"\0" * 4
+    name_dt = "model.embed_tokens.weight"
+    decls2[name_dt] = ("BF16", decls[name_dt][1])
+    name_sh = "lm_head.weight"
+    decls2[name_sh] = ("F16", (decls[name_sh][1][1], decls[name_sh][1][0]))
+    write_file(other, decls2, data2, metadata={"format": "pt"})
+    rep = verify(clean.out, against=other)
+    assert [t for _, t in find(rep, "against-missing")] == ["extra.weight"]
+    assert [t for _, t in find(rep, "against-extra")] == ["model.norm.weight"]
+    assert [t for _, t in find(rep, "against-dtype")] == [name_dt]
+    assert [t for _, t in find(rep, "against-shape")] == [name_sh]
+    assert sorted(f for f, _ in find(rep, "against-metadata")) == sorted(
+        p.name for p in clean.shards
+    )
+    assert "against-bytes" not in rep.codes
+
+
+def test_against_a_sharded_source(clean: Split, tmp_path: Path) -> None:
+    resplit = tmp_path / "resplit"
+    split(clean.out, resplit, max_shard_size=CAP * 2)
+    assert verify(resplit, against=clean.out).ok
+    assert verify(clean.out, against=clean.index).ok
+
+
+def test_bad_source_is_a_finding(clean: Split, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x01" * 7)
+    rep = verify(clean.out, against=broken)
+    assert find(rep, "bad-source") == [(str(broken), None)]
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_unusable_arguments_raise(clean: Split, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError):
+        verify(tmp_path / "nope")
+    with pytest.raises(CheckpointNotFoundError):
+        verify(clean.out, against=tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointNotFoundError):
+        verify(empty)
+    with pytest.raises(SizeParseError):
+        verify(clean.out, max_shard_size="4Gb")
+    with pytest.raises(UsageError):
+        verify(clean.out, workers=0)
+
+
+def test_findings_have_documented_codes(clean: Split) -> None:
+    clean.shards[0].unlink()
+    flip_byte(clean.shards[1], 100)
+    rep = verify(clean.out, against=clean.src, deep=True)
+    assert rep.findings
+    assert all(f.code in CODES for f in rep.findings)
+
+
+def test_progress_counts_every_byte_read(clean: Split) -> None:
+    seen: list[int] = []
+    totals: list[int] = []
+
+    @contextmanager
+    def prog(total: int) -> Iterator[Callable[[int], None]]:
+        totals.append(total)
+        yield seen.append
+
+    rep = verify(clean.out, against=clean.src, progress=prog)
+    assert totals == [rep.bytes_read] == [sum(seen)]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_workers_do_not_change_the_result(clean: Split, workers: int) -> None:
+    flip_byte(clean.shards[2], clean.shards[2].stat().st_size - 2)
+    rep = verify(clean.out, against=clean.src, workers=workers)
+    assert rep.codes == {"hash-mismatch", "against-bytes"}
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_any_flipped_byte_is_found(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    tmp = tmp_path_factory.mktemp("flip")
+    s = make_split(tmp, layers=1)
+    p = data.draw(st.sampled_from(s.shards))
+    offset = data.draw(st.integers(0, p.stat().st_size - 1))
+    flip_byte(p, offset)
+    assert not verify(s.out).ok
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(main, list(args), env={"HF_HUB_OFFLINE": "1"})
+    return res.exit_code, res.output
+
+
+def test_cli_clean_exit_0(clean: Split) -> None:
+    code, out = run(
+        "verify", str(clean.out), "--against", str(clean.src), "--max-shard-size", str(CAP)
+    )
+    assert code == 0, out
+    assert out.startswith(f"OK: {len(clean.shards)} shards, {len(gptq_tensors())} tensors")
+
+
+def test_cli_findings_exit_1_and_json(clean: Split) -> None:
+    gone = clean.shards[0]
+    gone.unlink()
+    code, out = run("verify", str(clean.out))
+    assert code == 1
+    assert "missing-shard" in out
+    code, out = run("verify", str(clean.out), "--json")
+    assert code == 1
+    obj = json.loads(out)
+    assert obj["ok"] is False
+    assert [f["code"] for f in obj["findings"]] == ["missing-shard"]
+    assert obj["findings"][0]["file"] == gone.name
+
+
+def test_cli_usage_errors_exit_2(clean: Split, tmp_path: Path) -> None:
+    assert run("verify", str(tmp_path / "nope"))[0] == 2
+    assert run("verify", str(clean.out), "--against", str(tmp_path / "nope"))[0] == 2
+    assert run("verify", str(clean.out), "--max-shard-size", "4Gb")[0] == 2
+    assert run("verify", str(clean.out), "--workers", "0")[0] == 2
+
+
+def test_cli_json_on_clean(clean: Split) -> None:
+    code, out = run("verify", str(clean.out), "--json", "--deep")
+    assert code == 0
+    obj = json.loads(out)
+    assert obj["ok"] is True and obj["findings"] == []
+    assert obj["shards"] == len(clean.shards)
+    assert os.path.samefile(obj["path"], clean.out)
