@@ -351,12 +351,11 @@ def _float_masks(dtype: str, role: Role) -> tuple[int, int]:
     2**-7 .. 2**-5. Norms: positive, exponent (bias − 1) or bias: 0.5 .. 2. Scales:
     positive, 2**-9 .. 2**-7, so that s·(q − 8) stays near weight magnitude.
     """
-    width, sign_bit, shift, exp_bits = _FLOAT_LAYOUT[dtype]
+    _, sign_bit, shift, exp_bits = _FLOAT_LAYOUT[dtype]
     bias = (1 << (exp_bits - 1)) - 1
     mantissa = (1 << shift) - 1
     base = {"weight": bias - 7, "norm": bias - 1, "scales": bias - 9}[role]
     assert base % 2 == 0, "the random low exponent bit must not carry"
-    del width
     and_mask = mantissa | (1 << shift)  # one random low exponent bit
     if role == "weight":
         and_mask |= 1 << sign_bit
