@@ -9,6 +9,7 @@ writing it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -419,6 +420,16 @@ def build_header(
     return _frame(("{" + ",".join(parts) + "}").encode("utf-8"))
 
 
+@functools.lru_cache(maxsize=1 << 17)
+def _entry_fixed_len(name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """UTF-8 length of a tensor's header entry, less the digits of its two offsets.
+
+    Offsets are the only part of an entry that depends on where the tensor lands, so a
+    planner trying many placements serializes each entry once.
+    """
+    return len(_entry_json(name, dtype, shape, 0, 0).encode("utf-8")) - 2
+
+
 class HeaderSizer:
     """Exact running size of :func:`build_header` while tensors are appended.
 
@@ -434,8 +445,9 @@ class HeaderSizer:
 
     def cost(self, t: TensorSpec | TensorInfo) -> int:
         """Bytes of JSON (comma included) that appending ``t`` would add."""
-        entry = _entry_json(t.name, t.dtype, t.shape, self.data, self.data + t.nbytes)
-        return len(entry.encode("utf-8")) + (1 if self._parts else 0)
+        begin, end = self.data, self.data + t.nbytes
+        fixed = _entry_fixed_len(t.name, t.dtype, tuple(t.shape))
+        return fixed + len(str(begin)) + len(str(end)) + (1 if self._parts else 0)
 
     def add(self, t: TensorSpec | TensorInfo) -> None:
         self._body += self.cost(t)

@@ -96,8 +96,9 @@ def solo_size(t: TensorSpec, metadata: Mapping[str, str] | None) -> int:
     return len(build_header([t], metadata)) + t.nbytes
 
 
-def _file_size(tensors: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> int:
-    sizer = HeaderSizer(metadata)
+def _file_size(tensors: Sequence[TensorSpec], empty: HeaderSizer) -> int:
+    """Size of a file holding ``tensors``; ``empty`` is a sizer with only the metadata."""
+    sizer = empty.copy()
     for t in tensors:
         sizer.add(t)
     return sizer.file_size
@@ -112,15 +113,16 @@ def make_units(
     """Break groups into units that fit ``cap`` where they can; also return split group keys."""
     units: list[Unit] = []
     split: list[str] = []
+    empty = HeaderSizer(metadata)
     for g in groups:
         whole = tuple(specs[n] for n in g.tensors)
-        if _file_size(whole, metadata) <= cap or len(whole) == 1:
+        if len(whole) == 1 or _file_size(whole, empty) <= cap:
             units.append(Unit(whole, g, True))
             continue
         split.append(g.key)
         for m in g.modules:
             mod = tuple(specs[n] for n in m.tensors)
-            if _file_size(mod, metadata) <= cap or len(mod) == 1:
+            if len(mod) == 1 or _file_size(mod, empty) <= cap:
                 units.append(Unit(mod, g, False))
             else:
                 units.extend(Unit((t,), g, False) for t in mod)
@@ -136,7 +138,8 @@ def _pack(
     """Greedy packing; None when a unit cannot fit alone and oversize is not allowed."""
     shards: list[list[Unit]] = []
     cur: list[Unit] = []
-    sizer = HeaderSizer(metadata)
+    empty = HeaderSizer(metadata)
+    sizer = empty.copy()
     for u in units:
         if cur:
             trial = sizer.copy()
@@ -148,14 +151,14 @@ def _pack(
                 continue
             shards.append(cur)
             cur = []
-        sizer = HeaderSizer(metadata)
+        sizer = empty.copy()
         for t in u.tensors:
             sizer.add(t)
         if sizer.file_size > cap:
             if not allow_oversize:
                 return None
             shards.append([u])
-            sizer = HeaderSizer(metadata)
+            sizer = empty.copy()
             continue
         cur = [u]
     if cur:
@@ -190,12 +193,9 @@ def plan_shards(
         raise PlanError("tensor names must be unique")
     groups = group_tensors(list(specs))
     units, split = make_units(specs, groups, cap, metadata)
-    oversize = [
-        (t, solo_size(t, metadata))
-        for u in units
-        for t in u.tensors
-        if solo_size(t, metadata) > cap and len(u.tensors) == 1
-    ]
+    empty = HeaderSizer(metadata)
+    solos = [(u.tensors[0], _file_size(u.tensors, empty)) for u in units if len(u.tensors) == 1]
+    oversize = [(t, need) for t, need in solos if need > cap]
     warnings: list[str] = []
     if oversize and not allow_oversize:
         t, need = max(oversize, key=lambda x: x[1])
@@ -233,8 +233,9 @@ def _balance(
 ) -> list[list[Unit]]:
     """Smallest largest-shard size that still packs into ``len(greedy)`` shards."""
     n = len(greedy)
-    lo = max(_file_size(u.tensors, metadata) for u in units)
-    hi = max(_file_size([t for u in s for t in u.tensors], metadata) for s in greedy)
+    empty = HeaderSizer(metadata)
+    lo = max(_file_size(u.tensors, empty) for u in units)
+    hi = max(_file_size([t for u in s for t in u.tensors], empty) for s in greedy)
     best = greedy
     while lo < hi:
         mid = (lo + hi) // 2
