@@ -13,7 +13,8 @@ from .errors import *  # noqa: F403
 from .header import Header, TensorInfo, read_header
 from .index import ShardIndex, read_index
 from .inspect import InspectReport, inspect
-from .lazy import LazyCheckpoint, open  # torch/numpy are imported only when used
+from .lazy import LazyCheckpoint
+from .lazy import open as open  # torch/numpy are imported only when used
 from .load import load
 from .merge import MergeResult, merge
 from .sizes import FAT32_LIMIT, parse_size

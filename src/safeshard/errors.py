@@ -37,6 +37,10 @@ inherits the builtin exception a caller would naturally catch, so
     ├── DiskFullError (OSError)                   the disk filled up while writing
     ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
     ├── BudgetError (MemoryError)                 a block is larger than the memory budget
+    ├── MissingExtraError (ImportError)           torch/numpy needed but not installed
+    ├── UnsupportedDtypeError (TypeError)         a dtype the chosen framework cannot hold
+    ├── DeviceError (RuntimeError)                the requested device is not available
+    ├── CheckpointClosedError (ValueError)        a lazy checkpoint was used after close()
     └── SynthError (ValueError)                   unknown synth preset, bad layer count or dtype
 """
 
@@ -48,7 +52,9 @@ __all__ = [
     "AmbiguousCheckpointError",
     "BudgetError",
     "ByteRangeMismatchError",
+    "CheckpointClosedError",
     "CheckpointNotFoundError",
+    "DeviceError",
     "DiskFullError",
     "DuplicateKeyError",
     "FileTooShortError",
@@ -65,6 +71,7 @@ __all__ = [
     "InvalidShapeError",
     "MetadataError",
     "MisalignedTensorError",
+    "MissingExtraError",
     "OutputExistsError",
     "OutputLockedError",
     "OverlapError",
@@ -78,6 +85,7 @@ __all__ = [
     "TensorEntryError",
     "UnknownDtypeError",
     "UnsafeIndexPathError",
+    "UnsupportedDtypeError",
     "UsageError",
 ]
 
@@ -223,6 +231,22 @@ class QuantizationConfigError(SafeshardError, ValueError):
 
 class BudgetError(SafeshardError, MemoryError):
     """A block is larger than the memory budget given to a lazy checkpoint."""
+
+
+class MissingExtraError(SafeshardError, ImportError):
+    """An optional dependency (torch, numpy) is needed; the message names the extra."""
+
+
+class UnsupportedDtypeError(SafeshardError, TypeError):
+    """A tensor's dtype has no equivalent in the framework asked for."""
+
+
+class DeviceError(SafeshardError, RuntimeError):
+    """The device asked for (e.g. CUDA) is not available."""
+
+
+class CheckpointClosedError(SafeshardError, ValueError):
+    """A lazy checkpoint was used after it was closed."""
 
 
 class SynthError(SafeshardError, ValueError):

@@ -138,3 +138,4 @@ from . import split_cmd  # noqa: E402,F401
 from . import merge_cmd  # noqa: E402,F401
 from . import verify_cmd  # noqa: E402,F401
 from . import diff_cmd  # noqa: E402,F401
+from . import load_bench_cmd  # noqa: E402,F401

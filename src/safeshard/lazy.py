@@ -1,0 +1,438 @@
+"""A lazy checkpoint: tensors read on first access, layer walks under a memory budget.
+
+:func:`open` validates every shard's header up front (a truncated or malformed
+shard fails there, never in the middle of a walk), keeps the shards open, and
+returns a :class:`LazyCheckpoint`, a read-only mapping name -> tensor that reads a
+tensor's bytes, and only those, the first time it is asked for.
+
+*Holdings.* The checkpoint keeps what it has read so a second access is free. With
+``max_resident_bytes`` it keeps its holdings (tensors held, plus reads in flight)
+within that budget by releasing the oldest-read tensors first. A tensor the caller
+still references stays alive, but it is the caller's, not the checkpoint's.
+
+*Layer walks.* :meth:`LazyCheckpoint.iter_layers` yields ``(key, {name: tensor})``
+for each group of :func:`safeshard.layout.group_tensors` in model order (each
+head tensor, each block such as ``model.layers.7``, each tail tensor) while a
+background thread reads the next ``prefetch`` groups. The group being yielded
+stays held until the caller asks for the next one, and prefetched groups are not
+released before they are yielded; the reader waits for room instead. So with a
+budget, memory is bounded by the budget as long as the caller drops each layer
+when done with it. A group larger than the budget is a :class:`BudgetError`, raised
+when the walk starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from os import PathLike
+from types import TracebackType
+from typing import Any
+
+from .errors import BudgetError, CheckpointClosedError
+from .header import TensorInfo
+from .layout import Group, group_tensors, model_order
+from .load import (
+    Framework,
+    ShardFiles,
+    Unsupported,
+    backend_for,
+    check_workers,
+    read_tensors,
+)
+from .sizes import format_size, parse_size
+from .source import open_checkpoint
+
+__all__ = ["LazyCheckpoint", "open"]
+
+
+class _Stopped(Exception):
+    """Internal: a walk was abandoned while its reader waited."""
+
+
+class LazyCheckpoint(Mapping[str, Any]):
+    """A read-only mapping name -> tensor over a checkpoint's shards; see :func:`open`."""
+
+    def __init__(
+        self,
+        path: str | PathLike[str],
+        *,
+        max_resident_bytes: int | str | None = None,
+        prefetch: int = 1,
+        framework: Framework = "torch",
+        workers: int | None = None,
+        unsupported: Unsupported = "error",
+    ) -> None:
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"prefetch must be a non-negative integer, not {prefetch!r}")
+        self.budget = None if max_resident_bytes is None else parse_size(max_resident_bytes)
+        self.prefetch = prefetch
+        self.workers = check_workers(workers)
+        self.unsupported = unsupported
+        self._backend = backend_for(framework)
+        self._ckpt = open_checkpoint(path)
+        self._order = model_order(list(self._ckpt.entries))
+        self._groups = group_tensors(self._order)
+        self._cond = threading.Condition()
+        self._held: OrderedDict[str, Any] = OrderedDict()
+        self._held_bytes = 0
+        self._reserved = 0
+        self._pins: dict[str, int] = {}
+        self._walkers: set[threading.Thread] = set()
+        self._closed = False
+        self.peak_resident_bytes = 0
+        """Highest :attr:`resident_bytes` seen so far."""
+        self._pool = (
+            ThreadPoolExecutor(self.workers, thread_name_prefix="safeshard-lazy")
+            if self.workers > 1
+            else None
+        )
+        self._files = ShardFiles(self._ckpt)
+
+    # ------------------------------------------------------------------ mapping
+
+    def __getitem__(self, name: str) -> Any:
+        with self._cond:
+            self._check_open()
+            if name in self._held:
+                return self._held[name]
+        if name not in self._ckpt.entries:
+            raise KeyError(name)
+        return self._fetch([self.info(name)], pin=False, wait=False, stop=None)[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._ckpt.entries
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """The first shard's ``__metadata__``."""
+        return self._ckpt.metadata
+
+    @property
+    def path(self) -> str:
+        """The index, or the single file, this checkpoint was opened from."""
+        index = self._ckpt.index
+        return str(index.path) if index is not None else self._ckpt.headers[0].path
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype, shape and byte range of tensor ``name`` (no data read)."""
+        return self._ckpt.entries[name].info
+
+    def layers(self) -> list[Group]:
+        """The groups in model order, exactly as :func:`safeshard.layout.group_tensors` makes
+        them: each head tensor, each numbered block, each tail tensor."""
+        return list(self._groups)
+
+    def nbytes(self, group: Group) -> int:
+        """Tensor bytes of ``group``."""
+        return sum(self.info(t).nbytes for t in group.tensors)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this checkpoint holds now, reads in flight included."""
+        with self._cond:
+            return self._held_bytes + self._reserved
+
+    @property
+    def held(self) -> list[str]:
+        """Names of the tensors held now, oldest first."""
+        with self._cond:
+            return list(self._held)
+
+    def release(self) -> None:
+        """Drop every unpinned tensor held."""
+        with self._cond:
+            for name in [n for n in self._held if not self._pins.get(n)]:
+                self._evict(name)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ walking
+
+    def iter_layers(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield ``(group key, {tensor name: tensor})`` in model order, prefetching.
+
+        With a budget, every group must fit in it: a larger one raises
+        :class:`BudgetError` here, before anything is read.
+        """
+        self._check_open()
+        if self.budget is not None:
+            for g in self._groups:
+                size = self.nbytes(g)
+                if size > self.budget:
+                    raise BudgetError(
+                        f"{self.path}: {g.kind} {g.key!r} holds {size:,} bytes "
+                        f"({format_size(size)}), more than max_resident_bytes={self.budget:,} "
+                        f"({format_size(self.budget)}); raise the budget to at least {size:,} "
+                        "bytes or read its tensors one at a time"
+                    )
+        if self.prefetch == 0:
+            return self._walk_inline()
+        return self._walk_prefetch()
+
+    def _walk_inline(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for g in self._groups:
+            tensors = self._fetch([self.info(t) for t in g.tensors], pin=True, wait=True, stop=None)
+            try:
+                yield g.key, tensors
+            finally:
+                del tensors
+                self._unpin(g.tensors)
+
+    def _walk_prefetch(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        groups = self._groups
+        state: dict[str, Any] = {"pos": 0, "stop": False}
+        ready: dict[int, dict[str, Any]] = {}
+        failed: dict[int, BaseException] = {}
+
+        def stopped() -> bool:
+            return bool(state["stop"]) or self._closed
+
+        def reader() -> None:
+            i = 0
+            try:
+                for i, g in enumerate(groups):
+                    with self._cond:
+                        while not stopped() and i > state["pos"] + self.prefetch:
+                            self._cond.wait()
+                        if stopped():
+                            return
+                    infos = [self.info(t) for t in g.tensors]
+                    tensors = self._fetch(infos, pin=True, wait=True, stop=stopped)
+                    with self._cond:
+                        ready[i] = tensors
+                        self._cond.notify_all()
+            except _Stopped:
+                return
+            except BaseException as e:
+                with self._cond:
+                    failed[i] = e
+                    self._cond.notify_all()
+
+        thread = threading.Thread(target=reader, name="safeshard-prefetch", daemon=True)
+        with self._cond:
+            self._walkers.add(thread)
+        thread.start()
+        try:
+            for i, g in enumerate(groups):
+                with self._cond:
+                    state["pos"] = i
+                    self._cond.notify_all()
+                    while i not in ready and i not in failed:
+                        if self._closed:
+                            raise CheckpointClosedError(f"{self.path}: closed during a layer walk")
+                        self._cond.wait()
+                    if i in failed:
+                        raise failed.pop(i)
+                    tensors = ready.pop(i)
+                try:
+                    yield g.key, tensors
+                finally:
+                    del tensors
+                    self._unpin(g.tensors)
+        finally:
+            with self._cond:
+                state["stop"] = True
+                self._cond.notify_all()
+            thread.join()
+            with self._cond:
+                self._walkers.discard(thread)
+                for i in list(ready):  # prefetched but never yielded
+                    self._unpin(groups[i].tensors, locked=True)
+                ready.clear()
+
+    # ------------------------------------------------------------------ holdings
+
+    def _fetch(
+        self,
+        infos: Sequence[TensorInfo],
+        *,
+        pin: bool,
+        wait: bool,
+        stop: Any,
+    ) -> dict[str, Any]:
+        """Return ``infos``' tensors, reading those not held.
+
+        ``pin`` keeps all of them from release until :meth:`_unpin`. Room for the
+        missing ones is made by releasing unpinned holdings oldest first; if that is
+        not enough, ``wait`` waits for unpins, otherwise the read goes unheld (the
+        tensors are the caller's alone).
+        """
+        with self._cond:
+            self._check_open()
+            have = {i.name: self._held[i.name] for i in infos if i.name in self._held}
+            if pin:
+                for name in have:
+                    self._pins[name] = self._pins.get(name, 0) + 1
+            missing = [i for i in infos if i.name not in have]
+            need = sum(i.nbytes for i in missing)
+            try:
+                hold = self._reserve(need, missing, wait=wait, stop=stop)
+            except BaseException:
+                if pin:
+                    self._unpin(list(have), locked=True)
+                raise
+        try:
+            got = (
+                read_tensors(
+                    self._files,
+                    self._backend,
+                    missing,
+                    workers=self.workers,
+                    pool=self._pool,
+                    unsupported=self.unsupported,
+                )
+                if missing
+                else {}
+            )
+        except BaseException:
+            with self._cond:
+                if hold:
+                    self._reserved -= need
+                if pin:
+                    self._unpin(list(have), locked=True)
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            if hold:
+                self._reserved -= need
+                for i in missing:
+                    if i.name not in self._held:
+                        self._held[i.name] = got[i.name]
+                        self._held_bytes += i.nbytes
+                    else:  # read twice concurrently: keep the one already held
+                        got[i.name] = self._held[i.name]
+                    if pin:
+                        self._pins[i.name] = self._pins.get(i.name, 0) + 1
+            self._cond.notify_all()
+        out = {**have, **got}
+        return {i.name: out[i.name] for i in infos}
+
+    def _reserve(self, need: int, missing: Sequence[TensorInfo], *, wait: bool, stop: Any) -> bool:
+        """Make room for ``need`` bytes (lock held); True if reserved, False to read unheld."""
+        if self.budget is not None:
+            if need > self.budget:
+                big = max(missing, key=lambda i: i.nbytes)
+                raise BudgetError(
+                    f"{self.path}: reading {len(missing)} tensor(s) of {need:,} bytes"
+                    + (f" (tensor {big.name!r})" if len(missing) == 1 else "")
+                    + f" exceeds max_resident_bytes={self.budget:,} ({format_size(self.budget)});"
+                    " raise the budget"
+                )
+            while self._held_bytes + self._reserved + need > self.budget:
+                victim = next((n for n in self._held if not self._pins.get(n)), None)
+                if victim is not None:
+                    self._evict(victim)
+                    continue
+                if not wait:
+                    return False
+                if stop is not None and stop():
+                    raise _Stopped
+                self._check_open()
+                self._cond.wait()
+        self._reserved += need
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self._held_bytes + self._reserved)
+        return True
+
+    def _evict(self, name: str) -> None:
+        del self._held[name]
+        self._held_bytes -= self.info(name).nbytes
+
+    def _unpin(self, names: Sequence[str], *, locked: bool = False) -> None:
+        if not locked:
+            with self._cond:
+                self._unpin(names, locked=True)
+            return
+        for n in names:
+            c = self._pins.get(n, 0)
+            if c <= 1:
+                self._pins.pop(n, None)
+            else:
+                self._pins[n] = c - 1
+        self._cond.notify_all()
+
+    # ------------------------------------------------------------------ lifetime
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CheckpointClosedError(f"{self.path}: this lazy checkpoint is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop walks, release holdings, close the shard files. Safe to call twice."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+            walkers = list(self._walkers)
+        for t in walkers:
+            if t is not threading.current_thread():
+                t.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        with self._cond:
+            self._held.clear()
+            self._held_bytes = 0
+            self._pins.clear()
+        self._files.close()
+
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):  # best effort at interpreter exit
+                self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._held)} held"
+        return f"<LazyCheckpoint {self.path!r}: {len(self)} tensors, {state}>"
+
+
+def open(
+    path: str | PathLike[str],
+    *,
+    max_resident_bytes: int | str | None = None,
+    prefetch: int = 1,
+    framework: Framework = "torch",
+    workers: int | None = None,
+    unsupported: Unsupported = "error",
+) -> LazyCheckpoint:
+    """Open the checkpoint at ``path`` (file, folder or index) lazily.
+
+    Every shard header is validated now. ``max_resident_bytes`` (bytes or a size
+    string such as ``"1GiB"``) bounds what the checkpoint holds; ``prefetch`` is how
+    many groups :meth:`~LazyCheckpoint.iter_layers` reads ahead (0: none);
+    ``workers`` threads read each group. ``framework`` and ``unsupported`` are as for
+    :func:`safeshard.load`. Use it as a context manager to close its files.
+    """
+    return LazyCheckpoint(
+        path,
+        max_resident_bytes=max_resident_bytes,
+        prefetch=prefetch,
+        framework=framework,
+        workers=workers,
+        unsupported=unsupported,
+    )
