@@ -110,6 +110,10 @@ class HeaderError(SafeshardError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple[type[HeaderError], tuple[str, str]]:
+        # pickle would call cls(message); keep errors intact across process pools
+        return type(self), (self.path, self.problem)
+
 
 class FileTooShortError(HeaderError):
     """The file is shorter than the 8-byte header length."""
@@ -220,6 +224,9 @@ class DiskFullError(SafeshardError, OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.ENOSPC, message)
+
+    def __reduce__(self) -> tuple[type[DiskFullError], tuple[str]]:
+        return type(self), (str(self.strerror),)
 
     def __str__(self) -> str:
         return str(self.strerror)
