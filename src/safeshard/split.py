@@ -33,6 +33,10 @@ every ``*.safetensors``, ``*.safetensors.index.json`` and ``*.safeshard.json`` i
 it, whatever their base name, because a leftover weights file of another base would
 be found by some loaders instead of the new shards. Other files are left alone,
 except those the sidecar copy overwrites.
+
+Building blocks for other writers (a differential ``--update``):
+:func:`write_shard` writes one file from a header and source byte ranges and
+returns its hashes; :func:`write_manifest_and_index` finishes an output folder.
 """
 
 from __future__ import annotations
@@ -86,10 +90,12 @@ __all__ = [
     "JOURNAL_NAME",
     "ShardFile",
     "SplitResult",
+    "WrittenShard",
     "checkpoint_files",
     "common_metadata",
     "output_names",
     "split",
+    "write_manifest_and_index",
     "write_shard",
 ]
 
@@ -349,20 +355,22 @@ def fingerprint(ckpt: Checkpoint, plan: Plan, names: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- journal
 
 
-@dataclass
-class _Done:
+@dataclass(frozen=True)
+class WrittenShard:
+    """A finished shard: its size, SHA-256, and each tensor's SHA-256 by name."""
+
     size: int
     sha256: str
     tensors: dict[str, str]
 
 
-def _read_journal(out: Path) -> tuple[str | None, dict[str, _Done]]:
+def _read_journal(out: Path) -> tuple[str | None, dict[str, WrittenShard]]:
     try:
         obj = json.loads((out / JOURNAL_NAME).read_bytes())
         if obj.get("format") != JOURNAL_FORMAT:
             return None, {}
         done = {
-            str(f): _Done(int(r["size"]), str(r["sha256"]), dict(r["tensors"]))
+            str(f): WrittenShard(int(r["size"]), str(r["sha256"]), dict(r["tensors"]))
             for f, r in obj["shards"].items()
         }
         return str(obj["fingerprint"]), done
@@ -370,7 +378,7 @@ def _read_journal(out: Path) -> tuple[str | None, dict[str, _Done]]:
         return None, {}
 
 
-def _write_journal(out: Path, fp: str, done: Mapping[str, _Done]) -> None:
+def _write_journal(out: Path, fp: str, done: Mapping[str, WrittenShard]) -> None:
     obj = {
         "format": JOURNAL_FORMAT,
         "version": 1,
@@ -385,7 +393,7 @@ def _write_journal(out: Path, fp: str, done: Mapping[str, _Done]) -> None:
 
 def _vouched(
     out: Path, fp: str, plan: Plan, names: Sequence[str], base: str
-) -> tuple[dict[str, _Done], str | None]:
+) -> tuple[dict[str, WrittenShard], str | None]:
     """Finished shards that the journal, or a finished split's manifest, vouches for."""
     jfp, done = _read_journal(out)
     if jfp == fp:
@@ -396,13 +404,13 @@ def _vouched(
         man = None
     if man is not None and man.fingerprint == fp:
         by_file = {s.file: s for s in man.shards}
-        vouched: dict[str, _Done] = {}
+        vouched: dict[str, WrittenShard] = {}
         for name, shard in zip(names, plan.shards, strict=True):
             rec = by_file.get(name)
             tensors = {t.name: man.tensors.get(t.name) for t in shard.tensors}
             if rec is None or any(r is None for r in tensors.values()):
                 continue
-            vouched[name] = _Done(
+            vouched[name] = WrittenShard(
                 rec.size, rec.sha256, {n: r.sha256 for n, r in tensors.items() if r is not None}
             )
         return vouched, None
@@ -418,11 +426,11 @@ def _keep(
     out: Path,
     names: Sequence[str],
     plan: Plan,
-    vouched: Mapping[str, _Done],
+    vouched: Mapping[str, WrittenShard],
     progress: Progress | None,
-) -> dict[str, _Done]:
+) -> dict[str, WrittenShard]:
     """Shards on disk whose size and SHA-256 match the plan and the journal."""
-    kept: dict[str, _Done] = {}
+    kept: dict[str, WrittenShard] = {}
     for name, shard in zip(names, plan.shards, strict=True):
         d = vouched.get(name)
         path = out / name
@@ -579,7 +587,7 @@ def _write_all(
             "--resume to finish an interrupted split"
         )
     fp = fingerprint(ckpt, plan, names)
-    kept: dict[str, _Done] = {}
+    kept: dict[str, WrittenShard] = {}
     if resume:
         vouched, why = _vouched(out, fp, plan, names, base)
         if why and existing:
@@ -612,7 +620,7 @@ def _write_all(
             hashes = write_shard(
                 out / fname, shard.header, _pieces(shard, ckpt, fds), progress=_hook(i, progress)
             )
-            done[fname] = _Done(shard.file_size, hashes.file_sha256, hashes.tensors)
+            done[fname] = WrittenShard(shard.file_size, hashes.file_sha256, hashes.tensors)
             _write_journal(out, fp, done)
             result.written.append(fname)
             _crash_point(f"shard-done:{i}")
@@ -631,28 +639,60 @@ def _write_all(
     result.copied, result.skipped = side.copied, side.skipped
     result.notes += side.notes
     _crash_point("before-manifest")
-    manifest = Manifest(
-        base=base,
+    index_meta: dict[str, Any] = {}
+    if ckpt.index is not None:
+        index_meta.update({k: v for k, v in ckpt.index.metadata.items() if k != "total_size"})
+    write_manifest_and_index(
+        out,
+        base,
+        names,
+        plan.shards,
+        done,
         cap=plan.cap,
-        shards=[ShardRecord(n, done[n].size, done[n].sha256) for n in names],
-        tensors={
-            t.name: TensorRecord(done[n].tensors[t.name], t.nbytes)
-            for n, s in zip(names, plan.shards, strict=True)
-            for t in s.tensors
-        },
         source=record,
         fingerprint=fp,
+        index_metadata=index_meta,
+    )
+    _remove([out / JOURNAL_NAME])
+    fsync_dir(out)
+
+
+def write_manifest_and_index(
+    out: Path,
+    base: str,
+    names: Sequence[str],
+    shards: Sequence[ShardPlan],
+    written: Mapping[str, WrittenShard],
+    *,
+    cap: int | None,
+    source: SourceRecord | None,
+    fingerprint: str | None,
+    index_metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """The last steps of a split, each atomic: the manifest, then the index (several files).
+
+    ``names[i]`` is the file of ``shards[i]``; ``written`` holds every file's hashes.
+    The index comes last, so a folder with an index is complete.
+    """
+    manifest = Manifest(
+        base=base,
+        cap=cap,
+        shards=[ShardRecord(n, written[n].size, written[n].sha256) for n in names],
+        tensors={
+            t.name: TensorRecord(written[n].tensors[t.name], t.nbytes)
+            for n, s in zip(names, shards, strict=True)
+            for t in s.tensors
+        },
+        source=source,
+        fingerprint=fingerprint,
     )
     write_atomic(manifest_path(out, base), manifest.to_json())
     _crash_point("before-index")
     if len(names) > 1:
-        meta: dict[str, Any] = {}
-        if ckpt.index is not None:
-            meta.update({k: v for k, v in ckpt.index.metadata.items() if k != "total_size"})
-        meta["total_size"] = plan.total_size
-        write_atomic(out / f"{base}{INDEX_SUFFIX}", index_json(plan.weight_map(names), meta))
-    _remove([out / JOURNAL_NAME])
-    fsync_dir(out)
+        meta = dict(index_metadata or {})
+        meta["total_size"] = sum(t.nbytes for s in shards for t in s.tensors)
+        weight_map = {t.name: n for n, s in zip(names, shards, strict=True) for t in s.tensors}
+        write_atomic(out / f"{base}{INDEX_SUFFIX}", index_json(weight_map, meta))
 
 
 def _hook(i: int, progress: Progress | None) -> Progress | None:
