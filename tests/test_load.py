@@ -433,3 +433,54 @@ def test_every_official_dtype_has_a_decision() -> None:
     """Each safetensors dtype is mapped for torch, or documented as raw-only."""
     for d in DTYPE_BITS:
         assert d in L.TORCH_DTYPES or d in SUBBYTE, d
+
+
+def test_job_size_spreads_small_reads_and_caps_big_ones() -> None:
+    mib = 1024 * 1024
+    assert L.job_size(10 * L.CHUNK_BYTES, 1) == L.CHUNK_BYTES
+    assert L.job_size(100 * L.CHUNK_BYTES, 4) == L.CHUNK_BYTES
+    assert L.job_size(160 * mib, 4) == 10 * mib  # four jobs per thread
+    assert L.job_size(3 * mib, 4) == L.MIN_CHUNK_BYTES
+
+
+# --------------------------------------------------------------------------- load-bench
+
+
+def test_load_bench_json_reports_each_variant(tmp_path: Path) -> None:
+    """Runs two variants for real (fresh processes) on a tiny preset; checks the report."""
+    from click.testing import CliRunner
+
+    from safeshard.cli import main
+
+    folder = synthesize(tmp_path / "m", "tiny-gptq", tokenizer=False)
+    total = sum(sum(t.nbytes for t in read_header(p).tensors) for p in folder.glob("*.safetensors"))
+    args = ["load-bench", str(folder), "--warm", "--json", "--budget", "1MB", "--workers", "2"]
+    args += ["--variant", "parallel", "--variant", "walk"]
+    res = CliRunner().invoke(main, args, env={"HF_HUB_OFFLINE": "1"})
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["tensor_bytes"] == total and report["workers"] == 2
+    assert set(report["runs"]) == {"warm"}
+    runs = report["runs"]["warm"]
+    assert set(runs) == {"parallel", "walk"}
+    for r in runs.values():
+        assert r["median_s"] > 0 and r["gbps"] == pytest.approx(total / r["median_s"] / 1e9)
+        assert r["peak_rss"] >= r["rss_after_imports"] > 0
+    s = report["summary"]
+    assert s["warm_walk_vs_parallel"] == pytest.approx(
+        runs["walk"]["gbps"] / runs["parallel"]["gbps"]
+    )
+    assert s["warm_walk_rss_limit"] == 1_000_000 + 150_000_000
+    assert s["warm_walk_rss_ok"] is (runs["walk"]["peak_rss_over_imports"] < 151_000_000)
+
+
+def test_load_bench_refuses_a_bad_checkpoint(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from safeshard.cli import main
+
+    f = write_st(tmp_path / "m.safetensors", {"a": ("F32", [4])})
+    os.truncate(f, f.stat().st_size - 1)
+    res = CliRunner().invoke(main, ["load-bench", str(f), "--warm"])
+    assert res.exit_code == 1
+    assert "m.safetensors" in res.output

@@ -56,6 +56,9 @@ Unsupported = Literal["error", "raw"]
 CHUNK_BYTES = 64 * 1024 * 1024
 """Largest read job: big tensors are split so threads share the work evenly."""
 
+MIN_CHUNK_BYTES = 1024 * 1024
+"""Smallest job that :func:`job_size` picks when a small read is shared among threads."""
+
 CUDA_CHUNK_BYTES = 32 * 1024 * 1024
 """Size of each pinned staging buffer for ``device="cuda"`` (two per worker)."""
 
@@ -289,6 +292,15 @@ def plan_jobs(spans: Sequence[Span], chunk: int | None = None) -> list[ReadJob]:
     return jobs
 
 
+def job_size(total: int, workers: int) -> int:
+    """Job size for reading ``total`` bytes with ``workers`` threads: about four jobs per
+    thread so they finish together, between :data:`MIN_CHUNK_BYTES` and :data:`CHUNK_BYTES`.
+    """
+    if workers <= 1:
+        return CHUNK_BYTES
+    return max(min(MIN_CHUNK_BYTES, CHUNK_BYTES), min(CHUNK_BYTES, total // (4 * workers)))
+
+
 def preadv_into(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
     """One positional scatter read into ``buffers`` from ``offset``; returns bytes read.
 
@@ -425,7 +437,7 @@ def read_tensors(
         buf, view = backend.empty(info.nbytes)
         bufs.append(buf)
         views.append(view)
-    jobs = plan_jobs(spans)
+    jobs = plan_jobs(spans, job_size(sum(s.nbytes for s in spans), workers))
     run_all(lambda j: files.run(j, spans, views), jobs, workers, pool)
     return {i.name: backend.finish(b, i, r) for i, b, r in zip(infos, bufs, raw, strict=True)}
 
