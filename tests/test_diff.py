@@ -9,19 +9,21 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from _ckpt import flip_byte, gptq_source, read_tensors, rewrite, shards, write_file
+from _ckpt import flip_byte, read_tensors, rewrite, shards, tiny_gptq, write_file
 from safeshard.cli import main
 from safeshard.diff import diff
 from safeshard.errors import CheckpointNotFoundError, UsageError
 from safeshard.header import read_header
 from safeshard.split import split
 
-CAP = 20_000
-
 
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
-    return gptq_source(tmp_path / "src")
+    return tiny_gptq(tmp_path / "src")
+
+
+def cap(src: Path) -> int:
+    return src.stat().st_size // 3
 
 
 def copy_of(src: Path, dest: Path) -> Path:
@@ -93,7 +95,7 @@ def test_metadata_change_is_a_difference(src: Path, tmp_path: Path) -> None:
 
 def test_sharded_vs_single_file(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    split(src, out, max_shard_size=CAP)
+    split(src, out, max_shard_size=cap(src))
     rep = diff(src, out)
     assert rep.identical  # same tensors, bytes and metadata; only the layout differs
     names = {s.file for s in rep.shards}
@@ -102,8 +104,8 @@ def test_sharded_vs_single_file(src: Path, tmp_path: Path) -> None:
 
 
 def test_two_splits_name_the_shards_that_differ(src: Path, tmp_path: Path) -> None:
-    split(src, tmp_path / "a", max_shard_size=CAP)
-    split(src, tmp_path / "b", max_shard_size=CAP)
+    split(src, tmp_path / "a", max_shard_size=cap(src))
+    split(src, tmp_path / "b", max_shard_size=cap(src))
     rep = diff(tmp_path / "a", tmp_path / "b")
     assert rep.identical and rep.shards_differ == []
     assert all(s.a_sha256 == s.b_sha256 is not None for s in rep.shards)
@@ -118,8 +120,8 @@ def test_two_splits_name_the_shards_that_differ(src: Path, tmp_path: Path) -> No
 
 
 def test_trusting_manifests_reads_nothing(src: Path, tmp_path: Path) -> None:
-    split(src, tmp_path / "a", max_shard_size=CAP)
-    split(src, tmp_path / "b", max_shard_size=CAP)
+    split(src, tmp_path / "a", max_shard_size=cap(src))
+    split(src, tmp_path / "b", max_shard_size=cap(src))
     target = shards(tmp_path / "b")[0]
     flip_byte(target, target.stat().st_size - 1)  # after the split: manifests can't know
     trusted = diff(tmp_path / "a", tmp_path / "b", trust_manifests=True)

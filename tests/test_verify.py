@@ -18,15 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from _ckpt import (
-    GROUP,
+    Decl,
+    Edit,
     edit_index,
     flip_byte,
-    gptq_source,
-    gptq_tensors,
     names_in,
     read_tensors,
     rewrite,
     shards,
+    tiny_gptq,
     write_file,
 )
 from safeshard.cli import main
@@ -35,13 +35,12 @@ from safeshard.header import read_header
 from safeshard.split import split
 from safeshard.verify import CODES, VerifyReport, verify
 
-CAP = 20_000
-
 
 @dataclass
 class Split:
     src: Path
     out: Path
+    cap: int
 
     @property
     def shards(self) -> list[Path]:
@@ -52,10 +51,12 @@ class Split:
         return self.out / "model.safetensors.index.json"
 
 
-def make_split(tmp: Path, **source: object) -> Split:
-    src = gptq_source(tmp / "src", **source)
-    split(src, tmp / "out", max_shard_size=CAP)
-    return Split(src, tmp / "out")
+def make_split(tmp: Path, edit: Edit | None = None, layers: int | None = None) -> Split:
+    """``tiny-gptq`` (after ``edit``) split with a cap of a third of it: 3+ shards."""
+    src = tiny_gptq(tmp / "src", edit, layers)
+    cap = src.stat().st_size // 3
+    split(src, tmp / "out", max_shard_size=cap)
+    return Split(src, tmp / "out", cap)
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def find(rep: VerifyReport, code: str) -> list[tuple[str | None, str | None]]:
 
 
 def full(s: Split, **kw: object) -> VerifyReport:
-    return verify(s.out, against=s.src, deep=True, max_shard_size=CAP, **kw)
+    return verify(s.out, against=s.src, deep=True, max_shard_size=s.cap, **kw)
 
 
 # --------------------------------------------------------------------------- clean
@@ -86,13 +87,47 @@ def test_clean_split_has_no_findings(clean: Split) -> None:
     assert rep.ok
     assert rep.checks == ["structure", "size", "manifest", "gptq", "against", "deep"]
     assert rep.shards == len(clean.shards)
-    assert rep.tensors == len(gptq_tensors())
+    assert rep.tensors == len(read_header(clean.src).tensors)
     files = sum(p.stat().st_size for p in clean.shards)
     assert rep.total_size == files
-    assert rep.bytes_verified == files
-    # each shard byte read once for its hash; each compared source byte once
-    src_data = read_header(clean.src).data_size
-    assert rep.bytes_read == files + src_data
+    # every shard tensor byte is compared with the source: each byte of each side read
+    # once, and the file hashes are implied rather than recomputed
+    data = sum(read_header(p).data_size for p in clean.shards)
+    assert rep.bytes_read == 2 * data == data + read_header(clean.src).data_size
+    assert (rep.hashed_files, rep.compared_files) == (0, len(clean.shards))
+
+
+def test_clean_split_with_file_hashes(clean: Split) -> None:
+    rep = full(clean, hash_files=True)
+    assert rep.ok
+    files = sum(p.stat().st_size for p in clean.shards)
+    assert rep.bytes_read == files + read_header(clean.src).data_size
+    assert (rep.hashed_files, rep.compared_files) == (len(clean.shards), 0)
+
+
+def test_wrong_manifest_hash_needs_hash_files_when_bytes_match_the_source(clean: Split) -> None:
+    mp = clean.out / "model.safeshard.json"
+    obj = json.loads(mp.read_text())
+    obj["shards"][0]["sha256"] = "0" * 64
+    mp.write_text(json.dumps(obj))
+    assert verify(clean.out, against=clean.src).ok  # every byte equals the source's
+    rep = verify(clean.out, against=clean.src, hash_files=True)
+    assert find(rep, "hash-mismatch") == [(clean.shards[0].name, None)]
+    assert find(verify(clean.out), "hash-mismatch") == [(clean.shards[0].name, None)]
+
+
+def test_non_canonical_header_is_hashed_even_against_a_source(clean: Split) -> None:
+    """Same size, valid, same tensors, but not the header split wrote: only the hash sees it."""
+    p = next(p for p in clean.shards if read_header(p).raw.endswith(b" "))
+    raw = p.read_bytes()
+    h = read_header(p)
+    body = h.raw.rstrip(b" ")
+    moved = b"{ " + body[1:] + b" " * (len(h.raw) - len(body) - 1)
+    p.write_bytes(raw[:8] + moved + raw[h.data_start :])
+    assert read_header(p).tensors == h.tensors
+    rep = verify(clean.out, against=clean.src)
+    assert find(rep, "hash-mismatch") == [(p.name, None)]
+    assert rep.compared_files == len(clean.shards) - 1
 
 
 @pytest.mark.parametrize("how", ["folder", "index", "single"])
@@ -104,8 +139,8 @@ def test_clean_every_path_form(clean: Split, tmp_path: Path, how: str) -> None:
 
 
 def test_single_file_split_with_manifest(tmp_path: Path) -> None:
-    src = gptq_source(tmp_path / "src", layers=1)
-    split(src, tmp_path / "one", max_shard_size="1MB")
+    src = tiny_gptq(tmp_path / "src", layers=1)
+    split(src, tmp_path / "one", max_shard_size="100MB")
     (single,) = (tmp_path / "one").glob("*.safetensors")
     assert verify(tmp_path / "one", against=src).ok
     flip_byte(single, single.stat().st_size - 1)
@@ -387,20 +422,27 @@ def test_gptq_module_missing_scales(clean: Split) -> None:
 
 
 def test_wrong_g_idx_length(tmp_path: Path) -> None:
-    tensors = gptq_tensors()
     victim = "model.layers.2.mlp.down_proj.g_idx"
-    tensors[victim] = ("I32", (tensors[victim][1][0] - 8,))
-    s = make_split(tmp_path, tensors=tensors)
+
+    def shorten(decls: dict[str, Decl], data: dict[str, bytes]) -> None:
+        n = decls[victim][1][0] - 8
+        decls[victim] = ("I32", (n,))
+        data[victim] = data[victim][: 4 * n]
+
+    s = make_split(tmp_path, shorten)
     rep = verify(s.out)
     assert find(rep, "gptq-shape") == [(_holder(s, victim).name, victim)]
     assert "bits=4" in rep.by_code("gptq-shape")[0].message
 
 
 def test_wrong_gptq_dtype(tmp_path: Path) -> None:
-    tensors = gptq_tensors(layers=1)
     victim = "model.layers.0.mlp.up_proj.scales"
-    tensors[victim] = ("F32", tensors[victim][1])
-    s = make_split(tmp_path, layers=1, tensors=tensors)
+
+    def widen(decls: dict[str, Decl], data: dict[str, bytes]) -> None:
+        decls[victim] = ("F32", decls[victim][1])
+        data[victim] = data[victim] * 2
+
+    s = make_split(tmp_path, widen)
     assert [t for _, t in find(verify(s.out), "gptq-dtype")] == [victim]
 
 
@@ -412,15 +454,20 @@ def test_gptq_config_disagreeing_with_shapes(clean: Split) -> None:
 
 def test_g_idx_out_of_range_only_with_deep(tmp_path: Path) -> None:
     victim = "model.layers.0.self_attn.q_proj.g_idx"
-    n_in = gptq_tensors()[victim][1][0]
-    values = [i // GROUP for i in range(n_in)]
-    values[5] = n_in  # far past the last group
-    values[6] = -1
-    s = make_split(tmp_path, data={victim: struct.pack(f"<{n_in}i", *values)})
+
+    def corrupt(decls: dict[str, Decl], data: dict[str, bytes]) -> None:
+        n_in = decls[victim][1][0]
+        values = list(struct.unpack(f"<{n_in}i", data[victim]))
+        values[5] = n_in  # far past the last group
+        values[6] = -1
+        data[victim] = struct.pack(f"<{n_in}i", *values)
+
+    s = make_split(tmp_path, corrupt)
     assert "gptq-g-idx-range" not in verify(s.out).codes
     rep = verify(s.out, deep=True)
     assert find(rep, "gptq-g-idx-range") == [(_holder(s, victim).name, victim)]
-    assert "2 of 64 values" in rep.by_code("gptq-g-idx-range")[0].message
+    n_in = read_header(s.src)[victim].shape[0]
+    assert f"2 of {n_in} values" in rep.by_code("gptq-g-idx-range")[0].message
 
 
 def test_unquantized_model_skips_gptq(tmp_path: Path) -> None:
@@ -432,7 +479,8 @@ def test_unquantized_model_skips_gptq(tmp_path: Path) -> None:
 
 
 def test_gptq_metadata_without_quantized_tensors(tmp_path: Path) -> None:
-    f = write_file(tmp_path / "model.safetensors", {"w": ("F16", (4, 4))})  # gptq_* metadata
+    meta = {"format": "pt", "gptq_bits": "4", "gptq_group_size": "128"}
+    f = write_file(tmp_path / "model.safetensors", {"w": ("F16", (4, 4))}, metadata=meta)
     assert verify(f).codes == {"gptq-config"}
 
 
@@ -465,7 +513,7 @@ def test_against_name_dtype_shape_metadata(clean: Split, tmp_path: Path) -> None
 
 def test_against_a_sharded_source(clean: Split, tmp_path: Path) -> None:
     resplit = tmp_path / "resplit"
-    split(clean.out, resplit, max_shard_size=CAP * 2)
+    split(clean.out, resplit, max_shard_size=clean.cap * 2)
     assert verify(resplit, against=clean.out).ok
     assert verify(clean.out, against=clean.index).ok
 
@@ -520,6 +568,8 @@ def test_progress_counts_every_byte_read(clean: Split) -> None:
 def test_workers_do_not_change_the_result(clean: Split, workers: int) -> None:
     flip_byte(clean.shards[2], clean.shards[2].stat().st_size - 2)
     rep = verify(clean.out, against=clean.src, workers=workers)
+    assert rep.codes == {"against-bytes"}
+    rep = verify(clean.out, against=clean.src, workers=workers, hash_files=True)
     assert rep.codes == {"hash-mismatch", "against-bytes"}
 
 
@@ -532,6 +582,7 @@ def test_any_flipped_byte_is_found(
 ) -> None:
     tmp = tmp_path_factory.mktemp("flip")
     s = make_split(tmp, layers=1)
+    assert len(s.shards) > 1
     p = data.draw(st.sampled_from(s.shards))
     offset = data.draw(st.integers(0, p.stat().st_size - 1))
     flip_byte(p, offset)
@@ -548,10 +599,11 @@ def run(*args: str) -> tuple[int, str]:
 
 def test_cli_clean_exit_0(clean: Split) -> None:
     code, out = run(
-        "verify", str(clean.out), "--against", str(clean.src), "--max-shard-size", str(CAP)
+        "verify", str(clean.out), "--against", str(clean.src), "--max-shard-size", str(clean.cap)
     )
     assert code == 0, out
-    assert out.startswith(f"OK: {len(clean.shards)} shards, {len(gptq_tensors())} tensors")
+    n = len(read_header(clean.src).tensors)
+    assert out.startswith(f"OK: {len(clean.shards)} shards, {n} tensors")
 
 
 def test_cli_findings_exit_1_and_json(clean: Split) -> None:

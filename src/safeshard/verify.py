@@ -14,7 +14,11 @@ Checks, in order:
 - **size** (with ``max_shard_size``): no file is over the cap;
 - **manifest** (when ``{BASE}.safeshard.json`` exists): the files and tensors it
   lists are the checkpoint's, and each file's size and SHA-256 are as recorded. A
-  file whose hash differs is re-read to name the tensors whose SHA-256 changed;
+  file whose hash differs is re-read to name the tensors whose SHA-256 changed.
+  With ``against``, a file whose every tensor is compared byte for byte with the
+  source and whose header is the canonical one for those tensors (as split writes
+  it) is fully determined by what was compared, so its SHA-256 is not recomputed
+  unless ``hash_files`` asks for it: that hash costs more CPU than reading the file;
 - **gptq** (quantized checkpoints): every module has qweight/qzeros/scales/g_idx
   with the shapes and dtypes that bits and group size imply (:mod:`safeshard.quant`);
   with ``deep``, every g_idx value indexes an existing group;
@@ -47,7 +51,7 @@ from .errors import (
     UsageError,
 )
 from .fsio import stale_temporaries
-from .header import Header, TensorInfo, read_header
+from .header import Header, TensorInfo, build_header, read_header
 from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, check_shard_name, read_index
 from .manifest import Manifest, manifest_path, read_manifest
 from .scan import FileResult, FileTask, Range, scan
@@ -136,6 +140,10 @@ class VerifyReport:
     bytes_verified: int = 0
     checks: list[str] = field(default_factory=list)
     against: str | None = None
+    hashed_files: int = 0
+    """Files whose whole SHA-256 was computed and checked against the manifest."""
+    compared_files: int = 0
+    """Files with a manifest whose SHA-256 was left out: every byte was compared instead."""
 
     @property
     def ok(self) -> bool:
@@ -159,6 +167,8 @@ class VerifyReport:
             "bytes_verified": self.bytes_verified,
             "bytes_read": self.bytes_read,
             "checks": list(self.checks),
+            "hashed_files": self.hashed_files,
+            "compared_files": self.compared_files,
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -281,8 +291,10 @@ class _Verifier:
         cap: int | None,
         deep: bool,
         against: Path | None,
+        hash_files: bool,
     ) -> None:
         self.report = report
+        self.hash_files = hash_files
         self.t = target
         self.cap = cap
         self.deep = deep
@@ -728,6 +740,22 @@ class _Verifier:
             capture=capture or (old.capture if old else False),
         )
 
+    def skip_implied_hashes(self) -> None:
+        """Leave out whole-file hashes that the comparison with the source already implies."""
+        if self.hash_files or self.source is None:
+            return
+        for fname in sorted(self.whole):
+            h = self.headers.get(fname)
+            ranges = self.tasks.get(fname, {})
+            if h is None or not all(
+                t.name in ranges and ranges[t.name].against is not None for t in h.tensors
+            ):
+                continue
+            if h.raw != build_header(h.tensors, h.metadata)[8:]:
+                continue  # a header split would not write: only the hash vouches for it
+            self.whole.discard(fname)
+            self.report.compared_files += 1
+
     def file_tasks(self) -> list[FileTask]:
         names = [n for n in self.t.files if n in self.whole or n in self.tasks]
         return [
@@ -760,6 +788,13 @@ class _Verifier:
                     f"of {rng.nbytes} (file offset {rng.offset + at}); one of the copies is "
                     "corrupt",
                 )
+
+    def _amend_hash_finding(self, fname: str, more: str) -> None:
+        found = self.report.findings
+        for i, f in enumerate(found):
+            if f.code == "hash-mismatch" and f.file == fname:
+                found[i] = Finding(f.code, f.file, f.tensor, f.message + more)
+                return
 
     def check_hashes(self, results: Mapping[str, FileResult], workers: int | None) -> None:
         """Report files whose SHA-256 differs from the manifest's.
@@ -805,12 +840,10 @@ class _Verifier:
                     f"{man.tensors[t].sha256}; its bytes changed since the split",
                 )
             if not bad and res.error is None:
-                self.add(
-                    "hash-mismatch",
+                self._amend_hash_finding(
                     fname,
-                    None,
-                    f"every tensor in {fname} matches the manifest, so the bytes that changed "
-                    "are in its header",
+                    "; yet every tensor matches the manifest's SHA-256, so the header bytes "
+                    "changed, or the manifest's file hash is wrong",
                 )
 
 
@@ -848,6 +881,7 @@ def verify(
     against: str | os.PathLike[str] | None = None,
     max_shard_size: int | str | None = None,
     deep: bool = False,
+    hash_files: bool = False,
     workers: int | None = None,
     progress: ProgressFactory | None = None,
 ) -> VerifyReport:
@@ -858,6 +892,9 @@ def verify(
     does not exist or holds no checkpoint, :class:`AmbiguousCheckpointError` when a
     folder holds several, :class:`SizeParseError` for a bad ``max_shard_size`` and
     :class:`UsageError` for ``workers`` < 1.
+
+    ``hash_files`` recomputes every file's SHA-256 for the manifest check even when
+    the comparison with ``against`` already vouches for each byte.
     """
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
@@ -867,7 +904,7 @@ def verify(
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
     report = VerifyReport(path=str(path), against=None if src is None else str(src))
     target = _discover(Path(path), report)
-    v = _Verifier(report, target, cap, deep, src)
+    v = _Verifier(report, target, cap, deep, src, hash_files)
     report.checks.append("structure")
     v.read_headers()
     v.check_index()
@@ -878,6 +915,8 @@ def verify(
     if src is not None:
         v.open_source()
         v.check_against()
+    v.skip_implied_hashes()
+    report.hashed_files = len(v.whole)
     tasks = v.file_tasks()
     total = sum(t.planned_bytes for t in tasks)
     ctx: AbstractContextManager[Callable[[int], None] | None] = (

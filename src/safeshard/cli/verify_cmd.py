@@ -28,6 +28,11 @@ from . import SIZE, byte_progress, emit_json, fail, json_option, main, out, quie
 @click.option("--max-shard-size", type=SIZE, help="Report files larger than this (e.g. 4GB).")
 @click.option("--deep", is_flag=True, help="Also read g_idx values and check their range.")
 @click.option(
+    "--hash-files",
+    is_flag=True,
+    help="With --against, still recompute each file's SHA-256 for the manifest check.",
+)
+@click.option(
     "--workers", type=click.IntRange(min=1), help="Files read in parallel (default: CPUs)."
 )
 @json_option
@@ -37,6 +42,7 @@ def verify_cmd(
     against: Path | None,
     max_shard_size: int | None,
     deep: bool,
+    hash_files: bool,
     workers: int | None,
     as_json: bool,
     quiet: bool,
@@ -52,6 +58,7 @@ def verify_cmd(
             against=against,
             max_shard_size=max_shard_size,
             deep=deep,
+            hash_files=hash_files,
             workers=workers,
             progress=lambda total: byte_progress(total, "verifying", quiet or as_json),
         )
@@ -78,6 +85,12 @@ def _print(report: VerifyReport) -> None:
             f"checks: {checks})",
             markup=False,
         )
+        if report.compared_files:
+            out.print(
+                f"{report.compared_files} file(s) compared byte for byte with the source "
+                "instead of re-hashing them for the manifest (--hash-files to do both)",
+                markup=False,
+            )
         return
     title = f"{len(report.findings)} finding(s) in {report.path}"
     if out.width >= 120:
