@@ -447,3 +447,17 @@ def test_tiny_presets_walk_equals_load(tmp_path: Path, preset: str) -> None:
     assert set(seen) == set(full)
     for n, t in full.items():
         assert seen[n].dtype == t.dtype and tbytes(seen[n]) == tbytes(t)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_walk_holds_at_most_prefetch_plus_one_layers(ckpt: Path, prefetch: int) -> None:
+    with safeshard.open(ckpt, prefetch=prefetch) as lc:
+        sizes = list(layer_bytes(lc).values())
+        kept = lc["model.layers.4.mlp.up_proj.qweight"]  # held before the walk: stays held
+        extra = kept.numel() * kept.element_size()
+        for _key, tensors in lc.iter_layers():
+            del tensors
+        window = max(sum(sizes[i : i + prefetch + 1]) for i in range(len(sizes)))
+        assert lc.peak_resident_bytes <= window + extra
+        assert lc.held == ["model.layers.4.mlp.up_proj.qweight"]
+        assert lc.resident_bytes == extra

@@ -14,11 +14,13 @@ still references stays alive, but it is the caller's, not the checkpoint's.
 for each group of :func:`safeshard.layout.group_tensors` in model order (each
 head tensor, each block such as ``model.layers.7``, each tail tensor) while a
 background thread reads the next ``prefetch`` groups. The group being yielded
-stays held until the caller asks for the next one, and prefetched groups are not
-released before they are yielded; the reader waits for room instead. So with a
-budget, memory is bounded by the budget as long as the caller drops each layer
-when done with it. A group larger than the budget is a :class:`BudgetError`, raised
-when the walk starts.
+stays held until the caller asks for the next one; then the walk releases what it
+read for it (tensors held before the walk stay held). Prefetched groups are not
+released before they are yielded; the reader waits for room instead. So a walk
+holds at most ``1 + prefetch`` groups, and never more than the budget; the
+process's memory stays that low as long as the caller drops each layer when done
+with it. A group larger than the budget is a :class:`BudgetError`, raised when
+the walk starts.
 """
 
 from __future__ import annotations
@@ -182,17 +184,19 @@ class LazyCheckpoint(Mapping[str, Any]):
 
     def _walk_inline(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for g in self._groups:
-            tensors = self._fetch([self.info(t) for t in g.tensors], pin=True, wait=True, stop=None)
+            added: list[str] = []
+            infos = [self.info(t) for t in g.tensors]
+            tensors = self._fetch(infos, pin=True, wait=True, stop=None, added=added)
             try:
                 yield g.key, tensors
             finally:
                 del tensors
-                self._unpin(g.tensors)
+                self._unpin(g.tensors, drop=added)
 
     def _walk_prefetch(self) -> Iterator[tuple[str, dict[str, Any]]]:
         groups = self._groups
         state: dict[str, Any] = {"pos": 0, "stop": False}
-        ready: dict[int, dict[str, Any]] = {}
+        ready: dict[int, tuple[dict[str, Any], list[str]]] = {}
         failed: dict[int, BaseException] = {}
 
         def stopped() -> bool:
@@ -208,9 +212,10 @@ class LazyCheckpoint(Mapping[str, Any]):
                         if stopped():
                             return
                     infos = [self.info(t) for t in g.tensors]
-                    tensors = self._fetch(infos, pin=True, wait=True, stop=stopped)
+                    added: list[str] = []
+                    tensors = self._fetch(infos, pin=True, wait=True, stop=stopped, added=added)
                     with self._cond:
-                        ready[i] = tensors
+                        ready[i] = (tensors, added)
                         self._cond.notify_all()
             except _Stopped:
                 return
@@ -234,12 +239,12 @@ class LazyCheckpoint(Mapping[str, Any]):
                         self._cond.wait()
                     if i in failed:
                         raise failed.pop(i)
-                    tensors = ready.pop(i)
+                    tensors, added = ready.pop(i)
                 try:
                     yield g.key, tensors
                 finally:
                     del tensors
-                    self._unpin(g.tensors)
+                    self._unpin(g.tensors, drop=added)
         finally:
             with self._cond:
                 state["stop"] = True
@@ -247,8 +252,8 @@ class LazyCheckpoint(Mapping[str, Any]):
             thread.join()
             with self._cond:
                 self._walkers.discard(thread)
-                for i in list(ready):  # prefetched but never yielded
-                    self._unpin(groups[i].tensors, locked=True)
+                for i, (_, added) in ready.items():  # prefetched but never yielded
+                    self._unpin(groups[i].tensors, drop=added, locked=True)
                 ready.clear()
 
     # ------------------------------------------------------------------ holdings
@@ -260,13 +265,14 @@ class LazyCheckpoint(Mapping[str, Any]):
         pin: bool,
         wait: bool,
         stop: Any,
+        added: list[str] | None = None,
     ) -> dict[str, Any]:
         """Return ``infos``' tensors, reading those not held.
 
         ``pin`` keeps all of them from release until :meth:`_unpin`. Room for the
         missing ones is made by releasing unpinned holdings oldest first; if that is
         not enough, ``wait`` waits for unpins, otherwise the read goes unheld (the
-        tensors are the caller's alone).
+        tensors are the caller's alone). Names newly held are appended to ``added``.
         """
         with self._cond:
             self._check_open()
@@ -310,6 +316,8 @@ class LazyCheckpoint(Mapping[str, Any]):
                     if i.name not in self._held:
                         self._held[i.name] = got[i.name]
                         self._held_bytes += i.nbytes
+                        if added is not None:
+                            added.append(i.name)
                     else:  # read twice concurrently: keep the one already held
                         got[i.name] = self._held[i.name]
                     if pin:
@@ -348,10 +356,13 @@ class LazyCheckpoint(Mapping[str, Any]):
         del self._held[name]
         self._held_bytes -= self.info(name).nbytes
 
-    def _unpin(self, names: Sequence[str], *, locked: bool = False) -> None:
+    def _unpin(
+        self, names: Sequence[str], *, drop: Sequence[str] = (), locked: bool = False
+    ) -> None:
+        """Unpin ``names``; then release those of ``drop`` that no one else pins."""
         if not locked:
             with self._cond:
-                self._unpin(names, locked=True)
+                self._unpin(names, drop=drop, locked=True)
             return
         for n in names:
             c = self._pins.get(n, 0)
@@ -359,6 +370,9 @@ class LazyCheckpoint(Mapping[str, Any]):
                 self._pins.pop(n, None)
             else:
                 self._pins[n] = c - 1
+        for n in drop:
+            if n in self._held and not self._pins.get(n):
+                self._evict(n)
         self._cond.notify_all()
 
     # ------------------------------------------------------------------ lifetime
