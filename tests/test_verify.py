@@ -634,3 +634,11 @@ def test_cli_json_on_clean(clean: Split) -> None:
     assert obj["ok"] is True and obj["findings"] == []
     assert obj["shards"] == len(clean.shards)
     assert os.path.samefile(obj["path"], clean.out)
+
+
+def test_every_code_and_json_key_is_documented(clean: Split) -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "verify.md").read_text()
+    for code in CODES:
+        assert f"| `{code}` |" in doc, code
+    for key in full(clean).to_json():
+        assert f"`{key}`" in doc, key

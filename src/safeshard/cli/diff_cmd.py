@@ -45,6 +45,9 @@ def diff_cmd(
     except (SafeshardError, OSError) as e:
         fail(escape(str(e)), 2)
         return
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+        return
     if as_json:
         emit_json(report.to_json())
     else:

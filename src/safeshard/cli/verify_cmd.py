@@ -65,6 +65,9 @@ def verify_cmd(
     except (SafeshardError, OSError) as e:
         fail(escape(str(e)), 2)
         return
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+        return
     if as_json:
         emit_json(report.to_json())
     else:
