@@ -20,6 +20,7 @@ from .merge import MergeResult, merge
 from .sizes import FAT32_LIMIT, parse_size
 from .source import Checkpoint, locate, open_checkpoint
 from .split import SplitResult, split
+from .update import UpdateResult, update
 from .verify import Finding, VerifyReport, verify
 
 # `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.
@@ -35,6 +36,7 @@ __all__ = [
     "ShardIndex",
     "SplitResult",
     "TensorInfo",
+    "UpdateResult",
     "VerifyReport",
     "__version__",
     "diff",
@@ -47,6 +49,7 @@ __all__ = [
     "read_header",
     "read_index",
     "split",
+    "update",
     "verify",
     *errors.__all__,
 ]

@@ -34,6 +34,7 @@ inherits the builtin exception a caller would naturally catch, so
     │   └── OversizeTensorError                   one tensor is larger than the cap
     ├── OutputExistsError (FileExistsError)       refusing to overwrite
     ├── OutputLockedError (BlockingIOError)       another process writes the output
+    ├── UpdateError (ValueError)                  --update has no sound earlier split to build on
     ├── DiskFullError (OSError)                   the disk filled up while writing
     ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
     ├── BudgetError (MemoryError)                 a block is larger than the memory budget
@@ -86,6 +87,7 @@ __all__ = [
     "UnknownDtypeError",
     "UnsafeIndexPathError",
     "UnsupportedDtypeError",
+    "UpdateError",
     "UsageError",
 ]
 
@@ -217,6 +219,11 @@ class OutputExistsError(SafeshardError, FileExistsError):
 
 class OutputLockedError(SafeshardError, BlockingIOError):
     """Another process is writing the same output."""
+
+
+class UpdateError(SafeshardError, ValueError):
+    """A differential update cannot proceed: OUT_DIR holds no safeshard split that matches
+    its manifest, or the new source changed while it was read."""
 
 
 class DiskFullError(SafeshardError, OSError):

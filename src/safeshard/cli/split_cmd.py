@@ -12,6 +12,7 @@ from ..sizes import format_size
 from ..split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
 from . import SIZE, byte_progress, emit_json, err, fail, handle_errors, json_option, main, out
 from . import quiet_option as quiet_opt
+from .split_update import run_update
 
 
 @main.command("split")
@@ -42,6 +43,12 @@ from . import quiet_option as quiet_opt
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--resume", is_flag=True, help="Keep finished shards that match the plan.")
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT_DIR.")
+@click.option(
+    "--update",
+    is_flag=True,
+    help="OUT_DIR holds an earlier split of an older version: rewrite only the shards "
+    "whose tensors changed (cap and name default to the earlier split's).",
+)
 @json_option
 @quiet_opt
 @handle_errors()
@@ -55,6 +62,7 @@ def split_cmd(
     dry_run: bool,
     resume: bool,
     force: bool,
+    update: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -78,6 +86,21 @@ def split_cmd(
         force=force,
     )
     try:
+        if update:
+            run_update(
+                src,
+                out_dir,
+                cap=cap,
+                base=base,
+                allow_oversize=allow_oversize,
+                dry_run=dry_run,
+                balance=balance,
+                resume=resume,
+                force=force,
+                as_json=as_json,
+                quiet=quiet,
+            )
+            return
         planned = run(dry_run=True)
         if dry_run:
             result = planned

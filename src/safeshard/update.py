@@ -1,0 +1,850 @@
+"""Differential update: bring an earlier split up to date with a new version of the model.
+
+``update(NEW_SRC, OUT_DIR)`` (the CLI's ``safeshard split NEW_SRC OUT_DIR --update``)
+starts from the safeshard split already in OUT_DIR: its index, its shards and its
+manifest (``{BASE}.safeshard.json``), which records each shard's size and SHA-256,
+each tensor's SHA-256 and the cap. The old shards' bytes are never read.
+
+1. **Compare.** The new source is read once: every tensor is hashed (SHA-256, files
+   and parts of files in parallel, bounded buffers, :mod:`safeshard.scan`) and
+   compared with the manifest's hash and the old header's dtype and shape. Each
+   tensor is *unchanged*, *changed*, *added* or *removed*.
+2. **Plan.** The earlier plan (tensor -> shard) is kept. A shard is *dirty* when one
+   of its tensors changed or was removed, or when the ``__metadata__`` changed (every
+   header carries it). Added tensors join, a group (block) at a time, the shard
+   holding their model-order neighbour (the previous one first) when it still fits
+   the cap; the rest get new shards planned by :func:`plan.plan_shards`. A shard
+   that no longer fits the cap (a tensor grew, or ``max_shard_size`` is smaller) is
+   re-planned in place into as many shards as it needs; a shard left empty goes.
+   Inside a rewritten shard the data is in model order, with the exact header of
+   :func:`header.build_header`; every file stays within the cap, header included.
+3. **Write.** Only dirty shards are written. A shard whose tensors did not change
+   is not touched (its bytes and modification time stay). When the shard count
+   changes, every ``-of-N`` name changes: shards with unchanged content are renamed,
+   not rewritten (the name is not inside the file).
+
+Crash safety. Everything runs under the folder's lock (:class:`fsio.DirLock`). The
+dirty shards are first written under hidden temporary names (fsynced), while the
+old split stays whole. Then the old index and manifest are removed, the new files
+are renamed into place, old files no longer needed are deleted, and the new
+manifest and, last, the new index are written atomically. So a folder with an
+index is always complete; an update killed in between leaves no index (finish with
+a plain ``safeshard split NEW_SRC OUT_DIR --force``). The new source is only ever
+opened read-only, and the bytes copied from it are re-hashed on the way and checked
+against the first pass, so a source that changes during the update fails it.
+
+The kept shards are trusted on their recorded sizes and headers; their bytes are
+not re-read (run ``safeshard verify OUT_DIR`` for that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError
+from .fsio import (
+    TMP_PREFIX,
+    DirLock,
+    fsync_dir,
+    require_space,
+    stale_temporaries,
+    unwritable,
+    write_atomic,
+)
+from .hashcopy import Piece
+from .header import TensorSpec, build_header
+from .index import INDEX_SUFFIX, index_json
+from .layout import describe_blocks, group_tensors, model_order
+from .manifest import (
+    MANIFEST_SUFFIX,
+    Manifest,
+    ShardRecord,
+    SourceRecord,
+    TensorRecord,
+    manifest_path,
+    read_manifest,
+)
+from .plan import Plan, ShardPlan, plan_shards
+from .scan import FileTask, Range, scan
+from .sidecar import copy_sidecars
+from .sizes import format_size, parse_size
+from .source import Checkpoint, open_checkpoint
+from .split import (
+    CRASH_ENV,
+    DEFAULT_MAX_SHARD_SIZE,
+    check_base,
+    common_metadata,
+    fingerprint,
+    output_names,
+    source_record,
+    write_shard,
+)
+
+__all__ = ["UpdateResult", "UpdatedFile", "update"]
+
+FileStatus = Literal["kept", "renamed", "rewritten", "added"]
+
+ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
+"""Called with a label (``"hashing"``, ``"writing"``) and the bytes that step reads or
+writes; yields a callback taking bytes just done."""
+
+MIN_PART = 256 * 1024 * 1024
+"""Smallest share of one source file that a hashing thread gets."""
+
+STAGE = f"{TMP_PREFIX}update-"
+"""Prefix of a rewritten shard's name until the update commits (a temporary name, so
+a killed run's leftovers are removed by the next split or update)."""
+
+
+@dataclass(frozen=True)
+class UpdatedFile:
+    """One shard after the update.
+
+    ``status``: ``kept`` (not touched), ``renamed`` (same bytes, new ``-of-N`` name,
+    moved from ``previous``), ``rewritten`` (new bytes replacing ``previous``) or
+    ``added`` (a new shard). ``sha256`` is None for new bytes in a dry run.
+    """
+
+    file: str
+    size: int
+    sha256: str | None
+    tensors: int
+    blocks: str
+    status: FileStatus
+    previous: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "size": self.size,
+            "sha256": self.sha256,
+            "tensors": self.tensors,
+            "blocks": self.blocks,
+            "status": self.status,
+            "previous": self.previous,
+        }
+
+
+@dataclass
+class UpdateResult:
+    """What ``update`` planned or did.
+
+    ``removed`` lists every old file name no longer in OUT_DIR: what to delete from a
+    copy or an upload. Those whose bytes live on under a new name are also in
+    ``renamed``; a shard rewritten under a new name has the old one as ``previous``.
+    """
+
+    source: str
+    out_dir: Path
+    base: str
+    cap: int
+    dry_run: bool
+    files: list[UpdatedFile]
+    old_files: list[str]
+    removed: list[str]
+    index: Path | None
+    manifest: Path
+    unchanged: int
+    changed: list[str]
+    added_tensors: list[str]
+    removed_tensors: list[str]
+    metadata_changed: bool
+    lossless: bool
+    bytes_hashed: int
+    data_size: int = 0
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def _with(self, status: FileStatus) -> list[str]:
+        return [f.file for f in self.files if f.status == status]
+
+    @property
+    def kept(self) -> list[str]:
+        return self._with("kept")
+
+    @property
+    def rewritten(self) -> list[str]:
+        return self._with("rewritten")
+
+    @property
+    def added(self) -> list[str]:
+        return self._with("added")
+
+    @property
+    def renamed(self) -> list[tuple[str, str]]:
+        """``(old name, new name)`` of each shard renamed with its bytes unchanged."""
+        return [(f.previous or "", f.file) for f in self.files if f.status == "renamed"]
+
+    @property
+    def names_changed(self) -> bool:
+        """The shard count changed, so every ``-of-N`` name did."""
+        return len(self.files) != len(self.old_files)
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing had to be written: every shard was kept as it was."""
+        return all(f.status == "kept" for f in self.files) and not self.removed
+
+    @property
+    def total_size(self) -> int:
+        """Sum of tensor data bytes (the index's ``total_size``)."""
+        return self.data_size
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "out_dir": str(self.out_dir),
+            "dry_run": self.dry_run,
+            "base": self.base,
+            "cap": self.cap,
+            "shards": [f.to_json() for f in self.files],
+            "index": None if self.index is None else self.index.name,
+            "manifest": self.manifest.name,
+            "total_size": self.total_size,
+            "largest": max((f.size for f in self.files), default=0),
+            "lossless": self.lossless,
+            "up_to_date": self.up_to_date,
+            "names_changed": self.names_changed,
+            "old_files": list(self.old_files),
+            "kept": self.kept,
+            "renamed": [{"from": a, "to": b} for a, b in self.renamed],
+            "rewritten": self.rewritten,
+            "added": self.added,
+            "removed": list(self.removed),
+            "tensors": {
+                "unchanged": self.unchanged,
+                "changed": list(self.changed),
+                "added": list(self.added_tensors),
+                "removed": list(self.removed_tensors),
+            },
+            "metadata_changed": self.metadata_changed,
+            "bytes_hashed": self.bytes_hashed,
+            "copied": list(self.copied),
+            "skipped": list(self.skipped),
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- the old split
+
+
+def _fresh(out: Path) -> str:
+    return f"make a fresh split with `safeshard split NEW_SRC {out} --force`"
+
+
+def _find_base(out: Path, name: str | None) -> str:
+    if name is not None:
+        return check_base(name)
+    found = sorted(p.name[: -len(MANIFEST_SUFFIX)] for p in out.glob("*" + MANIFEST_SUFFIX))
+    if len(found) > 1:
+        raise UsageError(
+            f"{out}: holds the manifests of several splits ({', '.join(found)}); "
+            "pass --name to say which one to update"
+        )
+    return found[0] if found else "model"
+
+
+def _read_old(out: Path, base: str) -> tuple[Manifest, Checkpoint]:
+    """The earlier split's manifest and checkpoint, after cheap structural checks."""
+    if not out.is_dir():
+        raise UpdateError(
+            f"{out}: no such folder; --update needs an earlier safeshard split there. "
+            "Run a plain split first"
+        )
+    mpath = manifest_path(out, base)
+    try:
+        man = read_manifest(out, base)
+    except (IndexFormatError, OSError) as e:
+        raise UpdateError(f"{e}; the earlier split cannot be trusted: {_fresh(out)}") from None
+    if man is None:
+        raise UpdateError(
+            f"{out}: holds no safeshard manifest ({mpath.name}), so there is no earlier "
+            "safeshard split to update (the manifest records the shard plan and the tensor "
+            f"hashes --update builds on); {_fresh(out)}"
+        )
+    index = out / f"{base}{INDEX_SUFFIX}"
+    try:
+        ckpt = open_checkpoint(index if index.is_file() else out / f"{base}.safetensors")
+    except (SafeshardError, OSError) as e:
+        raise UpdateError(
+            f"{out}: the earlier split does not verify ({e}). Run `safeshard verify {out}` "
+            f"to see what is wrong, or {_fresh(out)}"
+        ) from None
+    problem = _manifest_problem(man, ckpt)
+    if problem is not None:
+        raise UpdateError(
+            f"{mpath}: does not describe the split beside it ({problem}). Run "
+            f"`safeshard verify {out}` to see what is wrong, or {_fresh(out)}"
+        )
+    return man, ckpt
+
+
+def _manifest_problem(man: Manifest, ckpt: Checkpoint) -> str | None:
+    recorded = {s.file: s.size for s in man.shards}
+    actual = {Path(h.path).name: h.file_size for h in ckpt.headers}
+    if set(recorded) != set(actual):
+        return (
+            f"it records {', '.join(sorted(recorded)) or 'no files'}, but the split has "
+            f"{', '.join(sorted(actual))}"
+        )
+    for name, size in actual.items():
+        if recorded[name] != size:
+            return f"{name} is {size} bytes, but the manifest records {recorded[name]}"
+    for tensor, e in ckpt.entries.items():
+        rec = man.tensors.get(tensor)
+        if rec is None:
+            return f"it has no hash for {tensor!r}"
+        if rec.nbytes != e.info.nbytes:
+            return f"{tensor!r} has {e.info.nbytes} bytes, but the manifest records {rec.nbytes}"
+    extra = sorted(set(man.tensors) - set(ckpt.entries))
+    if extra:
+        return f"it records {extra[0]!r}, which no shard holds"
+    return None
+
+
+# --------------------------------------------------------------------------- the new source
+
+
+def _parts(ranges: Sequence[Range], k: int) -> list[tuple[Range, ...]]:
+    """``ranges`` (in file order) cut into at most ``k`` runs of similar byte counts."""
+    total = sum(r.nbytes for r in ranges)
+    k = max(1, min(k, total // MIN_PART))
+    out: list[tuple[Range, ...]] = []
+    cur: list[Range] = []
+    done = 0
+    for r in ranges:
+        cur.append(r)
+        done += r.nbytes
+        if len(out) < k - 1 and done >= total * (len(out) + 1) / k:
+            out.append(tuple(cur))
+            cur = []
+    if cur or not out:
+        out.append(tuple(cur))
+    return out
+
+
+def _hash_source(
+    ckpt: Checkpoint, workers: int | None, progress: ProgressFactory | None
+) -> tuple[dict[str, str], int]:
+    """SHA-256 of every tensor of ``ckpt``, reading each byte once; and the bytes read."""
+    n = workers if workers is not None else (os.cpu_count() or 2)
+    tasks: list[FileTask] = []
+    for h in ckpt.headers:
+        ranges = [Range(t.name, h.data_start + t.begin, t.nbytes, sha256=True) for t in h.tensors]
+        tasks += [FileTask(h.path, part, size=h.file_size) for part in _parts(ranges, n)]
+    total = sum(t.planned_bytes for t in tasks)
+    ctx: AbstractContextManager[Callable[[int], None] | None] = (
+        progress("hashing", total) if progress is not None else nullcontext(None)
+    )
+    with ctx as advance:
+        results = scan(tasks, workers=n, progress=advance)
+    hashes: dict[str, str] = {}
+    for task, res in zip(tasks, results, strict=True):
+        if res.error is not None:
+            raise OSError(f"{task.path}: {res.error}")
+        hashes.update(res.hashes)
+    return hashes, sum(r.bytes_read for r in results)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class _Slot:
+    """A shard of the updated split: tensors in data order, where it came from, and
+    whether its bytes must be written."""
+
+    names: list[str]
+    old: str | None
+    dirty: bool
+    old_size: int = 0
+
+
+@dataclass
+class _Changes:
+    unchanged: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def _classify(old: Checkpoint, man: Manifest, new: Checkpoint, hashes: dict[str, str]) -> _Changes:
+    ch = _Changes()
+    for name, e in new.entries.items():
+        o = old.entries.get(name)
+        if o is None:
+            ch.added.append(name)
+        elif (
+            o.info.dtype != e.info.dtype
+            or o.info.shape != e.info.shape
+            or man.tensors[name].sha256 != hashes[name]
+        ):
+            ch.changed.append(name)
+        else:
+            ch.unchanged.append(name)
+    ch.removed = [n for n in old.entries if n not in new.entries]
+    for lst in (ch.changed, ch.added, ch.removed):
+        lst.sort()
+    return ch
+
+
+class _Planner:
+    def __init__(
+        self,
+        specs: dict[str, TensorSpec],
+        metadata: dict[str, str] | None,
+        cap: int,
+        allow_oversize: bool,
+    ) -> None:
+        self.specs = specs
+        self.metadata = metadata
+        self.cap = cap
+        self.allow_oversize = allow_oversize
+        self.order = model_order(list(specs))
+        self.pos = {n: i for i, n in enumerate(self.order)}
+        self.warnings: list[str] = []
+
+    def sort(self, names: Iterable[str]) -> list[str]:
+        return sorted(names, key=self.pos.__getitem__)
+
+    def header(self, names: Sequence[str]) -> bytes:
+        return build_header([self.specs[n] for n in names], self.metadata)
+
+    def size(self, slot: _Slot) -> int:
+        if not slot.dirty:
+            return slot.old_size
+        return len(self.header(slot.names)) + sum(self.specs[n].nbytes for n in slot.names)
+
+    def fits(self, names: Sequence[str]) -> bool:
+        ordered = self.sort(names)
+        size = len(self.header(ordered)) + sum(self.specs[n].nbytes for n in ordered)
+        return size <= self.cap
+
+    def place_added(self, slots: list[_Slot], added: Sequence[str]) -> None:
+        """Put added tensors beside their model-order neighbours, or in new shards."""
+        where = {n: i for i, s in enumerate(slots) for n in s.names}
+        leftovers: list[str] = []
+        for g in group_tensors(list(added)):
+            members = list(g.tensors)
+            first = min(self.pos[t] for t in members)
+            last = max(self.pos[t] for t in members)
+            prev = next((where[t] for t in reversed(self.order[:first]) if t in where), None)
+            after = next((where[t] for t in self.order[last + 1 :] if t in where), None)
+            for c in dict.fromkeys(x for x in (prev, after) if x is not None):
+                if self.fits(slots[c].names + members):
+                    slots[c].names = self.sort(slots[c].names + members)
+                    slots[c].dirty = True
+                    where.update((t, c) for t in members)
+                    break
+            else:
+                leftovers += members
+        if leftovers:
+            specs = [self.specs[n] for n in self.sort(leftovers)]
+            plan = plan_shards(specs, self.cap, self.metadata, allow_oversize=self.allow_oversize)
+            self.warnings += plan.warnings
+            slots += [_Slot([t.name for t in s.tensors], None, True) for s in plan.shards]
+
+    def refit(self, slots: list[_Slot]) -> list[_Slot]:
+        """Slots over the cap re-planned in place; empty slots dropped; model order."""
+        out: list[_Slot] = []
+        for s in slots:
+            if not s.names:
+                continue
+            if self.size(s) <= self.cap:
+                out.append(s)
+                continue
+            specs = [self.specs[n] for n in self.sort(s.names)]
+            plan = plan_shards(specs, self.cap, self.metadata, allow_oversize=self.allow_oversize)
+            self.warnings += plan.warnings
+            for i, p in enumerate(plan.shards):
+                out.append(_Slot([t.name for t in p.tensors], s.old if i == 0 else None, True))
+        out.sort(key=lambda s: min(self.pos[n] for n in s.names))
+        return out
+
+
+def _initial_slots(
+    old: Checkpoint, man: Manifest, ch: _Changes, metadata_changed: bool
+) -> list[_Slot]:
+    touched = set(ch.changed) | set(ch.removed)
+    gone = set(ch.removed)
+    headers = {Path(h.path).name: h for h in old.headers}
+    slots = []
+    for rec in man.shards:
+        h = headers[rec.file]
+        names = [t.name for t in h.tensors if t.name not in gone]
+        dirty = metadata_changed or any(t.name in touched for t in h.tensors)
+        slots.append(_Slot(names, rec.file, dirty, h.file_size))
+    return slots
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _crash_point(tag: str) -> None:
+    """Test hook (``SAFESHARD_TEST_CRASH=update-staged|update-commit|update-before-index``)."""
+    if os.environ.get(CRASH_ENV) == tag:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _stage(
+    out: Path,
+    todo: Sequence[tuple[str, _Slot, bytes]],
+    new: Checkpoint,
+    hashes: dict[str, str],
+    progress: ProgressFactory | None,
+) -> dict[str, tuple[Path, str]]:
+    """Write each dirty shard under a temporary name; ``final name -> (path, sha256)``."""
+    staged: dict[str, tuple[Path, str]] = {}
+    total = sum(len(hd) + sum(new.entries[n].info.nbytes for n in s.names) for _, s, hd in todo)
+    ctx: AbstractContextManager[Callable[[int], None] | None] = (
+        progress("writing", total) if progress is not None and todo else nullcontext(None)
+    )
+    fds = [os.open(h.path, os.O_RDONLY) for h in new.headers]
+    try:
+        with ctx as advance:
+            for fname, slot, header in todo:
+                pieces = [
+                    Piece(
+                        n,
+                        fds[new.entries[n].shard],
+                        new.absolute_offset(n),
+                        new.entries[n].info.nbytes,
+                    )
+                    for n in slot.names
+                ]
+                path = out / f"{STAGE}{fname}"
+                staged[fname] = (path, "")
+                got = write_shard(path, header, pieces, progress=advance)
+                moved = sorted(n for n in slot.names if got.tensors.get(n) != hashes[n])
+                if moved:
+                    raise UpdateError(
+                        f"{new.path_of(moved[0])}: tensor {moved[0]!r} changed while the "
+                        "update read it (its SHA-256 differs between two reads); nothing in "
+                        f"{out} was changed. Run the update again once the source is complete"
+                    )
+                staged[fname] = (path, got.file_sha256)
+    except BaseException:
+        _remove(p for p, _ in staged.values())
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return staged
+
+
+def _remove(paths: Iterable[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _gone(old_files: Sequence[str], finals: Sequence[tuple[str, _Slot]]) -> list[str]:
+    """Old file names that no longer exist after the update (deleted or renamed away)."""
+    targets = {fname for fname, _ in finals}
+    return [n for n in old_files if n not in targets]
+
+
+def _commit(
+    out: Path,
+    base: str,
+    old_files: Sequence[str],
+    finals: Sequence[tuple[str, _Slot]],
+    staged: dict[str, tuple[Path, str]],
+) -> None:
+    """Move the new split into place (the manifest and index are written afterwards)."""
+    # Index first, then manifest: from here until the new index is written, no index
+    # can lead a loader to a file being replaced.
+    _remove([out / f"{base}{INDEX_SUFFIX}", manifest_path(out, base)])
+    fsync_dir(out)
+    _crash_point("update-commit")
+    targets = {fname for fname, _ in finals}
+    renames = [
+        (out / s.old, fname) for fname, s in finals if s.old and not s.dirty and s.old != fname
+    ]
+    if {p.name for p, _ in renames} & targets:
+        # a renamed shard's new name is another old shard's: move them all aside first
+        parked = []
+        for p, fname in renames:
+            aside = out / f"{STAGE}rename-{p.name}"
+            os.replace(p, aside)
+            parked.append((aside, fname))
+        renames = parked
+    for p, fname in renames:
+        os.replace(p, out / fname)
+    for fname, (path, _) in staged.items():
+        os.replace(path, out / fname)
+    _remove(out / n for n in _gone(old_files, finals))  # renamed ones are already gone
+    fsync_dir(out)
+
+
+# --------------------------------------------------------------------------- update
+
+
+def update(
+    new_src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size: str | int | None = None,
+    name: str | None = None,
+    allow_oversize: bool = False,
+    dry_run: bool = False,
+    workers: int | None = None,
+    progress: ProgressFactory | None = None,
+) -> UpdateResult:
+    """Update the safeshard split in ``out_dir`` to the checkpoint at ``new_src``.
+
+    See the module docs. ``max_shard_size`` defaults to the cap the manifest records
+    (else 4GB); ``name`` to the base of the one manifest in ``out_dir``. ``dry_run``
+    hashes the new source and says what would happen, writing nothing. Raises
+    :class:`UpdateError` when ``out_dir`` holds no safeshard split that matches its
+    manifest, :class:`UsageError` for a bad ``name`` or a ``new_src`` inside
+    ``out_dir``, and what :func:`plan.plan_shards` raises for a tensor over the cap.
+    """
+    out = Path(out_dir)
+    if dry_run or not out.is_dir():
+        return _update(
+            new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress
+        )
+    try:
+        lock = DirLock(out).__enter__()
+    except OSError as e:
+        if isinstance(e, SafeshardError):
+            raise
+        raise unwritable(out, e) from None
+    try:
+        return _update(
+            new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress
+        )
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _update(
+    new_src: str | os.PathLike[str],
+    out: Path,
+    max_shard_size: str | int | None,
+    name: str | None,
+    allow_oversize: bool,
+    dry_run: bool,
+    workers: int | None,
+    progress: ProgressFactory | None,
+) -> UpdateResult:
+    base = _find_base(out, name) if out.is_dir() else check_base(name or "model")
+    man, old = _read_old(out, base)
+    cap = parse_size(
+        max_shard_size
+        if max_shard_size is not None
+        else (man.cap if man.cap is not None else DEFAULT_MAX_SHARD_SIZE)
+    )
+    new = open_checkpoint(new_src)
+    for h in new.headers:
+        if os.path.samefile(Path(h.path).parent, out):
+            raise UsageError(
+                f"{h.path}: NEW_SRC lies in OUT_DIR {out}, whose files the update replaces; "
+                "give the new version from another folder"
+            )
+    metadata, warnings = common_metadata(new)
+    old_meta, _ = common_metadata(old)
+    metadata_changed = (old_meta or None) != (metadata or None)
+    hashes, hashed = _hash_source(new, workers, progress)
+    ch = _classify(old, man, new, hashes)
+    specs = {
+        n: TensorSpec(n, e.info.dtype, e.info.shape, e.info.nbytes) for n, e in new.entries.items()
+    }
+    planner = _Planner(specs, metadata, cap, allow_oversize)
+    slots = _initial_slots(old, man, ch, metadata_changed)
+    planner.place_added(slots, ch.added)
+    slots = planner.refit(slots)
+    for s in slots:
+        if s.dirty:
+            s.names = planner.sort(s.names)
+    if not slots:  # every tensor removed: one file holding only the header
+        slots = [_Slot([], None, True)]
+    names = output_names(base, len(slots))
+    finals = list(zip(names, slots, strict=True))
+    old_files = [s.file for s in man.shards]
+    record, more = source_record(new)
+    warnings += more + planner.warnings
+    result = UpdateResult(
+        source=str(new_src),
+        out_dir=out,
+        base=base,
+        cap=cap,
+        dry_run=dry_run,
+        files=[],
+        old_files=old_files,
+        removed=_gone(old_files, finals),
+        index=out / f"{base}{INDEX_SUFFIX}" if len(finals) > 1 else None,
+        manifest=manifest_path(out, base),
+        unchanged=len(ch.unchanged),
+        changed=ch.changed,
+        added_tensors=ch.added,
+        removed_tensors=ch.removed,
+        metadata_changed=metadata_changed,
+        lossless=record is not None,
+        bytes_hashed=hashed,
+        data_size=sum(t.nbytes for t in specs.values()),
+        warnings=warnings,
+    )
+    headers = {fname: planner.header(s.names) for fname, s in finals if s.dirty}
+    _describe(result, finals, headers, planner, man, staged=None)
+    if not dry_run:
+        _remove(stale_temporaries(out))
+        staged: dict[str, tuple[Path, str]] = {}
+        if not result.up_to_date:
+            todo = [(fname, s, headers[fname]) for fname, s in finals if s.dirty]
+            need = sum(f.size for f in result.files if f.status in ("rewritten", "added"))
+            require_space(out, need, "the new shards")
+            staged = _stage(out, todo, new, hashes, progress)
+            _crash_point("update-staged")
+            _commit(out, base, old_files, finals, staged)
+            _describe(result, finals, headers, planner, man, staged=staged)
+        side = copy_sidecars(
+            new.folder, out, base=base, only_known=Path(new_src).name.endswith(".safetensors")
+        )
+        result.copied, result.skipped = side.copied, side.skipped
+        result.notes += side.notes
+        _write_records(result, new, finals, headers, planner, hashes, record)
+    if metadata_changed:
+        result.notes.append("the __metadata__ changed, and every shard's header carries it")
+    _note_names(result)
+    if result.up_to_date:
+        result.notes.append("no tensor changed: every shard is kept as it was")
+    return result
+
+
+def _describe(
+    result: UpdateResult,
+    finals: Sequence[tuple[str, _Slot]],
+    headers: dict[str, bytes],
+    planner: _Planner,
+    man: Manifest,
+    staged: dict[str, tuple[Path, str]] | None,
+) -> None:
+    recorded = {s.file: s for s in man.shards}
+    files = []
+    for fname, s in finals:
+        if s.dirty:
+            status: FileStatus = "added" if s.old is None else "rewritten"
+            sha = staged[fname][1] if staged is not None else None
+            size = len(headers[fname]) + sum(planner.specs[n].nbytes for n in s.names)
+        else:
+            assert s.old is not None
+            status = "kept" if s.old == fname else "renamed"
+            sha, size = recorded[s.old].sha256, recorded[s.old].size
+        blocks = describe_blocks(group_tensors(s.names))
+        files.append(UpdatedFile(fname, size, sha, len(s.names), blocks, status, s.old))
+    result.files = files
+
+
+def _note_names(result: UpdateResult) -> None:
+    if not result.names_changed:
+        return
+    same = [f"{f.previous} -> {f.file}" for f in result.files if f.status == "renamed"]
+    result.notes.append(
+        f"the shard count changed from {len(result.old_files)} to {len(result.files)}, so every "
+        "file name changed (-of-N)"
+        + (
+            f"; renamed with identical content (not rewritten): {', '.join(same)}"
+            if same
+            else "; no file kept identical content"
+        )
+    )
+
+
+def _write_records(
+    result: UpdateResult,
+    new: Checkpoint,
+    finals: Sequence[tuple[str, _Slot]],
+    headers: dict[str, bytes],
+    planner: _Planner,
+    hashes: dict[str, str],
+    record: SourceRecord | None,
+) -> None:
+    """The manifest, then the index (last, so a folder with an index is complete).
+
+    Each is written only when its bytes change, so a no-change update touches nothing.
+    """
+    out, base = result.out_dir, result.base
+    plan = Plan(
+        shards=tuple(
+            ShardPlan(
+                tensors=tuple(planner.specs[n] for n in s.names),
+                header=headers[fname] if s.dirty else _old_header(out / fname),
+                groups=tuple(group_tensors(s.names)),
+            )
+            for fname, s in finals
+        ),
+        cap=result.cap,
+        metadata=planner.metadata,
+    )
+    names = [fname for fname, _ in finals]
+    shards = []
+    for f in result.files:
+        assert f.sha256 is not None
+        shards.append(ShardRecord(f.file, f.size, f.sha256))
+    manifest = Manifest(
+        base=base,
+        cap=result.cap,
+        shards=shards,
+        tensors={n: TensorRecord(hashes[n], planner.specs[n].nbytes) for n in planner.specs},
+        source=record,
+        fingerprint=fingerprint(new, plan, names),
+    )
+    _write_if_changed(manifest_path(out, base), manifest.to_json())
+    _crash_point("update-before-index")
+    if len(names) > 1:
+        meta: dict[str, Any] = {}
+        if new.index is not None:
+            meta.update({k: v for k, v in new.index.metadata.items() if k != "total_size"})
+        meta["total_size"] = plan.total_size
+        _write_if_changed(out / f"{base}{INDEX_SUFFIX}", index_json(plan.weight_map(names), meta))
+    fsync_dir(out)
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    write_atomic(path, data)
+
+
+def _old_header(path: Path) -> bytes:
+    """A kept shard's header bytes as stored (length prefix included)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        return head + f.read(int.from_bytes(head, "little"))
+
+
+def describe(result: UpdateResult) -> str:
+    """One line: what happened to the tensors and the files."""
+    parts = [
+        f"{len(result.changed)} tensor(s) changed",
+        f"{len(result.added_tensors)} added",
+        f"{len(result.removed_tensors)} removed",
+        f"{result.unchanged} unchanged",
+    ]
+    files = [
+        f"{len(result.kept)} kept",
+        f"{len(result.renamed)} renamed",
+        f"{len(result.rewritten)} rewritten",
+        f"{len(result.added)} added",
+        f"{len(result.removed)} removed",
+    ]
+    largest = max((f.size for f in result.files), default=0)
+    return (
+        f"{', '.join(parts)}; files: {', '.join(files)}; largest {largest} bytes "
+        f"({format_size(largest)}), cap {result.cap} bytes ({format_size(result.cap)})"
+    )
