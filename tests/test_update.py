@@ -409,6 +409,25 @@ def test_tensor_over_the_cap_is_refused_unless_allowed(tmp_path: Path) -> None:
     check_against(out, new)
 
 
+def test_unchanged_oversized_shard_is_kept(tmp_path: Path) -> None:
+    old_t = gptq_tensors(3)
+    old_t["model.embed_tokens.weight"] = ("F16", (400, 64))  # 51,200 bytes
+    old = small_source(tmp_path / "old", old_t)
+    out = tmp_path / "out"
+    cap = 40_000
+    r0 = safeshard.split(old, out, max_shard_size=cap, allow_oversize=True)
+    big = [f.file for f in r0.files if f.oversize]
+    assert len(big) == 1
+    age(out)
+    before = snapshot(out)
+    new = small_source(tmp_path / "new", old_t, {"model.norm.weight": b"\x01" * 128})
+    r = safeshard.update(new, out)
+    assert r.changed == ["model.norm.weight"]
+    assert big[0] in r.kept and snapshot(out)[big[0]] == before[big[0]]
+    assert any("kept as it was" in w for w in r.warnings)
+    check_against(out, new)
+
+
 def test_no_change_update_rewrites_nothing(gptq_old: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     split_old(gptq_old, out)

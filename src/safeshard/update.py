@@ -460,7 +460,15 @@ class _Planner:
         for s in slots:
             if not s.names:
                 continue
-            if self.size(s) <= self.cap:
+            size = self.size(s)
+            if size <= self.cap:
+                out.append(s)
+                continue
+            if not s.dirty and len(s.names) == 1:  # an earlier --allow-oversize shard
+                self.warnings.append(
+                    f"tensor {s.names[0]!r} alone needs {size} bytes, over the cap of "
+                    f"{self.cap}: its oversized shard {s.old} is kept as it was"
+                )
                 out.append(s)
                 continue
             specs = [self.specs[n] for n in self.sort(s.names)]
