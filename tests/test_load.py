@@ -484,3 +484,20 @@ def test_load_bench_refuses_a_bad_checkpoint(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["load-bench", str(f), "--warm"])
     assert res.exit_code == 1
     assert "m.safetensors" in res.output
+
+
+def test_load_bench_without_torch_names_the_extra(tmp_path: Path, monkeypatch: Any) -> None:
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from safeshard.cli import main
+
+    f = write_st(tmp_path / "m.safetensors", {"a": ("F32", [4])})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    res = CliRunner().invoke(main, ["load-bench", str(f), "--warm"])
+    assert res.exit_code == 1
+    assert "safeshard[torch]" in res.output

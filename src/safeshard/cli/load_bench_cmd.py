@@ -24,6 +24,7 @@ Variants run ``--repeats`` times in rotating order; medians are reported.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -37,7 +38,7 @@ from typing import Any
 
 import click
 
-from ..errors import SafeshardError
+from ..errors import MissingExtraError, SafeshardError
 from ..load import default_workers
 from ..sizes import format_size
 from ..source import open_checkpoint
@@ -94,6 +95,12 @@ def load_bench(
     --warm picks one. Compare parallel against baseline, and walk's peak RSS against
     its RSS after imports plus the budget.
     """
+    missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(
+            f"load-bench needs {' and '.join(missing)} (it compares against "
+            "safetensors.torch.load_file); run: pip install 'safeshard[torch]' safetensors"
+        )
     ckpt = open_checkpoint(path)
     files = [h.path for h in ckpt.headers]
     total = ckpt.total_tensor_bytes
