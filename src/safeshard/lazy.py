@@ -164,8 +164,10 @@ class LazyCheckpoint(Mapping[str, Any]):
     def iter_layers(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield ``(group key, {tensor name: tensor})`` in model order, prefetching.
 
-        With a budget, every group must fit in it: a larger one raises
-        :class:`BudgetError` here, before anything is read.
+        A background thread reads up to ``prefetch`` groups ahead. When the caller asks
+        for the next group, the walk releases what it read for the previous one, so it
+        holds at most ``1 + prefetch`` groups. With a budget, every group must fit in
+        it: a larger one raises :class:`BudgetError` here, before anything is read.
         """
         self._check_open()
         if self.budget is not None:
