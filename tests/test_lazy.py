@@ -18,7 +18,13 @@ from hypothesis import strategies as st
 
 import safeshard
 from conftest import write_st
-from safeshard.errors import BudgetError, CheckpointClosedError, HeaderError, SafeshardError
+from safeshard.errors import (
+    BudgetError,
+    CheckpointClosedError,
+    HeaderError,
+    SafeshardError,
+    UsageError,
+)
 from safeshard.header import read_header, tensor_nbytes
 from safeshard.index import index_json, shard_name
 from safeshard.layout import group_tensors, model_order
@@ -461,3 +467,17 @@ def test_walk_holds_at_most_prefetch_plus_one_layers(ckpt: Path, prefetch: int) 
         assert lc.peak_resident_bytes <= window + extra
         assert lc.held == ["model.layers.4.mlp.up_proj.qweight"]
         assert lc.resident_bytes == extra
+
+
+def test_one_budgeted_walk_at_a_time(ckpt: Path) -> None:
+    """Two walks under one budget could wait on each other forever: refused, not hung."""
+    with safeshard.open(ckpt, max_resident_bytes="4KB", prefetch=1) as lc:
+        first = lc.iter_layers()
+        next(first)
+        with pytest.raises(UsageError, match="close"):
+            lc.iter_layers()
+        first.close()
+        assert len(list(lc.iter_layers())) == len(lc.layers())
+    with safeshard.open(ckpt, prefetch=1) as lc:  # without a budget, walks may interleave
+        pairs = list(zip(lc.iter_layers(), lc.iter_layers(), strict=True))
+        assert [a[0] for a, _ in pairs] == [b[0] for _, b in pairs]

@@ -26,15 +26,17 @@ the walk starts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
 from types import TracebackType
 from typing import Any
 
-from .errors import BudgetError, CheckpointClosedError
+from .errors import BudgetError, CheckpointClosedError, UsageError
 from .header import TensorInfo
 from .layout import Group, group_tensors, model_order
 from .load import (
@@ -84,6 +86,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         self._reserved = 0
         self._pins: dict[str, int] = {}
         self._walkers: set[threading.Thread] = set()
+        self._walks: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
         self._closed = False
         self.peak_resident_bytes = 0
         """Highest :attr:`resident_bytes` seen so far."""
@@ -168,8 +171,18 @@ class LazyCheckpoint(Mapping[str, Any]):
         for the next group, the walk releases what it read for the previous one, so it
         holds at most ``1 + prefetch`` groups. With a budget, every group must fit in
         it: a larger one raises :class:`BudgetError` here, before anything is read.
+        With a budget, one walk at a time: two walks sharing a budget could each wait
+        for the other's layer to be released, so a second one raises :class:`UsageError`
+        until the first is exhausted or closed.
         """
         self._check_open()
+        if self.budget is not None and any(
+            inspect.getgeneratorstate(w) != inspect.GEN_CLOSED for w in self._walks
+        ):
+            raise UsageError(
+                f"{self.path}: a layer walk of this checkpoint is still open; with "
+                "max_resident_bytes set, finish it or call its close() before starting another"
+            )
         if self.budget is not None:
             for g in self._groups:
                 size = self.nbytes(g)
@@ -180,11 +193,11 @@ class LazyCheckpoint(Mapping[str, Any]):
                         f"({format_size(self.budget)}); raise the budget to at least {size:,} "
                         "bytes or read its tensors one at a time"
                     )
-        if self.prefetch == 0:
-            return self._walk_inline()
-        return self._walk_prefetch()
+        walk = self._walk_inline() if self.prefetch == 0 else self._walk_prefetch()
+        self._walks.add(walk)
+        return walk
 
-    def _walk_inline(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _walk_inline(self) -> Generator[tuple[str, dict[str, Any]], None, None]:
         for g in self._groups:
             added: list[str] = []
             infos = [self.info(t) for t in g.tensors]
@@ -195,7 +208,7 @@ class LazyCheckpoint(Mapping[str, Any]):
                 del tensors
                 self._unpin(g.tensors, drop=added)
 
-    def _walk_prefetch(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _walk_prefetch(self) -> Generator[tuple[str, dict[str, Any]], None, None]:
         groups = self._groups
         state: dict[str, Any] = {"pos": 0, "stop": False}
         ready: dict[int, tuple[dict[str, Any], list[str]]] = {}
