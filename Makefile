@@ -16,7 +16,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[numpy]'
 	touch $@
 
 # torch is pinned to the CPU build that is on this machine's disk; gptqmodel 7.6.0 is the

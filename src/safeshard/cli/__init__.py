@@ -130,12 +130,31 @@ def main() -> None:
     """
 
 
-# Commands register themselves on `main` when imported. One line per command module.
-# from . import <name>_cmd
-from . import inspect_cmd  # noqa: E402,F401
-from . import synth_cmd  # noqa: E402,F401
-from . import split_cmd  # noqa: E402,F401
-from . import merge_cmd  # noqa: E402,F401
-from . import verify_cmd  # noqa: E402,F401
-from . import diff_cmd  # noqa: E402,F401
-from . import load_bench_cmd  # noqa: E402,F401
+# Commands register themselves on `main` when imported, one module per command.
+from . import (  # noqa: E402
+    demo_cmd,
+    diff_cmd,
+    inspect_cmd,
+    load_bench_cmd,
+    merge_cmd,
+    split_cmd,
+    synth_cmd,
+    verify_cmd,
+)
+
+__all__ = [
+    "SIZE",
+    "byte_progress",
+    "demo_cmd",
+    "diff_cmd",
+    "emit_json",
+    "fail",
+    "handle_errors",
+    "inspect_cmd",
+    "load_bench_cmd",
+    "main",
+    "merge_cmd",
+    "split_cmd",
+    "synth_cmd",
+    "verify_cmd",
+]

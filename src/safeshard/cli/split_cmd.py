@@ -114,10 +114,10 @@ def split_cmd(
     if as_json:
         emit_json(result.to_json())
         return
-    _report(result, quiet)
+    render(result, quiet)
 
 
-def _report(result: SplitResult, quiet: bool) -> None:
+def render(result: SplitResult, quiet: bool) -> None:
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
     width = max((len(f.file) + (11 if f.oversize else 0) for f in result.files), default=4)

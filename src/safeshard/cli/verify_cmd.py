@@ -71,11 +71,11 @@ def verify_cmd(
     if as_json:
         emit_json(report.to_json())
     else:
-        _print(report)
+        render(report)
     sys.exit(0 if report.ok else 1)
 
 
-def _print(report: VerifyReport) -> None:
+def render(report: VerifyReport) -> None:
     checks = ", ".join(report.checks)
     if report.ok:
         if report.bytes_verified:
