@@ -501,3 +501,32 @@ def test_load_bench_without_torch_names_the_extra(tmp_path: Path, monkeypatch: A
     res = CliRunner().invoke(main, ["load-bench", str(f), "--warm"])
     assert res.exit_code == 1
     assert "safeshard[torch]" in res.output
+
+
+def test_gc_is_paused_during_the_load_and_restored(tmp_path: Path, monkeypatch: Any) -> None:
+    import gc
+
+    f = write_st(tmp_path / "m.safetensors", {"a": ("F32", [4])})
+    during: list[bool] = []
+    real = L.preadv_into
+
+    def spy(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        during.append(gc.isenabled())
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(L, "preadv_into", spy)
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        safeshard.load(f)
+        assert gc.isenabled() and during == [False]
+        gc.disable()
+        safeshard.load(f)
+        assert not gc.isenabled()
+        write_st(tmp_path / "bad.safetensors", {"a": ("F4", [4])})
+        gc.enable()
+        with pytest.raises(UnsupportedDtypeError):
+            safeshard.load(tmp_path / "bad.safetensors")
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
