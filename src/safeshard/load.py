@@ -54,13 +54,17 @@ from .source import Checkpoint, open_checkpoint
 Framework = Literal["torch", "numpy"]
 Unsupported = Literal["error", "raw"]
 
-CHUNK_BYTES = 64 * 1024 * 1024
-"""Largest read job: big tensors are split so threads share the work evenly."""
+CHUNK_BYTES = 16 * 1024 * 1024
+"""Largest read job: big tensors are split so threads share the work evenly.
+
+On the 2-core development machine (virtio disk, 8 MiB readahead), 8 threads of
+16 MiB reads read a cold 1.6 GB checkpoint faster than 4 threads of 64 MiB
+(median 0.66 s against 1.07 s) and a warm one as fast."""
 
 MIN_CHUNK_BYTES = 1024 * 1024
 """Smallest job that :func:`job_size` picks when a small read is shared among threads."""
 
-CUDA_CHUNK_BYTES = 32 * 1024 * 1024
+CUDA_CHUNK_BYTES = 16 * 1024 * 1024
 """Size of each pinned staging buffer for ``device="cuda"`` (two per worker)."""
 
 IOV_MAX = 1024
@@ -108,8 +112,9 @@ NUMPY_DTYPES: dict[str, str] = {
 
 
 def default_workers() -> int:
-    """Threads for parallel reads: twice the CPUs, at least 2 and at most 8."""
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+    """Threads for parallel reads: twice the CPUs, at least 8 (reads wait on the disk
+    more than on the CPU) and at most 16."""
+    return max(8, min(16, 2 * (os.cpu_count() or 1)))
 
 
 # --------------------------------------------------------------------------- frameworks
