@@ -20,7 +20,7 @@ from .header import TensorInfo, TensorSpec, header_size
 from .layout import Group, group_tensors
 from .plan import plan_shards, solo_size
 from .quant import QuantReport, analyze
-from .sizes import FAT32_LIMIT, format_size
+from .sizes import FAT32_LIMIT, format_size, parse_size
 from .source import Checkpoint, open_checkpoint
 
 DEFAULT_CAP = 4_000_000_000
@@ -201,12 +201,14 @@ def _families(groups: Sequence[Group], infos: dict[str, TensorInfo]) -> list[Blo
     return out
 
 
-def inspect(path: str | os.PathLike[str], cap: int = DEFAULT_CAP) -> InspectReport:
-    """Inspect the checkpoint at ``path`` (a file, a folder or an index) for ``cap``.
+def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> InspectReport:
+    """Inspect the checkpoint at ``path`` (a file, a folder or an index) for ``cap``
+    (bytes, or a size string such as ``"4GB"`` or ``"fat32"``).
 
     Raises the reader's errors for a missing or malformed checkpoint; everything
     about the checkpoint's content (GPTQ problems, oversize tensors) is data.
     """
+    cap = parse_size(cap)
     ckpt = open_checkpoint(path)
     infos = {t.name: t for t in ckpt.tensors()}
     specs = _specs(ckpt)
