@@ -124,4 +124,8 @@ def _load(out_dir: Path) -> None:
         for name, layer in ckpt.iter_layers():
             size = sum(int(t.nbytes) for t in layer.values())
             out.print(f"  walk: {name:<28} {len(layer):>3} tensors {format_size(size):>10}")
-    out.print(f"  (the walk held at most {format_size(budget)} of tensors at any time)")
+        peak = ckpt.peak_resident_bytes
+    out.print(
+        f"  (the walk held at most {format_size(peak)} of tensors at once; "
+        f"budget {format_size(budget)})"
+    )
