@@ -284,12 +284,21 @@ def _run_child(variant: str, mode: str, params: dict[str, Any]) -> dict[str, Any
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _rss_now() -> int:
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` figure in bytes (``VmRSS``: now, ``VmHWM``: peak).
+
+    ``ru_maxrss`` is only the fallback: Linux carries the parent's high-water mark
+    into it across fork and exec.
+    """
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # pragma: no cover
+
+
+def _rss_now() -> int:
+    return _status_bytes("VmRSS")
 
 
 def _evict(files: Sequence[str]) -> None:
@@ -318,7 +327,7 @@ def child_main() -> None:
     t0 = time.perf_counter()
     extra = _VARIANTS[spec["variant"]](spec)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     ckpt = safeshard.open_checkpoint(spec["path"])
     print(
         json.dumps(
