@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from ..hashcopy import hash_file
 from ..merge import merge
 from ..sizes import format_size
 from ..split import split
@@ -19,14 +19,6 @@ from . import SIZE, handle_errors, main, out
 from .inspect_cmd import render as render_inspect
 from .split_cmd import render as render_split
 from .verify_cmd import render as render_verify
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _step(n: int, title: str) -> None:
@@ -88,7 +80,7 @@ def _run(work: Path, cap: int) -> None:
     _step(5, "safeshard merge: back to the original file, byte for byte")
     merged = work / "merged.safetensors"
     merge(out_dir, merged, force=True)
-    same = _sha256(merged) == _sha256(weights)
+    same = hash_file(merged) == hash_file(weights)
     out.print(
         f"  sha256({merged.name}) {'==' if same else '!='} sha256({weights.name}): "
         f"{'identical' if same else 'DIFFERENT'}"

@@ -6,11 +6,9 @@ import sys
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from ..diff import DiffReport, diff
-from ..errors import SafeshardError
-from . import byte_progress, emit_json, fail, json_option, main, out, quiet_option
+from . import byte_progress, emit_json, handle_errors, json_option, main, out, quiet_option
 
 
 @main.command("diff")
@@ -26,6 +24,7 @@ from . import byte_progress, emit_json, fail, json_option, main, out, quiet_opti
 )
 @json_option
 @quiet_option
+@handle_errors(2)
 def diff_cmd(
     a: Path, b: Path, trust_manifests: bool, workers: int | None, as_json: bool, quiet: bool
 ) -> None:
@@ -34,20 +33,13 @@ def diff_cmd(
     A and B are .safetensors files, model folders or indexes. Exit code 0 when they
     hold the same tensors and metadata, 1 when they differ, 2 on a usage error.
     """
-    try:
-        report = diff(
-            a,
-            b,
-            trust_manifests=trust_manifests,
-            workers=workers,
-            progress=lambda total: byte_progress(total, "comparing", quiet or as_json),
-        )
-    except (SafeshardError, OSError) as e:
-        fail(escape(str(e)), 2)
-        return
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-        return
+    report = diff(
+        a,
+        b,
+        trust_manifests=trust_manifests,
+        workers=workers,
+        progress=lambda total: byte_progress(total, "comparing", quiet or as_json),
+    )
     if as_json:
         emit_json(report.to_json())
     else:

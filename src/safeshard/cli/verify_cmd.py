@@ -12,10 +12,9 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import SafeshardError
 from ..sizes import format_size
 from ..verify import VerifyReport, verify
-from . import SIZE, byte_progress, emit_json, fail, json_option, main, out, quiet_option
+from . import SIZE, byte_progress, emit_json, handle_errors, json_option, main, out, quiet_option
 
 
 @main.command("verify")
@@ -37,6 +36,7 @@ from . import SIZE, byte_progress, emit_json, fail, json_option, main, out, quie
 )
 @json_option
 @quiet_option
+@handle_errors(2)
 def verify_cmd(
     path: Path,
     against: Path | None,
@@ -52,22 +52,15 @@ def verify_cmd(
     PATH is a .safetensors file, a model folder, or a *.safetensors.index.json.
     Exit code 0 when clean, 1 with findings, 2 on a usage error.
     """
-    try:
-        report = verify(
-            path,
-            against=against,
-            max_shard_size=max_shard_size,
-            deep=deep,
-            hash_files=hash_files,
-            workers=workers,
-            progress=lambda total: byte_progress(total, "verifying", quiet or as_json),
-        )
-    except (SafeshardError, OSError) as e:
-        fail(escape(str(e)), 2)
-        return
-    except KeyboardInterrupt:
-        fail("interrupted", 130)
-        return
+    report = verify(
+        path,
+        against=against,
+        max_shard_size=max_shard_size,
+        deep=deep,
+        hash_files=hash_files,
+        workers=workers,
+        progress=lambda total: byte_progress(total, "verifying", quiet or as_json),
+    )
     if as_json:
         emit_json(report.to_json())
     else:
