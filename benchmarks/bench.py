@@ -141,7 +141,11 @@ def bench_split(src: Path, work: Path, repeats: int) -> dict[str, Any]:
             safeshard("split", str(src), str(out), "--max-shard-size", "4GB", "--quiet")
         ),
         "hf route+sync": lambda: run_measured(
-            ["sh", "-c", f'"{PY}" -c \'{HF_ROUTE}\' "{src}" "{hf_out}" 4GB && sync']
+            [
+                "sh",
+                "-c",
+                f'mkdir -p "{hf_out}" && "{PY}" -c \'{HF_ROUTE}\' "{src}" "{hf_out}" 4GB && sync',
+            ]
         ),
     }
     res = paired(list(runs), runs, cleanup, repeats)

@@ -7,6 +7,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +52,7 @@ def test_matches_direct_computation(
     b.write_bytes(b"PAD" + bytes(other))
     bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
     ranges = [
-        Range(f"t{i}", lo, hi - lo, sha256=True, against=(str(b), lo + 3), capture=True)
+        Range(f"t{i}", lo, hi - lo, digest=True, against=(str(b), lo + 3), capture=True)
         for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
     ]
     (res,) = scan([FileTask(str(a), tuple(ranges), whole=whole, size=len(data))])
@@ -59,7 +60,7 @@ def test_matches_direct_computation(
     assert res.sha256 == (hashlib.sha256(data).hexdigest() if whole else None)
     for r in ranges:
         mine, theirs = data[r.offset : r.end], bytes(other[r.offset : r.end])
-        assert res.hashes[r.name] == hashlib.sha256(mine).hexdigest()
+        assert res.hashes[r.name] == xxhash.xxh3_128(mine).hexdigest()
         assert res.captured[r.name] == mine
         assert res.differs.get(r.name) == first_diff(mine, theirs)
     read_own = len(data) if whole else sum(r.nbytes for r in ranges)
@@ -72,15 +73,15 @@ def test_matches_direct_computation(
 def test_reads_only_the_ranges_when_not_whole(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(bytes(range(256)) * 100)
-    (res,) = scan([FileTask(str(p), (Range("x", 1000, 10, sha256=True),), size=25600)])
+    (res,) = scan([FileTask(str(p), (Range("x", 1000, 10, digest=True),), size=25600)])
     assert res.bytes_read == 10
-    assert res.hashes["x"] == hashlib.sha256(p.read_bytes()[1000:1010]).hexdigest()
+    assert res.hashes["x"] == xxhash.xxh3_128(p.read_bytes()[1000:1010]).hexdigest()
 
 
 def test_short_file_is_an_error_not_an_exception(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"abc")
-    (res,) = scan([FileTask(str(p), (Range("x", 0, 10, sha256=True),))])
+    (res,) = scan([FileTask(str(p), (Range("x", 0, 10, digest=True),))])
     assert res.error is not None and "ended at byte 3" in res.error
     (res,) = scan([FileTask(str(tmp_path / "missing"), whole=True)])
     assert res.error is not None and res.error.startswith("cannot open")

@@ -594,7 +594,7 @@ def test_source_changing_during_the_update_changes_nothing(
 
     def stale(*args: object, **kw: object) -> tuple[dict[str, str], int]:
         hashes, n = real(*args, **kw)
-        hashes[changed[0]] = "0" * 64  # as if the bytes changed between the two reads
+        hashes[changed[0]] = "0" * 32  # as if the bytes changed between the two reads
         return hashes, n
 
     monkeypatch.setattr(upd, "_hash_source", stale)

@@ -377,7 +377,7 @@ def test_manifest_records_another_file(clean: Split) -> None:
 def test_manifest_tensor_records(clean: Split) -> None:
     mp = clean.out / "model.safeshard.json"
     obj = json.loads(mp.read_text())
-    obj["tensors"]["ghost"] = {"sha256": "0" * 64, "nbytes": 4}
+    obj["tensors"]["ghost"] = {"digest": "0" * 32, "nbytes": 4}
     del obj["tensors"]["model.norm.weight"]
     mp.write_text(json.dumps(obj))
     rep = verify(clean.out)

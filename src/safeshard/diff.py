@@ -1,7 +1,7 @@
 """What differs between two checkpoints: tensors added, removed and changed, and shards.
 
 :func:`diff` compares tensors by name. A tensor *changed* when its dtype, its shape
-or its bytes differ; bytes are compared by SHA-256, hashing each side's tensors in
+or its bytes differ; bytes are compared by digest (XXH3-128), hashing each side's tensors in
 one pass per file, files in parallel (:mod:`safeshard.scan`). With
 ``trust_manifests``, SHA-256s recorded in a safeshard manifest are used instead of
 reading (fast, but blind to a file corrupted after the split: that is
@@ -34,7 +34,7 @@ ShardStatus = Literal["same", "changed", "only-a", "only-b"]
 
 @dataclass(frozen=True)
 class TensorChange:
-    """A tensor in both inputs that differs; ``a``/``b`` are the dtypes, shapes or SHA-256s."""
+    """A tensor in both inputs that differs; ``a``/``b`` are the dtypes, shapes or digests."""
 
     name: str
     kind: ChangeKind
@@ -112,7 +112,7 @@ class _Side:
     ckpt: Checkpoint
     manifest: Manifest | None
     sharded: bool
-    hashes: dict[str, str] = field(default_factory=dict)  # tensor -> sha256
+    hashes: dict[str, str] = field(default_factory=dict)  # tensor -> digest
     files: dict[str, str | None] = field(default_factory=dict)  # file name -> sha256
 
     def file_name(self, tensor: str) -> str:
@@ -139,11 +139,11 @@ def _plan(side: _Side, want: list[str], trust: bool) -> list[FileTask]:
     for t in want:
         rec = man.tensors.get(t) if man is not None else None
         if trust and rec is not None:
-            side.hashes[t] = rec.sha256
+            side.hashes[t] = rec.digest
             continue
         info = ck.entries[t].info
         need.setdefault(side.file_name(t), []).append(
-            Range(t, ck.absolute_offset(t), info.nbytes, sha256=True)
+            Range(t, ck.absolute_offset(t), info.nbytes, digest=True)
         )
     tasks = []
     for h in ck.headers:

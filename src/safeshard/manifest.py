@@ -5,7 +5,9 @@ huggingface_hub expect) and records what the index cannot:
 
 - each shard's file name, size and SHA-256 (the Hugging Face Hub's LFS id), so a
   copy or an upload can be checked without the source;
-- each tensor's SHA-256 and size, so an update reads the new source only once;
+- each tensor's digest (XXH3-128, see :data:`TENSOR_DIGEST`) and size, so an update
+  reads the new source only once and ``verify`` can name the tensor a corrupted
+  byte belongs to;
 - the source: its file name, size, and its header bytes exactly as stored, which
   fix key order, whitespace, metadata position, data order and padding. With them,
   ``merge`` restores the original file byte for byte.
@@ -16,11 +18,17 @@ Layout (version 1)::
       "format": "safeshard-manifest", "version": 1,
       "base": "model", "cap": 4000000000,
       "shards": [{"file": "model-00001-of-00002.safetensors", "size": 123, "sha256": "..."}],
-      "tensors": {"model.embed_tokens.weight": {"sha256": "...", "nbytes": 456}},
+      "tensor_digest": "xxh3_128",
+      "tensors": {"model.embed_tokens.weight": {"digest": "...", "nbytes": 456}},
       "source": {"file": "gptq_model-4bit-128g.safetensors", "size": 789,
                  "header": "{...}"},  # or null for foreign input
       "fingerprint": "..."  # the split's plan and source identity, for --resume (or null)
     }
+
+Why two hash functions: the file SHA-256 is what the Hub shows, so it must be
+SHA-256; the per-tensor digest only detects change, and XXH3-128 runs at about
+20 GB/s against SHA-256's 2 GB/s here, which keeps ``split`` near the speed of
+``cp`` (it computes both while it copies).
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import xxhash
 
 from .errors import IndexFormatError
 from .header import Header, parse_header
@@ -38,6 +48,25 @@ from .header import Header, parse_header
 MANIFEST_SUFFIX = ".safeshard.json"
 FORMAT = "safeshard-manifest"
 VERSION = 1
+TENSOR_DIGEST = "xxh3_128"
+"""The per-tensor digest recorded in manifests."""
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def tensor_hasher() -> Hasher:
+    """A new hasher of :data:`TENSOR_DIGEST` (releases the GIL on large buffers)."""
+    return xxhash.xxh3_128()
+
+
+def tensor_digest(data: bytes | bytearray | memoryview) -> str:
+    """The :data:`TENSOR_DIGEST` hex digest of ``data``."""
+    h = tensor_hasher()
+    h.update(data)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -49,7 +78,7 @@ class ShardRecord:
 
 @dataclass(frozen=True)
 class TensorRecord:
-    sha256: str
+    digest: str
     nbytes: int
 
 
@@ -91,8 +120,9 @@ class Manifest:
             "base": self.base,
             "cap": self.cap,
             "shards": [{"file": s.file, "size": s.size, "sha256": s.sha256} for s in self.shards],
+            "tensor_digest": TENSOR_DIGEST,
             "tensors": {
-                name: {"sha256": t.sha256, "nbytes": t.nbytes}
+                name: {"digest": t.digest, "nbytes": t.nbytes}
                 for name, t in sorted(self.tensors.items())
             },
             "source": None
@@ -116,12 +146,17 @@ class Manifest:
                 f"{where}: manifest version {obj.get('version')!r} is not supported "
                 f"(this safeshard reads version {VERSION}); upgrade safeshard"
             )
+        if obj.get("tensor_digest") != TENSOR_DIGEST:
+            raise IndexFormatError(
+                f"{where}: tensor digests are {obj.get('tensor_digest')!r}, but this safeshard "
+                f"reads {TENSOR_DIGEST!r}; upgrade safeshard or split again with --force"
+            )
         try:
             shards = [
                 ShardRecord(str(s["file"]), int(s["size"]), str(s["sha256"])) for s in obj["shards"]
             ]
             tensors = {
-                str(k): TensorRecord(str(v["sha256"]), int(v["nbytes"]))
+                str(k): TensorRecord(str(v["digest"]), int(v["nbytes"]))
                 for k, v in obj["tensors"].items()
             }
             src = obj.get("source")

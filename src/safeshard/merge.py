@@ -15,7 +15,7 @@ OUT_FILE is refused unless ``force``.
   matches), the output has a compact header and model order, and the result says
   so and why.
 
-Each tensor's SHA-256 is computed while copying and checked against the manifest,
+Each tensor's digest is computed while copying and checked against the manifest,
 so a corrupted shard fails the merge instead of producing a corrupted file.
 """
 
@@ -59,7 +59,7 @@ class MergeResult:
     reason: str
     """Why the output is canonical (empty when lossless)."""
     verified: int = 0
-    """Tensors whose SHA-256 matched the manifest."""
+    """Tensors whose digest matched the manifest."""
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -194,11 +194,11 @@ def merge(
             bad = [
                 n
                 for n, digest in hashes.tensors.items()
-                if n in recorded and recorded[n].sha256 != digest
+                if n in recorded and recorded[n].digest != digest
             ]
             if bad:
                 raise ShardMismatchError(
-                    f"{ckpt.path_of(bad[0])}: tensor {bad[0]!r} does not match the SHA-256 "
+                    f"{ckpt.path_of(bad[0])}: tensor {bad[0]!r} does not match the digest "
                     f"recorded in {manifest_path(ckpt.folder, ckpt.located.base).name}"
                     + (f" ({len(bad)} tensors differ)" if len(bad) > 1 else "")
                     + "; the shard is corrupted or was changed, so nothing was written. "

@@ -4,7 +4,7 @@ One :class:`FileTask` reads one file sequentially with ``os.preadv`` into a reus
 :data:`~safeshard.fsio.CHUNK` buffer and, from that single pass, can:
 
 - compute the SHA-256 of the whole file (the Hugging Face Hub's LFS id);
-- compute a SHA-256 per byte range (one tensor each);
+- compute a digest per byte range (one tensor each; :data:`manifest.TENSOR_DIGEST`);
 - compare a byte range with the same-length range of *another* file, reading that
   file's bytes exactly once, into a second buffer, and comparing with ``memcmp``;
 - keep a copy of small ranges (e.g. ``g_idx``) for later checks.
@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .fsio import CHUNK
+from .manifest import Hasher, tensor_digest, tensor_hasher
 
 Progress = Callable[[int], None]
 
@@ -40,14 +41,15 @@ Progress = Callable[[int], None]
 class Range:
     """``nbytes`` bytes at absolute ``offset`` in the task's file, named ``name``.
 
-    ``sha256`` hashes it; ``against`` = ``(path, offset)`` compares it with the bytes
-    at ``offset`` in the file at ``path``; ``capture`` keeps a copy.
+    ``digest`` hashes it (:data:`manifest.TENSOR_DIGEST`); ``against`` =
+    ``(path, offset)`` compares it with the bytes at ``offset`` in the file at
+    ``path``; ``capture`` keeps a copy.
     """
 
     name: str
     offset: int
     nbytes: int
-    sha256: bool = False
+    digest: bool = False
     against: tuple[str, int] | None = None
     capture: bool = False
 
@@ -227,8 +229,8 @@ class _Runner:
         ranges = sorted(task.ranges, key=lambda r: (r.offset, r.end))
         for r in ranges:  # empty ranges need no bytes
             if r.nbytes == 0:
-                if r.sha256:
-                    res.hashes[r.name] = hashlib.sha256().hexdigest()
+                if r.digest:
+                    res.hashes[r.name] = tensor_digest(b"")
                 if r.capture:
                     res.captured[r.name] = b""
         ranges = [r for r in ranges if r.nbytes]
@@ -236,7 +238,7 @@ class _Runner:
         whole = hashlib.sha256() if task.whole else None
         buf = _Buffer(CHUNK)
         other = _Buffer(CHUNK) if any(r.against for r in ranges) else None
-        hashers: dict[str, hashlib._Hash] = {}
+        hashers: dict[str, Hasher] = {}
         captures: dict[str, bytearray] = {}
         active: list[Range] = []
         nxt = 0
@@ -261,8 +263,8 @@ class _Runner:
                     while nxt < len(ranges) and ranges[nxt].offset < c1:
                         r = ranges[nxt]
                         active.append(r)
-                        if r.sha256:
-                            hashers[r.name] = hashlib.sha256()
+                        if r.digest:
+                            hashers[r.name] = tensor_hasher()
                         if r.capture:
                             captures[r.name] = bytearray()
                         nxt += 1
@@ -274,7 +276,7 @@ class _Runner:
                             if r.capture:
                                 captures[r.name] += buf.view[s - c0 : e - c0]
                         if r.end <= c1:
-                            if r.sha256:
+                            if r.digest:
                                 res.hashes[r.name] = hashers.pop(r.name).hexdigest()
                             if r.capture:
                                 res.captured[r.name] = bytes(captures.pop(r.name))
@@ -297,10 +299,10 @@ class _Runner:
         at: int,
         n: int,
         within: int,
-        hashers: dict[str, hashlib._Hash],
+        hashers: dict[str, Hasher],
     ) -> None:
         """Bytes ``buf[at:at+n]``, which are bytes ``within..`` of range ``r``."""
-        if r.sha256:
+        if r.digest:
             hashers[r.name].update(buf.view[at : at + n])
         if r.against is None or other is None or r.name in self.result.differs:
             return

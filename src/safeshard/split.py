@@ -4,7 +4,7 @@
 source's tensors (SRC is a file, a folder or an index; an index means a reshard)
 and writes each shard as its exact planned header followed by its tensors in model
 order, copied by byte ranges from the source (``copy_file_range``), never through
-Python objects the size of a tensor. SHA-256 of each file and of each tensor are
+Python objects the size of a tensor. SHA-256 of each file and an XXH3-128 digest of each tensor are
 computed on the side (:mod:`safeshard.hashcopy`).
 
 Output, in OUT_DIR:
@@ -12,7 +12,7 @@ Output, in OUT_DIR:
 - ``{BASE}-{i:05d}-of-{n:05d}.safetensors`` and ``{BASE}.safetensors.index.json``,
   or ``{BASE}.safetensors`` alone (no index) when everything fits in one file;
 - ``{BASE}.safeshard.json``, the manifest: shard sizes and SHA-256, per-tensor
-  SHA-256, and the original file's header so that ``merge`` restores it byte for
+  digests (XXH3-128), and the original file's header so that ``merge`` restores it byte for
   byte (carried forward through reshards of safeshard output);
 - the source folder's other files (:mod:`safeshard.sidecar`).
 
@@ -357,7 +357,7 @@ def fingerprint(ckpt: Checkpoint, plan: Plan, names: Sequence[str]) -> str:
 
 @dataclass(frozen=True)
 class WrittenShard:
-    """A finished shard: its size, SHA-256, and each tensor's SHA-256 by name."""
+    """A finished shard: its size, SHA-256, and each tensor's digest by name."""
 
     size: int
     sha256: str
@@ -411,7 +411,7 @@ def _vouched(
             if rec is None or any(r is None for r in tensors.values()):
                 continue
             vouched[name] = WrittenShard(
-                rec.size, rec.sha256, {n: r.sha256 for n, r in tensors.items() if r is not None}
+                rec.size, rec.sha256, {n: r.digest for n, r in tensors.items() if r is not None}
             )
         return vouched, None
     if jfp is None and man is None:

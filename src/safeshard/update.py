@@ -3,9 +3,9 @@
 ``update(NEW_SRC, OUT_DIR)`` (the CLI's ``safeshard split NEW_SRC OUT_DIR --update``)
 starts from the safeshard split already in OUT_DIR: its index, its shards and its
 manifest (``{BASE}.safeshard.json``), which records each shard's size and SHA-256,
-each tensor's SHA-256 and the cap. The old shards' bytes are never read.
+each tensor's digest and the cap. The old shards' bytes are never read.
 
-1. **Compare.** The new source is read once: every tensor is hashed (SHA-256, files
+1. **Compare.** The new source is read once: every tensor is hashed (XXH3-128, files
    and parts of files in parallel, bounded buffers, :mod:`safeshard.scan`) and
    compared with the manifest's hash and the old header's dtype and shape. Each
    tensor is *unchanged*, *changed*, *added* or *removed*.
@@ -336,11 +336,11 @@ def _parts(ranges: Sequence[Range], k: int) -> list[tuple[Range, ...]]:
 def _hash_source(
     ckpt: Checkpoint, workers: int | None, progress: ProgressFactory | None
 ) -> tuple[dict[str, str], int]:
-    """SHA-256 of every tensor of ``ckpt``, reading each byte once; and the bytes read."""
+    """The digest of every tensor of ``ckpt``, reading each byte once; and the bytes read."""
     n = workers if workers is not None else (os.cpu_count() or 2)
     tasks: list[FileTask] = []
     for h in ckpt.headers:
-        ranges = [Range(t.name, h.data_start + t.begin, t.nbytes, sha256=True) for t in h.tensors]
+        ranges = [Range(t.name, h.data_start + t.begin, t.nbytes, digest=True) for t in h.tensors]
         tasks += [FileTask(h.path, part, size=h.file_size) for part in _parts(ranges, n)]
     total = sum(t.planned_bytes for t in tasks)
     ctx: AbstractContextManager[Callable[[int], None] | None] = (
@@ -387,7 +387,7 @@ def _classify(old: Checkpoint, man: Manifest, new: Checkpoint, hashes: dict[str,
         elif (
             o.info.dtype != e.info.dtype
             or o.info.shape != e.info.shape
-            or man.tensors[name].sha256 != hashes[name]
+            or man.tensors[name].digest != hashes[name]
         ):
             ch.changed.append(name)
         else:

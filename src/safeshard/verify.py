@@ -14,7 +14,7 @@ Checks, in order:
 - **size** (with ``max_shard_size``): no file is over the cap;
 - **manifest** (when ``{BASE}.safeshard.json`` exists): the files and tensors it
   lists are the checkpoint's, and each file's size and SHA-256 are as recorded. A
-  file whose hash differs is re-read to name the tensors whose SHA-256 changed.
+  file whose hash differs is re-read to name the tensors whose digest changed.
   With ``against``, a file whose every tensor is compared byte for byte with the
   source and whose header is the canonical one for those tensors (as split writes
   it) is fully determined by what was compared, so its SHA-256 is not recomputed
@@ -75,7 +75,7 @@ CODES: dict[str, str] = {
     "manifest-mismatch": "the manifest lists other files or tensors than the checkpoint has",
     "size-mismatch": "a file's size differs from the manifest's",
     "hash-mismatch": "a file's SHA-256 differs from the manifest's",
-    "manifest-tensor-hash": "a tensor's SHA-256 differs from the manifest's",
+    "manifest-tensor-hash": "a tensor's digest (XXH3-128) differs from the manifest's",
     "read-error": "a file could not be read to its end",
     "gptq-missing": "a GPTQ module lacks qweight, qzeros, scales or g_idx",
     "gptq-shape": "a GPTQ tensor's shape disagrees with bits and group size",
@@ -735,7 +735,7 @@ class _Verifier:
             ti.name,
             h.data_start + ti.begin,
             ti.nbytes,
-            sha256=False,
+            digest=False,
             against=against or (old.against if old else None),
             capture=capture or (old.capture if old else False),
         )
@@ -823,26 +823,26 @@ class _Verifier:
             if h is None:
                 continue
             ranges = tuple(
-                Range(ti.name, h.data_start + ti.begin, ti.nbytes, sha256=True)
+                Range(ti.name, h.data_start + ti.begin, ti.nbytes, digest=True)
                 for ti in h.tensors
                 if ti.name in man.tensors
             )
             tasks.append(FileTask(str(self.path(fname)), ranges, size=h.file_size))
         for task, res in zip(tasks, scan(tasks, workers=workers), strict=True):
             fname = Path(task.path).name
-            bad = [t for t, sha in res.hashes.items() if sha != man.tensors[t].sha256]
+            bad = [t for t, d in res.hashes.items() if d != man.tensors[t].digest]
             for t in bad:
                 self.add(
                     "manifest-tensor-hash",
                     fname,
                     t,
-                    f"{t!r} in {fname} has SHA-256 {res.hashes[t]}, but the manifest records "
-                    f"{man.tensors[t].sha256}; its bytes changed since the split",
+                    f"{t!r} in {fname} has digest {res.hashes[t]}, but the manifest records "
+                    f"{man.tensors[t].digest}; its bytes changed since the split",
                 )
             if not bad and res.error is None:
                 self._amend_hash_finding(
                     fname,
-                    "; yet every tensor matches the manifest's SHA-256, so the header bytes "
+                    "; yet every tensor matches the manifest's digest, so the header bytes "
                     "changed, or the manifest's file hash is wrong",
                 )
 

@@ -44,4 +44,4 @@ def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool
     else:
         out.print(f"canonical: {result.reason}")
     if result.verified and not quiet:
-        out.print(f"{result.verified} tensors matched the manifest's SHA-256")
+        out.print(f"{result.verified} tensors matched the manifest's digests")

@@ -71,7 +71,7 @@ def split_cmd(
     Shards keep whole transformer layers together, every file stays within the cap
     with its header, tensor bytes are copied by byte ranges, and a folder with an
     index is always complete. A manifest (BASE.safeshard.json) records shard and
-    tensor SHA-256 and the original header, so `safeshard merge` restores the
+    tensor digests and the original header, so `safeshard merge` restores the
     original file exactly.
     """
     run = functools.partial(
