@@ -156,7 +156,9 @@ def bench_split(src: Path, work: Path, repeats: int) -> dict[str, Any]:
         "split/hf_route": s / res["hf route+sync"]["median_s"],
     }
     # one more split to inspect the result and round-trip it through merge
-    subprocess.run(safeshard("split", str(src), str(out), "--quiet"), check=True)
+    subprocess.run(
+        safeshard("split", str(src), str(out), "--quiet"), check=True, capture_output=True
+    )
     shards = sorted(out.glob("model-*.safetensors"))
     sizes = [p.stat().st_size for p in shards]
     merged = work / "merged.safetensors"
@@ -180,7 +182,9 @@ def bench_verify(src: Path, work: Path, repeats: int) -> dict[str, Any]:
     log("== verify --against vs cat both copies")
     out = work / "split-out"
     if not out.exists():
-        subprocess.run(safeshard("split", str(src), str(out), "--quiet"), check=True)
+        subprocess.run(
+            safeshard("split", str(src), str(out), "--quiet"), check=True, capture_output=True
+        )
     files = [src, *sorted(out.glob("*.safetensors"))]
     runs: dict[str, Callable[[], tuple[float, int]]] = {
         "cat both": lambda: run_measured(
@@ -191,7 +195,8 @@ def bench_verify(src: Path, work: Path, repeats: int) -> dict[str, Any]:
         ),
     }
     cold = paired(list(runs), runs, lambda: evict(files), repeats)
-    warm = paired(list(runs), runs, lambda: None, repeats)
+    run_measured(["sh", "-c", "cat " + " ".join(f'"{f}"' for f in files) + " > /dev/null"])
+    warm = paired(list(runs), runs, lambda: None, repeats)  # all in the page cache now
     return {
         "cold": cold,
         "warm": warm,
@@ -205,7 +210,9 @@ def bench_load(src: Path, work: Path, repeats: int, cap: str) -> dict[str, Any]:
     out = work / f"load-{cap}"
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(
-        safeshard("split", str(src), str(out), "--max-shard-size", cap, "--quiet"), check=True
+        safeshard("split", str(src), str(out), "--max-shard-size", cap, "--quiet"),
+        check=True,
+        capture_output=True,
     )
     try:
         proc = subprocess.run(
