@@ -37,8 +37,8 @@ test-fast: $(TSTAMP)
 	$(PY) -m pytest -q -m "not slow and not gptq"
 
 lint: $(TSTAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
 bench: $(TSTAMP)
