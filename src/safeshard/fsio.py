@@ -127,20 +127,20 @@ class AtomicWriter:
                 if self.durable:
                     fsync_dir(self.target.parent)
                 return
-        except OSError as e:
+        except BaseException as e:  # Ctrl-C during fsync too: never leave the temp file
             self._discard()
-            if e.errno == errno.ENOSPC:
-                raise DiskFullError(
-                    f"{self.target}: the disk is full; the partial file was removed. "
-                    "Free space or choose another output folder."
-                ) from e
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                raise self._disk_full() from e
             raise
         self._discard()
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"{self.target}: the disk is full; the partial file was removed. "
-                "Free space or choose another output folder."
-            ) from exc
+            raise self._disk_full() from exc
+
+    def _disk_full(self) -> DiskFullError:
+        return DiskFullError(
+            f"{self.target}: the disk is full; the partial file was removed. "
+            "Free space or choose another output folder."
+        )
 
     def _discard(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,114 @@
+"""fsio: atomic writes leave either the complete target or nothing; copies are exact."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from safeshard import fsio
+from safeshard.errors import DiskFullError, OutputLockedError
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(fsio.TMP_PREFIX))
+
+
+def test_atomic_write_appears_complete_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with fsio.AtomicWriter(target) as w:
+        w.write(b"new bytes", 0)
+        assert target.read_bytes() == b"old"  # not visible until the rename
+    assert target.read_bytes() == b"new bytes"
+    assert leftovers(tmp_path) == []
+
+
+def test_error_in_block_keeps_the_old_target_and_removes_the_temp(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), fsio.AtomicWriter(target) as w:
+        w.write(b"partial", 0)
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), OSError(errno.EIO, "I/O error")])
+def test_interrupt_or_error_during_fsync_removes_the_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
+    target = tmp_path / "f.bin"
+
+    def fail(fd: int) -> None:
+        raise exc
+
+    monkeypatch.setattr(fsio.os, "fsync", fail)
+    with pytest.raises(type(exc)), fsio.AtomicWriter(target) as w:
+        w.write(b"data", 0)
+    assert not target.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_full_disk_during_fsync_is_disk_full_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsio.os, "fsync", full)
+    with (
+        pytest.raises(DiskFullError, match="disk is full") as e,
+        fsio.AtomicWriter(tmp_path / "f.bin") as w,
+    ):
+        w.write(b"data", 0)
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    assert str(tmp_path / "f.bin") in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_range_is_exact_with_and_without_copy_file_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    data = os.urandom(3 * fsio.CHUNK + 12345)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    if not kernel_copy:
+        monkeypatch.setattr(fsio, "_HAS_CFR", False)
+    dst = tmp_path / "dst.bin"
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(dfd, b"HEAD", 0)
+        fsio.copy_range(sfd, dfd, 7, len(data) - 7, 4)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert dst.read_bytes() == b"HEAD" + data[7:]
+
+
+def test_copy_range_past_the_end_of_the_source_is_an_error(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError, match="ended early"):
+            fsio.copy_range(sfd, dfd, 50, 100, 0)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def test_second_writer_of_a_folder_is_refused(tmp_path: Path) -> None:
+    with (
+        fsio.DirLock(tmp_path),
+        pytest.raises(OutputLockedError, match="another safeshard process"),
+    ):
+        fsio.DirLock(tmp_path).__enter__()
+    with fsio.DirLock(tmp_path):  # released: a later writer gets it
+        pass
+    assert not (tmp_path / fsio.LOCK_NAME).exists()
