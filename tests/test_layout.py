@@ -205,3 +205,31 @@ def test_model_order_is_a_permutation_independent_of_input_order(
     # within a family, block numbers strictly increase
     for numbers in families(groups).values():
         assert numbers == sorted(set(numbers))
+
+
+def test_encoder_blocks_come_before_decoder_blocks() -> None:
+    names = [
+        "model.decoder.layers.0.fc1.weight",
+        "model.decoder.layers.1.fc1.weight",
+        "model.encoder.layers.0.fc1.weight",
+        "model.encoder.layers.1.fc1.weight",
+        "model.shared.weight",
+        "lm_head.weight",
+    ]
+    keys = [g.key for g in group_tensors(names)]
+    assert keys == [
+        "model.shared.weight",
+        "model.encoder.layers.0",
+        "model.encoder.layers.1",
+        "model.decoder.layers.0",
+        "model.decoder.layers.1",
+        "lm_head.weight",
+    ]
+
+
+def test_vision_tower_comes_before_the_language_model() -> None:
+    names = ["model.layers.0.mlp.weight", "model.vision_tower.layers.0.mlp.weight"]
+    assert [g.key for g in group_tensors(names)] == [
+        "model.vision_tower.layers.0",
+        "model.layers.0",
+    ]

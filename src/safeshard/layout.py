@@ -12,7 +12,8 @@ form a *sub-group*; a GPTQ-quantized module is one that has a ``qweight``.
 
 Model order, used for shard packing and for data order inside shards:
 head tensors, then each family's blocks by number (compared as numbers), then
-tail tensors.
+tail tensors. Families come in the order data flows through them where the names
+say so (vision or audio towers, then encoders, then the rest), else by name.
 """
 
 from __future__ import annotations
@@ -67,6 +68,16 @@ def is_tail(name: str) -> bool:
     if "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"]):
         return False
     return bool(_TAIL_HINTS.search(name))
+
+
+def _family_rank(family: str) -> int:
+    """Families that feed others come first: vision towers and encoders before decoders."""
+    parts = set(re.split(r"[._]", family))
+    if parts & {"vision", "visual", "vit", "image", "audio"}:
+        return 0
+    if "encoder" in parts:
+        return 1
+    return 2
 
 
 def _tail_rank(name: str) -> int:
@@ -135,7 +146,8 @@ def group_tensors(names: Sequence[str]) -> list[Group]:
     for n in sorted(head, key=lambda x: (0 if "embed" in x else 1, natural_key(x), x)):
         groups.append(Group(key=n, kind="head", modules=(Module(module_of(n), (n,)),)))
     for (family, number), members in sorted(
-        blocks.items(), key=lambda kv: (natural_key(kv[0][0]), kv[0][0], kv[0][1])
+        blocks.items(),
+        key=lambda kv: (_family_rank(kv[0][0]), natural_key(kv[0][0]), kv[0][0], kv[0][1]),
     ):
         groups.append(
             Group(
