@@ -71,7 +71,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         unsupported: Unsupported = "error",
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(f"prefetch must be a non-negative integer, not {prefetch!r}")
+            raise UsageError(f"prefetch must be a non-negative integer, not {prefetch!r}")
         self.budget = None if max_resident_bytes is None else parse_size(max_resident_bytes)
         self.prefetch = prefetch
         self.workers = check_workers(workers)

@@ -47,6 +47,7 @@ from .errors import (
     MissingExtraError,
     ShardMismatchError,
     UnsupportedDtypeError,
+    UsageError,
 )
 from .header import TensorInfo
 from .source import Checkpoint, open_checkpoint
@@ -208,7 +209,7 @@ def backend_for(framework: str) -> Backend:
         return TorchBackend()
     if framework == "numpy":
         return NumpyBackend()
-    raise ValueError(f"framework must be 'torch' or 'numpy', not {framework!r}")
+    raise UsageError(f"framework must be 'torch' or 'numpy', not {framework!r}")
 
 
 def _memoryview_at(address: int, nbytes: int) -> memoryview:
@@ -225,7 +226,7 @@ def check_dtype(backend: Backend, info: TensorInfo, path: str | Path, unsupporte
     if unsupported == "raw":
         return True
     if unsupported != "error":
-        raise ValueError(f"unsupported must be 'error' or 'raw', not {unsupported!r}")
+        raise UsageError(f"unsupported must be 'error' or 'raw', not {unsupported!r}")
     why = (
         "is a sub-byte type no framework stores unpacked"
         if info.dtype in ("F4", "F6_E2M3", "F6_E3M2")
@@ -274,7 +275,7 @@ def plan_jobs(spans: Sequence[Span], chunk: int | None = None) -> list[ReadJob]:
     if chunk is None:
         chunk = CHUNK_BYTES
     if chunk < 1:
-        raise ValueError(f"chunk must be at least 1 byte, not {chunk}")
+        raise UsageError(f"chunk must be at least 1 byte, not {chunk}")
     order = sorted(range(len(spans)), key=lambda k: (spans[k].path, spans[k].offset))
     jobs: list[ReadJob] = []
     cur: ReadJob | None = None
@@ -504,7 +505,7 @@ def check_workers(workers: int | None) -> int:
         )
     n = default_workers() if workers is None else workers
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"workers must be a positive integer, not {workers!r}")
+        raise UsageError(f"workers must be a positive integer, not {workers!r}")
     return n
 
 
