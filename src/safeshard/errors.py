@@ -35,7 +35,12 @@ inherits the builtin exception a caller would naturally catch, so
     ├── OutputExistsError (FileExistsError)       refusing to overwrite
     ├── OutputLockedError (BlockingIOError)       another process writes the output
     ├── UpdateError (ValueError)                  --update has no sound earlier split to build on
-    ├── DiskFullError (OSError)                   the disk filled up while writing
+    ├── StorageError (OSError)                    reading or writing storage failed
+    │   ├── ReadError                             a file or object could not be read
+    │   └── WriteError                            an output could not be written
+    │       ├── DiskFullError                     the disk filled up while writing
+    │       ├── UnwritableOutputError (PermissionError)  read-only or not writable
+    │       └── OutputFolderMissingError (FileNotFoundError)  the output's folder is missing
     ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
     ├── BudgetError (MemoryError)                 a block is larger than the memory budget
     ├── MissingExtraError (ImportError)           torch/numpy needed but not installed
@@ -48,6 +53,7 @@ inherits the builtin exception a caller would naturally catch, so
 from __future__ import annotations
 
 import errno
+from typing import Any
 
 __all__ = [
     "AmbiguousCheckpointError",
@@ -74,21 +80,26 @@ __all__ = [
     "MisalignedTensorError",
     "MissingExtraError",
     "OutputExistsError",
+    "OutputFolderMissingError",
     "OutputLockedError",
     "OverlapError",
     "OversizeTensorError",
     "PlanError",
     "QuantizationConfigError",
+    "ReadError",
     "SafeshardError",
     "ShardMismatchError",
     "SizeParseError",
+    "StorageError",
     "SynthError",
     "TensorEntryError",
     "UnknownDtypeError",
     "UnsafeIndexPathError",
     "UnsupportedDtypeError",
+    "UnwritableOutputError",
     "UpdateError",
     "UsageError",
+    "WriteError",
 ]
 
 
@@ -226,17 +237,95 @@ class UpdateError(SafeshardError, ValueError):
     its manifest, or the new source changed while it was read."""
 
 
-class DiskFullError(SafeshardError, OSError):
-    """The disk filled up while writing; the partial file was removed."""
+class StorageError(SafeshardError, OSError):
+    """Reading or writing storage failed. ``str()`` names the file, the operation and the
+    cause; ``errno`` and ``filename`` are those of the underlying :class:`OSError`."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
-
-    def __reduce__(self) -> tuple[type[DiskFullError], tuple[str]]:
-        return type(self), (str(self.strerror),)
+    def __init__(self, message: str, *, filename: str | None = None, err: int = errno.EIO) -> None:
+        super().__init__(err, message)
+        self.filename = filename
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+    def __reduce__(self) -> Any:
+        # pickle would call cls(errno, message); keep errors intact across process pools
+        return (_rebuild_storage_error, (type(self), str(self.strerror), self.filename, self.errno))
+
+
+def _rebuild_storage_error(
+    cls: type[StorageError], message: str, filename: str | None, err: int
+) -> StorageError:
+    return cls(message, filename=filename, err=err)
+
+
+class ReadError(StorageError):
+    """A file or object could not be read (an I/O error, a vanished or shrunken file)."""
+
+
+class WriteError(StorageError):
+    """An output could not be written; the partial file, if any, was removed."""
+
+
+class DiskFullError(WriteError):
+    """The disk filled up while writing; the partial file was removed."""
+
+    def __init__(
+        self, message: str, *, filename: str | None = None, err: int = errno.ENOSPC
+    ) -> None:
+        super().__init__(message, filename=filename, err=err)
+
+
+class UnwritableOutputError(WriteError, PermissionError):
+    """The output is on a read-only file system, or the user may not write there."""
+
+
+class OutputFolderMissingError(WriteError, FileNotFoundError):
+    """The folder an output file should go into does not exist."""
+
+
+def read_error(path: object, operation: str, e: OSError) -> ReadError:
+    """A :class:`ReadError` for ``e``, raised while doing ``operation`` on ``path``."""
+    why = e.strerror or str(e) or type(e).__name__
+    return ReadError(
+        f"{path}: cannot {operation}: {why}", filename=str(path), err=e.errno or errno.EIO
+    )
+
+
+def write_error(path: object, operation: str, e: OSError) -> WriteError:
+    """The :class:`WriteError` subclass for ``e``, raised while doing ``operation`` on ``path``.
+
+    A full disk is :class:`DiskFullError`; a read-only file system or a missing
+    permission is :class:`UnwritableOutputError`; a missing folder is
+    :class:`OutputFolderMissingError`. An error that already is a
+    :class:`StorageError` is returned unchanged.
+    """
+    if isinstance(e, WriteError):
+        return e
+    why = e.strerror or str(e) or type(e).__name__
+    code = e.errno or errno.EIO
+    name = str(path)
+    if code == errno.ENOSPC or code == errno.EDQUOT:
+        return DiskFullError(
+            f"{name}: the disk is full ({operation}); the partial file was removed. "
+            "Free space or choose another output folder",
+            filename=name,
+            err=code,
+        )
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where = "is on a read-only file system" if code == errno.EROFS else "is not writable"
+        return UnwritableOutputError(
+            f"{name}: cannot {operation}: the output {where}; choose a writable folder",
+            filename=name,
+            err=code,
+        )
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return OutputFolderMissingError(
+            f"{name}: cannot {operation}: {why}; create the folder first or choose another",
+            filename=name,
+            err=code,
+        )
+    return WriteError(f"{name}: cannot {operation}: {why}", filename=name, err=code)
 
 
 class QuantizationConfigError(SafeshardError, ValueError):

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from .errors import DiskFullError, OutputLockedError
+from .errors import DiskFullError, OutputLockedError, WriteError, write_error
 from .sizes import format_size
 
 CHUNK = 8 * 1024 * 1024
@@ -213,11 +213,6 @@ def require_space(folder: Path, need: int, what: str) -> None:
         )
 
 
-def unwritable(folder: Path, e: OSError) -> OSError:
+def unwritable(folder: Path, e: OSError) -> WriteError:
     """A clear error for an output folder that cannot be written (read-only, no permission)."""
-    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why = "is on a read-only file system" if e.errno == errno.EROFS else "is not writable"
-        return PermissionError(
-            e.errno, f"the output folder {why}; choose a writable folder", str(folder)
-        )
-    return e
+    return write_error(folder, "write the output folder", e)
