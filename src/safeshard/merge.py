@@ -40,8 +40,7 @@ from .hashcopy import Piece, Progress, copy_pieces
 from .header import TensorSpec, build_header
 from .layout import model_order
 from .manifest import Manifest, manifest_path, read_manifest
-from .source import Checkpoint, open_checkpoint
-from .split import common_metadata
+from .source import Checkpoint, common_metadata, open_checkpoint
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
 

@@ -227,3 +227,23 @@ def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -
             "Run `safeshard verify` for the full list."
         )
     return Checkpoint(located=loc, headers=headers, entries=entries)
+
+
+def common_metadata(ckpt: Checkpoint) -> tuple[dict[str, str] | None, list[str]]:
+    """The ``__metadata__`` every shard shares, and a warning when shards disagree."""
+    metas = [h.metadata for h in ckpt.headers]
+    if not metas:
+        return None, []
+    first = metas[0]
+    if all(m == first for m in metas):
+        return (None if first is None else dict(first)), []
+    common: dict[str, str] = {}
+    if first is not None:
+        for k, v in first.items():
+            if all(m is not None and m.get(k) == v for m in metas):
+                common[k] = v
+    dropped = sorted({k for m in metas if m for k in m} - set(common))
+    return common, [
+        f"{ckpt.index.path if ckpt.index is not None else ckpt.folder}: the shards carry different "
+        f"__metadata__; keeping only the entries they share (dropped: {', '.join(dropped)})"
+    ]

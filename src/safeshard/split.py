@@ -83,7 +83,7 @@ from .manifest import (
 from .plan import Plan, ShardPlan, plan_shards
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
-from .source import Checkpoint, open_checkpoint
+from .source import Checkpoint, common_metadata, open_checkpoint
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE",
@@ -92,7 +92,6 @@ __all__ = [
     "SplitResult",
     "WrittenShard",
     "checkpoint_files",
-    "common_metadata",
     "output_names",
     "split",
     "write_manifest_and_index",
@@ -222,26 +221,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
         return []
     suffixes = (".safetensors", INDEX_SUFFIX, MANIFEST_SUFFIX)
     return sorted(p for p in folder.iterdir() if p.name.endswith(suffixes) and not p.is_dir())
-
-
-def common_metadata(ckpt: Checkpoint) -> tuple[dict[str, str] | None, list[str]]:
-    """The ``__metadata__`` every shard shares, and a warning when shards disagree."""
-    metas = [h.metadata for h in ckpt.headers]
-    if not metas:
-        return None, []
-    first = metas[0]
-    if all(m == first for m in metas):
-        return (None if first is None else dict(first)), []
-    common: dict[str, str] = {}
-    if first is not None:
-        for k, v in first.items():
-            if all(m is not None and m.get(k) == v for m in metas):
-                common[k] = v
-    dropped = sorted({k for m in metas if m for k in m} - set(common))
-    return common, [
-        f"{ckpt.index.path if ckpt.index is not None else ckpt.folder}: the shards carry different "
-        f"__metadata__; keeping only the entries they share (dropped: {', '.join(dropped)})"
-    ]
 
 
 def _same_tensors(header_tensors: Any, ckpt: Checkpoint) -> str | None:

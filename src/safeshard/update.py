@@ -75,12 +75,11 @@ from .plan import Plan, ShardPlan, plan_shards
 from .scan import FileTask, Range, scan
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
-from .source import Checkpoint, open_checkpoint
+from .source import Checkpoint, common_metadata, open_checkpoint
 from .split import (
     CRASH_ENV,
     DEFAULT_MAX_SHARD_SIZE,
     check_base,
-    common_metadata,
     fingerprint,
     output_names,
     source_record,
