@@ -19,6 +19,7 @@ import random
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from safeshard.header import read_header, tensor_nbytes
 
@@ -171,3 +172,41 @@ def all_tensor_bytes(folder: Path) -> dict[str, bytes]:
 def folder_hashes(folder: Path) -> dict[str, str]:
     """SHA-256 of every regular file in ``folder`` by name."""
     return {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- kill points
+
+KILL_SCRIPT = """
+import json, os, signal, sys
+import safeshard
+fn, point, args, kwargs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+def hook(step):
+    if step == point or (point.endswith("*") and step.startswith(point[:-1])):
+        os.kill(os.getpid(), signal.SIGKILL)
+getattr(safeshard, fn)(*args, on_step=hook, **kwargs)
+"""
+
+
+def run_killed(fn: str, point: str, *args: object, **kwargs: object) -> Any:
+    """Run ``safeshard.<fn>(*args, **kwargs)`` in a child process that SIGKILLs itself when
+    the output transaction reaches step ``point`` (``"written:NAME"``, or a prefix ending in
+    ``*``). Returns the ``subprocess.CompletedProcess``."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            KILL_SCRIPT,
+            fn,
+            point,
+            json.dumps([str(a) for a in args]),
+            json.dumps(kwargs),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -1,9 +1,9 @@
 """Crash safety: a split killed at any point leaves OUT_DIR absent, resumable or complete.
 
 Never an index that points at a missing or short shard; ``--resume`` finishes the job;
-the source is untouched. Deterministic kill points use the ``SAFESHARD_TEST_CRASH``
-hook (the process SIGKILLs itself there); timer kills and Ctrl-C hit wherever the
-copy happens to be.
+the source is untouched. Deterministic kill points use the output transaction's
+``on_step`` hook (the child process SIGKILLs itself at a named step); timer kills and
+Ctrl-C hit wherever the copy happens to be.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from safeshard.errors import HeaderError
 from safeshard.fsio import TMP_PREFIX
 from safeshard.header import TensorSpec, build_header, read_header
 from safeshard.index import read_index
-from safeshard.split import CRASH_ENV, JOURNAL_NAME
-from splitkit import llama, sha256, write_custom
+from safeshard.outdir import JOURNAL_NAME
+from splitkit import llama, run_killed, sha256, write_custom
 
 CAP = 9_000
 SPLIT = (
@@ -36,17 +36,19 @@ SPLIT = (
 def run_split(
     src: Path, out: Path, cap: int, crash: str | None
 ) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop(CRASH_ENV, None)
-    if crash is not None:
-        env[CRASH_ENV] = crash
-    return subprocess.run(
-        [sys.executable, "-c", SPLIT, str(src), str(out), str(cap)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """Split in a child process killed at step ``crash`` (see outdir.STEPS)."""
+    if crash is None:
+        return subprocess.run(
+            [sys.executable, "-c", SPLIT, str(src), str(out), str(cap)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    return run_killed("split", crash, src, out, max_shard_size=cap)  # type: ignore[no-any-return]
+
+
+def shard(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
 def state_of(out: Path) -> str:
@@ -104,12 +106,13 @@ def finish_and_check(source: Path, out: Path, cap: int, digest: str) -> list[str
 @pytest.mark.parametrize(
     "point, expected, kept",
     [
-        ("mid-shard:0", {"absent", "resumable"}, 0),
-        ("shard-done:0", {"resumable"}, 1),
-        ("mid-shard:2", {"resumable"}, 2),
-        ("shard-done:2", {"resumable"}, 3),
-        ("before-manifest", {"resumable"}, -1),
-        ("before-index", {"resumable"}, -1),
+        ("writing:0", {"absent", "resumable"}, 0),
+        ("written:0", {"resumable"}, 0),
+        ("journaled:0", {"resumable"}, 1),
+        ("writing:2", {"resumable"}, 2),
+        ("journaled:2", {"resumable"}, 3),
+        ("committing", {"resumable"}, -1),
+        ("moved:model.safeshard.json", {"resumable"}, -1),
     ],
 )
 def test_kill_at_each_point_then_resume(
@@ -119,6 +122,9 @@ def test_kill_at_each_point_then_resume(
     out = tmp_path / "out"
     n = len(safeshard.split(source, out, max_shard_size=CAP, dry_run=True).files)
     assert n >= 4
+    step, _, k = point.partition(":")
+    if k.isdigit():
+        point = f"{step}:{shard(int(k), n)}"
     proc = run_split(source, out, CAP, point)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert state_of(out) in expected
@@ -127,7 +133,9 @@ def test_kill_at_each_point_then_resume(
     assert len(got) == (n if kept == -1 else kept)
 
 
-@pytest.mark.parametrize("point", ["mid-shard:0", "shard-done:0", "before-manifest"])
+@pytest.mark.parametrize(
+    "point", ["writing:model.safetensors", "journaled:model.safetensors", "committing"]
+)
 def test_single_file_output_killed(source: Path, tmp_path: Path, point: str) -> None:
     digest = sha256(source)
     out = tmp_path / "out"
@@ -140,7 +148,8 @@ def test_single_file_output_killed(source: Path, tmp_path: Path, point: str) -> 
 
 def test_kill_then_plain_rerun_is_refused_then_resumed(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_split(source, out, CAP, "shard-done:1")
+    n = len(safeshard.split(source, out, max_shard_size=CAP, dry_run=True).files)
+    run_split(source, out, CAP, f"journaled:{shard(1, n)}")
     with pytest.raises(safeshard.OutputExistsError, match="--resume"):
         safeshard.split(source, out, max_shard_size=CAP)
     assert finish_and_check(source, out, CAP, sha256(source))
@@ -148,7 +157,8 @@ def test_kill_then_plain_rerun_is_refused_then_resumed(source: Path, tmp_path: P
 
 def test_kill_then_force_starts_over(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_split(source, out, CAP, "shard-done:1")
+    n = len(safeshard.split(source, out, max_shard_size=CAP, dry_run=True).files)
+    run_split(source, out, CAP, f"journaled:{shard(1, n)}")
     r = safeshard.split(source, out, max_shard_size=CAP, force=True)
     assert not r.kept and state_of(out) == "complete"
 
@@ -182,7 +192,6 @@ def test_timer_kill_anywhere(tmp_path: Path, delay: float) -> None:
     out = tmp_path / "out"
     cap = 60 * 1024 * 1024
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop(CRASH_ENV, None)
     proc = subprocess.Popen([sys.executable, "-c", SPLIT, str(src), str(out), str(cap)], env=env)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -196,7 +205,6 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path: Path) -> None:
     src = big_source(tmp_path / "src")
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.pop(CRASH_ENV, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "safeshard", "split", str(src), str(out), "-s", str(60 * 2**20)],
         env=env,
@@ -216,10 +224,14 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path: Path) -> None:
     finish_and_check(src, out, 60 * 2**20, sha256(src))
 
 
-def test_journal_is_valid_json_after_each_shard(source: Path, tmp_path: Path) -> None:
+def test_journal_records_each_finished_shard(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_split(source, out, CAP, "shard-done:1")
-    obj = json.loads((out / JOURNAL_NAME).read_text())
-    assert obj["format"] == "safeshard-journal" and len(obj["shards"]) == 2
-    for name, rec in obj["shards"].items():
+    n = len(safeshard.split(source, out, max_shard_size=CAP, dry_run=True).files)
+    run_split(source, out, CAP, f"journaled:{shard(1, n)}")
+    lines = [json.loads(x) for x in (out / JOURNAL_NAME).read_text().splitlines()]
+    assert lines[0]["start"]["format"] == "safeshard-journal"
+    assert lines[0]["start"]["kind"] == "split"
+    files = dict(x["file"] for x in lines[1:])
+    assert sorted(files) == [shard(0, n), shard(1, n)]
+    for name, rec in files.items():
         assert sha256(out / name) == rec["sha256"]

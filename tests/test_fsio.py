@@ -112,3 +112,52 @@ def test_second_writer_of_a_folder_is_refused(tmp_path: Path) -> None:
     with fsio.DirLock(tmp_path):  # released: a later writer gets it
         pass
     assert not (tmp_path / fsio.LOCK_NAME).exists()
+
+
+def test_a_stale_lock_file_opened_before_its_removal_does_not_grant_the_lock(
+    tmp_path: Path,
+) -> None:
+    """The race of a lock file removed on release: B opened it, A released (and removed
+    it), C created and locked a new one; B's lock on the orphan must not count."""
+    a = fsio.DirLock(tmp_path).__enter__()
+    stale_fd = os.open(tmp_path / fsio.LOCK_NAME, os.O_RDWR)  # B opens the old file
+    a.__exit__(None, None, None)  # A removes it and unlocks
+    c = fsio.DirLock(tmp_path).__enter__()  # C creates and locks a new file
+    b = fsio.DirLock(tmp_path)
+    assert b.acquire(stale_fd) is False  # B locks the orphan, sees it is stale
+    with pytest.raises(OutputLockedError):
+        b.__enter__()  # and on the real path it finds C's lock
+    c.__exit__(None, None, None)
+    with fsio.DirLock(tmp_path):
+        pass
+
+
+def test_a_failed_copy_file_range_falls_back_for_that_copy_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hasattr(os, "copy_file_range"):
+        pytest.skip("no copy_file_range here")
+    data = os.urandom(100_000)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    real = os.copy_file_range
+    calls = {"n": 0}
+
+    def flaky(*args: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(*args)
+
+    monkeypatch.setattr(fsio.os, "copy_file_range", flaky)
+    for i in range(2):
+        dst = tmp_path / f"dst{i}.bin"
+        sfd = os.open(src, os.O_RDONLY)
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fsio.copy_range(sfd, dfd, 0, len(data), 0)
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+        assert dst.read_bytes() == data
+    assert calls["n"] >= 2, "the second copy used copy_file_range again"

@@ -30,7 +30,7 @@ from safeshard.header import TensorSpec, build_header, read_header
 from safeshard.index import SHARD_RE, read_index
 from safeshard.layout import model_order, split_block
 from safeshard.manifest import read_manifest
-from safeshard.split import JOURNAL_NAME
+from safeshard.outdir import JOURNAL_NAME
 from splitkit import (
     all_tensor_bytes,
     folder_hashes,
@@ -454,24 +454,25 @@ def test_resume_keeps_matching_shards_and_rewrites_the_rest(src: Path, tmp_path:
     # an interrupted run: no index, no manifest, the last shard missing, one corrupted
     (out / "model.safetensors.index.json").unlink()
     man = out / "model.safeshard.json"
-    journal = {
-        "format": "safeshard-journal",
-        "version": 1,
-        "fingerprint": json.loads(man.read_text())["fingerprint"],
-        "shards": {
-            s["file"]: {
-                "size": s["size"],
-                "sha256": s["sha256"],
-                "tensors": {
-                    t.name: json.loads(man.read_text())["tensors"][t.name]["digest"]
-                    for t in read_header(out / s["file"]).tensors
-                },
+    mobj = json.loads(man.read_text())
+    lines = [
+        {
+            "start": {
+                "format": "safeshard-journal",
+                "version": 2,
+                "kind": "split",
+                "fingerprint": mobj["fingerprint"],
             }
-            for s in json.loads(man.read_text())["shards"]
-        },
-    }
+        }
+    ]
+    for s in mobj["shards"]:
+        tensors = {
+            t.name: mobj["tensors"][t.name]["digest"] for t in read_header(out / s["file"]).tensors
+        }
+        rec = {"size": s["size"], "sha256": s["sha256"], "tensors": tensors, "staged": None}
+        lines.append({"file": [s["file"], rec]})
     man.unlink()
-    (out / JOURNAL_NAME).write_text(json.dumps(journal))
+    (out / JOURNAL_NAME).write_text("".join(json.dumps(x) + "\n" for x in lines))
     (out / names[-1]).unlink()
     with open(out / names[1], "r+b") as f:
         f.seek(-1, os.SEEK_END)

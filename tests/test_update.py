@@ -26,8 +26,7 @@ from safeshard.header import TensorSpec, build_header, read_header, tensor_nbyte
 from safeshard.index import read_index
 from safeshard.layout import model_order
 from safeshard.manifest import read_manifest
-from safeshard.split import CRASH_ENV
-from splitkit import Decl, gptq_llama
+from splitkit import Decl, gptq_llama, run_killed
 
 PAST_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: no file written by a test is this old
 
@@ -617,36 +616,52 @@ def test_dry_run_writes_nothing(
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
-UPDATE = "import sys, safeshard; safeshard.update(sys.argv[1], sys.argv[2])"
-
-
-@pytest.mark.parametrize("point", ["update-staged", "update-commit", "update-before-index"])
-def test_killed_update_never_leaves_an_index_to_a_missing_shard(tmp_path: Path, point: str) -> None:
+@pytest.mark.parametrize(
+    "point", ["staged:*", "journaled:*", "committing", "moved:model.safeshard.json"]
+)
+def test_killed_update_is_finished_by_the_next_run(tmp_path: Path, point: str) -> None:
     old = small_source(tmp_path / "old", gptq_tensors(3))
     new = small_source(tmp_path / "new", gptq_tensors(4))  # a new shard, renames
     out = tmp_path / "out"
     safeshard.split(old, out, max_shard_size=cap_for(old, 3))
     src_sha = sha(weights_file(new))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", **{CRASH_ENV: point})
-    proc = subprocess.run(
-        [sys.executable, "-c", UPDATE, str(new), str(out)], env=env, capture_output=True
-    )
+    proc = run_killed("update", point, new, out)
     assert proc.returncode == -9, proc.stderr
     assert sha(weights_file(new)) == src_sha
     index = out / "model.safetensors.index.json"
-    if point == "update-staged":
+    if point in ("staged:*", "journaled:*"):
         # the old split is whole until the commit; only the staged shards lie beside it
         rep = safeshard.verify(out, against=old)
-        assert rep.codes == {"stale-temp"}, [f.message for f in rep.findings]
-        r = safeshard.update(new, out)  # and a second run finishes the job
+        assert rep.codes <= {"stale-temp"}, [f.message for f in rep.findings]
+        r = safeshard.update(new, out)  # a second run finishes the job
         assert r.names_changed
+        if point == "journaled:*":
+            assert r.resumed, "the staged shard the journal vouches for is kept"
     else:
-        assert not index.exists()
-        with pytest.raises(UpdateError):
-            safeshard.update(new, out)
-        safeshard.split(new, out, max_shard_size=cap_for(old, 3), force=True)
+        if index.exists():  # any index present lists whole shards that agree with it
+            safeshard.open_checkpoint(out)
+        if point.startswith("moved:"):
+            assert not index.exists()  # the old index went before anything moved
+        r = safeshard.update(new, out)  # the next writer rolls the commit forward
+        assert any("interrupted" in n for n in r.notes)
+        assert r.up_to_date
     check_against(out, new)
     assert not list(out.glob(TMP_PREFIX + "*"))
+    assert not (out / ".safeshard-journal.json").exists()
+
+
+def test_interrupted_commit_is_finished_by_any_writer(tmp_path: Path) -> None:
+    old = small_source(tmp_path / "old", gptq_tensors(3))
+    new = small_source(tmp_path / "new", gptq_tensors(4))
+    out = tmp_path / "out"
+    safeshard.split(old, out, max_shard_size=cap_for(old, 3))
+    assert run_killed("update", "moved:*", new, out).returncode == -9
+    merged = tmp_path / "merged" / "m.safetensors"
+    merged.parent.mkdir()
+    # a merge of the folder itself cannot start until it is whole; a split --resume can
+    r = safeshard.split(new, out, max_shard_size=cap_for(old, 3), resume=True)
+    assert any("interrupted" in n for n in r.notes)
+    check_against(out, new)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -1,12 +1,15 @@
 """Byte-range copies and crash-safe writes.
 
 - :func:`copy_range` moves bytes between files with ``os.copy_file_range`` where the
-  kernel has it, else ``os.sendfile``, else a bounded buffer: tensor bytes never pass
-  through Python objects the size of a tensor.
+  kernel has it, else through a bounded buffer: tensor bytes never pass through Python
+  objects the size of a tensor.
 - :class:`AtomicWriter` writes under a temporary name in the target folder, fsyncs,
   then renames over the target and fsyncs the folder. On any error the temporary
   file is removed; a full disk becomes :class:`DiskFullError`.
 - :class:`DirLock` refuses a second writer of the same output folder.
+
+The output transaction built on these (lock, journal, staging, commit) is
+:mod:`safeshard.outdir`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ CHUNK = 8 * 1024 * 1024
 """Buffer size for the fallback copy and for hashing reads."""
 
 MAX_COPY = 1 << 30
-"""Largest single copy_file_range/sendfile request (the kernel caps one at ~2 GiB)."""
+"""Largest single copy_file_range request (the kernel caps one at ~2 GiB)."""
 
 TMP_PREFIX = ".safeshard-tmp-"
 LOCK_NAME = ".safeshard.lock"
@@ -34,20 +37,28 @@ _HAS_CFR = hasattr(os, "copy_file_range")
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
-    """Copy ``length`` bytes at ``offset`` in ``src_fd`` to ``dst_offset`` in ``dst_fd``."""
-    global _HAS_CFR
+    """Copy ``length`` bytes at ``offset`` in ``src_fd`` to ``dst_offset`` in ``dst_fd``.
+
+    Uses ``copy_file_range`` where the kernel has it; if it fails (another file system,
+    a file system that refuses it), the rest of *this* copy goes through a bounded
+    buffer, which also tells a read error from a write error. A full disk is raised as is.
+    """
     done = 0
+    kernel = _HAS_CFR
     while done < length:
         want = min(MAX_COPY, length - done)
         n = 0
-        if _HAS_CFR:
+        if kernel:
             try:
                 n = os.copy_file_range(src_fd, dst_fd, want, offset + done, dst_offset + done)
             except OSError as e:
-                if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                    _HAS_CFR = False
-                    continue
-                raise
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                kernel = False  # this copy only
+                continue
+            if n == 0:
+                kernel = False  # let the buffered path tell end of file from a refusal
+                continue
         else:
             n = _copy_buffered(src_fd, dst_fd, offset + done, want, dst_offset + done)
         if n == 0:
@@ -158,33 +169,65 @@ def write_atomic(target: str | os.PathLike[str], data: bytes) -> None:
 
 
 class DirLock:
-    """An exclusive, non-blocking lock on an output folder (``.safeshard.lock`` inside it)."""
+    """An exclusive, non-blocking lock on an output folder (``.safeshard.lock`` inside it).
+
+    The lock file is removed on release, while still locked. A process that opened the
+    old file just before it was removed could then lock that orphaned file while a third
+    process creates and locks a new one; so after locking, the lock is kept only if the
+    path still names the very file locked (same device and inode), else it is tried again.
+    """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.fd = -1
 
+    def _busy(self) -> OutputLockedError:
+        return OutputLockedError(
+            f"{self.folder}: another safeshard process is writing this folder; "
+            "wait for it to finish or choose another output folder"
+        )
+
     def __enter__(self) -> DirLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        for _ in range(100):
+            try:
+                fd = os.open(
+                    self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+                )
+            except OSError as e:
+                raise write_error(self.path, "create the lock file", e) from None
+            if self.acquire(fd):
+                return self
+        raise self._busy()  # pragma: no cover - the lock file kept vanishing under us
+
+    def acquire(self, fd: int) -> bool:
+        """Lock the open lock file ``fd``; True when held (``fd`` is then kept), False
+        when ``fd`` was a stale, unlinked lock file (it is closed: open the path again).
+        Raises :class:`OutputLockedError` when another process holds the lock."""
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(self.fd)
-            self.fd = -1
+            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputLockedError(
-                    f"{self.folder}: another safeshard process is writing this folder; "
-                    "wait for it to finish or choose another output folder"
-                ) from None
-            raise
-        return self
+                raise self._busy() from None
+            raise write_error(self.path, "lock", e) from None
+        try:
+            st, now = os.fstat(fd), os.stat(self.path, follow_symlinks=False)
+            same = (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)  # closing drops the lock on the orphan
+            return False
+        self.fd = fd
+        return True
 
     def __exit__(self, *exc: object) -> None:
         if self.fd >= 0:
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.unlink(self.path)  # while still locked: see the class docs
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = -1
 

@@ -3,8 +3,9 @@
 ``merge(SRC, OUT_FILE)`` first validates the index against the shards
 (:func:`source.open_checkpoint`: every listed tensor in its shard, no extras, no
 duplicates). It then streams tensor bytes by byte ranges into a temporary file
-beside OUT_FILE, fsyncs it and renames it (:class:`fsio.AtomicWriter`); an existing
-OUT_FILE is refused unless ``force``.
+beside OUT_FILE, fsyncs it and renames it, through the same output transaction as
+split (:class:`outdir.OutputFolder` on OUT_FILE's folder: lock, temporary name,
+fsync, rename); an existing OUT_FILE is refused unless ``force``.
 
 - **Lossless.** When the shards' manifest (``{BASE}.safeshard.json``) records the
   original file's header and that header describes exactly the shards' tensors
@@ -32,14 +33,16 @@ from .errors import (
     HeaderError,
     IndexFormatError,
     OutputExistsError,
-    SafeshardError,
+    OutputFolderMissingError,
     ShardMismatchError,
 )
-from .fsio import AtomicWriter, DirLock, require_space, unwritable
-from .hashcopy import Piece, Progress, copy_pieces
+from .fsio import require_space
+from .hashcopy import Hashes, Piece, Progress, copy_pieces
 from .header import TensorSpec, build_header
 from .layout import model_order
+from .load import ShardFiles
 from .manifest import Manifest, manifest_path, read_manifest
+from .outdir import OutputFolder, StepHook
 from .source import Checkpoint, common_metadata, open_checkpoint
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
@@ -158,11 +161,13 @@ def merge(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    on_step: StepHook | None = None,
 ) -> MergeResult:
     """Merge the checkpoint at ``src`` (a folder, an index or a file) into ``out_file``.
 
     ``progress`` is called with a number of bytes each time that many are written;
-    the total is the output's size (``MergeResult.size``).
+    the total is the output's size (``MergeResult.size``). ``on_step`` is called with
+    each step of the output transaction (:data:`outdir.STEPS`).
     """
     ckpt = open_checkpoint(src)
     out = Path(out_file)
@@ -173,40 +178,36 @@ def merge(
     size = layout.header_len + ckpt.total_tensor_bytes
     require_space(out.parent, size, f"{out.name}: the merged file would")
     recorded = manifest.tensors if manifest is not None else {}
-    try:
-        lock = DirLock(out.parent).__enter__()
-    except OSError as e:
-        if isinstance(e, SafeshardError):
-            raise
-        raise unwritable(out.parent, e) from None
-    fds: list[int] = []
-    try:
-        fds = [os.open(h.path, os.O_RDONLY) for h in ckpt.headers]
+
+    def fill(fd: int, files: ShardFiles) -> Hashes:
         pieces = [
             Piece(
-                n, fds[ckpt.entries[n].shard], ckpt.absolute_offset(n), ckpt.entries[n].info.nbytes
+                n,
+                files.fds[ckpt.headers[ckpt.entries[n].shard].path],
+                ckpt.absolute_offset(n),
+                ckpt.entries[n].info.nbytes,
             )
             for n in layout.order
         ]
-        with AtomicWriter(out) as w:
-            hashes = copy_pieces(w.fd, layout.header, pieces, progress=progress)
-            bad = [
-                n
-                for n, digest in hashes.tensors.items()
-                if n in recorded and recorded[n].digest != digest
-            ]
-            if bad:
-                raise ShardMismatchError(
-                    f"{ckpt.path_of(bad[0])}: tensor {bad[0]!r} does not match the digest "
-                    f"recorded in {manifest_path(ckpt.folder, ckpt.located.base).name}"
-                    + (f" ({len(bad)} tensors differ)" if len(bad) > 1 else "")
-                    + "; the shard is corrupted or was changed, so nothing was written. "
-                    "Run `safeshard verify` to see every difference."
-                )
-    finally:
-        for fd in fds:
-            os.close(fd)
-        lock.__exit__(None, None, None)
+        hashes = copy_pieces(fd, layout.header, pieces, progress=progress)
+        bad = [
+            n
+            for n, digest in hashes.tensors.items()
+            if n in recorded and recorded[n].digest != digest
+        ]
+        if bad:
+            raise ShardMismatchError(
+                f"{ckpt.path_of(bad[0])}: tensor {bad[0]!r} does not match the digest "
+                f"recorded in {manifest_path(ckpt.folder, ckpt.located.base).name}"
+                + (f" ({len(bad)} tensors differ)" if len(bad) > 1 else "")
+                + "; the shard is corrupted or was changed, so nothing was written. "
+                "Run `safeshard verify` to see every difference."
+            )
+        return hashes
+
+    with ShardFiles(ckpt) as files, OutputFolder(out.parent, on_step=on_step) as tx:
+        warnings += tx.recovered
+        hashes = tx.write(out.name, lambda fd: fill(fd, files))
     verified = sum(1 for n in hashes.tensors if n in recorded)
     if manifest is not None and verified < len(ckpt.entries):
         warnings.append(
@@ -230,10 +231,11 @@ def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a folder; give the path of the file to write")
     if not out.parent.is_dir():
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"the folder for {out.name} does not exist (or is a file); create it first",
-            str(out.parent),
+        raise OutputFolderMissingError(
+            f"{out.parent}: the folder for {out.name} does not exist (or is a file); "
+            "create it first",
+            filename=str(out.parent),
+            err=errno.ENOENT,
         )
     if out.exists():
         for p in ckpt.located.paths:

@@ -23,12 +23,12 @@ default (``gptq_model-{bits}bit-{group}g`` or ``model``).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fsio import AtomicWriter, copy_range, write_atomic
+from .errors import read_error
+from .outdir import OutputFolder
 
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -147,32 +147,23 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), note
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically, by byte ranges."""
-    fd = os.open(src, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        with AtomicWriter(dst) as w:
-            if size:
-                copy_range(fd, w.fd, 0, size, 0)
-    finally:
-        os.close(fd)
-
-
-def copy_sidecars(folder: Path, out_dir: Path, *, base: str, only_known: bool) -> SidecarResult:
-    """Copy ``folder``'s other files into ``out_dir`` (see the module docstring)."""
+def copy_sidecars(folder: Path, tx: OutputFolder, *, base: str, only_known: bool) -> SidecarResult:
+    """Copy ``folder``'s other files into the output transaction ``tx`` (see the module docs)."""
     result = SidecarResult()
     files, result.skipped = plan_sidecars(folder, only_known=only_known)
     for src in files:
-        dst = out_dir / src.name
         if src.name == QUANTIZE_CONFIG:
-            new, note = rewrite_quantize_config(src.read_bytes(), base)
+            try:
+                data = src.read_bytes()
+            except OSError as e:
+                raise read_error(src, "read", e) from None
+            new, note = rewrite_quantize_config(data, base)
             if note:
                 result.notes.append(note)
             if new is not None:
-                write_atomic(dst, new)
+                tx.write_bytes(src.name, new)
                 result.copied.append(src.name)
                 continue
-        copy_file(src, dst)
+        tx.copy_in(src, src.name)
         result.copied.append(src.name)
     return result

@@ -23,15 +23,18 @@ each tensor's digest and the cap. The old shards' bytes are never read.
    changes, every ``-of-N`` name changes: shards with unchanged content are renamed,
    not rewritten (the name is not inside the file).
 
-Crash safety. Everything runs under the folder's lock (:class:`fsio.DirLock`). The
-dirty shards are first written under hidden temporary names (fsynced), while the
-old split stays whole. Then the old index and manifest are removed, the new files
-are renamed into place, old files no longer needed are deleted, and the new
-manifest and, last, the new index are written atomically. So a folder with an
-index is always complete; an update killed in between leaves no index (finish with
-a plain ``safeshard split NEW_SRC OUT_DIR --force``). The new source is only ever
-opened read-only, and the bytes copied from it are re-hashed on the way and checked
-against the first pass, so a source that changes during the update fails it.
+Crash safety is the output transaction's (:mod:`safeshard.outdir`). The dirty
+shards are first staged under hidden temporary names (fsynced), and renamed shards
+are staged as hard links, while the old split stays whole; an update killed then
+leaves the old split intact, and the next update keeps the staged shards that its
+journal vouches for (resume). Then the commit: its record goes to the journal, the
+old index and manifest are removed, the staged files are renamed into place, old
+files no longer needed are deleted, and the new manifest and, last, the new index
+are renamed into place. A commit interrupted midway is finished by the next writer
+that opens the folder. So a folder with an index is always complete. The new source
+is only ever opened read-only, and the bytes copied from it are re-hashed on the way
+and checked against the first pass, so a source that changes during the update
+fails it.
 
 The kept shards are trusted on their recorded sizes and headers; their bytes are
 not re-read (run ``safeshard verify OUT_DIR`` for that).
@@ -39,56 +42,41 @@ not re-read (run ``safeshard verify OUT_DIR`` for that).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError
-from .fsio import (
-    TMP_PREFIX,
-    DirLock,
-    fsync_dir,
-    require_space,
-    stale_temporaries,
-    unwritable,
-    write_atomic,
-)
-from .hashcopy import Piece
+from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
+from .fsio import require_space
+from .hashcopy import Piece, hash_file
 from .header import TensorSpec, build_header
-from .index import INDEX_SUFFIX, index_json
+from .index import INDEX_SUFFIX
 from .layout import describe_blocks, group_tensors, model_order
-from .manifest import (
-    MANIFEST_SUFFIX,
-    Manifest,
-    ShardRecord,
-    SourceRecord,
-    TensorRecord,
-    manifest_path,
-    read_manifest,
-)
-from .plan import Plan, ShardPlan, plan_shards
-from .scan import FileTask, Range, scan
-from .sidecar import copy_sidecars
-from .sizes import format_size, parse_size
-from .source import Checkpoint, common_metadata, open_checkpoint
-from .split import (
-    CRASH_ENV,
+from .load import ShardFiles
+from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path, read_manifest
+from .outdir import FileRecord, OutputFolder, StepHook
+from .output import (
     DEFAULT_MAX_SHARD_SIZE,
+    FileStatus,
+    OutputFile,
+    OutputResult,
     check_base,
+    describe_checkpoint,
     fingerprint,
     output_names,
     source_record,
     write_shard,
 )
+from .plan import plan_shards
+from .scan import FileTask, Range, scan
+from .sidecar import copy_sidecars
+from .sizes import format_size, parse_size
+from .source import Checkpoint, common_metadata, open_checkpoint
 
-__all__ = ["UpdateResult", "UpdatedFile", "update"]
-
-FileStatus = Literal["kept", "renamed", "rewritten", "added"]
+__all__ = ["UpdateResult", "describe", "update"]
 
 ProgressFactory = Callable[[str, int], AbstractContextManager[Callable[[int], None]]]
 """Called with a label (``"hashing"``, ``"writing"``) and the bytes that step reads or
@@ -97,42 +85,9 @@ writes; yields a callback taking bytes just done."""
 MIN_PART = 256 * 1024 * 1024
 """Smallest share of one source file that a hashing thread gets."""
 
-STAGE = f"{TMP_PREFIX}update-"
-"""Prefix of a rewritten shard's name until the update commits (a temporary name, so
-a killed run's leftovers are removed by the next split or update)."""
-
-
-@dataclass(frozen=True)
-class UpdatedFile:
-    """One shard after the update.
-
-    ``status``: ``kept`` (not touched), ``renamed`` (same bytes, new ``-of-N`` name,
-    moved from ``previous``), ``rewritten`` (new bytes replacing ``previous``) or
-    ``added`` (a new shard). ``sha256`` is None for new bytes in a dry run.
-    """
-
-    file: str
-    size: int
-    sha256: str | None
-    tensors: int
-    blocks: str
-    status: FileStatus
-    previous: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "file": self.file,
-            "size": self.size,
-            "sha256": self.sha256,
-            "tensors": self.tensors,
-            "blocks": self.blocks,
-            "status": self.status,
-            "previous": self.previous,
-        }
-
 
 @dataclass
-class UpdateResult:
+class UpdateResult(OutputResult):
     """What ``update`` planned or did.
 
     ``removed`` lists every old file name no longer in OUT_DIR: what to delete from a
@@ -140,43 +95,27 @@ class UpdateResult:
     ``renamed``; a shard rewritten under a new name has the old one as ``previous``.
     """
 
-    source: str
-    out_dir: Path
-    base: str
-    cap: int
-    dry_run: bool
-    files: list[UpdatedFile]
-    old_files: list[str]
-    removed: list[str]
-    index: Path | None
-    manifest: Path
-    unchanged: int
-    changed: list[str]
-    added_tensors: list[str]
-    removed_tensors: list[str]
-    metadata_changed: bool
-    lossless: bool
-    bytes_hashed: int
-    data_size: int = 0
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    copied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-
-    def _with(self, status: FileStatus) -> list[str]:
-        return [f.file for f in self.files if f.status == status]
+    old_files: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    changed: list[str] = field(default_factory=list)
+    added_tensors: list[str] = field(default_factory=list)
+    removed_tensors: list[str] = field(default_factory=list)
+    metadata_changed: bool = False
+    bytes_hashed: int = 0
+    resumed: list[str] = field(default_factory=list)
+    """Shards an interrupted update had staged, found intact and kept."""
 
     @property
     def kept(self) -> list[str]:
-        return self._with("kept")
+        return self.with_status("kept")
 
     @property
     def rewritten(self) -> list[str]:
-        return self._with("rewritten")
+        return self.with_status("rewritten")
 
     @property
     def added(self) -> list[str]:
-        return self._with("added")
+        return self.with_status("added")
 
     @property
     def renamed(self) -> list[tuple[str, str]]:
@@ -193,45 +132,29 @@ class UpdateResult:
         """Nothing had to be written: every shard was kept as it was."""
         return all(f.status == "kept" for f in self.files) and not self.removed
 
-    @property
-    def total_size(self) -> int:
-        """Sum of tensor data bytes (the index's ``total_size``)."""
-        return self.data_size
-
     def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "out_dir": str(self.out_dir),
-            "dry_run": self.dry_run,
-            "base": self.base,
-            "cap": self.cap,
-            "shards": [f.to_json() for f in self.files],
-            "index": None if self.index is None else self.index.name,
-            "manifest": self.manifest.name,
-            "total_size": self.total_size,
-            "largest": max((f.size for f in self.files), default=0),
-            "lossless": self.lossless,
-            "up_to_date": self.up_to_date,
-            "names_changed": self.names_changed,
-            "old_files": list(self.old_files),
-            "kept": self.kept,
-            "renamed": [{"from": a, "to": b} for a, b in self.renamed],
-            "rewritten": self.rewritten,
-            "added": self.added,
-            "removed": list(self.removed),
-            "tensors": {
-                "unchanged": self.unchanged,
-                "changed": list(self.changed),
-                "added": list(self.added_tensors),
-                "removed": list(self.removed_tensors),
-            },
-            "metadata_changed": self.metadata_changed,
-            "bytes_hashed": self.bytes_hashed,
-            "copied": list(self.copied),
-            "skipped": list(self.skipped),
-            "warnings": list(self.warnings),
-            "notes": list(self.notes),
-        }
+        obj = super().to_json()
+        obj.update(
+            {
+                "up_to_date": self.up_to_date,
+                "names_changed": self.names_changed,
+                "old_files": list(self.old_files),
+                "kept": self.kept,
+                "renamed": [{"from": a, "to": b} for a, b in self.renamed],
+                "rewritten": self.rewritten,
+                "added": self.added,
+                "resumed": list(self.resumed),
+                "tensors": {
+                    "unchanged": self.unchanged,
+                    "changed": list(self.changed),
+                    "added": list(self.added_tensors),
+                    "removed": list(self.removed_tensors),
+                },
+                "metadata_changed": self.metadata_changed,
+                "bytes_hashed": self.bytes_hashed,
+            }
+        )
+        return obj
 
 
 # --------------------------------------------------------------------------- the old split
@@ -350,7 +273,7 @@ def _hash_source(
     hashes: dict[str, str] = {}
     for task, res in zip(tasks, results, strict=True):
         if res.error is not None:
-            raise OSError(f"{task.path}: {res.error}")
+            raise read_error(task.path, "hash the new source", OSError(res.error))
         hashes.update(res.hashes)
     return hashes, sum(r.bytes_read for r in results)
 
@@ -494,106 +417,6 @@ def _initial_slots(
     return slots
 
 
-# --------------------------------------------------------------------------- writing
-
-
-def _crash_point(tag: str) -> None:
-    """Test hook (``SAFESHARD_TEST_CRASH=update-staged|update-commit|update-before-index``)."""
-    if os.environ.get(CRASH_ENV) == tag:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _stage(
-    out: Path,
-    todo: Sequence[tuple[str, _Slot, bytes]],
-    new: Checkpoint,
-    hashes: dict[str, str],
-    progress: ProgressFactory | None,
-) -> dict[str, tuple[Path, str]]:
-    """Write each dirty shard under a temporary name; ``final name -> (path, sha256)``."""
-    staged: dict[str, tuple[Path, str]] = {}
-    total = sum(len(hd) + sum(new.entries[n].info.nbytes for n in s.names) for _, s, hd in todo)
-    ctx: AbstractContextManager[Callable[[int], None] | None] = (
-        progress("writing", total) if progress is not None and todo else nullcontext(None)
-    )
-    fds = [os.open(h.path, os.O_RDONLY) for h in new.headers]
-    try:
-        with ctx as advance:
-            for fname, slot, header in todo:
-                pieces = [
-                    Piece(
-                        n,
-                        fds[new.entries[n].shard],
-                        new.absolute_offset(n),
-                        new.entries[n].info.nbytes,
-                    )
-                    for n in slot.names
-                ]
-                path = out / f"{STAGE}{fname}"
-                staged[fname] = (path, "")
-                got = write_shard(path, header, pieces, progress=advance)
-                moved = sorted(n for n in slot.names if got.tensors.get(n) != hashes[n])
-                if moved:
-                    raise UpdateError(
-                        f"{new.path_of(moved[0])}: tensor {moved[0]!r} changed while the "
-                        "update read it (its SHA-256 differs between two reads); nothing in "
-                        f"{out} was changed. Run the update again once the source is complete"
-                    )
-                staged[fname] = (path, got.file_sha256)
-    except BaseException:
-        _remove(p for p, _ in staged.values())
-        raise
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return staged
-
-
-def _remove(paths: Iterable[Path]) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-
-
-def _gone(old_files: Sequence[str], finals: Sequence[tuple[str, _Slot]]) -> list[str]:
-    """Old file names that no longer exist after the update (deleted or renamed away)."""
-    targets = {fname for fname, _ in finals}
-    return [n for n in old_files if n not in targets]
-
-
-def _commit(
-    out: Path,
-    base: str,
-    old_files: Sequence[str],
-    finals: Sequence[tuple[str, _Slot]],
-    staged: dict[str, tuple[Path, str]],
-) -> None:
-    """Move the new split into place (the manifest and index are written afterwards)."""
-    # Index first, then manifest: from here until the new index is written, no index
-    # can lead a loader to a file being replaced.
-    _remove([out / f"{base}{INDEX_SUFFIX}", manifest_path(out, base)])
-    fsync_dir(out)
-    _crash_point("update-commit")
-    targets = {fname for fname, _ in finals}
-    renames = [
-        (out / s.old, fname) for fname, s in finals if s.old and not s.dirty and s.old != fname
-    ]
-    if {p.name for p, _ in renames} & targets:
-        # a renamed shard's new name is another old shard's: move them all aside first
-        parked = []
-        for p, fname in renames:
-            aside = out / f"{STAGE}rename-{p.name}"
-            os.replace(p, aside)
-            parked.append((aside, fname))
-        renames = parked
-    for p, fname in renames:
-        os.replace(p, out / fname)
-    for fname, (path, _) in staged.items():
-        os.replace(path, out / fname)
-    _remove(out / n for n in _gone(old_files, finals))  # renamed ones are already gone
-    fsync_dir(out)
-
-
 # --------------------------------------------------------------------------- update
 
 
@@ -607,6 +430,7 @@ def update(
     dry_run: bool = False,
     workers: int | None = None,
     progress: ProgressFactory | None = None,
+    on_step: StepHook | None = None,
 ) -> UpdateResult:
     """Update the safeshard split in ``out_dir`` to the checkpoint at ``new_src``.
 
@@ -616,27 +440,18 @@ def update(
     :class:`UpdateError` when ``out_dir`` holds no safeshard split that matches its
     manifest, :class:`UsageError` for a bad ``name`` or a ``new_src`` inside
     ``out_dir``, and what :func:`plan.plan_shards` raises for a tensor over the cap.
+    ``on_step`` is called with each step of the output transaction (:data:`outdir.STEPS`).
     """
     out = Path(out_dir)
+    args = (new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress)
     if dry_run or not out.is_dir():
-        return _update(
-            new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress
-        )
-    try:
-        lock = DirLock(out).__enter__()
-    except OSError as e:
-        if isinstance(e, SafeshardError):
-            raise
-        raise unwritable(out, e) from None
-    try:
-        return _update(
-            new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress
-        )
-    finally:
-        lock.__exit__(None, None, None)
+        return _update(None, *args)
+    with OutputFolder(out, on_step=on_step) as tx:
+        return _update(tx, *args)
 
 
 def _update(
+    tx: OutputFolder | None,
     new_src: str | os.PathLike[str],
     out: Path,
     max_shard_size: str | int | None,
@@ -677,81 +492,200 @@ def _update(
             s.names = planner.sort(s.names)
     if not slots:  # every tensor removed: one file holding only the header
         slots = [_Slot([], None, True)]
-    names = output_names(base, len(slots))
-    finals = list(zip(names, slots, strict=True))
+    finals = list(zip(output_names(base, len(slots)), slots, strict=True))
     old_files = [s.file for s in man.shards]
     record, more = source_record(new)
-    warnings += more + planner.warnings
+    headers = {fname: planner.header(s.names) for fname, s in finals if s.dirty}
     result = UpdateResult(
         source=str(new_src),
         out_dir=out,
         base=base,
         cap=cap,
         dry_run=dry_run,
-        files=[],
-        old_files=old_files,
-        removed=_gone(old_files, finals),
+        files=_describe(finals, headers, planner, man, None),
         index=out / f"{base}{INDEX_SUFFIX}" if len(finals) > 1 else None,
         manifest=manifest_path(out, base),
+        lossless=record is not None,
+        data_size=sum(t.nbytes for t in specs.values()),
+        warnings=warnings + more + planner.warnings,
+        removed=_gone(old_files, finals),
+        old_files=old_files,
         unchanged=len(ch.unchanged),
         changed=ch.changed,
         added_tensors=ch.added,
         removed_tensors=ch.removed,
         metadata_changed=metadata_changed,
-        lossless=record is not None,
         bytes_hashed=hashed,
-        data_size=sum(t.nbytes for t in specs.values()),
-        warnings=warnings,
     )
-    headers = {fname: planner.header(s.names) for fname, s in finals if s.dirty}
-    _describe(result, finals, headers, planner, man, staged=None)
-    if not dry_run:
-        _remove(stale_temporaries(out))
-        staged: dict[str, tuple[Path, str]] = {}
-        if not result.up_to_date:
-            todo = [(fname, s, headers[fname]) for fname, s in finals if s.dirty]
-            need = sum(f.size for f in result.files if f.status in ("rewritten", "added"))
-            require_space(out, need, "the new shards")
-            staged = _stage(out, todo, new, hashes, progress)
-            _crash_point("update-staged")
-            _commit(out, base, old_files, finals, staged)
-            _describe(result, finals, headers, planner, man, staged=staged)
-        side = copy_sidecars(
-            new.folder, out, base=base, only_known=Path(new_src).name.endswith(".safetensors")
-        )
-        result.copied, result.skipped = side.copied, side.skipped
-        result.notes += side.notes
-        _write_records(result, new, finals, headers, planner, hashes, record)
+    if tx is not None:
+        result.notes += tx.recovered
+        _write(tx, result, new, finals, headers, planner, hashes, record, progress)
     if metadata_changed:
         result.notes.append("the __metadata__ changed, and every shard's header carries it")
     _note_names(result)
+    if result.resumed:
+        result.notes.append(
+            f"resumed an interrupted update: kept {len(result.resumed)} staged shard(s)"
+        )
     if result.up_to_date:
         result.notes.append("no tensor changed: every shard is kept as it was")
     return result
 
 
-def _describe(
+# --------------------------------------------------------------------------- writing
+
+
+def _write(
+    tx: OutputFolder,
     result: UpdateResult,
+    new: Checkpoint,
     finals: Sequence[tuple[str, _Slot]],
     headers: dict[str, bytes],
     planner: _Planner,
-    man: Manifest,
-    staged: dict[str, tuple[Path, str]] | None,
+    hashes: dict[str, str],
+    record: Any,
+    progress: ProgressFactory | None,
 ) -> None:
-    recorded = {s.file: s for s in man.shards}
+    """Stage the dirty shards (resuming an interrupted update's), then commit."""
+    out, base = result.out_dir, result.base
+    names = [fname for fname, _ in finals]
+    all_headers = [headers[f] if s.dirty else _old_header(out / (s.old or f)) for f, s in finals]
+    fp = fingerprint(new, all_headers, names)
+    todo = [(fname, s) for fname, s in finals if s.dirty]
+    sizes = {f.file: f.size for f in result.files}
+    staged: dict[str, FileRecord] = {}
+    for fname, rec in tx.resumable("update", fp).items():
+        slot = dict(todo).get(fname)
+        if slot is not None and _intact(tx, rec, sizes[fname], slot.names, hashes):
+            staged[fname] = rec
+    tx.start("update", fp, keep=staged)
+    result.resumed = sorted(staged)
+    moves: list[tuple[str, str]] = []
+    if not result.up_to_date:
+        write = [(f, s) for f, s in todo if f not in staged]
+        require_space(out, sum(sizes[f] for f, _ in write), "the new shards")
+        ctx: AbstractContextManager[Callable[[int], None] | None] = (
+            progress("writing", sum(sizes[f] for f, _ in write))
+            if progress is not None and write
+            else nullcontext(None)
+        )
+        with ShardFiles(new) as files, ctx as advance:
+            for fname, slot in write:
+                pieces = [
+                    Piece(
+                        n,
+                        files.fds[new.headers[new.entries[n].shard].path],
+                        new.absolute_offset(n),
+                        new.entries[n].info.nbytes,
+                    )
+                    for n in slot.names
+                ]
+                rec, got = write_shard(
+                    tx, fname, headers[fname], pieces, progress=advance, stage=True
+                )
+                moved = sorted(n for n in slot.names if got.tensors.get(n) != hashes[n])
+                if moved:
+                    raise UpdateError(
+                        f"{new.path_of(moved[0])}: tensor {moved[0]!r} changed while the "
+                        "update read it (its digest differs between two reads); nothing in "
+                        f"{out} was changed. Run the update again once the source is complete"
+                    )
+                staged[fname] = rec
+        moves = [(staged[f].staged or "", f) for f, _ in todo]
+        moves += [
+            (tx.stage_link(s.old, f), f) for f, s in finals if not s.dirty and s.old and s.old != f
+        ]
+    side = copy_sidecars(
+        new.folder, tx, base=base, only_known=Path(result.source).name.endswith(".safetensors")
+    )
+    result.copied, result.skipped = side.copied, side.skipped
+    result.notes += side.notes
+    recorded = {s.file: s for s in _manifest_shards(out, base)}
+    records = {
+        f: staged[f]
+        if s.dirty
+        else FileRecord(
+            recorded[s.old or f].size,
+            recorded[s.old or f].sha256,
+            {n: hashes[n] for n in s.names},
+        )
+        for f, s in finals
+    }
+    result.files = _describe(finals, headers, planner, None, records)
+    index_meta: dict[str, Any] = {}
+    if new.index is not None:
+        index_meta.update({k: v for k, v in new.index.metadata.items() if k != "total_size"})
+    tx.commit(
+        moves,
+        result.removed,
+        finals=describe_checkpoint(
+            out,
+            base,
+            names,
+            [[planner.specs[n] for n in s.names] for _, s in finals],
+            records,
+            cap=result.cap,
+            source=record,
+            fingerprint=fp,
+            index_metadata=index_meta,
+        ),
+    )
+
+
+def _manifest_shards(out: Path, base: str) -> list[Any]:
+    man = read_manifest(out, base)
+    return man.shards if man is not None else []
+
+
+def _intact(
+    tx: OutputFolder, rec: FileRecord, size: int, names: Sequence[str], hashes: dict[str, str]
+) -> bool:
+    """Whether an interrupted update's staged file is still what this update would write."""
+    if rec.staged is None or rec.size != size or set(rec.tensors) != set(names):
+        return False
+    if any(rec.tensors[n] != hashes[n] for n in names):
+        return False
+    path = tx.path(rec.staged)
+    try:
+        if path.is_symlink() or path.stat().st_size != size:
+            return False
+    except OSError:
+        return False
+    return hash_file(path) == rec.sha256
+
+
+def _gone(old_files: Sequence[str], finals: Sequence[tuple[str, _Slot]]) -> list[str]:
+    """Old file names that no longer exist after the update (deleted or renamed away)."""
+    targets = {fname for fname, _ in finals}
+    return [n for n in old_files if n not in targets]
+
+
+def _describe(
+    finals: Sequence[tuple[str, _Slot]],
+    headers: dict[str, bytes],
+    planner: _Planner,
+    man: Manifest | None,
+    records: dict[str, FileRecord] | None,
+) -> list[OutputFile]:
+    """The files of the update: planned (``records`` None) or done."""
+    recorded = {s.file: s for s in man.shards} if man is not None else {}
     files = []
     for fname, s in finals:
+        sha: str | None
         if s.dirty:
             status: FileStatus = "added" if s.old is None else "rewritten"
-            sha = staged[fname][1] if staged is not None else None
             size = len(headers[fname]) + sum(planner.specs[n].nbytes for n in s.names)
+            sha = records[fname].sha256 if records is not None else None
         else:
             assert s.old is not None
             status = "kept" if s.old == fname else "renamed"
-            sha, size = recorded[s.old].sha256, recorded[s.old].size
+            if records is not None:
+                sha, size = records[fname].sha256, records[fname].size
+            else:
+                sha, size = recorded[s.old].sha256, recorded[s.old].size
         blocks = describe_blocks(group_tensors(s.names))
-        files.append(UpdatedFile(fname, size, sha, len(s.names), blocks, status, s.old))
-    result.files = files
+        files.append(OutputFile(fname, size, sha, len(s.names), blocks, status, previous=s.old))
+    return files
 
 
 def _note_names(result: UpdateResult) -> None:
@@ -769,70 +703,14 @@ def _note_names(result: UpdateResult) -> None:
     )
 
 
-def _write_records(
-    result: UpdateResult,
-    new: Checkpoint,
-    finals: Sequence[tuple[str, _Slot]],
-    headers: dict[str, bytes],
-    planner: _Planner,
-    hashes: dict[str, str],
-    record: SourceRecord | None,
-) -> None:
-    """The manifest, then the index (last, so a folder with an index is complete).
-
-    Each is written only when its bytes change, so a no-change update touches nothing.
-    """
-    out, base = result.out_dir, result.base
-    plan = Plan(
-        shards=tuple(
-            ShardPlan(
-                tensors=tuple(planner.specs[n] for n in s.names),
-                header=headers[fname] if s.dirty else _old_header(out / fname),
-                groups=tuple(group_tensors(s.names)),
-            )
-            for fname, s in finals
-        ),
-        cap=result.cap,
-        metadata=planner.metadata,
-    )
-    names = [fname for fname, _ in finals]
-    shards = []
-    for f in result.files:
-        assert f.sha256 is not None
-        shards.append(ShardRecord(f.file, f.size, f.sha256))
-    manifest = Manifest(
-        base=base,
-        cap=result.cap,
-        shards=shards,
-        tensors={n: TensorRecord(hashes[n], planner.specs[n].nbytes) for n in planner.specs},
-        source=record,
-        fingerprint=fingerprint(new, plan, names),
-    )
-    _write_if_changed(manifest_path(out, base), manifest.to_json())
-    _crash_point("update-before-index")
-    if len(names) > 1:
-        meta: dict[str, Any] = {}
-        if new.index is not None:
-            meta.update({k: v for k, v in new.index.metadata.items() if k != "total_size"})
-        meta["total_size"] = plan.total_size
-        _write_if_changed(out / f"{base}{INDEX_SUFFIX}", index_json(plan.weight_map(names), meta))
-    fsync_dir(out)
-
-
-def _write_if_changed(path: Path, data: bytes) -> None:
-    try:
-        if path.read_bytes() == data:
-            return
-    except OSError:
-        pass
-    write_atomic(path, data)
-
-
 def _old_header(path: Path) -> bytes:
     """A kept shard's header bytes as stored (length prefix included)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        return head + f.read(int.from_bytes(head, "little"))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            return head + f.read(int.from_bytes(head, "little"))
+    except OSError as e:
+        raise read_error(path, "read the header", e) from None
 
 
 def describe(result: UpdateResult) -> str:
@@ -850,7 +728,7 @@ def describe(result: UpdateResult) -> str:
         f"{len(result.added)} added",
         f"{len(result.removed)} removed",
     ]
-    largest = max((f.size for f in result.files), default=0)
+    largest = result.largest
     return (
         f"{', '.join(parts)}; files: {', '.join(files)}; largest {largest} bytes "
         f"({format_size(largest)}), cap {result.cap} bytes ({format_size(result.cap)})"

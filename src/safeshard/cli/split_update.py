@@ -93,7 +93,7 @@ def _report(result: UpdateResult, quiet: bool) -> None:
             out.print(f"{label}: {', '.join(names)}", markup=False)
     if result.index is not None:
         out.print(f"index: {result.index.name} (total_size {result.total_size})", markup=False)
-    if not result.dry_run:
+    if result.manifest is not None and not result.dry_run:
         kind = "lossless merge" if result.lossless else "canonical merge (source was sharded)"
         out.print(f"manifest: {result.manifest.name} ({kind})", markup=False)
     if quiet:
