@@ -37,7 +37,7 @@ from .errors import (
     ShardMismatchError,
 )
 from .fsio import require_space
-from .hashcopy import Hashes, Piece, Progress, copy_pieces
+from .hashcopy import Hashes, Piece, Progress, Sha256Follower, Sha256Pool, copy_pieces
 from .header import TensorSpec, build_header
 from .layout import model_order
 from .load import ShardFiles
@@ -55,7 +55,8 @@ class MergeResult:
     source: str
     out_file: Path
     size: int
-    sha256: str
+    sha256: str | None
+    """The output's SHA-256 when asked for (``sha256=True``), else None."""
     tensors: int
     lossless: bool
     reason: str
@@ -162,12 +163,14 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
     on_step: StepHook | None = None,
+    sha256: bool = True,
 ) -> MergeResult:
     """Merge the checkpoint at ``src`` (a folder, an index or a file) into ``out_file``.
 
     ``progress`` is called with a number of bytes each time that many are written;
     the total is the output's size (``MergeResult.size``). ``on_step`` is called with
-    each step of the output transaction (:data:`outdir.STEPS`).
+    each step of the output transaction (:data:`outdir.STEPS`). ``sha256`` also computes
+    the output's SHA-256, in a thread of its own that follows the copy.
     """
     ckpt = open_checkpoint(src)
     out = Path(out_file)
@@ -179,6 +182,8 @@ def merge(
     require_space(out.parent, size, f"{out.name}: the merged file would")
     recorded = manifest.tensors if manifest is not None else {}
 
+    follower: list[Sha256Follower] = []
+
     def fill(fd: int, files: ShardFiles) -> Hashes:
         pieces = [
             Piece(
@@ -186,10 +191,19 @@ def merge(
                 files.fds[ckpt.headers[ckpt.entries[n].shard].path],
                 ckpt.absolute_offset(n),
                 ckpt.entries[n].info.nbytes,
+                str(ckpt.path_of(n)),
             )
             for n in layout.order
         ]
-        hashes = copy_pieces(fd, layout.header, pieces, progress=progress)
+        if sha256:
+            follower.append(Sha256Follower(fd, size, Sha256Pool(1), name=str(out)))
+        hashes = copy_pieces(
+            fd,
+            layout.header,
+            pieces,
+            progress=progress,
+            on_written=follower[0].advance if follower else None,
+        )
         bad = [
             n
             for n, digest in hashes.tensors.items()
@@ -205,9 +219,14 @@ def merge(
             )
         return hashes
 
-    with ShardFiles(ckpt) as files, OutputFolder(out.parent, on_step=on_step) as tx:
-        warnings += tx.recovered
-        hashes = tx.write(out.name, lambda fd: fill(fd, files))
+    try:
+        with ShardFiles(ckpt) as files, OutputFolder(out.parent, on_step=on_step) as tx:
+            warnings += tx.recovered
+            hashes = tx.write(out.name, lambda fd: fill(fd, files))
+    except BaseException:
+        for f in follower:
+            f.cancel()
+        raise
     verified = sum(1 for n in hashes.tensors if n in recorded)
     if manifest is not None and verified < len(ckpt.entries):
         warnings.append(
@@ -218,7 +237,7 @@ def merge(
         source=str(src),
         out_file=out,
         size=size,
-        sha256=hashes.file_sha256,
+        sha256=follower[0].result() if follower else None,
         tensors=len(layout.order),
         lossless=layout.lossless,
         reason=layout.reason,

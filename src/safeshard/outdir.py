@@ -94,17 +94,20 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What the journal knows of a finished file: size, SHA-256, each tensor's digest,
-    and, while it waits for the commit, its temporary name."""
+    """What the journal knows of a finished file: size, the digest of its header bytes,
+    each tensor's digest, its SHA-256 when computed, and, while it waits for the commit,
+    its temporary name."""
 
     size: int
-    sha256: str
+    header: str | None
     tensors: dict[str, str] = field(default_factory=dict)
+    sha256: str | None = None
     staged: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "size": self.size,
+            "header": self.header,
             "sha256": self.sha256,
             "tensors": self.tensors,
             "staged": self.staged,
@@ -120,10 +123,12 @@ class FileRecord:
         tensors = obj.get("tensors", {})
         if not isinstance(tensors, dict):
             raise ValueError("tensors must be an object")
+        header, sha = obj.get("header"), obj.get("sha256")
         return cls(
             size=int(obj["size"]),
-            sha256=str(obj["sha256"]),
+            header=None if header is None else str(header),
             tensors={str(k): str(v) for k, v in tensors.items()},
+            sha256=None if sha is None else str(sha),
             staged=staged,
         )
 
@@ -444,7 +449,7 @@ class OutputFolder:
         try:
             fd = os.open(
                 path,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o644,
             )
         except OSError as e:

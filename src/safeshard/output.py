@@ -17,12 +17,21 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import HeaderError, IndexFormatError, UsageError
-from .hashcopy import Hashes, Piece, Progress, copy_pieces
+from .errors import HeaderError, IndexFormatError, SafeshardError, UsageError
+from .hashcopy import (
+    Hashes,
+    Piece,
+    Progress,
+    Sha256Follower,
+    Sha256Pool,
+    copy_pieces,
+    digest_file,
+    hash_file,
+)
 from .header import TensorSpec
 from .index import INDEX_SUFFIX, index_json, shard_name
 from .manifest import (
@@ -46,8 +55,10 @@ __all__ = [
     "check_base",
     "describe_checkpoint",
     "fingerprint",
+    "intact",
     "output_names",
     "source_record",
+    "with_sha256",
     "write_shard",
 ]
 
@@ -177,6 +188,15 @@ def output_names(base: str, n: int) -> list[str]:
 # --------------------------------------------------------------------------- one shard
 
 
+@dataclass
+class Written:
+    """A shard just written: its journal record, and the SHA-256 still being computed."""
+
+    record: FileRecord
+    hashes: Hashes
+    sha256: Sha256Follower | None = None
+
+
 def write_shard(
     tx: OutputFolder,
     name: str,
@@ -185,24 +205,63 @@ def write_shard(
     *,
     progress: Progress | None = None,
     stage: bool = False,
-) -> tuple[FileRecord, Hashes]:
+    sha256: Sha256Pool | None = None,
+) -> Written:
     """Write ``header`` then ``pieces`` as the file ``name`` of ``tx`` and journal it.
 
-    With ``stage`` the file waits under its temporary name for the commit. Returns the
-    journal record and the hashes computed while copying.
+    With ``stage`` the file waits under its temporary name for the commit. With a
+    ``sha256`` pool, the file's SHA-256 is computed by a thread of its own that may finish
+    later (:func:`with_sha256` waits for it).
     """
+    size = len(header) + sum(p.nbytes for p in pieces)
+    follower: Sha256Follower | None = None
 
     def fill(fd: int) -> Hashes:
-        return copy_pieces(fd, header, pieces, progress=progress)
+        nonlocal follower
+        if sha256 is not None:
+            follower = Sha256Follower(fd, size, sha256, name=str(tx.folder / name))
+        return copy_pieces(
+            fd,
+            header,
+            pieces,
+            progress=progress,
+            on_written=follower.advance if follower is not None else None,
+        )
 
-    size = len(header) + sum(p.nbytes for p in pieces)
-    if stage:
-        tmp, hashes = tx.stage(name, fill)
-    else:
-        tmp, hashes = None, tx.write(name, fill)
-    rec = FileRecord(size, hashes.file_sha256, hashes.tensors, staged=tmp)
+    try:
+        if stage:
+            tmp, hashes = tx.stage(name, fill)
+        else:
+            tmp, hashes = None, tx.write(name, fill)
+    except BaseException:
+        if follower is not None:
+            follower.cancel()
+        raise
+    rec = FileRecord(size, hashes.header, hashes.tensors, staged=tmp)
     tx.record(name, rec)
-    return rec, hashes
+    return Written(rec, hashes, follower)
+
+
+def with_sha256(records: dict[str, FileRecord], written: Mapping[str, Written]) -> None:
+    """Wait for the SHA-256 of each written file and put it in its record."""
+    for name, w in written.items():
+        if w.sha256 is not None:
+            records[name] = replace(records[name], sha256=w.sha256.result())
+
+
+def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> bool:
+    """Whether the file at ``path`` still has the bytes ``rec`` describes: its size, then
+    its header and tensor digests (or, for a record of an older safeshard with only a
+    SHA-256, that)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
+            return False
+        if rec.header is None:
+            return rec.sha256 is not None and hash_file(path, progress=progress) == rec.sha256
+        got = digest_file(path, progress=progress)
+    except (SafeshardError, OSError):
+        return False
+    return got.header == rec.header and got.tensors == rec.tensors
 
 
 # --------------------------------------------------------------------------- records
@@ -225,7 +284,9 @@ def describe_checkpoint(
     manifest = Manifest(
         base=base,
         cap=cap,
-        shards=[ShardRecord(n, records[n].size, records[n].sha256) for n in names],
+        shards=[
+            ShardRecord(n, records[n].size, records[n].sha256, records[n].header) for n in names
+        ],
         tensors={
             t.name: TensorRecord(records[n].tensors[t.name], t.nbytes)
             for n, tensors in zip(names, shards, strict=True)

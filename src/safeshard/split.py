@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import IndexFormatError, OutputExistsError, UsageError
 from .fsio import require_space
-from .hashcopy import Piece, Progress, hash_file
+from .hashcopy import Piece, Progress, Sha256Pool, hash_file
 from .header import TensorSpec, build_header
 from .index import INDEX_SUFFIX
 from .layout import describe_blocks
@@ -59,11 +59,14 @@ from .output import (
     FileStatus,
     OutputFile,
     OutputResult,
+    Written,
     check_base,
     describe_checkpoint,
     fingerprint,
+    intact,
     output_names,
     source_record,
+    with_sha256,
     write_shard,
 )
 from .plan import Plan, ShardPlan, plan_shards
@@ -125,8 +128,13 @@ def split(
     force: bool = False,
     progress: Progress | None = None,
     on_step: StepHook | None = None,
+    sha256: bool = True,
 ) -> SplitResult:
     """Split (or reshard) the checkpoint at ``src`` into ``out_dir``; see the module docs.
+
+    ``sha256`` also computes each shard's SHA-256 (the Hub's LFS id), in threads of their
+    own, files in parallel; the default integrity record (header and tensor digests)
+    does not need it.
 
     ``progress`` is called with a number of bytes each time that many are written
     or, for shards kept by ``resume``, re-hashed; the total is the sum of the
@@ -188,11 +196,24 @@ def split(
         todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
         require_space(out, sum(s.file_size for _, s in todo), "the shards")
         done = dict(kept)
+        pool = Sha256Pool() if sha256 else None
+        written: dict[str, Written] = {}
         with ShardFiles(ckpt) as files:
             for fname, shard in todo:
-                done[fname], _ = write_shard(
-                    tx, fname, shard.header, _pieces(shard, ckpt, files), progress=progress
+                w = write_shard(
+                    tx,
+                    fname,
+                    shard.header,
+                    _pieces(shard, ckpt, files),
+                    progress=progress,
+                    sha256=pool,
                 )
+                written[fname], done[fname] = w, w.record
+        with_sha256(done, written)
+        if sha256:  # kept shards of a run that did not compute it
+            for n in kept:
+                if done[n].sha256 is None:
+                    done[n] = replace(done[n], sha256=hash_file(out / n))
         result.files = [
             _file(n, s, done[n].sha256, "kept" if n in kept else "written")
             for n, s in zip(names, plan.shards, strict=True)
@@ -226,7 +247,9 @@ def _pieces(shard: ShardPlan, ckpt: Checkpoint, files: ShardFiles) -> list[Piece
     for t in shard.tensors:
         e = ckpt.entries[t.name]
         fd = files.fds[ckpt.headers[e.shard].path]
-        out.append(Piece(t.name, fd, ckpt.absolute_offset(t.name), t.nbytes))
+        out.append(
+            Piece(t.name, fd, ckpt.absolute_offset(t.name), t.nbytes, str(ckpt.path_of(t.name)))
+        )
     return out
 
 
@@ -299,7 +322,10 @@ def _finished(
         if rec is None or any(r is None for r in tensors.values()):
             continue
         vouched[name] = FileRecord(
-            rec.size, rec.sha256, {n: r.digest for n, r in tensors.items() if r is not None}
+            rec.size,
+            rec.header,
+            {n: r.digest for n, r in tensors.items() if r is not None},
+            sha256=rec.sha256,
         )
     return vouched
 
@@ -311,18 +337,15 @@ def _check_kept(
     vouched: Mapping[str, FileRecord],
     progress: Progress | None,
 ) -> dict[str, FileRecord]:
-    """Vouched shards on disk whose size and SHA-256 match the plan and the record."""
+    """Vouched shards on disk whose bytes still match the plan and the record."""
     kept: dict[str, FileRecord] = {}
     for name, shard in zip(names, plan.shards, strict=True):
         d = vouched.get(name)
-        path = out / name
-        if d is None or d.staged is not None or not path.is_file() or path.is_symlink():
-            continue
-        if d.size != shard.file_size or path.stat().st_size != d.size:
+        if d is None or d.staged is not None or d.size != shard.file_size:
             continue
         if set(d.tensors) != {t.name for t in shard.tensors}:
             continue
-        if hash_file(path, progress=progress) == d.sha256:
+        if intact(out / name, d, progress=progress):
             kept[name] = d
     return kept
 

@@ -51,23 +51,26 @@ from typing import Any
 
 from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
 from .fsio import require_space
-from .hashcopy import Piece, hash_file
+from .hashcopy import Piece, Sha256Pool, hash_file
 from .header import TensorSpec, build_header
 from .index import INDEX_SUFFIX
 from .layout import describe_blocks, group_tensors, model_order
 from .load import ShardFiles
-from .manifest import MANIFEST_SUFFIX, Manifest, manifest_path, read_manifest
+from .manifest import MANIFEST_SUFFIX, Manifest, header_digest, manifest_path, read_manifest
 from .outdir import FileRecord, OutputFolder, StepHook
 from .output import (
     DEFAULT_MAX_SHARD_SIZE,
     FileStatus,
     OutputFile,
     OutputResult,
+    Written,
     check_base,
     describe_checkpoint,
     fingerprint,
+    intact,
     output_names,
     source_record,
+    with_sha256,
     write_shard,
 )
 from .plan import plan_shards
@@ -431,6 +434,7 @@ def update(
     workers: int | None = None,
     progress: ProgressFactory | None = None,
     on_step: StepHook | None = None,
+    sha256: bool = True,
 ) -> UpdateResult:
     """Update the safeshard split in ``out_dir`` to the checkpoint at ``new_src``.
 
@@ -441,9 +445,10 @@ def update(
     manifest, :class:`UsageError` for a bad ``name`` or a ``new_src`` inside
     ``out_dir``, and what :func:`plan.plan_shards` raises for a tensor over the cap.
     ``on_step`` is called with each step of the output transaction (:data:`outdir.STEPS`).
+    ``sha256`` also computes the SHA-256 of every shard (files in parallel).
     """
     out = Path(out_dir)
-    args = (new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress)
+    args = (new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress, sha256)
     if dry_run or not out.is_dir():
         return _update(None, *args)
     with OutputFolder(out, on_step=on_step) as tx:
@@ -460,6 +465,7 @@ def _update(
     dry_run: bool,
     workers: int | None,
     progress: ProgressFactory | None,
+    sha256: bool,
 ) -> UpdateResult:
     base = _find_base(out, name) if out.is_dir() else check_base(name or "model")
     man, old = _read_old(out, base)
@@ -519,7 +525,7 @@ def _update(
     )
     if tx is not None:
         result.notes += tx.recovered
-        _write(tx, result, new, finals, headers, planner, hashes, record, progress)
+        _write(tx, result, man, new, finals, headers, planner, hashes, record, progress, sha256)
     if metadata_changed:
         result.notes.append("the __metadata__ changed, and every shard's header carries it")
     _note_names(result)
@@ -538,6 +544,7 @@ def _update(
 def _write(
     tx: OutputFolder,
     result: UpdateResult,
+    man: Manifest,
     new: Checkpoint,
     finals: Sequence[tuple[str, _Slot]],
     headers: dict[str, bytes],
@@ -545,6 +552,7 @@ def _write(
     hashes: dict[str, str],
     record: Any,
     progress: ProgressFactory | None,
+    sha256: bool,
 ) -> None:
     """Stage the dirty shards (resuming an interrupted update's), then commit."""
     out, base = result.out_dir, result.base
@@ -561,6 +569,8 @@ def _write(
     tx.start("update", fp, keep=staged)
     result.resumed = sorted(staged)
     moves: list[tuple[str, str]] = []
+    pool = Sha256Pool() if sha256 else None
+    written: dict[str, Written] = {}
     if not result.up_to_date:
         write = [(f, s) for f, s in todo if f not in staged]
         require_space(out, sum(sizes[f] for f, _ in write), "the new shards")
@@ -577,20 +587,21 @@ def _write(
                         files.fds[new.headers[new.entries[n].shard].path],
                         new.absolute_offset(n),
                         new.entries[n].info.nbytes,
+                        str(new.path_of(n)),
                     )
                     for n in slot.names
                 ]
-                rec, got = write_shard(
-                    tx, fname, headers[fname], pieces, progress=advance, stage=True
+                w = write_shard(
+                    tx, fname, headers[fname], pieces, progress=advance, stage=True, sha256=pool
                 )
-                moved = sorted(n for n in slot.names if got.tensors.get(n) != hashes[n])
+                moved = sorted(n for n in slot.names if w.hashes.tensors.get(n) != hashes[n])
                 if moved:
                     raise UpdateError(
                         f"{new.path_of(moved[0])}: tensor {moved[0]!r} changed while the "
                         "update read it (its digest differs between two reads); nothing in "
                         f"{out} was changed. Run the update again once the source is complete"
                     )
-                staged[fname] = rec
+                staged[fname], written[fname] = w.record, w
         moves = [(staged[f].staged or "", f) for f, _ in todo]
         moves += [
             (tx.stage_link(s.old, f), f) for f, s in finals if not s.dirty and s.old and s.old != f
@@ -600,17 +611,18 @@ def _write(
     )
     result.copied, result.skipped = side.copied, side.skipped
     result.notes += side.notes
-    recorded = {s.file: s for s in _manifest_shards(out, base)}
-    records = {
-        f: staged[f]
-        if s.dirty
-        else FileRecord(
-            recorded[s.old or f].size,
-            recorded[s.old or f].sha256,
-            {n: hashes[n] for n in s.names},
-        )
-        for f, s in finals
-    }
+    recorded = {s.file: s for s in man.shards}
+    records: dict[str, FileRecord] = {}
+    for (f, s), head in zip(finals, all_headers, strict=True):
+        if s.dirty:
+            records[f] = staged[f]
+            continue
+        old = recorded[s.old or f]
+        sha = old.sha256
+        if sha256 and sha is None:  # an earlier split made without --sha256
+            sha = hash_file(out / (s.old or f))
+        records[f] = FileRecord(old.size, header_digest(head), {n: hashes[n] for n in s.names}, sha)
+    with_sha256(records, written)
     result.files = _describe(finals, headers, planner, None, records)
     index_meta: dict[str, Any] = {}
     if new.index is not None:
@@ -632,11 +644,6 @@ def _write(
     )
 
 
-def _manifest_shards(out: Path, base: str) -> list[Any]:
-    man = read_manifest(out, base)
-    return man.shards if man is not None else []
-
-
 def _intact(
     tx: OutputFolder, rec: FileRecord, size: int, names: Sequence[str], hashes: dict[str, str]
 ) -> bool:
@@ -645,13 +652,7 @@ def _intact(
         return False
     if any(rec.tensors[n] != hashes[n] for n in names):
         return False
-    path = tx.path(rec.staged)
-    try:
-        if path.is_symlink() or path.stat().st_size != size:
-            return False
-    except OSError:
-        return False
-    return hash_file(path) == rec.sha256
+    return intact(tx.path(rec.staged), rec)
 
 
 def _gone(old_files: Sequence[str], finals: Sequence[tuple[str, _Slot]]) -> list[str]:

@@ -547,8 +547,9 @@ class _Verifier:
                     f"{'truncated' if size < rec.size else 'longer'}. Copy it again",
                 )
                 continue
-            self.whole.add(fname)
-            self.expect_sha[fname] = rec.sha256
+            if rec.sha256 is not None:
+                self.whole.add(fname)
+                self.expect_sha[fname] = rec.sha256
         present: dict[str, TensorInfo] = {}
         for h in self.headers.values():
             for ti in h.tensors:
