@@ -156,7 +156,7 @@ def test_cli_exit_codes_and_json(src: Path, tmp_path: Path) -> None:
     obj = json.loads(out)
     assert obj["identical"] is False
     assert [c["name"] for c in obj["changed"]] == [h.tensors[0].name]
-    assert run("diff", str(src), str(tmp_path / "nope"))[0] == 2
+    assert run("diff", str(src), str(tmp_path / "nope"))[0] == 3
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"1234")
-    assert run("diff", str(src), str(broken))[0] == 2
+    assert run("diff", str(src), str(broken))[0] == 3

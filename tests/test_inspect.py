@@ -434,19 +434,19 @@ def test_cli_human_output(tmp_path: Path) -> None:
     assert "1 shard" in out
 
 
-def test_cli_missing_path_exits_1_with_one_line(tmp_path: Path) -> None:
+def test_cli_missing_path_exits_3_with_one_line(tmp_path: Path) -> None:
     code, out, err = run("inspect", str(tmp_path / "nope.safetensors"))
-    assert code == 1
+    assert code == 3
     assert out == ""
     assert len(err.strip().splitlines()) == 1
     assert "nope.safetensors" in err
 
 
-def test_cli_bad_header_exits_1(tmp_path: Path) -> None:
+def test_cli_bad_header_exits_3(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes((1000).to_bytes(8, "little") + b"{}")
     code, _, err = run("inspect", str(bad))
-    assert code == 1
+    assert code == 3
     assert "bad.safetensors" in err
     assert len(err.strip().splitlines()) == 1
 

@@ -482,7 +482,7 @@ def test_load_bench_refuses_a_bad_checkpoint(tmp_path: Path) -> None:
     f = write_st(tmp_path / "m.safetensors", {"a": ("F32", [4])})
     os.truncate(f, f.stat().st_size - 1)
     res = CliRunner().invoke(main, ["load-bench", str(f), "--warm"])
-    assert res.exit_code == 1
+    assert res.exit_code == 3
     assert "m.safetensors" in res.output
 
 
@@ -499,7 +499,7 @@ def test_load_bench_without_torch_names_the_extra(tmp_path: Path, monkeypatch: A
         importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
     )
     res = CliRunner().invoke(main, ["load-bench", str(f), "--warm"])
-    assert res.exit_code == 1
+    assert res.exit_code == 3
     assert "safeshard[torch]" in res.output
 
 

@@ -266,7 +266,7 @@ def test_existing_output_refused_unless_force(shards: Path, tmp_path: Path) -> N
     r = safeshard.merge(shards, out, force=True)
     assert r.lossless and sha256(out) == sha256(tmp_path / "src" / "model.safetensors")
     res = CliRunner().invoke(main, ["merge", str(shards), str(out)])
-    assert res.exit_code == 1 and "already exists" in res.output
+    assert res.exit_code == 3 and "already exists" in res.output
 
 
 def test_output_that_is_a_shard_refused_even_with_force(shards: Path) -> None:

@@ -566,7 +566,7 @@ def test_cli_json_and_exit_codes(src: Path, tmp_path: Path) -> None:
     assert [s["file"] for s in obj["shards"]] == [p.name for p in shard_files(out)]
     assert all(s["status"] == "written" and len(s["sha256"]) == 64 for s in obj["shards"])
     again = runner.invoke(main, ["split", str(src), str(out), "-s", "30000"])
-    assert again.exit_code == 1 and "--force" in again.output
+    assert again.exit_code == 3 and "--force" in again.output
     both = runner.invoke(main, ["split", str(src), str(out), "--resume", "--force"])
     assert both.exit_code == 2
     bad = runner.invoke(main, ["split", str(src), str(out), "-s", "4gb"])

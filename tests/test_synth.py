@@ -304,9 +304,9 @@ def test_cli_synth_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert runner.invoke(main, ["synth", str(tmp_path), "-p", "tiny-llama", "-q"]).exit_code == 0
     res = runner.invoke(main, ["synth", str(tmp_path), "-p", "tiny-llama"])
-    assert res.exit_code == 1 and "--force" in res.output
+    assert res.exit_code == 3 and "--force" in res.output
     res = runner.invoke(main, ["synth", str(tmp_path), "-p", "tiny-gptq", "--dtype", "F32"])
-    assert res.exit_code == 1 and "GPTQ" in res.output
+    assert res.exit_code == 3 and "GPTQ" in res.output
 
 
 def test_cli_help_lists_presets() -> None:

@@ -701,7 +701,7 @@ def test_cli_update_text_and_refusals(gptq_old: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--force" in res.output
     (out / "model.safeshard.json").unlink()
     res = runner.invoke(main, ["split", str(new), str(out), "--update"])
-    assert res.exit_code == 1 and "no safeshard manifest" in res.output
+    assert res.exit_code == 3 and "no safeshard manifest" in res.output
 
 
 def test_update_module_has_no_torch_or_numpy() -> None:

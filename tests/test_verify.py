@@ -620,9 +620,9 @@ def test_cli_findings_exit_1_and_json(clean: Split) -> None:
     assert obj["findings"][0]["file"] == gone.name
 
 
-def test_cli_usage_errors_exit_2(clean: Split, tmp_path: Path) -> None:
-    assert run("verify", str(tmp_path / "nope"))[0] == 2
-    assert run("verify", str(clean.out), "--against", str(tmp_path / "nope"))[0] == 2
+def test_cli_usage_errors_exit_2_missing_paths_3(clean: Split, tmp_path: Path) -> None:
+    assert run("verify", str(tmp_path / "nope"))[0] == 3
+    assert run("verify", str(clean.out), "--against", str(tmp_path / "nope"))[0] == 3
     assert run("verify", str(clean.out), "--max-shard-size", "4Gb")[0] == 2
     assert run("verify", str(clean.out), "--workers", "0")[0] == 2
 

@@ -1,16 +1,41 @@
 """The ``safeshard`` command line. ``print`` and ``exit`` live only in this package.
 
 Each command lives in its own module and registers itself on :data:`main`.
-Exit codes: 0 success, 1 the operation failed (or, for ``verify``, findings),
-2 a usage error.
+
+Output. Every string a command prints passes through :func:`safe` (in ``_text``), which
+shows control characters (C0, DEL, C1), bidi and other format characters, line
+separators and lone surrogates as escapes (``\\x1b``, ``\\u202e``), so a tensor name,
+metadata value, file name or message from a downloaded checkpoint cannot drive the
+terminal or forge a line. The consoles :data:`out` and :data:`err` have rich markup and
+emoji codes switched off, so ``[/]`` or ``:warning:`` in a name is printed as written;
+:func:`line` builds a styled line from escaped parts. ``--json`` output is exact:
+``json.dumps`` with ``ensure_ascii`` (every non-ASCII character and control character
+as a ``\\uXXXX`` escape), so it is terminal-safe too and round-trips every name.
+
+Exit codes, the same for every command (:func:`exit_code` is the one map; the command
+group turns every exception into its code and a one-line message on stderr)::
+
+    0    success (verify: no findings; diff: the same tensors and metadata)
+    1    findings: verify found problems, diff found differences
+    2    usage error: a bad option or argument, UsageError, SizeParseError
+    3    input error: any other SafeshardError about the input or the request (a bad
+         header or index, checkpoint not found or ambiguous, shards that disagree with
+         their index, a plan that cannot keep the cap, output exists, update refused,
+         memory budget, missing extra, ...)
+    4    I/O error: StorageError (ReadError, WriteError and their subclasses),
+         OutputLockedError, any other OSError
+    70   a bug in safeshard (any other exception): an escaped traceback on stderr
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
-import functools
+import errno
 import json
+import os
 import sys
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -24,15 +49,191 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from .. import __version__
-from ..errors import SafeshardError, SizeParseError
+from ..errors import (
+    OutputLockedError,
+    SafeshardError,
+    SizeParseError,
+    StorageError,
+    UsageError,
+)
 from ..sizes import parse_size
+from ._text import safe
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_IO = 4
+EXIT_BUG = 70
+EXIT_INTERRUPTED = 130
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``safeshard ... | head``), let the exit flush go nowhere."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests, IDEs)
+        pass
+
+
+class _Console(Console):
+    """A rich console whose broken pipe exits with the I/O code (rich's own exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _silence_stdout()
+        raise SystemExit(EXIT_IO)
+
+
+out = _Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+err = _Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+class _NoSuchError(click.UsageError):
+    """Never raised: stands in for an exception class this click version lacks."""
+
+
+_NoArgsIsHelp: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", _NoSuchError)
+"""click's "no arguments: show the help" error (click >= 8.2); its message is the help."""
+
+Part = str | tuple[str, str]
+"""A piece of a :func:`line`: text, or ``(text, style)``."""
+
+
+def line(*parts: Part) -> Text:
+    """One line of output from ``parts``, each escaped by :func:`safe`.
+
+    A part is a string or a ``(string, rich style)`` pair; the style comes from the
+    code, never from the text, and no part is read as markup.
+    """
+    text = Text()
+    for part in parts:
+        if isinstance(part, tuple):
+            text.append(safe(part[0]), style=part[1])
+        else:
+            text.append(safe(part))
+    return text
+
+
+def say(*parts: Part) -> None:
+    """Print one :func:`line` on stdout."""
+    out.print(line(*parts))
+
+
+def warn(message: str, label: str = "warning") -> None:
+    """Print ``label: message`` on stderr, the message escaped."""
+    err.print(line((f"{label}:", "yellow"), " ", message))
+
+
+def exit_code(e: BaseException) -> int:
+    """The exit code for an exception that ended a command (the map in this module's doc)."""
+    if isinstance(e, (KeyboardInterrupt, click.exceptions.Abort)):
+        return EXIT_INTERRUPTED
+    if isinstance(e, (click.ClickException, UsageError, SizeParseError)):
+        return EXIT_USAGE
+    if isinstance(e, (StorageError, OutputLockedError)):
+        return EXIT_IO
+    if isinstance(e, SafeshardError):
+        return EXIT_INPUT
+    if isinstance(e, OSError):
+        return EXIT_IO
+    return EXIT_BUG
+
+
+def error_message(e: BaseException) -> str:
+    """The text shown for ``e`` (not yet escaped)."""
+    if isinstance(e, SafeshardError):
+        return str(e)
+    if isinstance(e, OSError):
+        why = e.strerror or str(e) or type(e).__name__
+        names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+        return ": ".join([*names, why]) if names else why
+    return str(e) or type(e).__name__
+
+
+def report(e: BaseException, code: int) -> None:
+    """Tell the user on stderr why the command ended with ``code``."""
+    if code == EXIT_INTERRUPTED:
+        err.print(line(("error:", "bold red"), " interrupted"))
+    elif isinstance(e, _NoArgsIsHelp):  # `safeshard` alone: the help text, as click shows it
+        for text in e.format_message().splitlines():
+            err.print(safe(text))
+    elif isinstance(e, click.ClickException):
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            for text in e.ctx.get_usage().splitlines():
+                err.print(safe(text))
+            if e.ctx.command.get_help_option(e.ctx) is not None:
+                names = e.ctx.command.get_help_option_names(e.ctx)
+                err.print(safe(f"Try '{e.ctx.command_path} {max(names, key=len)}' for help."))
+            err.print()
+        err.print(line("Error: ", e.format_message()))
+    elif code == EXIT_BUG:
+        _report_bug(e)
+    else:
+        err.print(line(("error:", "bold red"), " ", error_message(e)))
+
+
+def _report_bug(e: BaseException) -> None:
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    for exc in reversed(chain):
+        err.print("Traceback (most recent call last):")
+        for chunk in traceback.format_tb(exc.__traceback__):
+            for text in chunk.splitlines():
+                err.print(safe(text))
+        err.print(safe(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"))
+    err.print(
+        line(("error:", "bold red"), " a bug in safeshard; please report it with the lines above")
+    )
+
+
+class SafeGroup(click.Group):
+    """The command group: runs a command and maps whatever ends it to an exit code.
+
+    In standalone mode (the ``safeshard`` script, ``python -m safeshard``, click's test
+    runner) every exception is turned into its code by :func:`exit_code` and shown by
+    :func:`report`, escaped; click's own usage errors included.
+    """
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SystemExit:
+            raise
+        except BaseException as e:
+            code = exit_code(e)
+            report(e, code)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.errno != errno.EPIPE:
+                raise
+            # `safeshard ... | head`: the reader went away, so there is no one to tell;
+            # exit here, before click's own handler turns it into exit code 1
+            _silence_stdout()
+            sys.exit(EXIT_IO)
 
 
 class SizeType(click.ParamType):  # type: ignore[type-arg]
@@ -53,41 +254,13 @@ SIZE = SizeType()
 
 
 def emit_json(obj: Any) -> None:
-    """Print ``obj`` as JSON on stdout."""
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    """Print ``obj`` as JSON on stdout.
 
-
-def fail(message: str, code: int = 1) -> None:
-    """Print an error on stderr and exit with ``code``."""
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    sys.exit(code)
-
-
-def handle_errors(code: int = 1) -> Callable[[F], F]:
-    """Turn a SafeshardError or OSError into a one-line message and exit ``code``."""
-
-    def deco(fn: F) -> F:
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except SafeshardError as e:
-                fail(_escape(str(e)), code)
-            except KeyboardInterrupt:
-                fail("interrupted; nothing half-written was left behind", 130)
-            except OSError as e:
-                fail(_escape(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")), code)
-            return None
-
-        return wrapper  # type: ignore[return-value]
-
-    return deco
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
+    ``ensure_ascii`` stays on: the output is pure ASCII, every control character,
+    bidi mark and lone surrogate of a name written as a ``\\uXXXX`` escape, and
+    ``json.loads`` gives back the exact strings.
+    """
+    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=True))
 
 
 def quiet_option(fn: F) -> F:
@@ -102,13 +275,14 @@ def json_option(fn: F) -> F:
 def byte_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None]]:
     """A progress bar by bytes on stderr, shown only on a terminal and not ``quiet``.
 
-    Yields a callback that takes a number of bytes just done.
+    Yields a callback that takes a number of bytes just done. ``label`` is escaped
+    and never read as markup.
     """
     if quiet or not sys.stderr.isatty():
         yield lambda n: None
         return
     with Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -116,11 +290,11 @@ def byte_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int
         console=err,
         transient=True,
     ) as progress:
-        task = progress.add_task(label, total=total)
+        task = progress.add_task(safe(label), total=total)
         yield lambda n: progress.advance(task, n)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=SafeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="safeshard")
 def main() -> None:
     """Split, merge, verify and load large safetensors checkpoints.
@@ -143,18 +317,31 @@ from . import (  # noqa: E402
 )
 
 __all__ = [
+    "EXIT_BUG",
+    "EXIT_FINDINGS",
+    "EXIT_INPUT",
+    "EXIT_INTERRUPTED",
+    "EXIT_IO",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "SIZE",
+    "SafeGroup",
     "byte_progress",
     "demo_cmd",
     "diff_cmd",
     "emit_json",
-    "fail",
-    "handle_errors",
+    "err",
+    "exit_code",
     "inspect_cmd",
+    "line",
     "load_bench_cmd",
     "main",
     "merge_cmd",
+    "out",
+    "safe",
+    "say",
     "split_cmd",
     "synth_cmd",
     "verify_cmd",
+    "warn",
 ]

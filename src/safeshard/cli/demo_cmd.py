@@ -15,7 +15,7 @@ from ..sizes import format_size
 from ..split import split
 from ..synth import synthesize
 from ..verify import verify
-from . import SIZE, handle_errors, main, out
+from . import SIZE, line, main, out, say
 from .inspect_cmd import render as render_inspect
 from .split_cmd import render as render_split
 from .verify_cmd import render as render_verify
@@ -23,7 +23,7 @@ from .verify_cmd import render as render_verify
 
 def _step(n: int, title: str) -> None:
     out.print()
-    out.rule(f"[bold]{n}. {title}")
+    out.rule(line((f"{n}. {title}", "bold")))
 
 
 @main.command("demo")
@@ -40,7 +40,6 @@ def _step(n: int, title: str) -> None:
     show_default=True,
     help="Cap for the demo split (the sample is about 1.8 MB).",
 )
-@handle_errors()
 def demo_cmd(keep: Path | None, cap: int) -> None:
     """Make a tiny GPTQ checkpoint, then inspect, split, verify, merge and load it."""
     work = Path(tempfile.mkdtemp(prefix="safeshard-demo-")) if keep is None else keep
@@ -59,7 +58,7 @@ def _run(work: Path, cap: int) -> None:
     _step(1, "synthesize a tiny GPTQ Llama (what AutoGPTQ writes: one file)")
     synthesize(src_dir, "tiny-gptq", force=True)
     for p in sorted(src_dir.iterdir()):
-        out.print(f"  {p.name:<40} {p.stat().st_size:>10,} bytes")
+        say(f"  {p.name:<40} {p.stat().st_size:>10,} bytes")
     weights = next(src_dir.glob("*.safetensors"))
 
     _step(2, f"safeshard inspect {src_dir.name} --max-shard-size {format_size(cap)}")
@@ -71,7 +70,7 @@ def _run(work: Path, cap: int) -> None:
     t0 = time.perf_counter()
     result = split(src_dir, out_dir, max_shard_size=cap, force=True)
     render_split(result, quiet=False)
-    out.print(f"  ({time.perf_counter() - t0:.2f} s)")
+    say(f"  ({time.perf_counter() - t0:.2f} s)")
 
     _step(4, f"safeshard verify {out_dir.name} --against {weights.name}")
     report = verify(out_dir, against=weights, max_shard_size=cap)
@@ -81,7 +80,7 @@ def _run(work: Path, cap: int) -> None:
     merged = work / "merged.safetensors"
     merge(out_dir, merged, force=True)
     same = hash_file(merged) == hash_file(weights)
-    out.print(
+    say(
         f"  sha256({merged.name}) {'==' if same else '!='} sha256({weights.name}): "
         f"{'identical' if same else 'DIFFERENT'}"
     )
@@ -105,19 +104,19 @@ def _load(out_dir: Path) -> None:
 
             framework = "numpy"
         except ImportError:
-            out.print("  skipped: install safeshard[numpy] or safeshard[torch] to load tensors")
+            say("  skipped: install safeshard[numpy] or safeshard[torch] to load tensors")
             return
     t0 = time.perf_counter()
     tensors = load(out_dir, framework=framework)  # type: ignore[arg-type]
     took = time.perf_counter() - t0
-    out.print(f"  load({framework}): {len(tensors)} tensors in {took * 1000:.1f} ms")
+    say(f"  load({framework}): {len(tensors)} tensors in {took * 1000:.1f} ms")
     budget = 400_000
     with lazy_open(out_dir, max_resident_bytes=budget, prefetch=1, framework=framework) as ckpt:  # type: ignore[arg-type]
         for name, layer in ckpt.iter_layers():
             size = sum(int(t.nbytes) for t in layer.values())
-            out.print(f"  walk: {name:<28} {len(layer):>3} tensors {format_size(size):>10}")
+            say(f"  walk: {name:<28} {len(layer):>3} tensors {format_size(size):>10}")
         peak = ckpt.peak_resident_bytes
-    out.print(
+    say(
         f"  (the walk held at most {format_size(peak)} of tensors at once; "
         f"budget {format_size(budget)})"
     )

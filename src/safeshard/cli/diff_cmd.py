@@ -1,4 +1,8 @@
-"""``safeshard diff A B [--json]``: exit 0 identical, 1 different, 2 usage error."""
+"""``safeshard diff A B [--json]``: exit 0 identical, 1 different, else the common codes.
+
+The error codes are those of every command (see :mod:`safeshard.cli`): 2 usage,
+3 input (A or B missing or broken), 4 I/O.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,16 @@ from pathlib import Path
 import click
 
 from ..diff import DiffReport, diff
-from . import byte_progress, emit_json, handle_errors, json_option, main, out, quiet_option
+from . import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    byte_progress,
+    emit_json,
+    json_option,
+    main,
+    quiet_option,
+    say,
+)
 
 
 @main.command("diff")
@@ -24,14 +37,14 @@ from . import byte_progress, emit_json, handle_errors, json_option, main, out, q
 )
 @json_option
 @quiet_option
-@handle_errors(2)
 def diff_cmd(
     a: Path, b: Path, trust_manifests: bool, workers: int | None, as_json: bool, quiet: bool
 ) -> None:
     """Tensors added, removed and changed from A to B, and which shards differ.
 
     A and B are .safetensors files, model folders or indexes. Exit code 0 when they
-    hold the same tensors and metadata, 1 when they differ, 2 on a usage error.
+    hold the same tensors and metadata, 1 when they differ, 2 on a usage error, 3 when
+    A or B is missing or broken, 4 on an I/O error.
     """
     report = diff(
         a,
@@ -44,7 +57,7 @@ def diff_cmd(
         emit_json(report.to_json())
     else:
         _print(report)
-    sys.exit(0 if report.identical else 1)
+    sys.exit(EXIT_OK if report.identical else EXIT_FINDINGS)
 
 
 def _short(kind: str, value: str) -> str:
@@ -52,25 +65,22 @@ def _short(kind: str, value: str) -> str:
 
 
 def _print(r: DiffReport) -> None:
-    """One line per difference (long tensor names stay whole and greppable)."""
+    """One line per difference (long tensor names stay whole and greppable, escaped)."""
     for n in r.removed:
-        out.print(f"- {n}", markup=False)
+        say(f"- {n}")
     for n in r.added:
-        out.print(f"+ {n}", markup=False)
+        say(f"+ {n}")
     for c in r.changed:
-        label = "sha256 " if c.kind == "bytes" else ""
-        out.print(
-            f"~ {c.name}: {c.kind} {label}{_short(c.kind, c.a)} -> {_short(c.kind, c.b)}",
-            markup=False,
-        )
+        label = "xxh3 " if c.kind == "bytes" else ""
+        say(f"~ {c.name}: {c.kind} {label}{_short(c.kind, c.a)} -> {_short(c.kind, c.b)}")
     if r.metadata_changed:
-        out.print(f"~ __metadata__: {r.metadata_a!r} -> {r.metadata_b!r}", markup=False)
+        say(f"~ __metadata__: {r.metadata_a!r} -> {r.metadata_b!r}")
     differ = r.shards_differ
     if differ:
         for s in r.shards:
             a = (s.a_sha256 or "")[:12] or "-"
             b = (s.b_sha256 or "")[:12] or "-"
-            out.print(f"shard {s.file}: {s.status} (sha256 {a} -> {b})", markup=False)
+            say(f"shard {s.file}: {s.status} (sha256 {a} -> {b})")
     summary = (
         f"{len(r.added)} added, {len(r.removed)} removed, {len(r.changed)} changed, "
         f"{r.unchanged} unchanged"
@@ -80,4 +90,4 @@ def _print(r: DiffReport) -> None:
     if r.shards:
         summary += f"; {len(differ)} of {len(r.shards)} shard files differ"
     verdict = "IDENTICAL tensors" if r.identical else "DIFFERENT"
-    out.print(f"{verdict}: {summary}", markup=False)
+    say(f"{verdict}: {summary}")

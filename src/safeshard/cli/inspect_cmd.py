@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from ..inspect import DEFAULT_CAP, InspectReport, inspect
 from ..sizes import format_size
-from . import SIZE, emit_json, handle_errors, json_option, main, out
+from . import SIZE, emit_json, json_option, line, main, out, safe, say
 
 MAX_ROWS = 8
 """Rows shown per list in the human output before ``... and N more``."""
@@ -25,7 +24,6 @@ MAX_ROWS = 8
     help="Cap to predict a split for: 4GB, 500MiB, fat32, or bytes.",
 )
 @json_option
-@handle_errors()
 def inspect_cmd(path: str, cap: int, as_json: bool) -> None:
     """Show what a checkpoint holds and what a split would do, reading headers only.
 
@@ -42,35 +40,39 @@ def _size(n: int) -> str:
     return f"{format_size(n)} ({n:,} B)" if n >= 1000 else f"{n} B"
 
 
-def _more(n: int) -> str:
-    return f"[dim]... and {n} more[/]"
+def _more(n: int) -> tuple[str, str]:
+    return (f"... and {n} more", "dim")
+
+
+def _table(title: str) -> Table:
+    return Table(title=line(title), title_justify="left", box=None, pad_edge=False)
 
 
 def render(r: InspectReport) -> None:
-    """Human output: concise rich tables on stdout."""
+    """Human output: concise rich tables on stdout, every file-derived string escaped."""
     kind = f"index {r.index}, {len(r.files)} shards" if r.index else "single file"
-    out.print(f"[bold]{escape(r.path)}[/] ({escape(kind)})")
+    say((r.path, "bold"), f" ({kind})")
 
-    files = Table(title="Files", title_justify="left", box=None, pad_edge=False)
+    files = _table("Files")
     files.add_column("file")
     files.add_column("size", justify="right")
     files.add_column("tensors", justify="right")
     for f in r.files[:MAX_ROWS]:
-        files.add_row(escape(f.name), _size(f.size), str(f.tensors))
+        files.add_row(safe(f.name), _size(f.size), str(f.tensors))
     if len(r.files) > MAX_ROWS:
-        files.add_row(_more(len(r.files) - MAX_ROWS), "", "")
+        files.add_row(line(_more(len(r.files) - MAX_ROWS)), "", "")
     if len(r.files) > 1:
-        files.add_row("[bold]total[/]", _size(r.file_size), str(r.tensor_count))
+        files.add_row(line(("total", "bold")), _size(r.file_size), str(r.tensor_count))
     out.print(files)
     dtypes = ", ".join(f"{d} {format_size(n)}" for d, n in r.dtypes.items())
-    out.print(
+    say(
         f"{r.tensor_count} tensors, {_size(r.total_tensor_bytes)} of tensor data; "
         f"dtypes: {dtypes or 'none'}"
     )
 
     out.print()
     if r.block_families:
-        blocks = Table(title="Blocks", title_justify="left", box=None, pad_edge=False)
+        blocks = _table("Blocks")
         for col, just in (
             ("family", "left"),
             ("blocks", "right"),
@@ -82,7 +84,7 @@ def render(r: InspectReport) -> None:
             blocks.add_column(col, justify=just)  # type: ignore[arg-type]
         for fam in r.block_families:
             blocks.add_row(
-                escape(fam.name),
+                safe(fam.name),
                 str(fam.count),
                 f"{fam.first}-{fam.last}",
                 format_size(fam.min_bytes),
@@ -91,82 +93,76 @@ def render(r: InspectReport) -> None:
             )
         out.print(blocks)
         if r.largest_block is not None:
-            out.print(
-                f"largest block: {escape(r.largest_block.name)} "
-                f"({format_size(r.largest_block.nbytes)})"
-            )
+            b = r.largest_block
+            say(f"largest block: {b.name} ({format_size(b.nbytes)})")
     else:
-        out.print("Blocks: none (no repeated numbered prefix such as model.layers.N)")
+        say("Blocks: none (no repeated numbered prefix such as model.layers.N)")
     if r.largest_tensor is not None:
         t = r.largest_tensor
-        out.print(
-            f"largest tensor: {escape(t.name)} {t.dtype}{list(t.shape)} ({format_size(t.nbytes)})"
-        )
+        say(f"largest tensor: {t.name} {t.dtype}{list(t.shape)} ({format_size(t.nbytes)})")
     if r.outside_blocks:
         total = sum(t.nbytes for t in r.outside_blocks)
-        names = ", ".join(
-            f"{escape(t.name)} {format_size(t.nbytes)}" for t in r.outside_blocks[:MAX_ROWS]
-        )
-        extra = (
-            f", {_more(len(r.outside_blocks) - MAX_ROWS)}"
-            if len(r.outside_blocks) > MAX_ROWS
-            else ""
-        )
-        out.print(
-            f"outside blocks: {len(r.outside_blocks)} tensors, {format_size(total)}: {names}{extra}"
+        names = ", ".join(f"{t.name} {format_size(t.nbytes)}" for t in r.outside_blocks[:MAX_ROWS])
+        rest = len(r.outside_blocks) - MAX_ROWS
+        say(
+            f"outside blocks: {len(r.outside_blocks)} tensors, {format_size(total)}: {names}",
+            *((", ", _more(rest)) if rest > 0 else ()),
         )
 
     out.print()
     q = r.quant
     if q is None:
-        out.print("Quantization: none")
+        say("Quantization: none")
     else:
         s = q.settings
         group = "none" if s.group_size is None else str(s.group_size)
-        out.print(
-            f"Quantization: [bold]{escape(s.method.upper())}[/] bits={s.bits} group_size={group} "
-            f"desc_act={s.desc_act} sym={s.sym} (from {s.source}); "
-            f"{len(q.modules)} quantized modules"
+        say(
+            "Quantization: ",
+            (s.method.upper(), "bold"),
+            f" bits={s.bits} group_size={group} desc_act={s.desc_act} sym={s.sym} "
+            f"(from {s.source}); {len(q.modules)} quantized modules",
         )
         if q.ok:
-            out.print("  check: settings agree with every quantized module's shapes and dtypes")
+            say("  check: settings agree with every quantized module's shapes and dtypes")
         else:
-            out.print(f"  check: [bold red]{len(q.problems)} problem(s)[/]")
+            say("  check: ", (f"{len(q.problems)} problem(s)", "bold red"))
             for p in q.problems[:MAX_ROWS]:
-                out.print(f"    - {escape(p.message)}")
+                say(f"    - {p.message}")
             if len(q.problems) > MAX_ROWS:
-                out.print(f"    {_more(len(q.problems) - MAX_ROWS)}")
+                say("    ", _more(len(q.problems) - MAX_ROWS))
 
     if r.metadata:
         items = []
         for k, v in r.metadata.items():
             v = v if len(v) <= 40 else v[:37] + "..."
-            items.append(f"{escape(k)}={escape(v)}")
-        out.print(f"Metadata: {', '.join(items)}")
+            items.append(f"{k}={v}")
+        say(f"Metadata: {', '.join(items)}")
     else:
-        out.print("Metadata: none")
+        say("Metadata: none")
 
     out.print()
     cap_text = f"{format_size(r.cap)} ({r.cap:,} B)"
     if r.predicted_shards == 0:
-        out.print(f"Split at {cap_text}: nothing to split (no tensors)")
+        say(f"Split at {cap_text}: nothing to split (no tensors)")
     elif r.predicted_shards is None:
-        out.print(
-            f"Split at {cap_text}: [bold red]impossible[/]: {len(r.oversize_tensors)} tensor(s) "
-            f"alone exceed the cap; the smallest cap that works is {_size(r.smallest_cap)}"
+        say(
+            f"Split at {cap_text}: ",
+            ("impossible", "bold red"),
+            f": {len(r.oversize_tensors)} tensor(s) alone exceed the cap; "
+            f"the smallest cap that works is {_size(r.smallest_cap)}",
         )
     else:
         sizes = ", ".join(format_size(s) for s in r.predicted_shard_sizes[:MAX_ROWS])
         more = ", ..." if len(r.predicted_shard_sizes) > MAX_ROWS else ""
-        out.print(f"Split at {cap_text}: {r.predicted_shards} shard(s) ({sizes}{more})")
+        say(f"Split at {cap_text}: {r.predicted_shards} shard(s) ({sizes}{more})")
     if r.oversize_blocks:
         worst = max(r.oversize_blocks, key=lambda b: b.file_size)
-        out.print(
+        say(
             f"  {len(r.oversize_blocks)} block(s) do not fit in one file at this cap "
-            f"(largest: {escape(worst.name)}, {format_size(worst.file_size)} alone); "
+            f"(largest: {worst.name}, {format_size(worst.file_size)} alone); "
             "split divides them between their modules"
         )
     for w in r.warnings:
         if w.startswith("GPTQ check"):
             continue
-        out.print(f"[bold yellow]warning:[/] {escape(w)}")
+        say(("warning:", "bold yellow"), f" {w}")

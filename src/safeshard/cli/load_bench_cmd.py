@@ -42,7 +42,7 @@ from ..errors import MissingExtraError, SafeshardError
 from ..load import default_workers
 from ..sizes import format_size
 from ..source import open_checkpoint
-from . import SIZE, emit_json, err, handle_errors, json_option, main, out
+from . import SIZE, emit_json, err, json_option, line, main, out, safe, say
 
 LOAD_VARIANTS = ("sequential", "parallel", "walk", "baseline")
 WARM_ONLY = ("fault",)
@@ -51,7 +51,7 @@ ALL_VARIANTS = LOAD_VARIANTS + WARM_ONLY + WORK_VARIANTS
 
 
 @main.command("load-bench")
-@click.argument("path", type=click.Path(exists=True, dir_okay=True, path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--workers", "-j", type=click.IntRange(min=1), help="Threads for parallel loads.")
 @click.option(
     "--budget",
@@ -78,7 +78,6 @@ ALL_VARIANTS = LOAD_VARIANTS + WARM_ONLY + WORK_VARIANTS
     help="Run only these variants (repeatable). Default: all.",
 )
 @json_option
-@handle_errors()
 def load_bench(
     path: Path,
     workers: int | None,
@@ -158,10 +157,11 @@ def _paired(
             samples[n].append(s)
             if not quiet:
                 err.print(
-                    f"  {mode} round {r + 1} {n}: {s['seconds']:.2f} s, "
-                    f"{s['bytes'] / s['seconds'] / 1e9:.2f} GB/s, peak RSS "
-                    f"{s['peak_rss'] / 1e6:.0f} MB",
-                    highlight=False,
+                    line(
+                        f"  {mode} round {r + 1} {n}: {s['seconds']:.2f} s, "
+                        f"{s['bytes'] / s['seconds'] / 1e9:.2f} GB/s, peak RSS "
+                        f"{s['peak_rss'] / 1e6:.0f} MB"
+                    )
                 )
     out_: dict[str, dict[str, Any]] = {}
     for n, ss in samples.items():
@@ -228,9 +228,11 @@ def _print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     t = Table(
-        title=f"{result['path']}: {result['files']} file(s), "
-        f"{format_size(result['tensor_bytes'])} of tensors, {result['workers']} workers, "
-        f"budget {format_size(result['budget'])}",
+        title=line(
+            f"{result['path']}: {result['files']} file(s), "
+            f"{format_size(result['tensor_bytes'])} of tensors, {result['workers']} workers, "
+            f"budget {format_size(result['budget'])}"
+        ),
         title_justify="left",
     )
     for col in ("cache", "variant", "median s", "GB/s", "peak RSS", "over imports"):
@@ -238,8 +240,8 @@ def _print_table(result: dict[str, Any]) -> None:
     for m, vs in result["runs"].items():
         for v, e in vs.items():
             t.add_row(
-                m,
-                v,
+                safe(m),
+                safe(v),
                 f"{e['median_s']:.2f}",
                 f"{e['gbps']:.2f}" if e["gbps"] else "-",
                 format_size(e["peak_rss"]),
@@ -250,7 +252,7 @@ def _print_table(result: dict[str, Any]) -> None:
         if v is None:
             continue
         shown = f"{v:.2f}" if isinstance(v, float) else str(v)
-        out.print(f"{k}: {shown}", highlight=False)
+        say(f"{k}: {shown}")
 
 
 # --------------------------------------------------------------------------- processes

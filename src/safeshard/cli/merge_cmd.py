@@ -9,16 +9,15 @@ import click
 from ..merge import merge
 from ..sizes import format_size
 from ..source import open_checkpoint
-from . import byte_progress, emit_json, err, handle_errors, json_option, main, out, quiet_option
+from . import byte_progress, emit_json, json_option, main, quiet_option, say, warn
 
 
 @main.command("merge")
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace OUT_FILE if it exists.")
 @json_option
 @quiet_option
-@handle_errors()
 def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool) -> None:
     """Merge the shards of SRC (a folder or an index) into OUT_FILE.
 
@@ -33,15 +32,15 @@ def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool
         emit_json(result.to_json())
         return
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
-    out.print(
+        warn(w)
+    say(
         f"{result.source} -> {result.out_file}: {result.tensors} tensors, "
         f"{result.size} bytes ({format_size(result.size)})"
     )
-    out.print(f"sha256 {result.sha256}")
+    say(f"sha256 {result.sha256}")
     if result.lossless:
-        out.print("lossless: the original file's exact header and data order were restored")
+        say("lossless: the original file's exact header and data order were restored")
     else:
-        out.print(f"canonical: {result.reason}")
+        say(f"canonical: {result.reason}")
     if result.verified and not quiet:
-        out.print(f"{result.verified} tensors matched the manifest's digests")
+        say(f"{result.verified} tensors matched the manifest's digests")

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
 from ..sizes import format_size
 from ..split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
-from . import SIZE, byte_progress, emit_json, err, fail, handle_errors, json_option, main, out
+from . import SIZE, byte_progress, emit_json, json_option, main, safe, say, warn
 from . import quiet_option as quiet_opt
 from .split_update import run_update
 
 
 @main.command("split")
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option(
     "--max-shard-size",
@@ -51,7 +50,6 @@ from .split_update import run_update
 )
 @json_option
 @quiet_opt
-@handle_errors()
 def split_cmd(
     src: Path,
     out_dir: Path,
@@ -85,32 +83,28 @@ def split_cmd(
         resume=resume,
         force=force,
     )
-    try:
-        if update:
-            run_update(
-                src,
-                out_dir,
-                cap=cap,
-                base=base,
-                allow_oversize=allow_oversize,
-                dry_run=dry_run,
-                balance=balance,
-                resume=resume,
-                force=force,
-                as_json=as_json,
-                quiet=quiet,
-            )
-            return
-        planned = run(dry_run=True)
-        if dry_run:
-            result = planned
-        else:
-            total = sum(f.size for f in planned.files)
-            with byte_progress(total, "split", quiet or as_json) as advance:
-                result = run(progress=advance)
-    except UsageError as e:
-        fail(str(e), 2)
+    if update:
+        run_update(
+            src,
+            out_dir,
+            cap=cap,
+            base=base,
+            allow_oversize=allow_oversize,
+            dry_run=dry_run,
+            balance=balance,
+            resume=resume,
+            force=force,
+            as_json=as_json,
+            quiet=quiet,
+        )
         return
+    planned = run(dry_run=True)
+    if dry_run:
+        result = planned
+    else:
+        total = sum(f.size for f in planned.files)
+        with byte_progress(total, "split", quiet or as_json) as advance:
+            result = run(progress=advance)
     if as_json:
         emit_json(result.to_json())
         return
@@ -118,33 +112,35 @@ def split_cmd(
 
 
 def render(result: SplitResult, quiet: bool) -> None:
+    """Human output: warnings on stderr, the plan or what was written on stdout."""
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
-    width = max((len(f.file) + (11 if f.oversize else 0) for f in result.files), default=4)
+        warn(w)
+    names = [safe(f.file) + (" (oversize)" if f.oversize else "") for f in result.files]
+    width = max((len(n) for n in names), default=4)
     head = f"{'#':>3}  {'file':<{width}}  {'bytes':>15}  {'size':>9}  {'tensors':>7}  "
     lines = [head + ("blocks" if result.dry_run else "status   blocks")]
-    for i, f in enumerate(result.files, 1):
-        name = f.file + (" (oversize)" if f.oversize else "")
+    for i, (f, name) in enumerate(zip(result.files, names, strict=True), 1):
         row = f"{i:>3}  {name:<{width}}  {f.size:>15,}  {format_size(f.size):>9}  {f.tensors:>7}  "
         lines.append(row + (f.blocks if result.dry_run else f"{f.status:<8} {f.blocks}"))
     verb = "would write" if result.dry_run else "wrote"
-    out.print(f"{result.source} -> {result.out_dir}: {verb} {describe(result)}")
-    for line in lines:
-        out.print(line, markup=False)
+    say(f"{result.source} -> {result.out_dir}: {verb} {describe(result)}")
+    for text in lines:
+        say(text)
     if result.index is not None:
-        out.print(f"index: {result.index.name} (total_size {result.total_size})")
+        say(f"index: {result.index.name} (total_size {result.total_size})")
     if result.manifest is not None and not result.dry_run:
         kind = "lossless merge" if result.lossless else "canonical merge (source was sharded)"
-        out.print(f"manifest: {result.manifest.name} ({kind})")
+        say(f"manifest: {result.manifest.name} ({kind})")
     if quiet:
         return
     if result.plan.split_groups:
-        out.print(f"blocks larger than the cap, split between files: {result.plan.split_groups}")
+        groups = ", ".join(result.plan.split_groups)
+        say(f"blocks larger than the cap, split between files: {groups}")
     if result.kept:
-        out.print(f"kept {len(result.kept)} finished shard(s): {', '.join(result.kept)}")
+        say(f"kept {len(result.kept)} finished shard(s): {', '.join(result.kept)}")
     if result.removed:
-        out.print(f"removed from OUT_DIR: {', '.join(result.removed)}")
+        say(f"removed from OUT_DIR: {', '.join(result.removed)}")
     if result.copied:
-        out.print(f"copied: {', '.join(result.copied)}")
+        say(f"copied: {', '.join(result.copied)}")
     for n in result.notes:
-        out.print(f"note: {n}")
+        say(f"note: {n}")

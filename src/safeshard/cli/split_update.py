@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from ..errors import UsageError
 from ..sizes import format_size
 from ..update import UpdateResult, describe, update
-from . import byte_progress, emit_json, err, out
+from . import byte_progress, emit_json, safe, say, warn
 
 
 def _given(param: str) -> bool:
@@ -66,42 +66,41 @@ def run_update(
 
 def _report(result: UpdateResult, quiet: bool) -> None:
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
+        warn(w)
     verb = "would update" if result.dry_run else "updated"
-    out.print(f"{result.source} -> {result.out_dir}: {verb}: {describe(result)}")
-    width = max((len(f.file) for f in result.files), default=4)
-    out.print(
+    say(f"{result.source} -> {result.out_dir}: {verb}: {describe(result)}")
+    names = [safe(f.file) for f in result.files]
+    width = max((len(n) for n in names), default=4)
+    say(
         f"{'#':>3}  {'file':<{width}}  {'bytes':>15}  {'size':>9}  {'tensors':>7}  "
-        f"{'status':<9}  blocks",
-        markup=False,
+        f"{'status':<9}  blocks"
     )
-    for i, f in enumerate(result.files, 1):
-        out.print(
-            f"{i:>3}  {f.file:<{width}}  {f.size:>15,}  {format_size(f.size):>9}  "
+    for i, (f, name) in enumerate(zip(result.files, names, strict=True), 1):
+        say(
+            f"{i:>3}  {name:<{width}}  {f.size:>15,}  {format_size(f.size):>9}  "
             f"{f.tensors:>7}  {f.status:<9}  {f.blocks}"
-            + (f"  [from {f.previous}]" if f.previous not in (None, f.file) else ""),
-            markup=False,
+            + (f"  [from {f.previous}]" if f.previous not in (None, f.file) else "")
         )
-    for label, names in (
+    for label, items in (
         ("kept (not touched)", result.kept),
         ("renamed (same bytes)", [f"{a} -> {b}" for a, b in result.renamed]),
         ("rewritten", result.rewritten),
         ("added", result.added),
         ("removed (names no longer in OUT_DIR)", result.removed),
     ):
-        if names:
-            out.print(f"{label}: {', '.join(names)}", markup=False)
+        if items:
+            say(f"{label}: {', '.join(items)}")
     if result.index is not None:
-        out.print(f"index: {result.index.name} (total_size {result.total_size})", markup=False)
+        say(f"index: {result.index.name} (total_size {result.total_size})")
     if result.manifest is not None and not result.dry_run:
         kind = "lossless merge" if result.lossless else "canonical merge (source was sharded)"
-        out.print(f"manifest: {result.manifest.name} ({kind})", markup=False)
+        say(f"manifest: {result.manifest.name} ({kind})")
     if quiet:
         return
     if result.changed:
         shown = ", ".join(result.changed[:6]) + (" ..." if len(result.changed) > 6 else "")
-        out.print(f"changed tensors: {shown}", markup=False)
+        say(f"changed tensors: {shown}")
     if result.copied:
-        out.print(f"copied: {', '.join(result.copied)}", markup=False)
+        say(f"copied: {', '.join(result.copied)}")
     for n in result.notes:
-        out.print(f"note: {n}", markup=False)
+        say(f"note: {n}")

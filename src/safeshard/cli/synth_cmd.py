@@ -8,7 +8,7 @@ import time
 import click
 
 from ..synth import FLOAT_DTYPES, PRESETS, expected_size, synthesize, weights_name
-from . import byte_progress, emit_json, handle_errors, json_option, main, out, quiet_option
+from . import byte_progress, emit_json, json_option, main, quiet_option, say
 
 _PRESET_HELP = "\n".join(f"  {name:<18} {p.description}" for name, p in PRESETS.items())
 
@@ -56,7 +56,6 @@ _PRESET_HELP = "\n".join(f"  {name:<18} {p.description}" for name, p in PRESETS.
 @click.option("--force", is_flag=True, help="Replace weights already in OUT_DIR.")
 @quiet_option
 @json_option
-@handle_errors()
 def synth_cmd(
     out_dir: str,
     preset: str,
@@ -92,7 +91,7 @@ def synth_cmd(
             }
         )
     elif not quiet:
-        out.print(
+        say(
             f"wrote {weights} ({os.path.getsize(weights):,} bytes, {n_layers} layers, "
             f"seed {seed}) in {seconds:.1f} s"
         )

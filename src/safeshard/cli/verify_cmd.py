@@ -1,6 +1,7 @@
 """``safeshard verify PATH [--against SRC] [--max-shard-size SIZE] [--deep] [--json]``.
 
-Exit codes: 0 clean, 1 findings, 2 a usage error (bad option, path not found).
+Exit codes: 0 clean, 1 findings, and the errors of every command (see
+:mod:`safeshard.cli`): 2 usage, 3 input (path not found, no checkpoint), 4 I/O.
 """
 
 from __future__ import annotations
@@ -9,12 +10,24 @@ import sys
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from ..sizes import format_size
 from ..verify import VerifyReport, verify
-from . import SIZE, byte_progress, emit_json, handle_errors, json_option, main, out, quiet_option
+from . import (
+    EXIT_FINDINGS,
+    EXIT_OK,
+    SIZE,
+    byte_progress,
+    emit_json,
+    json_option,
+    line,
+    main,
+    out,
+    quiet_option,
+    safe,
+    say,
+)
 
 
 @main.command("verify")
@@ -36,7 +49,6 @@ from . import SIZE, byte_progress, emit_json, handle_errors, json_option, main, 
 )
 @json_option
 @quiet_option
-@handle_errors(2)
 def verify_cmd(
     path: Path,
     against: Path | None,
@@ -50,7 +62,8 @@ def verify_cmd(
     """Check shards, index, manifest hashes and GPTQ tensors; report every problem.
 
     PATH is a .safetensors file, a model folder, or a *.safetensors.index.json.
-    Exit code 0 when clean, 1 with findings, 2 on a usage error.
+    Exit code 0 when clean, 1 with findings, 2 on a usage error, 3 when PATH is not a
+    checkpoint, 4 on an I/O error.
     """
     report = verify(
         path,
@@ -65,48 +78,47 @@ def verify_cmd(
         emit_json(report.to_json())
     else:
         render(report)
-    sys.exit(0 if report.ok else 1)
+    sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
 def render(report: VerifyReport) -> None:
+    """Human output on stdout; every finding's file, tensor and message escaped."""
     checks = ", ".join(report.checks)
     if report.ok:
         if report.bytes_verified:
             what = f"{report.bytes_verified:,} bytes verified"
         else:
             what = "headers verified; no manifest and no --against, so no tensor bytes were read"
-        out.print(
+        say(
             f"OK: {report.shards} shard{'s' if report.shards != 1 else ''}, "
             f"{report.tensors} tensors, {what} ({format_size(report.total_size)}; "
-            f"checks: {checks})",
-            markup=False,
+            f"checks: {checks})"
         )
         if report.compared_files:
-            out.print(
+            say(
                 f"{report.compared_files} file(s) compared byte for byte with the source "
-                "instead of re-hashing them for the manifest (--hash-files to do both)",
-                markup=False,
+                "instead of re-hashing them for the manifest (--hash-files to do both)"
             )
         return
     title = f"{len(report.findings)} finding(s) in {report.path}"
     if out.width >= 120:
-        table = Table(title=escape(title), expand=True)
+        table = Table(title=line(title), expand=True)
         table.add_column("code", style="bold red", no_wrap=True)
         table.add_column("where", max_width=48, overflow="fold")
         table.add_column("message", ratio=1, overflow="fold")
         for f in report.findings:
-            table.add_row(escape(f.code), escape(_where(f.file, f.tensor)), escape(f.message))
+            table.add_row(safe(f.code), safe(_where(f.file, f.tensor)), safe(f.message))
         out.print(table)
     else:  # a narrow terminal or a pipe: one finding per paragraph, greppable
-        out.print(title, markup=False)
+        say(title)
         for f in report.findings:
-            out.print(f"[bold red]{escape(f.code)}[/]  {escape(_where(f.file, f.tensor))}")
-            out.print(f"    {f.message}", markup=False)
+            say((f.code, "bold red"), "  ", _where(f.file, f.tensor))
+            say(f"    {f.message}")
     counts: dict[str, int] = {}
     for f in report.findings:
         counts[f.code] = counts.get(f.code, 0) + 1
     summary = ", ".join(f"{c} x{n}" if n > 1 else c for c, n in counts.items())
-    out.print(f"FAILED: {summary} (checks: {checks})", markup=False)
+    say(f"FAILED: {summary} (checks: {checks})")
 
 
 def _where(file: str | None, tensor: str | None) -> str:
