@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench faults clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ lint: $(TSTAMP)
 
 bench: $(TSTAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# kill -9, full-disk and read-error trials: 20 kills each of split, merge and update
+faults: $(TSTAMP)
+	SAFESHARD_FAULT_TRIALS=$${SAFESHARD_FAULT_TRIALS:-20} $(PY) -m pytest -q tests/test_faults.py tests/test_crash.py tests/test_outdir.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -19,6 +19,7 @@ from safeshard.cli import main
 from safeshard.errors import (
     DiskFullError,
     OutputExistsError,
+    OutputFolderMissingError,
     OutputLockedError,
     OversizeTensorError,
     UsageError,
@@ -365,8 +366,9 @@ def test_concurrent_writer_in_another_process_refused(src: Path, tmp_path: Path)
 
 def test_output_under_a_file_is_a_clear_error(src: Path, tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(OutputExistsError, match="is a file"):
+    with pytest.raises(OutputFolderMissingError, match="Not a directory") as e:
         safeshard.split(src, tmp_path / "afile" / "out", max_shard_size=30_000)
+    assert isinstance(e.value, FileNotFoundError)  # as merge says of the same situation
 
 
 def test_unwritable_output_folder_is_a_clear_error(

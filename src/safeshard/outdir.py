@@ -218,10 +218,6 @@ def prepare_folder(out: Path) -> None:
         raise OutputExistsError(
             f"{out}: exists and is not a folder; choose a folder for the output"
         ) from None
-    except NotADirectoryError:
-        raise OutputExistsError(
-            f"{out}: cannot create the output folder because a part of its path is a file"
-        ) from None
     except OSError as e:
         raise write_error(out, "create the output folder", e) from None
 
