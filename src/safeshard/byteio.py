@@ -1,0 +1,165 @@
+"""The I/O layer: byte sources, one range type, one read loop.
+
+Every byte safeshard reads from a checkpoint goes through this module:
+
+- :class:`ByteSource` is read-only positional access to one file or object: a ``name``
+  (a path or URL, for messages), a ``size``, and :meth:`~ByteSource.readinto`, one
+  scatter read at an offset that may return fewer bytes than asked. Nothing in its
+  interface assumes a file descriptor; :meth:`~ByteSource.fileno` tells a caller whether
+  a local zero-copy path (``copy_file_range``) is open to it.
+- :class:`LocalFile` is a local file (``os.preadv``); :class:`safeshard.remote.RemoteFile`
+  is an object in storage reached through fsspec (parallel ranged GETs).
+- :class:`Extent` is the one range type: ``nbytes`` bytes at ``offset`` of a source,
+  with the name of what they hold (a tensor).
+- :func:`read_into` is the one read loop (short reads retried until the end of the
+  source); :func:`read_exact` adds "the source ended early" as a
+  :class:`~safeshard.errors.ReadError`.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from .errors import ReadError, StorageError, read_error
+
+__all__ = ["ByteSource", "Extent", "LocalFile", "read_exact", "read_into"]
+
+IOV_MAX = 1024
+"""Most buffers one scatter read takes (Linux ``IOV_MAX``)."""
+
+
+class ByteSource(ABC):
+    """Read-only positional access to the bytes of one file or object."""
+
+    name: str
+    """The path or URL, for messages (never with credentials)."""
+    size: int
+    """Bytes in the source when it was opened."""
+
+    @abstractmethod
+    def readinto(self, buffers: Sequence[memoryview], offset: int) -> int:
+        """Read into ``buffers`` in order, from ``offset``; return the bytes read, which may
+        be fewer than asked (0 only at the end of the source). May raise ``OSError``."""
+
+    def fileno(self) -> int | None:
+        """A local file descriptor for zero-copy paths, or None (remote sources)."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - most sources hold nothing to release
+        """Release what the source holds; safe to call twice."""
+
+    def __enter__(self) -> ByteSource:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}, {self.size} bytes>"
+
+
+class LocalFile(ByteSource):
+    """A local file, read with ``os.preadv`` through a descriptor held from the start (a
+    file replaced later cannot mix with the bytes already read)."""
+
+    def __init__(self, fd: int, name: str, size: int) -> None:
+        self.fd = fd
+        self.name = name
+        self.size = size
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> LocalFile:
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise read_error(path, "open", e) from None
+        try:
+            size = os.fstat(fd).st_size
+        except OSError as e:
+            os.close(fd)
+            raise read_error(path, "stat", e) from None
+        return cls(fd, os.fspath(path), size)
+
+    def readinto(self, buffers: Sequence[memoryview], offset: int) -> int:
+        if _HAS_PREADV:
+            return os.preadv(self.fd, buffers, offset)
+        done = 0  # pragma: no cover - platforms without preadv
+        for b in buffers:  # pragma: no cover
+            data = os.pread(self.fd, len(b), offset + done)
+            b[: len(data)] = data
+            done += len(data)
+            if len(data) < len(b):
+                break
+        return done  # pragma: no cover
+
+    def fileno(self) -> int | None:
+        return self.fd if self.fd >= 0 else None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+_HAS_PREADV = hasattr(os, "preadv")
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``nbytes`` bytes at ``offset`` of ``source``, holding ``name`` (e.g. a tensor)."""
+
+    source: ByteSource
+    offset: int
+    nbytes: int
+    name: str = ""
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+def read_into(src: ByteSource, buffers: Sequence[memoryview], offset: int) -> int:
+    """Fill ``buffers`` in order from ``offset`` of ``src``, retrying short reads; fewer
+    bytes only at the end of the source. Returns the bytes read. An ``OSError`` becomes a
+    :class:`~safeshard.errors.ReadError` naming the source and the offset."""
+    bufs = [b for b in buffers if len(b)]
+    total = 0
+    while bufs:
+        try:
+            got = src.readinto(bufs[:IOV_MAX], offset)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise read_error(src.name, f"read at byte {offset}", e) from None
+        if got <= 0:
+            break
+        offset += got
+        total += got
+        while bufs and got >= len(bufs[0]):
+            got -= len(bufs[0])
+            bufs.pop(0)
+        if got:
+            bufs[0] = bufs[0][got:]
+    return total
+
+
+def read_exact(src: ByteSource, buffers: Sequence[memoryview], offset: int, what: str) -> None:
+    """Like :func:`read_into`, and a source that ends early is a
+    :class:`~safeshard.errors.ReadError` naming ``what`` was being read."""
+    want = sum(len(b) for b in buffers)
+    got = read_into(src, buffers, offset)
+    if got < want:
+        raise ReadError(
+            f"{src.name}: the source ended at byte {offset + got} while reading {what}; it "
+            "was truncated or replaced after it was opened. Check it with `safeshard verify`",
+            filename=src.name,
+        )
