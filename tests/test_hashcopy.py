@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,27 +14,42 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safeshard import hashcopy
+from safeshard.byteio import ByteSource, Extent, LocalFile, LocalSink
 from safeshard.errors import ReadError
-from safeshard.hashcopy import Piece, Sha256Follower, Sha256Pool, copy_pieces, plan_runs
+from safeshard.hashcopy import Hashes, Sha256Follower, Sha256Pool, copy_pieces, plan_runs
 
 
 def xxh(b: bytes) -> str:
     return xxhash.xxh3_128(b).hexdigest()
 
 
-def copy(tmp_path: Path, data: bytes, cuts: list[tuple[int, int]], **kw: object) -> tuple:
+def copy(
+    tmp_path: Path, data: bytes, cuts: list[tuple[int, int]], *, remote: bool = False
+) -> tuple[Hashes, bytes]:
+    """Copy ``cuts`` of ``data`` after a header: local to local (zero-copy), or through
+    a source without a descriptor (the buffered path a remote source takes)."""
     srcf = tmp_path / "s.bin"
     srcf.write_bytes(data)
-    fd = os.open(srcf, os.O_RDONLY)
     dst_path = tmp_path / "d.bin"
     dst = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        pieces = [Piece(f"t{i}", fd, a, b - a, str(srcf)) for i, (a, b) in enumerate(cuts)]
-        got = copy_pieces(dst, b"HEADER!!", pieces, **kw)  # type: ignore[arg-type]
+        with LocalFile.open(srcf) as local:
+            src: ByteSource = NoDescriptor(local) if remote else local
+            pieces = [Extent(src, a, b - a, f"t{i}") for i, (a, b) in enumerate(cuts)]
+            got = copy_pieces(LocalSink(dst, str(dst_path)), b"HEADER!!", pieces)
     finally:
-        os.close(fd)
         os.close(dst)
     return got, dst_path.read_bytes()
+
+
+class NoDescriptor(ByteSource):
+    """A local file seen as a source without a descriptor, like a remote object."""
+
+    def __init__(self, inner: LocalFile) -> None:
+        self.inner, self.name, self.size = inner, inner.name, inner.size
+
+    def readinto(self, buffers: Sequence[memoryview], offset: int) -> int:
+        return self.inner.readinto(buffers, offset)
 
 
 @settings(max_examples=60, deadline=None)
@@ -41,9 +57,14 @@ def copy(tmp_path: Path, data: bytes, cuts: list[tuple[int, int]], **kw: object)
     st.lists(st.integers(0, 300), min_size=0, max_size=40),
     st.integers(1, 97),
     st.randoms(use_true_random=False),
+    st.booleans(),
 )
 def test_copy_is_exact_and_every_tensor_digest_right(
-    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], chunk: int, rnd: object
+    tmp_path_factory: pytest.TempPathFactory,
+    sizes: list[int],
+    chunk: int,
+    rnd: object,
+    remote: bool,
 ) -> None:
     """Pieces in any order, contiguous or not, zero-size ones, runs cut at any size."""
     tmp_path = tmp_path_factory.mktemp("c")
@@ -57,7 +78,7 @@ def test_copy_is_exact_and_every_tensor_digest_right(
     old = hashcopy.COPY_CHUNK
     hashcopy.COPY_CHUNK = chunk  # many runs through the bounded queue
     try:
-        got, written = copy(tmp_path, data, bounds)
+        got, written = copy(tmp_path, data, bounds, remote=remote)
     finally:
         hashcopy.COPY_CHUNK = old
     assert written == b"HEADER!!" + b"".join(data[a:b] for a, b in bounds)
@@ -69,10 +90,11 @@ def test_copy_is_exact_and_every_tensor_digest_right(
 def test_runs_cover_the_pieces_exactly_and_respect_the_chunk(
     decl: list[tuple[int, int]], chunk: int
 ) -> None:
+    sources = [NoDescriptor(LocalFile(-1, f"f{k}", 10**6)) for k in range(3)]
     pieces, pos = [], {0: 0, 1: 0, 2: 0}
-    for i, (fd, n) in enumerate(decl):
-        pieces.append(Piece(f"t{i}", fd, pos[fd], n))
-        pos[fd] += n + (i % 3 == 0)  # some gaps
+    for i, (k, n) in enumerate(decl):
+        pieces.append(Extent(sources[k], pos[k], n, f"t{i}"))
+        pos[k] += n + (i % 3 == 0)  # some gaps
     runs = plan_runs(pieces, chunk)
     fed: dict[int, int] = {}
     for r in runs:
@@ -80,7 +102,7 @@ def test_runs_cover_the_pieces_exactly_and_respect_the_chunk(
         assert sum(n for _, _, n in r.parts) == r.nbytes
         at = r.offset
         for i, start, n in r.parts:
-            assert pieces[i].fd == r.fd and pieces[i].offset + start == at
+            assert pieces[i].source is r.source and pieces[i].offset + start == at
             assert fed.get(i, 0) == start  # each piece fed in order, once
             fed[i] = start + n
             at += n

@@ -45,7 +45,7 @@ def transaction(folder: Path, on_step: Callable[[str], None] | None = None) -> N
         moves = []
         for name in ("a.safetensors", "c.safetensors"):
             data = NEW[name]
-            tmp, _ = tx.stage(name, lambda fd, d=data: os.pwrite(fd, d, 0))
+            tmp, _ = tx.stage(name, lambda sink, d=data: sink.write(d))
             tx.record(name, FileRecord(len(data), "sha", staged=tmp))
             moves.append((tmp, name))
         moves.append((tx.stage_link("a.safetensors", "d.safetensors"), "d.safetensors"))

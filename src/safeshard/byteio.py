@@ -163,3 +163,91 @@ def read_exact(src: ByteSource, buffers: Sequence[memoryview], offset: int, what
             "was truncated or replaced after it was opened. Check it with `safeshard verify`",
             filename=src.name,
         )
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class Sink(ABC):
+    """Where one output file's bytes go: written in order, from offset 0."""
+
+    name: str
+    """The path or URL, for messages."""
+    position: int = 0
+    """Bytes written so far."""
+
+    @abstractmethod
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``; raises ``OSError`` (``ENOSPC`` on a full disk)."""
+
+    def fileno(self) -> int | None:
+        """A local file descriptor for zero-copy paths, or None (remote outputs)."""
+        return None
+
+    def wrote(self, nbytes: int) -> None:
+        """Note ``nbytes`` appended through :meth:`fileno` by a zero-copy path."""
+        self.position += nbytes
+
+
+class LocalSink(Sink):
+    """A local file being written through its descriptor (positional writes)."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.position = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.position + done)
+        self.position += done
+
+    def fileno(self) -> int | None:
+        return self.fd
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_source(path: str | os.PathLike[str]) -> ByteSource:
+    """A :class:`ByteSource` for a local path."""
+    return LocalFile.open(path)
+
+
+class Sources:
+    """Byte sources opened once and closed together, by path (a checkpoint's shards).
+
+    Each is opened when first asked for; with ``sizes``, a source whose size changed
+    since its header was read is refused (it changed while safeshard worked).
+    """
+
+    def __init__(self, sizes: dict[str, int] | None = None) -> None:
+        self._sizes = sizes or {}
+        self._open: dict[str, ByteSource] = {}
+
+    def get(self, path: str) -> ByteSource:
+        src = self._open.get(path)
+        if src is None:
+            src = open_source(path)
+            self._open[path] = src
+            want = self._sizes.get(path)
+            if want is not None and src.size != want:
+                raise ReadError(
+                    f"{path}: the file is now {src.size} bytes but its header was read from "
+                    f"a {want}-byte file; it changed while safeshard worked. Retry",
+                    filename=path,
+                )
+        return src
+
+    def close(self) -> None:
+        opened, self._open = self._open, {}
+        for src in opened.values():
+            src.close()
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

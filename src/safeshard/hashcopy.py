@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from .byteio import ByteSource, Extent, LocalFile, Sink, read_exact, read_into
 from .errors import ReadError, read_error
 from .fsio import CHUNK, copy_range
 from .manifest import Hasher, header_digest, tensor_digest, tensor_hasher
@@ -56,17 +57,6 @@ Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
-class Piece:
-    """``nbytes`` bytes at ``offset`` in ``fd`` (the file ``path``), forming tensor ``name``."""
-
-    name: str
-    fd: int
-    offset: int
-    nbytes: int
-    path: str = ""
-
-
-@dataclass(frozen=True)
 class Hashes:
     """Digests of a written file: its header's, and each tensor's (hex, XXH3-128)."""
 
@@ -79,13 +69,13 @@ class _Run:
     """Consecutive pieces contiguous in one source: ``parts`` are ``(piece index, start
     inside the piece, length)`` in order."""
 
-    fd: int
+    source: ByteSource
     offset: int
     nbytes: int = 0
     parts: list[tuple[int, int, int]] = field(default_factory=list)
 
 
-def plan_runs(pieces: Sequence[Piece], chunk: int | None = None) -> list[_Run]:
+def plan_runs(pieces: Sequence[Extent], chunk: int | None = None) -> list[_Run]:
     """Join ``pieces`` (skipping empty ones) into runs of at most ``chunk`` bytes."""
     limit = COPY_CHUNK if chunk is None else chunk
     runs: list[_Run] = []
@@ -95,11 +85,11 @@ def plan_runs(pieces: Sequence[Piece], chunk: int | None = None) -> list[_Run]:
         while pos < p.nbytes:
             if (
                 cur is None
-                or cur.fd != p.fd
+                or cur.source is not p.source
                 or cur.offset + cur.nbytes != p.offset + pos
                 or cur.nbytes >= limit
             ):
-                cur = _Run(p.fd, p.offset + pos)
+                cur = _Run(p.source, p.offset + pos)
                 runs.append(cur)
             n = min(p.nbytes - pos, limit - cur.nbytes)
             cur.parts.append((i, pos, n))
@@ -108,21 +98,57 @@ def plan_runs(pieces: Sequence[Piece], chunk: int | None = None) -> list[_Run]:
     return runs
 
 
-class _DigestThread(threading.Thread):
-    """Re-reads each queued run once and feeds each piece's bytes to its digest."""
+class _Digests:
+    """Each piece's digest, fed the bytes of runs in order (a piece may span runs)."""
 
-    def __init__(self, pieces: Sequence[Piece]) -> None:
-        super().__init__(daemon=True, name="safeshard-digest")
+    def __init__(self, pieces: Sequence[Extent]) -> None:
         self.pieces = pieces
-        self.queue: queue.Queue[_Run | None] = queue.Queue(maxsize=MAX_LAG)
         self.digests: dict[str, str] = {}
+        self._hasher: Hasher | None = None
+
+    def feed(self, cursor: _Cursor, view: memoryview) -> None:
+        """Feed the next ``len(view)`` bytes of the run ``cursor`` walks."""
+        at = 0
+        while at < len(view):
+            index, start, length = cursor.run.parts[cursor.k]
+            n = min(cursor.left, len(view) - at)
+            if self._hasher is None:
+                self._hasher = tensor_hasher()
+            self._hasher.update(view[at : at + n])
+            at += n
+            cursor.left -= n
+            if cursor.left == 0:
+                piece = self.pieces[index]
+                if start + length == piece.nbytes:
+                    self.digests[piece.name] = self._hasher.hexdigest()
+                    self._hasher = None
+                cursor.k += 1
+                if cursor.k < len(cursor.run.parts):
+                    cursor.left = cursor.run.parts[cursor.k][2]
+
+
+class _Cursor:
+    """Where the digests are inside one run: part ``k``, ``left`` bytes of it to go."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.k = 0
+        self.left = run.parts[0][2]
+
+
+class _DigestThread(threading.Thread):
+    """Re-reads each queued run once (it was just copied, so it is in the page cache) and
+    feeds each piece's bytes to its digest."""
+
+    def __init__(self, digests: _Digests) -> None:
+        super().__init__(daemon=True, name="safeshard-digest")
+        self.digests = digests
+        self.queue: queue.Queue[_Run | None] = queue.Queue(maxsize=MAX_LAG)
         self.error: BaseException | None = None
         self._cancel = threading.Event()
 
     def run(self) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        current: Hasher | None = None
+        view = memoryview(bytearray(CHUNK))
         while True:
             run = self.queue.get()
             if run is None:
@@ -130,106 +156,97 @@ class _DigestThread(threading.Thread):
             if self._cancel.is_set() or self.error is not None:
                 continue  # drain so the copier never blocks on a dead thread
             try:
-                current = self._digest(run, view, current)
+                cursor = _Cursor(run)
+                pos = 0
+                while pos < run.nbytes:
+                    n = min(len(view), run.nbytes - pos)
+                    what = f"tensor {self.digests.pieces[run.parts[cursor.k][0]].name!r}"
+                    read_exact(run.source, [view[:n]], run.offset + pos, what)
+                    self.digests.feed(cursor, view[:n])
+                    pos += n
             except BaseException as e:  # reported by the copier
                 self.error = e
-
-    def _digest(self, run: _Run, view: memoryview, current: Hasher | None) -> Hasher | None:
-        """Feed ``run``'s bytes to its pieces' digests; returns the digest of a piece that
-        continues into the next run (a piece larger than one run)."""
-        parts = iter(run.parts)
-        index, start, length = next(parts)
-        left = length  # bytes of the current part still to feed
-        pos = 0
-        while pos < run.nbytes:
-            want = min(len(view), run.nbytes - pos)
-            got = _read(run.fd, view[:want], run.offset + pos)
-            if got < want:
-                p = self.pieces[index]
-                raise ReadError(
-                    f"{p.path or 'source'}: the file ended while reading tensor {p.name!r} "
-                    f"(byte {run.offset + pos + got}); it shrank while being copied",
-                    filename=p.path or None,
-                )
-            at = 0
-            while at < got:
-                n = min(left, got - at)
-                if current is None:
-                    current = tensor_hasher()
-                current.update(view[at : at + n])
-                at += n
-                left -= n
-                if left == 0:
-                    if start + length == self.pieces[index].nbytes:
-                        self.digests[self.pieces[index].name] = current.hexdigest()
-                        current = None
-                    nxt = next(parts, None)
-                    if nxt is None:
-                        break
-                    index, start, length = nxt
-                    left = length
-            pos += got
-        return current
 
     def stop(self) -> None:
         self._cancel.set()
 
 
-def _read(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; fewer bytes only at end of file."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            break
-        done += got
-    return done
-
-
 def copy_pieces(
-    dst_fd: int,
+    sink: Sink,
     header: bytes,
-    pieces: Sequence[Piece],
+    pieces: Sequence[Extent],
     *,
     progress: Progress | None = None,
     on_written: Callable[[int], None] | None = None,
+    sha256: Hasher | None = None,
 ) -> Hashes:
-    """Write ``header`` then every piece, in order, to ``dst_fd`` from offset 0.
+    """Write ``header`` then every piece, in order, to ``sink`` (from offset 0).
 
     Returns the digest of the header and of each piece. ``on_written`` is called with the
-    number of bytes of the file written so far (a :class:`Sha256Follower` follows it).
-    Raises :class:`~safeshard.errors.ReadError` for a source that cannot be read, and the
-    copy's ``OSError`` otherwise (``ENOSPC`` on a full disk).
+    number of bytes of the file written so far (a :class:`Sha256Follower` follows it);
+    ``sha256``, when given, is fed every byte written (for outputs a follower cannot
+    read back). Where the sink and every source are local files, bytes move with
+    ``copy_file_range`` and a thread re-reads them to digest them; otherwise each run is
+    read once into a buffer, digested and written from it. Raises
+    :class:`~safeshard.errors.ReadError` for a source that cannot be read, and the
+    sink's ``OSError`` otherwise (``ENOSPC`` on a full disk).
     """
-    digester = _DigestThread(pieces)
+    digests = _Digests(pieces)
+    runs = plan_runs(pieces)
+    dst = sink.fileno()
+    local = dst is not None and sha256 is None and all(r.source.fileno() is not None for r in runs)
+
+    def wrote(n: int) -> None:
+        if progress is not None:
+            progress(n)
+        if on_written is not None:
+            on_written(sink.position)
+
+    sink.write(header)
+    if sha256 is not None:
+        sha256.update(header)
+    wrote(len(header))
+    if local:
+        assert dst is not None
+        _copy_local(runs, pieces, digests, sink, dst, wrote)
+    else:
+        buf = memoryview(bytearray(min(COPY_CHUNK, max((r.nbytes for r in runs), default=0))))
+        for run in runs:
+            data = buf[: run.nbytes]
+            what = f"tensor {pieces[run.parts[0][0]].name!r}"
+            read_exact(run.source, [data], run.offset, what)
+            digests.feed(_Cursor(run), data)
+            if sha256 is not None:
+                sha256.update(data)
+            sink.write(data)
+            wrote(run.nbytes)
+    for p in pieces:
+        if p.nbytes == 0:
+            digests.digests[p.name] = EMPTY_DIGEST
+    return Hashes(header=header_digest(header), tensors=digests.digests)
+
+
+def _copy_local(
+    runs: Sequence[_Run],
+    pieces: Sequence[Extent],
+    digests: _Digests,
+    sink: Sink,
+    dst: int,
+    wrote: Callable[[int], None],
+) -> None:
+    """The zero-copy path: the kernel copies each run; a thread re-reads it to digest it."""
+    digester = _DigestThread(digests)
     digester.start()
     ok = False
     try:
-        _write_all(dst_fd, header, 0)
-        pos = len(header)
-        if progress is not None:
-            progress(pos)
-        if on_written is not None:
-            on_written(pos)
-        for run in plan_runs(pieces):
-            try:
-                copy_range(run.fd, dst_fd, run.offset, run.nbytes, pos)
-            except ReadError:
-                raise
-            except OSError as e:
-                if e.errno in _WRITE_ERRNOS:
-                    raise
-                p = pieces[run.parts[0][0]]
-                raise read_error(p.path or "source", f"copy tensor {p.name!r}", e) from e
-            _start_writeback(dst_fd, pos, run.nbytes)
+        for run in runs:
+            src = run.source.fileno()
+            assert src is not None
+            _copy_run(run, pieces, src, dst, sink)
             if digester.error is not None:
                 raise digester.error
             digester.queue.put(run)
-            pos += run.nbytes
-            if progress is not None:
-                progress(run.nbytes)
-            if on_written is not None:
-                on_written(pos)
+            wrote(run.nbytes)
         ok = True
     finally:
         if not ok:
@@ -238,15 +255,26 @@ def copy_pieces(
         digester.join()
     if digester.error is not None:
         raise digester.error
-    digests = digester.digests
-    for p in pieces:
-        if p.nbytes == 0:
-            digests[p.name] = EMPTY_DIGEST
-    return Hashes(header=header_digest(header), tensors=digests)
 
 
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 """Errors of a copy that are the output's, not the source's."""
+
+
+def _copy_run(run: _Run, pieces: Sequence[Extent], src: int, dst: int, sink: Sink) -> None:
+    """Copy a run between local files in the kernel; start its writeback."""
+    pos = sink.position
+    try:
+        copy_range(src, dst, run.offset, run.nbytes, pos)
+    except ReadError:
+        raise
+    except OSError as e:
+        if e.errno in _WRITE_ERRNOS:
+            raise
+        p = pieces[run.parts[0][0]]
+        raise read_error(p.source.name, f"copy tensor {p.name!r}", e) from e
+    sink.wrote(run.nbytes)
+    _start_writeback(dst, pos, run.nbytes)
 
 
 # --------------------------------------------------------------------------- SHA-256
@@ -270,7 +298,7 @@ class Sha256Follower:
     def __init__(self, fd: int, size: int, pool: Sha256Pool, *, name: str = "") -> None:
         self.size = size
         self.name = name
-        self._fd = os.dup(fd)
+        self._src = LocalFile(os.dup(fd), name, size)
         self._pool = pool
         self._written = 0
         self._cond = threading.Condition()
@@ -299,7 +327,7 @@ class Sha256Follower:
         except BaseException as e:
             self.future.set_exception(e)
         finally:
-            os.close(self._fd)
+            self._src.close()
 
     def _hash(self) -> str:
         h = hashlib.sha256()
@@ -314,14 +342,9 @@ class Sha256Follower:
                     raise ReadError(f"{self.name}: SHA-256 cancelled", filename=self.name)
                 avail = self._written
             want = min(len(buf), avail - pos)
-            got = _read(self._fd, view[:want], pos)
-            if got < want:
-                raise ReadError(
-                    f"{self.name}: the file ended at byte {pos + got} while computing its SHA-256",
-                    filename=self.name,
-                )
-            h.update(view[:got])
-            pos += got
+            read_exact(self._src, [view[:want]], pos, "the file for its SHA-256")
+            h.update(view[:want])
+            pos += want
         return h.hexdigest()
 
 
@@ -358,13 +381,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-
-
 def digest_file(path: str | os.PathLike[str], *, progress: Progress | None = None) -> Hashes:
     """The header digest and each tensor's digest of the safetensors file at ``path``,
     reading it once (what :func:`copy_pieces` computes while writing it)."""
@@ -372,60 +388,32 @@ def digest_file(path: str | os.PathLike[str], *, progress: Progress | None = Non
 
     h = read_header(path)
     header = header_digest(struct.pack("<Q", h.header_len) + h.raw)
-    digests: dict[str, str] = {}
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise read_error(path, "open", e) from None
-    try:
+    view = memoryview(bytearray(CHUNK))
+    result: dict[str, str] = {}
+    with LocalFile.open(path) as src:
         for t in h.tensors:
             d = tensor_hasher()
             pos, end = h.data_start + t.begin, h.data_start + t.end
             while pos < end:
-                want = min(len(buf), end - pos)
-                try:
-                    got = _read(fd, view[:want], pos)
-                except OSError as e:
-                    raise read_error(path, f"read tensor {t.name!r}", e) from None
-                if got < want:
-                    raise ReadError(
-                        f"{path}: the file ended at byte {pos + got} inside tensor {t.name!r}",
-                        filename=str(path),
-                    )
-                d.update(view[:got])
-                pos += got
+                n = min(len(view), end - pos)
+                read_exact(src, [view[:n]], pos, f"tensor {t.name!r}")
+                d.update(view[:n])
+                pos += n
                 if progress is not None:
-                    progress(got)
-            digests[t.name] = d.hexdigest()
-    finally:
-        os.close(fd)
-    return Hashes(header=header, tensors=digests)
+                    progress(n)
+            result[t.name] = d.hexdigest()
+    return Hashes(header=header, tensors=result)
 
 
 def hash_file(path: str | os.PathLike[str], *, progress: Progress | None = None) -> str:
     """SHA-256 of a whole file, read with a bounded buffer."""
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise read_error(path, "open", e) from None
-    try:
+    view = memoryview(bytearray(CHUNK))
+    with LocalFile.open(path) as src:
         offset = 0
-        while True:
-            try:
-                got = os.preadv(fd, [view], offset)
-            except OSError as e:
-                raise read_error(path, f"read at byte {offset}", e) from None
-            if got <= 0:
-                break
+        while got := read_into(src, [view], offset):
             h.update(view[:got])
             offset += got
             if progress is not None:
                 progress(got)
-    finally:
-        os.close(fd)
     return h.hexdigest()

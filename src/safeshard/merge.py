@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .byteio import Sink, Sources
 from .errors import (
     HeaderError,
     IndexFormatError,
@@ -37,12 +38,12 @@ from .errors import (
     ShardMismatchError,
 )
 from .fsio import require_space
-from .hashcopy import Hashes, Piece, Progress, Sha256Follower, Sha256Pool, copy_pieces
+from .hashcopy import Hashes, Progress, Sha256Follower, Sha256Pool, copy_pieces
 from .header import TensorSpec, build_header
 from .layout import model_order
-from .load import ShardFiles
 from .manifest import Manifest, manifest_path, read_manifest
 from .outdir import OutputFolder, StepHook
+from .output import open_sources, tensor_extents
 from .source import Checkpoint, common_metadata, open_checkpoint
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
@@ -184,21 +185,13 @@ def merge(
 
     follower: list[Sha256Follower] = []
 
-    def fill(fd: int, files: ShardFiles) -> Hashes:
-        pieces = [
-            Piece(
-                n,
-                files.fds[ckpt.headers[ckpt.entries[n].shard].path],
-                ckpt.absolute_offset(n),
-                ckpt.entries[n].info.nbytes,
-                str(ckpt.path_of(n)),
-            )
-            for n in layout.order
-        ]
-        if sha256:
+    def fill(sink: Sink, sources: Sources) -> Hashes:
+        pieces = tensor_extents(ckpt, layout.order, sources)
+        fd = sink.fileno()
+        if sha256 and fd is not None:
             follower.append(Sha256Follower(fd, size, Sha256Pool(1), name=str(out)))
         hashes = copy_pieces(
-            fd,
+            sink,
             layout.header,
             pieces,
             progress=progress,
@@ -220,9 +213,9 @@ def merge(
         return hashes
 
     try:
-        with ShardFiles(ckpt) as files, OutputFolder(out.parent, on_step=on_step) as tx:
+        with open_sources(ckpt) as sources, OutputFolder(out.parent, on_step=on_step) as tx:
             warnings += tx.recovered
-            hashes = tx.write(out.name, lambda fd: fill(fd, files))
+            hashes = tx.write(out.name, lambda sink: fill(sink, sources))
     except BaseException:
         for f in follower:
             f.cancel()

@@ -36,7 +36,6 @@ them. Nothing here reads or writes outside the folder: every name is a plain fil
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +44,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .byteio import LocalSink, Sink
 from .errors import OutputExistsError, StorageError, UpdateError, read_error, write_error
 from .fsio import TMP_PREFIX, DirLock, copy_range, fsync_dir
 
@@ -453,12 +453,12 @@ class OutputFolder:
         self._mine.add(tmp)
         return fd
 
-    def _fill(self, name: str, tmp: str, fill: Callable[[int], T]) -> T:
+    def _fill(self, name: str, tmp: str, fill: Callable[[Sink], T]) -> T:
         """Create ``tmp``, let ``fill`` write it through its descriptor, fsync and close it."""
         fd = self._create(tmp)
         try:
             self.step(f"writing:{name}")
-            result = fill(fd)
+            result = fill(LocalSink(fd, str(self.folder / name)))
             os.fsync(fd)
         except BaseException as e:
             with contextlib.suppress(OSError):
@@ -481,7 +481,7 @@ class OutputFolder:
             raise write_error(self.folder / name, "rename into place", e) from None
         self._mine.discard(tmp)
 
-    def write(self, name: str, fill: Callable[[int], T]) -> T:
+    def write(self, name: str, fill: Callable[[Sink], T]) -> T:
         """Write ``name`` atomically: ``fill(fd)`` writes a temporary file, which is fsynced
         and renamed over ``name``. On any error the temporary file is removed."""
         tmp = _temp(name)
@@ -492,7 +492,7 @@ class OutputFolder:
         return result
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.write(name, lambda fd: _write_all(fd, data))
+        self.write(name, lambda sink: sink.write(data))
 
     def copy_in(self, src: Path, name: str) -> None:
         """Copy the file ``src`` (outside the folder) to ``name`` atomically."""
@@ -502,11 +502,11 @@ class OutputFolder:
             raise read_error(src, "open", e) from None
         try:
             size = os.fstat(sfd).st_size
-            self.write(name, lambda fd: copy_range(sfd, fd, 0, size, 0) if size else None)
+            self.write(name, lambda sink: _copy_whole(sfd, sink, size))
         finally:
             os.close(sfd)
 
-    def stage(self, name: str, fill: Callable[[int], T]) -> tuple[str, T]:
+    def stage(self, name: str, fill: Callable[[Sink], T]) -> tuple[str, T]:
         """Write ``name``'s new bytes under a temporary name that waits for :meth:`commit`.
 
         Returns the temporary name and what ``fill`` returned."""
@@ -530,7 +530,7 @@ class OutputFolder:
                 raise write_error(src, "open to copy", e) from None
             try:
                 size = os.fstat(sfd).st_size
-                self._fill(name, tmp, lambda fd: copy_range(sfd, fd, 0, size, 0) if size else None)
+                self._fill(name, tmp, lambda sink: _copy_whole(sfd, sink, size))
             finally:
                 os.close(sfd)
         self.step(f"staged:{name}")
@@ -567,7 +567,7 @@ class OutputFolder:
                 if self.exists(n):
                     ops.append(("rm", n))
             elif changing or self.read(n) != data:
-                tmp, _ = self.stage(n, functools.partial(_write_all, data=data))
+                tmp, _ = self.stage(n, lambda sink, d=data: sink.write(d))  # type: ignore[misc]
                 ops.append(("mv", tmp, n))
         if ops:
             self._append({"commit": [list(op) for op in ops]})
@@ -640,3 +640,12 @@ def _write_all(fd: int, data: bytes) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], done)
+
+
+def _copy_whole(src_fd: int, sink: Sink, size: int) -> None:
+    """Copy a whole ``size``-byte file into a local sink."""
+    fd = sink.fileno()
+    assert fd is not None
+    if size:
+        copy_range(src_fd, fd, 0, size, 0)
+    sink.wrote(size)

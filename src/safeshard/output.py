@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from .byteio import Extent, Sink, Sources
 from .errors import HeaderError, IndexFormatError, SafeshardError, UsageError
 from .hashcopy import (
     Hashes,
-    Piece,
     Progress,
     Sha256Follower,
     Sha256Pool,
@@ -56,8 +56,10 @@ __all__ = [
     "describe_checkpoint",
     "fingerprint",
     "intact",
+    "open_sources",
     "output_names",
     "source_record",
+    "tensor_extents",
     "with_sha256",
     "write_shard",
 ]
@@ -188,6 +190,21 @@ def output_names(base: str, n: int) -> list[str]:
 # --------------------------------------------------------------------------- one shard
 
 
+def open_sources(ckpt: Checkpoint) -> Sources:
+    """The checkpoint's shards as byte sources, each checked against its header's size."""
+    return Sources({h.path: h.file_size for h in ckpt.headers})
+
+
+def tensor_extents(ckpt: Checkpoint, names: Sequence[str], sources: Sources) -> list[Extent]:
+    """Where each named tensor's bytes lie, in the given order."""
+    out = []
+    for n in names:
+        e = ckpt.entries[n]
+        h = ckpt.headers[e.shard]
+        out.append(Extent(sources.get(h.path), h.data_start + e.info.begin, e.info.nbytes, n))
+    return out
+
+
 @dataclass
 class Written:
     """A shard just written: its journal record, and the SHA-256 still being computed."""
@@ -201,7 +218,7 @@ def write_shard(
     tx: OutputFolder,
     name: str,
     header: bytes,
-    pieces: Sequence[Piece],
+    pieces: Sequence[Extent],
     *,
     progress: Progress | None = None,
     stage: bool = False,
@@ -216,12 +233,13 @@ def write_shard(
     size = len(header) + sum(p.nbytes for p in pieces)
     follower: Sha256Follower | None = None
 
-    def fill(fd: int) -> Hashes:
+    def fill(sink: Sink) -> Hashes:
         nonlocal follower
-        if sha256 is not None:
+        fd = sink.fileno()
+        if sha256 is not None and fd is not None:
             follower = Sha256Follower(fd, size, sha256, name=str(tx.folder / name))
         return copy_pieces(
-            fd,
+            sink,
             header,
             pieces,
             progress=progress,

@@ -46,11 +46,10 @@ from typing import Any
 
 from .errors import IndexFormatError, OutputExistsError, UsageError
 from .fsio import require_space
-from .hashcopy import Piece, Progress, Sha256Pool, hash_file
+from .hashcopy import Progress, Sha256Pool, hash_file
 from .header import TensorSpec, build_header
 from .index import INDEX_SUFFIX
 from .layout import describe_blocks
-from .load import ShardFiles
 from .manifest import MANIFEST_SUFFIX, manifest_path, read_manifest
 from .outdir import JOURNAL_NAME, FileRecord, OutputFolder, StepHook, prepare_folder
 from .output import (
@@ -64,8 +63,10 @@ from .output import (
     describe_checkpoint,
     fingerprint,
     intact,
+    open_sources,
     output_names,
     source_record,
+    tensor_extents,
     with_sha256,
     write_shard,
 )
@@ -198,13 +199,13 @@ def split(
         done = dict(kept)
         pool = Sha256Pool() if sha256 else None
         written: dict[str, Written] = {}
-        with ShardFiles(ckpt) as files:
+        with open_sources(ckpt) as sources:
             for fname, shard in todo:
                 w = write_shard(
                     tx,
                     fname,
                     shard.header,
-                    _pieces(shard, ckpt, files),
+                    tensor_extents(ckpt, [t.name for t in shard.tensors], sources),
                     progress=progress,
                     sha256=pool,
                 )
@@ -240,17 +241,6 @@ def split(
             )
         )
     return result
-
-
-def _pieces(shard: ShardPlan, ckpt: Checkpoint, files: ShardFiles) -> list[Piece]:
-    out = []
-    for t in shard.tensors:
-        e = ckpt.entries[t.name]
-        fd = files.fds[ckpt.headers[e.shard].path]
-        out.append(
-            Piece(t.name, fd, ckpt.absolute_offset(t.name), t.nbytes, str(ckpt.path_of(t.name)))
-        )
-    return out
 
 
 def _check_not_source(out: Path, ckpt: Checkpoint) -> None:

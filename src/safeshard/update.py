@@ -51,11 +51,10 @@ from typing import Any
 
 from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
 from .fsio import require_space
-from .hashcopy import Piece, Sha256Pool, hash_file
+from .hashcopy import Sha256Pool, hash_file
 from .header import TensorSpec, build_header
 from .index import INDEX_SUFFIX
 from .layout import describe_blocks, group_tensors, model_order
-from .load import ShardFiles
 from .manifest import MANIFEST_SUFFIX, Manifest, header_digest, manifest_path, read_manifest
 from .outdir import FileRecord, OutputFolder, StepHook
 from .output import (
@@ -68,8 +67,10 @@ from .output import (
     describe_checkpoint,
     fingerprint,
     intact,
+    open_sources,
     output_names,
     source_record,
+    tensor_extents,
     with_sha256,
     write_shard,
 )
@@ -579,18 +580,9 @@ def _write(
             if progress is not None and write
             else nullcontext(None)
         )
-        with ShardFiles(new) as files, ctx as advance:
+        with open_sources(new) as sources, ctx as advance:
             for fname, slot in write:
-                pieces = [
-                    Piece(
-                        n,
-                        files.fds[new.headers[new.entries[n].shard].path],
-                        new.absolute_offset(n),
-                        new.entries[n].info.nbytes,
-                        str(new.path_of(n)),
-                    )
-                    for n in slot.names
-                ]
+                pieces = tensor_extents(new, slot.names, sources)
                 w = write_shard(
                     tx, fname, headers[fname], pieces, progress=advance, stage=True, sha256=pool
                 )
