@@ -481,7 +481,7 @@ class OutputFolder:
             raise write_error(self.folder / name, "rename into place", e) from None
         self._mine.discard(tmp)
 
-    def write(self, name: str, fill: Callable[[Sink], T]) -> T:
+    def write(self, name: str, fill: Callable[[Sink], T], *, size: int | None = None) -> T:
         """Write ``name`` atomically: ``fill(fd)`` writes a temporary file, which is fsynced
         and renamed over ``name``. On any error the temporary file is removed."""
         tmp = _temp(name)
@@ -506,7 +506,9 @@ class OutputFolder:
         finally:
             os.close(sfd)
 
-    def stage(self, name: str, fill: Callable[[Sink], T]) -> tuple[str, T]:
+    def stage(
+        self, name: str, fill: Callable[[Sink], T], *, size: int | None = None
+    ) -> tuple[str, T]:
         """Write ``name``'s new bytes under a temporary name that waits for :meth:`commit`.
 
         Returns the temporary name and what ``fill`` returned."""

@@ -17,14 +17,15 @@ and the byte range.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .byteio import ByteSource
+from .byteio import ByteSource, Sink
 from .errors import (
     CheckpointNotFoundError,
     MissingExtraError,
@@ -35,7 +36,9 @@ from .errors import (
 __all__ = [
     "DEFAULT_LIMITS",
     "RemoteFile",
+    "RemoteFolder",
     "RemoteLimits",
+    "RemoteSink",
     "RemoteStats",
     "filesystem",
     "is_url",
@@ -275,3 +278,275 @@ def _classify(name: str, operation: str, e: BaseException) -> Exception:
     if isinstance(e, OSError):
         return ReadError(f"{name}: cannot {operation}: {text}", filename=name, err=e.errno or 5)
     return ReadError(f"{name}: cannot {operation}: {text}", filename=name)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+PART_BYTES = 16 * MIB
+"""Smallest multipart-upload part; larger where a file would need over 9,000 parts."""
+
+MAX_PARTS = 10_000
+"""S3's limit on the parts of one multipart upload."""
+
+
+def part_size(size: int) -> int:
+    """A part size that keeps a ``size``-byte upload under :data:`MAX_PARTS` parts (with
+    room to spare), in whole MiB, at least :data:`PART_BYTES`."""
+    need = -(-size // (MAX_PARTS - 1000))
+    return max(PART_BYTES, -(-need // MIB) * MIB)
+
+
+class RemoteSink(Sink):
+    """An object being written with a multipart upload (sequential writes)."""
+
+    def __init__(self, fs: Any, path: str, name: str, size: int | None) -> None:
+        self.name = name
+        self.position = 0
+        self._file = fs.open(path, "wb", block_size=part_size(size or 0))
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._file.write(data)
+        self.position += len(data)
+
+    def commit(self) -> None:
+        self._file.close()
+
+    def abort(self) -> None:
+        """Drop what was uploaded (an incomplete multipart upload leaves no parts)."""
+        discard = getattr(self._file, "discard", None)
+        try:
+            if discard is not None:
+                discard()
+        finally:
+            self._file.closed = True  # never completed later by the file's finalizer
+
+
+class RemoteFolder:
+    """The output transaction over a folder (a key prefix) in object storage.
+
+    It offers what :class:`safeshard.outdir.OutputFolder` offers split, update and merge,
+    within what object storage can do:
+
+    - no lock (object storage has none): two writers of one prefix are not detected;
+    - every file is written with a multipart upload that is completed only when the file
+      is whole (so no reader sees a partial object) and aborted on any error; uploads a
+      killed run left incomplete under the prefix are aborted when the next writer opens it;
+    - object storage cannot rename: a staged file is uploaded under a temporary key and
+      copied into place on the server at the commit;
+    - no journal: an interrupted run is not resumed but written again (``--force``);
+    - the commit removes the old index first and writes the new index last, so an index
+      a reader sees always lists whole files.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        on_step: Any = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = filesystem(self.url, storage_options)
+        self.root = self.root.rstrip("/")
+        self.folder = self.url
+        self.on_step = on_step
+        self.recovered: list[str] = []
+        self._mine: set[str] = set()
+        self._committing = False
+
+    # ------------------------------------------------------------------ lifetime
+
+    def __enter__(self) -> RemoteFolder:
+        self.step("locked")
+        self._recover()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None and not self._committing:
+            for name in list(self._mine):
+                self._rm(name)
+
+    def step(self, name: str) -> None:
+        if self.on_step is not None:
+            self.on_step(name)
+
+    def path(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def _key(self, name: str) -> str:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"not a plain file name: {name!r}")
+        return f"{self.root}/{name}"
+
+    def _recover(self) -> None:
+        """Abort multipart uploads a killed run left under this prefix; remove its
+        temporary objects."""
+        from .fsio import TMP_PREFIX
+
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+        if lister is not None:
+            bucket, _, prefix = self.root.partition("/")
+            try:
+                uploads = lister(bucket)
+            except Exception:
+                uploads = []
+            for up in uploads or []:
+                key = up.get("Key", "")
+                if key.startswith(prefix + "/") and "/" not in key[len(prefix) + 1 :]:
+                    try:
+                        self.fs.call_s3(
+                            "abort_multipart_upload",
+                            Bucket=bucket,
+                            Key=key,
+                            UploadId=up["UploadId"],
+                        )
+                        self.recovered.append(f"aborted an incomplete upload of {key}")
+                    except Exception:
+                        pass
+        for name in self._names():
+            if name.startswith(TMP_PREFIX):
+                self._rm(name)
+
+    # ------------------------------------------------------------------ journal (none)
+
+    def start(self, kind: str, fingerprint: str, keep: Any = None) -> None:
+        self.step("started")
+
+    def resumable(self, kind: str, fingerprint: str) -> dict[str, Any]:
+        return {}
+
+    @property
+    def earlier_run(self) -> str | None:
+        return None
+
+    def record(self, name: str, rec: Any) -> None:
+        self.step(f"journaled:{name}")
+
+    # ------------------------------------------------------------------ files
+
+    def _names(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.root, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            if e.get("type") == "directory":
+                continue
+            out.append(str(e["name"]).rstrip("/").rsplit("/", 1)[-1])
+        return sorted(out)
+
+    def checkpoint_files(self, suffixes: Sequence[str]) -> list[str]:
+        return [n for n in self._names() if n.endswith(tuple(suffixes))]
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.exists(self._key(name)))
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self._key(name)))
+        except FileNotFoundError:
+            return None
+
+    def _rm(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._key(name))
+        self._mine.discard(name)
+
+    def remove(self, names: Iterable[str]) -> list[str]:
+        order = sorted(
+            names,
+            key=lambda n: (not n.endswith(".index.json"), not n.endswith(".safeshard.json"), n),
+        )
+        gone = [n for n in order if self.exists(n)]
+        for n in order:
+            self._rm(n)
+        if gone:
+            self.step("removed")
+        return gone
+
+    def _upload(self, name: str, key_name: str, fill: Any, size: int | None) -> Any:
+        sink = RemoteSink(self.fs, self._key(key_name), self.path(name), size)
+        self._mine.add(key_name)
+        try:
+            self.step(f"writing:{name}")
+            result = fill(sink)
+            sink.commit()
+        except BaseException:
+            try:
+                sink.abort()
+            finally:
+                self._rm(key_name)
+            raise
+        return result
+
+    def write(self, name: str, fill: Any, *, size: int | None = None) -> Any:
+        result = self._upload(name, name, fill, size)
+        self._mine.discard(name)
+        self.step(f"written:{name}")
+        return result
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self.write(name, lambda sink: sink.write(data), size=len(data))
+
+    def copy_in(self, src: Any, name: str) -> None:
+        """Copy a file (a local path or a URL on this storage) to ``name``."""
+        text = str(src)
+        if is_url(text):
+            fs, path = filesystem(text)
+            if type(fs) is type(self.fs):
+                self.fs.copy(path, self._key(name))
+                self.step(f"written:{name}")
+                return
+            data = bytes(fs.cat_file(path))
+        else:
+            with open(text, "rb") as f:
+                data = f.read()
+        self.write_bytes(name, data)
+
+    def stage(self, name: str, fill: Any, *, size: int | None = None) -> tuple[str, Any]:
+        from .outdir import STAGE_PREFIX
+
+        tmp = f"{STAGE_PREFIX}{name}.part"
+        result = self._upload(name, tmp, fill, size)
+        self.step(f"staged:{name}")
+        return tmp, result
+
+    def stage_link(self, old: str, name: str) -> str:
+        from .outdir import STAGE_PREFIX
+
+        tmp = f"{STAGE_PREFIX}{name}.part"
+        self.fs.copy(self._key(old), self._key(tmp))
+        self._mine.add(tmp)
+        self.step(f"staged:{name}")
+        return tmp
+
+    def commit(
+        self,
+        moves: Sequence[tuple[str, str]] = (),
+        remove: Sequence[str] = (),
+        *,
+        finals: Mapping[str, bytes | None] | None = None,
+    ) -> None:
+        finals = dict(finals or {})
+        changing = bool(moves or remove)
+        self._committing = True
+        self.step("committing")
+        if changing:
+            for n in reversed(list(finals)):
+                self._rm(n)
+        for tmp, name in moves:
+            self.fs.copy(self._key(tmp), self._key(name))
+            self._rm(tmp)
+            self.step(f"moved:{name}")
+        for n in remove:
+            self._rm(n)
+        for n, data in finals.items():
+            if data is None:
+                self._rm(n)
+            elif changing or self.read(n) != data:
+                self.write_bytes(n, data)
+                self.step(f"moved:{n}")
+        self._committing = False
+        self.step("committed")
