@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
 from .header import Header, TensorInfo, read_header
-from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, read_index
+from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
 
 SAFETENSORS = ".safetensors"
 
@@ -53,20 +53,52 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def locate(path: str | os.PathLike[str]) -> Located:
-    """Find the checkpoint at ``path``: a ``.safetensors`` file, an index, or a folder."""
+@dataclass(frozen=True)
+class Found:
+    """Which checkpoint a path means, decided from file names alone (nothing is parsed):
+    an index (``index``) or a single file (``file``), exactly one of them set."""
+
+    folder: Path
+    index: Path | None = None
+    file: Path | None = None
+
+    @property
+    def base(self) -> str:
+        """``model`` for ``model.safetensors`` or ``model.safetensors.index.json``."""
+        if self.index is not None:
+            return index_base(self.index.name)
+        assert self.file is not None
+        return self.file.name[: -len(SAFETENSORS)]
+
+
+def find(path: str | os.PathLike[str]) -> Found:
+    """Which checkpoint ``path`` (a ``.safetensors`` file, an index, or a folder) means.
+
+    The one rule every command follows (``verify`` included, which then reads the
+    index leniently). Raises :class:`CheckpointNotFoundError` when there is none and
+    :class:`AmbiguousCheckpointError` when two could be meant.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if p.is_file():
         if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(".index.json"):
-            return _from_index(p)
+            return Found(folder=p.parent, index=p)
         if p.name.endswith(SAFETENSORS):
-            return Located(folder=p.parent, files=(p,))
+            return Found(folder=p.parent, file=p)
         raise CheckpointNotFoundError(
             f"{p}: not a .safetensors file or a *.safetensors.index.json index"
         )
-    return _from_folder(p)
+    return _find_in_folder(p)
+
+
+def locate(path: str | os.PathLike[str]) -> Located:
+    """Find the checkpoint at ``path`` (see :func:`find`) and read its index strictly."""
+    found = find(path)
+    if found.index is not None:
+        return _from_index(found.index)
+    assert found.file is not None
+    return Located(folder=found.folder, files=(found.file,))
 
 
 def _from_index(p: Path) -> Located:
@@ -80,7 +112,7 @@ def _base_of(filename: str) -> str:
     return filename[: -len(suffix)]
 
 
-def _from_folder(folder: Path) -> Located:
+def _find_in_folder(folder: Path) -> Found:
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     shards_of_indexes: set[str] = set()
     for ip in indexes:
@@ -111,7 +143,7 @@ def _from_folder(folder: Path) -> Located:
             f"{folder}: no *.safetensors file or *.safetensors.index.json index in this folder"
         )
     if len(candidates) == 1:
-        return locate(candidates[0])
+        return find(candidates[0])
     # Several. One base name with both an index and a single file: every loader tries
     # {base}.safetensors.index.json before {base}.safetensors, so the index is meant.
     # Two base names: transformers looks for `model`, AutoGPTQ and GPTQModel for
@@ -119,7 +151,7 @@ def _from_folder(folder: Path) -> Located:
     # different loaders would load different weights: refuse rather than guess.
     bases = {_base_of(c.name) for c in candidates}
     if len(bases) == 1 and indexes:
-        return locate(indexes[0])
+        return find(indexes[0])
     listed = ", ".join(c.name for c in candidates)
     raise AmbiguousCheckpointError(
         f"{folder}: more than one checkpoint could be meant ({listed}); "
