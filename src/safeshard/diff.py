@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import gcpause
 from .errors import IndexFormatError, ReadError, UsageError
 from .manifest import TENSOR_DIGEST, Manifest, read_manifest
 from .scan import FileResult, FileTask, Range, scan
@@ -191,6 +192,7 @@ def _apply(side: _Side, tasks: list[FileTask], results: list[FileResult]) -> Non
             side.files[Path(task.path).name] = res.sha256
 
 
+@gcpause.pausing
 def diff(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],

@@ -54,17 +54,16 @@ a shard's size before writing it.
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import operator
 import os
 import re
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import gcpause
 from .errors import (
     ByteRangeMismatchError,
     CheckpointNotFoundError,
@@ -226,21 +225,6 @@ _INVISIBLE = re.compile(
 _BEGIN_END = operator.attrgetter("begin", "end")
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Parsing a header makes millions of small objects and no reference cycles; the
-    cyclic garbage collector would scan them again and again while they are made
-    (it doubles the time of a large header), so it waits until parsing is done."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def _json_type(value: Any) -> str:
     if type(value) is _JSONObject:
         return "an object"
@@ -369,7 +353,7 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
             name, f"header is not valid UTF-8 ({e.reason} at byte {e.start})"
         ) from None
     _check_start(name, text)
-    with _gc_paused():
+    with gcpause.paused():
         # The JSON tree is garbage once _parse_object returns, and freed before the
         # collector runs again: it never scans it.
         metadata, entries, by_name = _parse_object(name, text, raw)

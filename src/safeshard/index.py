@@ -7,6 +7,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .errors import CheckpointNotFoundError, IndexFormatError, UnsafeIndexPathError, read_error
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -45,11 +47,12 @@ class ShardIndex:
         return value if isinstance(value, int) else None
 
     def shard_files(self) -> list[str]:
-        """Distinct shard file names, in first-appearance order of the sorted weight map."""
-        seen: dict[str, None] = {}
-        for name in sorted(self.weight_map.values()):
-            seen.setdefault(name, None)
-        return list(seen)
+        """Distinct shard file names, sorted."""
+        return list(self._shard_files)
+
+    @functools.cached_property
+    def _shard_files(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.weight_map.values())))
 
     def tensors_by_shard(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {f: [] for f in self.shard_files()}
@@ -110,6 +113,7 @@ def _no_duplicates(path: str) -> Any:
     return hook
 
 
+@gcpause.pausing
 def parse_index_bytes(data: bytes, path: str | os.PathLike[str]) -> ShardIndex:
     """Parse and validate index JSON ``data`` read from ``path``."""
     name = str(path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .errors import OversizeTensorError
 from .header import TensorInfo, TensorSpec, padded_header_size
 from .layout import Group, group_tensors
@@ -197,6 +198,7 @@ def _families(groups: Sequence[Group], infos: Mapping[str, TensorInfo]) -> list[
     return out
 
 
+@gcpause.pausing
 def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> InspectReport:
     """Inspect the checkpoint at ``path`` (a file, a folder or an index) for ``cap``
     (bytes, or a size string such as ``"4GB"`` or ``"fat32"``).

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from . import gcpause
+
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 """The tensors of a GPTQ-quantized linear (``bias`` may join them)."""
 
@@ -179,6 +181,7 @@ def _modules(members: Sequence[tuple[str, int]], keys: _Keys) -> tuple[Module, .
     )
 
 
+@gcpause.pausing
 def group_tensors(names: Sequence[str]) -> list[Group]:
     """Group ``names`` into blocks and outside tensors, in model order."""
     blocks: dict[tuple[str, int], list[tuple[str, int]]] = {}

@@ -32,6 +32,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from . import gcpause
 from .errors import OversizeTensorError, PlanError
 from .header import (
     MAX_HEADER_SIZE,
@@ -172,7 +173,8 @@ class FileSizer:
 
     def solo(self, t: TensorSpec) -> int:
         """Size of a file holding ``t`` alone."""
-        return self.size((t,))
+        body = self.empty_body + self.fixed((t,)) + self.empty_parts + 1 + len(str(t.nbytes))
+        return padded_header_size(body) + t.nbytes
 
 
 class _Shard:
@@ -280,6 +282,7 @@ def _shard_plan(units: Sequence[Unit], metadata: Mapping[str, str] | None, cap: 
     return ShardPlan(tensors=tensors, header=header, groups=tuple(groups), oversize=size > cap)
 
 
+@gcpause.pausing
 def plan_shards(
     tensors: Sequence[TensorSpec],
     cap: int,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
 from .header import Header, TensorInfo, read_header
 from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
@@ -212,6 +213,7 @@ class Checkpoint:
         return sum(h.file_size for h in self.headers)
 
 
+@gcpause.pausing
 def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -> Checkpoint:
     """Locate ``path`` and read every shard's header.
 

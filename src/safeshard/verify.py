@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import quant
+from . import gcpause, quant
 from .errors import (
     CheckpointNotFoundError,
     HeaderError,
@@ -997,6 +997,7 @@ def _by_name(tasks: Sequence[FileTask], results: Sequence[FileResult]) -> dict[s
     return {Path(t.path).name: r for t, r in zip(tasks, results, strict=True)}
 
 
+@gcpause.pausing
 def verify(
     path: str | os.PathLike[str],
     *,
