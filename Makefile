@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench bench-scale clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: $(TSTAMP)
 
 bench: $(TSTAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# 1,000,000 zero-size tensors, and a header at the 100 MB limit, through every command
+# (SCALE_ARGS="--tensors 200000" for a quicker run).
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1149,6 +1149,15 @@ def test_build_header_rejects_nothing_it_cannot_read_back() -> None:
     assert official(content)['a"b\\c\n\x01']["data"] == b"x"
 
 
+def test_tensor_spec_of_an_entry_is_the_spec() -> None:
+    content = frame(js({"b": entry("F16", [2, 3], 0, 12), "a": ZERO}), bytes(12))
+    for t in parse_header(content, len(content)).tensors:
+        spec = TensorSpec.of(t)
+        assert spec == TensorSpec(t.name, t.dtype, t.shape, t.nbytes)
+        assert hash(spec) == hash(TensorSpec(t.name, t.dtype, t.shape, t.nbytes))
+        assert repr(spec) == repr(TensorSpec(t.name, t.dtype, t.shape, t.nbytes))
+
+
 def test_parse_header_needs_the_header_bytes() -> None:
     content = frame(js({"a": entry("U8", [1], 0, 1)}), b"z")
     with pytest.raises(errors.HeaderLengthError):

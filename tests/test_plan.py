@@ -9,16 +9,17 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safeshard.errors import OversizeTensorError, PlanError
-from safeshard.header import TensorSpec, build_header, parse_header
+from safeshard.header import MAX_HEADER_SIZE, TensorSpec, build_header, parse_header
 from safeshard.layout import group_tensors, model_order
-from safeshard.plan import Plan, plan_shards, solo_size
+from safeshard.plan import Plan, plan_shards, shard_sizes, solo_size
 
 META_CHOICES: list[dict[str, str] | None] = [
     None,
@@ -187,6 +188,39 @@ def test_plan_properties(
     shuffled = list(specs)
     random.Random(len(specs)).shuffle(shuffled)
     assert plan_shards(shuffled, cap, meta, allow_oversize=allow) == plan
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    models(),
+    st.integers(150, 20_000),
+    st.sampled_from(META_CHOICES),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([MAX_HEADER_SIZE, 3000]),
+)
+def test_shard_sizes_are_the_plans_file_sizes(
+    specs: list[TensorSpec],
+    cap: int,
+    meta: dict[str, str] | None,
+    balance: bool,
+    allow: bool,
+    max_header: int,
+) -> None:
+    """What inspect predicts (sizes counted) is what split writes (headers built)."""
+
+    def run(fn: Callable[..., Any]) -> Any:
+        return fn(specs, cap, meta, balance=balance, allow_oversize=allow, max_header=max_header)
+
+    try:
+        plan = run(plan_shards)
+    except OversizeTensorError as e:
+        with pytest.raises(OversizeTensorError) as info:
+            run(shard_sizes)
+        assert str(info.value) == str(e)
+        return
+    assert run(shard_sizes) == tuple(s.file_size for s in plan.shards)
+    assert all(len(s.header) - 8 <= max_header or len(s.tensors) == 1 for s in plan.shards)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

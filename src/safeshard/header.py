@@ -691,6 +691,19 @@ class TensorSpec:
     shape: tuple[int, ...]
     nbytes: int
 
+    @classmethod
+    def of(cls, t: TensorInfo) -> TensorSpec:
+        """The spec of a header entry. Equal to ``TensorSpec(t.name, t.dtype, t.shape,
+        t.nbytes)``, made at half the cost of the frozen dataclass's ``__init__``:
+        planners make one per tensor, and a header can hold millions."""
+        spec = object.__new__(cls)
+        fields = spec.__dict__
+        fields["name"] = t.name
+        fields["dtype"] = t.dtype
+        fields["shape"] = t.shape
+        fields["nbytes"] = t.end - t.begin
+        return spec
+
 
 # The C string encoder that json.dumps(..., ensure_ascii=False) itself uses.
 _encode_string: Any = json.encoder.encode_basestring

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import gcpause
+from . import gcpause, plan
 from .errors import OversizeTensorError
 from .header import TensorInfo, TensorSpec, padded_header_size
 from .layout import Group, group_tensors
-from .plan import FileSizer, plan_shards
+from .plan import FileSizer
 from .quant import QuantReport, analyze
 from .sizes import FAT32_LIMIT, format_size, parse_size
 from .source import common_metadata, open_checkpoint
@@ -213,7 +213,7 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
     ckpt = open_checkpoint(path)
     metadata, meta_warnings = common_metadata(ckpt)
     infos = {e.name: e.info for e in ckpt.entries.values()}
-    specs = {t.name: TensorSpec(t.name, t.dtype, t.shape, t.nbytes) for t in infos.values()}
+    specs = {t.name: TensorSpec.of(t) for t in infos.values()}
     sizer = FileSizer(specs, metadata)
 
     files = tuple(
@@ -232,8 +232,7 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
     for g in groups:
         if g.kind != "block":
             continue
-        members = [specs[n] for n in g.tensors]
-        item = SizedItem(g.key, sum(s.nbytes for s in members), sizer.size(members))
+        item = SizedItem(g.key, sizer.nbytes(g.tensors), sizer.size(g.tensors))
         if largest_block is None or item.nbytes > largest_block.nbytes:
             largest_block = item
         if item.file_size > cap:
@@ -247,25 +246,23 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
             if largest_tensor is None or infos[n].nbytes > largest_tensor.nbytes:
                 largest_tensor = TensorReport.of(infos[n])
 
-    solo = {n: sizer.solo(s) for n, s in specs.items()}
-    oversize_tensors = tuple(
-        SizedItem(n, specs[n].nbytes, size)
-        for n, size in sorted(
-            ((n, size) for n, size in solo.items() if size > cap), key=lambda kv: (-kv[1], kv[0])
-        )
+    solo = list(map(sizer.solo, specs))
+    over = sorted(
+        ((n, size) for n, size in zip(specs, solo, strict=True) if size > cap),
+        key=lambda kv: (-kv[1], kv[0]),
     )
-    smallest_cap = max(solo.values(), default=0)
+    oversize_tensors = tuple(SizedItem(n, specs[n].nbytes, size) for n, size in over)
+    smallest_cap = max(solo, default=0)
     predicted: int | None
     shard_sizes: tuple[int, ...] = ()
-    try:
-        plan = plan_shards(list(specs.values()), cap, metadata, groups=groups, sizer=sizer)
+    try:  # the plan split makes, sized without building its headers
+        sizes = plan.shard_sizes(list(specs.values()), cap, metadata, groups=groups, sizer=sizer)
     except OversizeTensorError:
         predicted = None
     else:
-        predicted = max(len(plan.shards), 1)  # no tensors at all: split writes one file
-        shard_sizes = tuple(s.file_size for s in plan.shards) or (
-            padded_header_size(sizer.empty_body),
-        )
+        # no tensors at all: split writes one header-only file
+        shard_sizes = sizes or (padded_header_size(sizer.empty_body),)
+        predicted = len(shard_sizes)
 
     exceeds: list[str] = []
     warnings: list[str] = list(meta_warnings)

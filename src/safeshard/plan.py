@@ -29,7 +29,7 @@ the number of units and ``balance`` adds a logarithmic factor.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import gcpause
@@ -110,21 +110,22 @@ class Plan:
 
 
 def _entries_len(
-    parts: int, data: int, tensors: Sequence[TensorSpec], fixed: int, nbytes: int
+    parts: int, data: int, count: int, fixed: int, nbytes: int, sizes: Iterable[int]
 ) -> int:
-    """JSON bytes that appending ``tensors`` (``nbytes`` of data, entries ``fixed`` bytes
-    long without their offsets) adds to a header with ``parts`` members whose data
-    ends at ``data``."""
-    if not tensors:
+    """JSON bytes that appending ``count`` tensors (``nbytes`` of data, entries ``fixed``
+    bytes long without their offsets, each of ``sizes`` bytes) adds to a header with
+    ``parts`` members whose data ends at ``data``. ``sizes`` is only iterated when an
+    offset in between has more digits than the first (rare)."""
+    if not count:
         return 0
-    commas = len(tensors) - (0 if parts else 1)
+    commas = count - (0 if parts else 1)
     digits = len(str(data))
     if digits == len(str(data + nbytes)):  # every offset in between has as many digits
-        return fixed + commas + 2 * digits * len(tensors)
+        return fixed + commas + 2 * digits * count
     total = fixed + commas
     pos = data
-    for t in tensors:
-        nxt = pos + t.nbytes
+    for size in sizes:
+        nxt = pos + size
         total += len(str(pos)) + len(str(nxt))
         pos = nxt
     return total
@@ -134,7 +135,8 @@ class FileSizer:
     """Exact sizes of files holding some of ``specs`` with ``metadata``: what
     :func:`~safeshard.header.build_header` plus the data would make, without building it.
 
-    Each tensor's header entry is measured once, on first use.
+    Each tensor's header entry is measured once, here; every size after that is
+    arithmetic on sums.
     """
 
     def __init__(self, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> None:
@@ -142,39 +144,41 @@ class FileSizer:
         self.empty_body = 2 + metadata_len(metadata)
         """JSON bytes of a header with no tensors: ``{}`` and the metadata member."""
         self.empty_parts = 0 if metadata is None else 1
-        self._fixed: dict[str, int] = {}
+        self._fixed = {n: entry_fixed_len(t) for n, t in specs.items()}
+        self._nbytes = {n: t.nbytes for n, t in specs.items()}
 
-    def fixed(self, tensors: Sequence[TensorSpec]) -> int:
-        """Sum of the entry lengths of ``tensors``, less the digits of their offsets."""
-        known = self._fixed
-        total = 0
-        for t in tensors:
-            n = known.get(t.name)
-            if n is None:
-                n = known[t.name] = entry_fixed_len(t)
-            total += n
-        return total
+    def fixed(self, names: Sequence[str]) -> int:
+        """Sum of the entry lengths of the tensors ``names``, less the digits of their offsets."""
+        return sum(map(self._fixed.__getitem__, names))
 
-    def unit(self, tensors: Sequence[TensorSpec], group: Group, whole: bool) -> Unit:
+    def nbytes(self, names: Sequence[str]) -> int:
+        return sum(map(self._nbytes.__getitem__, names))
+
+    def unit(self, names: Sequence[str], group: Group, whole: bool) -> Unit:
         return Unit(
-            tuple(tensors), group, whole, sum(t.nbytes for t in tensors), self.fixed(tensors)
+            tuple(map(self.specs.__getitem__, names)),
+            group,
+            whole,
+            self.nbytes(names),
+            self.fixed(names),
         )
 
-    def header_json(self, tensors: Sequence[TensorSpec]) -> int:
-        """Length of the header JSON (before padding) of a file holding ``tensors``."""
-        nbytes = sum(t.nbytes for t in tensors)
+    def header_json(self, names: Sequence[str]) -> int:
+        """Length of the header JSON (before padding) of a file holding ``names``."""
+        sizes = map(self._nbytes.__getitem__, names)
         return self.empty_body + _entries_len(
-            self.empty_parts, 0, tensors, self.fixed(tensors), nbytes
+            self.empty_parts, 0, len(names), self.fixed(names), self.nbytes(names), sizes
         )
 
-    def size(self, tensors: Sequence[TensorSpec]) -> int:
-        """Size of a file holding ``tensors`` in this order, header included."""
-        return padded_header_size(self.header_json(tensors)) + sum(t.nbytes for t in tensors)
+    def size(self, names: Sequence[str]) -> int:
+        """Size of a file holding the tensors ``names`` in this order, header included."""
+        return padded_header_size(self.header_json(names)) + self.nbytes(names)
 
-    def solo(self, t: TensorSpec) -> int:
-        """Size of a file holding ``t`` alone."""
-        body = self.empty_body + self.fixed((t,)) + self.empty_parts + 1 + len(str(t.nbytes))
-        return padded_header_size(body) + t.nbytes
+    def solo(self, name: str) -> int:
+        """Size of a file holding the tensor ``name`` alone."""
+        nbytes = self._nbytes[name]
+        body = self.empty_body + self._fixed[name] + self.empty_parts + 1 + len(str(nbytes))
+        return padded_header_size(body) + nbytes
 
 
 class _Shard:
@@ -187,7 +191,10 @@ class _Shard:
 
     def after(self, u: Unit) -> tuple[int, int]:
         """(JSON length, file size) once ``u`` is appended."""
-        body = self.body + _entries_len(self.parts, self.data, u.tensors, u.fixed, u.nbytes)
+        sizes = (t.nbytes for t in u.tensors)
+        body = self.body + _entries_len(
+            self.parts, self.data, len(u.tensors), u.fixed, u.nbytes, sizes
+        )
         return body, padded_header_size(body) + self.data + u.nbytes
 
     def add(self, u: Unit, body: int) -> None:
@@ -198,22 +205,20 @@ class _Shard:
 
 def solo_size(t: TensorSpec, metadata: Mapping[str, str] | None) -> int:
     """Size of a file holding only ``t``."""
-    return FileSizer({t.name: t}, metadata).solo(t)
+    return FileSizer({t.name: t}, metadata).solo(t.name)
 
 
 # --------------------------------------------------------------------------- units
 
 
-def _fits(sizer: FileSizer, tensors: Sequence[TensorSpec], cap: int, max_header: int) -> bool:
-    body = sizer.header_json(tensors)
-    return len(tensors) == 1 or (
-        padded_header_size(body) + sum(t.nbytes for t in tensors) <= cap
-        and padded_header_size(body) - 8 <= max_header
-    )
+def _fits(sizer: FileSizer, names: Sequence[str], cap: int, max_header: int) -> bool:
+    if len(names) == 1:
+        return True
+    header = padded_header_size(sizer.header_json(names))
+    return header + sizer.nbytes(names) <= cap and header - 8 <= max_header
 
 
 def make_units(
-    specs: Mapping[str, TensorSpec],
     groups: Sequence[Group],
     cap: int,
     sizer: FileSizer,
@@ -223,17 +228,15 @@ def make_units(
     units: list[Unit] = []
     split: list[str] = []
     for g in groups:
-        whole = [specs[n] for n in g.tensors]
-        if _fits(sizer, whole, cap, max_header):
-            units.append(sizer.unit(whole, g, True))
+        if _fits(sizer, g.tensors, cap, max_header):
+            units.append(sizer.unit(g.tensors, g, True))
             continue
         split.append(g.key)
         for m in g.modules:
-            mod = [specs[n] for n in m.tensors]
-            if _fits(sizer, mod, cap, max_header):
-                units.append(sizer.unit(mod, g, False))
+            if _fits(sizer, m.tensors, cap, max_header):
+                units.append(sizer.unit(m.tensors, g, False))
             else:
-                units.extend(sizer.unit((t,), g, False) for t in mod)
+                units.extend(sizer.unit((n,), g, False) for n in m.tensors)
     return units, split
 
 
@@ -282,24 +285,26 @@ def _shard_plan(units: Sequence[Unit], metadata: Mapping[str, str] | None, cap: 
     return ShardPlan(tensors=tensors, header=header, groups=tuple(groups), oversize=size > cap)
 
 
-@gcpause.pausing
-def plan_shards(
+@dataclass(frozen=True)
+class _Packing:
+    """What plan_shards decided, before any header is built."""
+
+    shards: list[list[Unit]]
+    warnings: tuple[str, ...]
+    split_groups: tuple[str, ...]
+    sizer: FileSizer
+
+
+def _packing(
     tensors: Sequence[TensorSpec],
     cap: int,
-    metadata: Mapping[str, str] | None = None,
-    *,
-    balance: bool = False,
-    allow_oversize: bool = False,
-    groups: Sequence[Group] | None = None,
-    sizer: FileSizer | None = None,
-    max_header: int = MAX_HEADER_SIZE,
-) -> Plan:
-    """Plan shards of at most ``cap`` bytes each (whole files) for ``tensors``.
-
-    ``groups`` (``group_tensors`` of the names) and ``sizer`` (a :class:`FileSizer`
-    for ``tensors`` and ``metadata``) may be passed by a caller that already has them.
-    ``max_header`` bounds each shard's header JSON (the official reader's limit).
-    """
+    metadata: Mapping[str, str] | None,
+    balance: bool,
+    allow_oversize: bool,
+    groups: Sequence[Group] | None,
+    sizer: FileSizer | None,
+    max_header: int,
+) -> _Packing:
     if cap <= 0:
         raise PlanError(f"cap must be positive, got {cap}")
     specs = {t.name: t for t in tensors}
@@ -309,11 +314,11 @@ def plan_shards(
         groups = group_tensors(list(specs))
     if sizer is None:
         sizer = FileSizer(specs, metadata)
-    units, split = make_units(specs, groups, cap, sizer, max_header)
+    units, split = make_units(groups, cap, sizer, max_header)
     oversize = [
         (u.tensors[0], need)
         for u in units
-        if len(u.tensors) == 1 and (need := sizer.solo(u.tensors[0])) > cap
+        if len(u.tensors) == 1 and (need := sizer.solo(u.tensors[0].name)) > cap
     ]
     warnings: list[str] = []
     if oversize and not allow_oversize:
@@ -333,14 +338,54 @@ def plan_shards(
     assert packed is not None
     if balance and len(packed) > 1 and not oversize:
         packed = _balance(units, packed, sizer, max_header)
-    shards = tuple(_shard_plan(s, metadata, cap) for s in packed)
+    return _Packing(packed, tuple(warnings), tuple(split), sizer)
+
+
+@gcpause.pausing
+def plan_shards(
+    tensors: Sequence[TensorSpec],
+    cap: int,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    balance: bool = False,
+    allow_oversize: bool = False,
+    groups: Sequence[Group] | None = None,
+    sizer: FileSizer | None = None,
+    max_header: int = MAX_HEADER_SIZE,
+) -> Plan:
+    """Plan shards of at most ``cap`` bytes each (whole files) for ``tensors``.
+
+    ``groups`` (``group_tensors`` of the names) and ``sizer`` (a :class:`FileSizer`
+    for ``tensors`` and ``metadata``) may be passed by a caller that already has them.
+    ``max_header`` bounds each shard's header JSON (the official reader's limit).
+    """
+    p = _packing(tensors, cap, metadata, balance, allow_oversize, groups, sizer, max_header)
     return Plan(
-        shards=shards,
+        shards=tuple(_shard_plan(s, metadata, cap) for s in p.shards),
         cap=cap,
         metadata=dict(metadata) if metadata is not None else None,
-        warnings=tuple(warnings),
-        split_groups=tuple(split),
+        warnings=p.warnings,
+        split_groups=p.split_groups,
     )
+
+
+@gcpause.pausing
+def shard_sizes(
+    tensors: Sequence[TensorSpec],
+    cap: int,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    balance: bool = False,
+    allow_oversize: bool = False,
+    groups: Sequence[Group] | None = None,
+    sizer: FileSizer | None = None,
+    max_header: int = MAX_HEADER_SIZE,
+) -> tuple[int, ...]:
+    """``tuple(s.file_size for s in plan_shards(...).shards)`` with the same arguments,
+    and the same errors, without building the headers: the same packing, with each
+    file's size counted instead of written (what ``inspect`` needs)."""
+    p = _packing(tensors, cap, metadata, balance, allow_oversize, groups, sizer, max_header)
+    return tuple(p.sizer.size([t.name for u in s for t in u.tensors]) for s in p.shards)
 
 
 def _balance(
@@ -351,8 +396,8 @@ def _balance(
 ) -> list[list[Unit]]:
     """Smallest largest-shard size that still packs into ``len(greedy)`` shards."""
     n = len(greedy)
-    lo = max(sizer.size(u.tensors) for u in units)
-    hi = max(sizer.size([t for u in s for t in u.tensors]) for s in greedy)
+    lo = max(sizer.size([t.name for t in u.tensors]) for u in units)
+    hi = max(sizer.size([t.name for u in s for t in u.tensors]) for s in greedy)
     best = greedy
     while lo < hi:
         mid = (lo + hi) // 2
