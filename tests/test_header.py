@@ -380,6 +380,18 @@ def _hostile() -> list[Any]:
             errors.DuplicateKeyError,
         ),
         ("dup-metadata", frame(b'{"__metadata__":{},"__metadata__":{}}'), errors.DuplicateKeyError),
+        # the official reader keeps the last of two tensors with one name: the first,
+        # broken one, is never read there, so the repeat is what is reported here
+        (
+            "dup-tensor-first-broken",
+            frame(b'{"a":["U8",[0],[0,0]],"a":' + js(A) + b"}", bytes(4)),
+            errors.DuplicateKeyError,
+        ),
+        (
+            "dup-tensor-first-wrong-size",
+            frame(b'{"a":' + js(entry("F4", [1], 0, 1)) + b',"a":' + js(A) + b"}", bytes(4)),
+            errors.DuplicateKeyError,
+        ),
         (
             "unknown-dtype",
             frame(js({"a": entry("F128", [1], 0, 16)}), bytes(16)),
@@ -608,6 +620,8 @@ def test_hostile_file_rejected(
 # deserializers happen to accept.
 STRICTER_THAN_OFFICIAL = {
     "dup-tensor",
+    "dup-tensor-first-broken",
+    "dup-tensor-first-wrong-size",
     "dup-metadata-key",
     "dup-ignored-field",
     "entry-array",

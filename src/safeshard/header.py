@@ -71,6 +71,7 @@ from .errors import (
     FileTooShortError,
     GapError,
     HeaderEncodingError,
+    HeaderError,
     HeaderJSONError,
     HeaderLengthError,
     HeaderNotObjectError,
@@ -310,13 +311,13 @@ def _load_json(path: str, text: str, raw: bytes) -> Any:
         raise HeaderJSONError(path, f"header is not valid JSON: {e}") from None
 
 
-def _first_repeat(keys: Iterable[str]) -> str:
+def _first_repeat(keys: Iterable[str]) -> str | None:
     seen: set[str] = set()
     for k in keys:
         if k in seen:
             return k
         seen.add(k)
-    return ""  # pragma: no cover - called only when there is a repeat
+    return None
 
 
 def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<bytes>") -> Header:
@@ -439,7 +440,11 @@ def _parse_object(
                     and 0 <= numel * width <= _U64_MAX
                     and not (numel * width) & 7
                     and end - begin == (numel * width) >> 3
-                    and (numel or _zero_shape_ok(shape))
+                    and (
+                        numel
+                        or (not shape[0] and max(shape) <= _U64_MAX)  # [0, ...]: no product
+                        or _zero_shape_ok(shape)
+                    )
                 ):
                     t = new(TensorInfo)
                     d_ = t.__dict__
@@ -451,20 +456,28 @@ def _parse_object(
                     append(t)
                     by_name[key] = t
                     continue
-        if key == METADATA_KEY:
-            metadata = _parse_metadata(path, value)
-            metadata_keys += 1
-        else:
-            t = _parse_entry(path, key, value)
-            append(t)
-            by_name[key] = t
+        try:
+            if key == METADATA_KEY:
+                metadata = _parse_metadata(path, value)
+                metadata_keys += 1
+            else:
+                t = _parse_entry(path, key, value)
+                append(t)
+                by_name[key] = t
+        except HeaderError:
+            _check_no_repeat(path, obj)  # a repeated key is reported first, as it comes first
+            raise
     if metadata_keys > 1 or len(by_name) + metadata_keys != len(obj):
-        raise DuplicateKeyError(
-            path,
-            f"header repeats the key {_first_repeat(k for k, _ in obj)!r}; each key may "
-            "appear only once",
-        )
+        _check_no_repeat(path, obj)
     return metadata, entries, by_name
+
+
+def _check_no_repeat(path: str, obj: _JSONObject) -> None:
+    repeat = _first_repeat(k for k, _ in obj)
+    if repeat:
+        raise DuplicateKeyError(
+            path, f"header repeats the key {repeat!r}; each key may appear only once"
+        )
 
 
 def _zero_shape_ok(shape: list[int]) -> bool:

@@ -161,19 +161,20 @@ def _modules(members: Sequence[tuple[str, int]], keys: _Keys) -> tuple[Module, .
     follows it, a piece that recurs in every block.
     """
     by_module: dict[str, list[str]] = {}
-    rest_of: dict[str, str] = {}
+    order: list[tuple[Key, str]] = []
     for n, j in members:
         cut = n.rfind(".")  # a block tensor has a component after the number
         mod = n[:cut]
         same = by_module.get(mod)
         if same is None:
             by_module[mod] = [n]
-            rest_of[mod] = n[j:cut]
+            order.append((keys.of_rest(n[j:cut]), mod))
         else:
             same.append(n)
+    order.sort()
     out: list[Module] = []
     new = object.__new__
-    for m in sorted(by_module, key=lambda m: (keys.of_rest(rest_of[m]), m)):
+    for _, m in order:
         ts = by_module[m]
         module = new(Module)  # Module(m, ...) at half the cost: a block can have thousands
         module.__dict__.update(
