@@ -61,7 +61,7 @@ import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from . import gcpause
 from .errors import (
@@ -325,10 +325,11 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
 
     Checks, in order: length prefix, header size limit, header within the file, UTF-8,
     nothing but JSON whitespace before the ``{``, JSON (as serde_json reads it: no
-    NaN/Infinity, finite numbers, no lone surrogates), an object, no repeated key,
-    metadata, each entry (fields, dtype, shape, offsets, size, alignment), then the
-    byte ranges (overlap, holes, end of file). See the module docs for what is
-    accepted and where this is stricter than the official reader.
+    NaN/Infinity, finite numbers, no lone surrogates), an object, then each member in
+    file order (a repeated key, the metadata, an entry's fields, dtype, shape, offsets,
+    size and alignment; an entry that a later repeat of its key shadows is reported as
+    the repeat), then the byte ranges (overlap, holes, end of file). See the module
+    docs for what is accepted and where this is stricter than the official reader.
     """
     name = str(path)
     if file_size < 8 or len(data) < 8:
@@ -346,18 +347,16 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
         )
     if len(data) < 8 + n:
         raise HeaderLengthError(name, f"only {len(data)} bytes available for a {n}-byte header")
-    raw = bytes(data[8 : 8 + n])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HeaderEncodingError(
-            name, f"header is not valid UTF-8 ({e.reason} at byte {e.start})"
-        ) from None
-    _check_start(name, text)
+    return _parse(name, bytes(data[8 : 8 + n]), file_size)
+
+
+def _parse(name: str, raw: bytes, file_size: int) -> Header:
+    """The checks of :func:`parse_header` from UTF-8 on, for the header JSON ``raw``."""
+    n = len(raw)
     with gcpause.paused():
         # The JSON tree is garbage once _parse_object returns, and freed before the
         # collector runs again: it never scans it.
-        metadata, entries, by_name = _parse_object(name, text, raw)
+        metadata, entries, by_name = _parse_object(name, raw)
         entries.sort(key=_BEGIN_END)
         pos = 0
         for t in entries:
@@ -394,10 +393,23 @@ def parse_header(data: bytes, file_size: int, path: str | os.PathLike[str] = "<b
 
 
 def _parse_object(
-    path: str, text: str, raw: bytes
+    path: str, raw: bytes
 ) -> tuple[dict[str, str] | None, list[TensorInfo], dict[str, TensorInfo]]:
-    """The metadata, the tensor entries (in file order) and the entries by name."""
+    """The metadata, the tensor entries (in file order) and the entries by name.
+
+    Memory: the decoded text is dropped once parsed, and each entry's JSON as soon
+    as its :class:`TensorInfo` is made, so the JSON tree and the entries are never
+    both whole (the tree is about three times their size).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderEncodingError(
+            path, f"header is not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    _check_start(path, text)
     obj = _load_json(path, text, raw)
+    del text
     if type(obj) is not _JSONObject:
         raise HeaderNotObjectError(path, f"header JSON must be an object, found {_json_type(obj)}")
     if _SURROGATE_ESCAPE.search(raw):
@@ -409,7 +421,13 @@ def _parse_object(
     append = entries.append
     width_of = DTYPE_BITS.get
     new = object.__new__
-    for key, value in obj:
+    for i in range(len(obj)):
+        key, value = obj[i]
+        obj[i] = None  # this entry's JSON is freed once its TensorInfo is made
+        if key in by_name or (key == METADATA_KEY and metadata_keys):
+            raise DuplicateKeyError(
+                path, f"header repeats the key {key!r}; each key may appear only once"
+            )
         # The fast path takes the entry every writer writes: the three fields in this
         # order, well typed and consistent. Anything else, valid or not, goes through
         # _parse_entry, which says what is wrong.
@@ -465,19 +483,14 @@ def _parse_object(
                 append(t)
                 by_name[key] = t
         except HeaderError:
-            _check_no_repeat(path, obj)  # a repeated key is reported first, as it comes first
+            # The official reader keeps the last of two entries with one name: a repeat
+            # of this key later on is the problem to report, not this entry.
+            if any(k == key for k, _ in obj[i + 1 :]):
+                raise DuplicateKeyError(
+                    path, f"header repeats the key {key!r}; each key may appear only once"
+                ) from None
             raise
-    if metadata_keys > 1 or len(by_name) + metadata_keys != len(obj):
-        _check_no_repeat(path, obj)
     return metadata, entries, by_name
-
-
-def _check_no_repeat(path: str, obj: _JSONObject) -> None:
-    repeat = _first_repeat(k for k, _ in obj)
-    if repeat:
-        raise DuplicateKeyError(
-            path, f"header repeats the key {repeat!r}; each key may appear only once"
-        )
 
 
 def _zero_shape_ok(shape: list[int]) -> bool:
@@ -689,7 +702,9 @@ def read_header_from(f: Any, path: str | os.PathLike[str]) -> Header:
         body = os.pread(f.fileno(), n, 8)
     except OSError as e:
         raise read_error(path, "read its header", e) from None
-    return parse_header(head + body, file_size, path)
+    if len(body) < n:  # the file shrank since fstat
+        return parse_header(head + body, file_size, path)
+    return _parse(str(path), body, file_size)
 
 
 # --------------------------------------------------------------------------- writer
@@ -716,6 +731,19 @@ class TensorSpec:
         fields["shape"] = t.shape
         fields["nbytes"] = t.end - t.begin
         return spec
+
+
+class SizedTensor(Protocol):
+    """What sizing a header entry needs: a :class:`TensorSpec`, or a :class:`TensorInfo`."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def nbytes(self) -> int: ...
 
 
 # The C string encoder that json.dumps(..., ensure_ascii=False) itself uses.
@@ -786,7 +814,7 @@ def _dims_len(shape: tuple[int, ...]) -> int:
     return len(",".join(map(str, shape)))
 
 
-def entry_fixed_len(t: TensorSpec | TensorInfo) -> int:
+def entry_fixed_len(t: SizedTensor) -> int:
     """UTF-8 length of a tensor's header entry, less the digits of its two offsets.
 
     Offsets are the only part of an entry that depends on where the tensor lands, so a

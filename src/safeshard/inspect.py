@@ -17,7 +17,7 @@ from typing import Any
 
 from . import gcpause, plan
 from .errors import OversizeTensorError
-from .header import TensorInfo, TensorSpec, padded_header_size
+from .header import TensorInfo, padded_header_size
 from .layout import Group, group_tensors
 from .plan import FileSizer
 from .quant import QuantReport, analyze
@@ -213,7 +213,7 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
     ckpt = open_checkpoint(path)
     metadata, meta_warnings = common_metadata(ckpt)
     infos = {e.name: e.info for e in ckpt.entries.values()}
-    specs = {t.name: TensorSpec.of(t) for t in infos.values()}
+    specs = infos  # the planner sizes header entries as they are
     sizer = FileSizer(specs, metadata)
 
     files = tuple(

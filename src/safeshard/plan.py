@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from . import gcpause
 from .errors import OversizeTensorError, PlanError
@@ -41,6 +42,9 @@ from .header import (
     entry_fixed_len,
     metadata_len,
     padded_header_size,
+)
+from .header import (
+    SizedTensor as Sized,
 )
 from .layout import Group, group_tensors
 from .sizes import format_size
@@ -53,7 +57,7 @@ class Unit:
     ``fixed`` is the JSON their header entries take less the digits of the offsets.
     """
 
-    tensors: tuple[TensorSpec, ...]
+    tensors: tuple[Sized, ...]
     group: Group
     whole_group: bool
     nbytes: int = field(default=0, compare=False)
@@ -139,7 +143,7 @@ class FileSizer:
     arithmetic on sums.
     """
 
-    def __init__(self, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> None:
+    def __init__(self, specs: Mapping[str, Sized], metadata: Mapping[str, str] | None) -> None:
         self.specs = specs
         self.empty_body = 2 + metadata_len(metadata)
         """JSON bytes of a header with no tensors: ``{}`` and the metadata member."""
@@ -275,7 +279,8 @@ def _pack(
 
 
 def _shard_plan(units: Sequence[Unit], metadata: Mapping[str, str] | None, cap: int) -> ShardPlan:
-    tensors = tuple(t for u in units for t in u.tensors)
+    # plan_shards plans TensorSpecs, so its units hold nothing else
+    tensors = cast(tuple[TensorSpec, ...], tuple(t for u in units for t in u.tensors))
     groups: list[Group] = []
     for u in units:
         if not groups or groups[-1].key != u.group.key:
@@ -296,7 +301,7 @@ class _Packing:
 
 
 def _packing(
-    tensors: Sequence[TensorSpec],
+    tensors: Sequence[Sized],
     cap: int,
     metadata: Mapping[str, str] | None,
     balance: bool,
@@ -371,7 +376,7 @@ def plan_shards(
 
 @gcpause.pausing
 def shard_sizes(
-    tensors: Sequence[TensorSpec],
+    tensors: Sequence[Sized],
     cap: int,
     metadata: Mapping[str, str] | None = None,
     *,
