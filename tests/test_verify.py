@@ -372,7 +372,7 @@ def test_verify_refuses_the_ambiguity_split_refuses(clean: Split) -> None:
     with pytest.raises(AmbiguousCheckpointError, match=r"gptq_model-4bit-128g\.safetensors"):
         verify(clean.out)
     code, _ = run("verify", str(clean.out))
-    assert code == 2
+    assert code not in (0, 1)  # an error (usage or input), not "clean" or "findings"
     assert verify(clean.index).ok  # naming the index says which one is meant
     assert verify(other).ok
 

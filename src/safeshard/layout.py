@@ -173,12 +173,13 @@ def _modules(members: Sequence[tuple[str, int]], keys: _Keys) -> tuple[Module, .
             same.append(n)
     order.sort()
     out: list[Module] = []
-    new = object.__new__
+    new, setattr_ = object.__new__, object.__setattr__
     for _, m in order:
         ts = by_module[m]
-        module = new(Module)  # Module(m, ...) at half the cost: a block can have thousands
-        module.__dict__.update(
-            name=m, tensors=(ts[0],) if len(ts) == 1 else tuple(sorted(ts, key=keys.of_member))
+        module = new(Module)  # Module(m, ...) without its __init__ frame: blocks can be big
+        setattr_(module, "name", m)
+        setattr_(
+            module, "tensors", (ts[0],) if len(ts) == 1 else tuple(sorted(ts, key=keys.of_member))
         )
         out.append(module)
     return tuple(out)

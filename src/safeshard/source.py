@@ -231,15 +231,16 @@ def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -
     headers = [read_header(f) for f in loc.files]
     entries: dict[str, Entry] = {}
     problems: list[str] = []
-    new = object.__new__
+    new, setattr_ = object.__new__, object.__setattr__
     for i, h in enumerate(headers):
         for t in h.tensors:
             if t.name in entries:
                 other = Path(headers[entries[t.name].shard].path).name
                 problems.append(f"tensor {t.name!r} is in both {other} and {Path(h.path).name}")
                 continue
-            entries[t.name] = entry = new(Entry)  # Entry(info=t, shard=i), at half the cost
-            entry.__dict__.update(info=t, shard=i)
+            entries[t.name] = entry = new(Entry)  # Entry(info=t, shard=i), without __init__
+            setattr_(entry, "info", t)
+            setattr_(entry, "shard", i)
     if loc.index is not None and check_index:
         names = {Path(h.path).name: i for i, h in enumerate(headers)}
         for tensor, fname in loc.index.weight_map.items():

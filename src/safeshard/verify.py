@@ -832,7 +832,8 @@ def plan_reads(ctx: Context) -> ReadPlan:
     whole: dict[str, str] = {}  # file -> recorded SHA-256
     files = set(ctx.target.files)
     for fname, rec in ctx.recorded().items():
-        if fname in files and ctx.sizes.get(fname) == rec.size:
+        # a manifest may leave a file's SHA-256 out; its size was checked
+        if fname in files and ctx.sizes.get(fname) == rec.size and rec.sha256 is not None:
             whole[fname] = rec.sha256
     ranges: dict[str, dict[str, Range]] = {}
     for fname, ti, other in comparable(ctx):
