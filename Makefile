@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint bench faults clean
+.PHONY: demo test test-fast lint bench bench-scale faults clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: $(TSTAMP)
 # kill -9, full-disk and read-error trials: 20 kills each of split, merge and update
 faults: $(TSTAMP)
 	SAFESHARD_FAULT_TRIALS=$${SAFESHARD_FAULT_TRIALS:-20} $(PY) -m pytest -q tests/test_faults.py tests/test_crash.py tests/test_outdir.py
+
+# 1,000,000 zero-size tensors, and a header at the 100 MB limit, through every command
+# (SCALE_ARGS="--tensors 200000" for a quicker run).
+bench-scale: $(STAMP)
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

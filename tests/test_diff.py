@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from _ckpt import flip_byte, read_tensors, rewrite, shards, tiny_gptq, write_file
 from safeshard.cli import main
 from safeshard.diff import diff
-from safeshard.errors import CheckpointNotFoundError, UsageError
+from safeshard.errors import CheckpointNotFoundError, ReadError, SafeshardError, UsageError
 from safeshard.header import read_header
 from safeshard.split import split
 
@@ -55,6 +55,8 @@ def test_one_changed_tensor(src: Path, tmp_path: Path) -> None:
     span = slice(h.data_start + victim.begin, h.data_start + victim.end)
     assert change.a == xxhash.xxh3_128(raw_a[span]).hexdigest()
     assert change.b == xxhash.xxh3_128(raw_b[span]).hexdigest()
+    assert change.digest == "xxh3_128"  # not a SHA-256, whatever an old label said
+    assert change.to_json()["digest"] == "xxh3_128"
     assert rep.unchanged == len(h.tensors) - 1
 
 
@@ -128,6 +130,48 @@ def test_trusting_manifests_reads_nothing(src: Path, tmp_path: Path) -> None:
     trusted = diff(tmp_path / "a", tmp_path / "b", trust_manifests=True)
     assert trusted.bytes_read == 0 and trusted.identical
     assert not diff(tmp_path / "a", tmp_path / "b").identical
+
+
+def test_dtype_and_shape_changes_name_no_digest(src: Path, tmp_path: Path) -> None:
+    decls, data, meta = read_tensors(src)
+    name = next(iter(decls))
+    decls[name] = ("U8", (len(data[name]),))
+    other = write_file(tmp_path / "b" / "model.safetensors", decls, data, meta)
+    (change,) = diff(src, other).changed
+    assert (change.kind, change.digest, change.to_json()["digest"]) == ("dtype", None, None)
+
+
+def test_a_file_that_cannot_be_read_to_its_end_is_a_read_error(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file shrinks between reading its header and reading its data."""
+    import importlib
+
+    diff_module = importlib.import_module("safeshard.diff")  # the function shadows it
+
+    other = copy_of(src, tmp_path / "b" / "model.safetensors")
+    real = diff_module.open_checkpoint
+
+    def then_truncate(path: Path) -> object:
+        ckpt = real(path)
+        if Path(path) == other:
+            with open(other, "r+b") as f:
+                f.truncate(other.stat().st_size - 100)
+        return ckpt
+
+    monkeypatch.setattr(diff_module, "open_checkpoint", then_truncate)
+    with pytest.raises(ReadError, match=r"model\.safetensors: cannot read it to compare") as info:
+        diff(src, other)
+    assert isinstance(info.value, SafeshardError) and isinstance(info.value, OSError)
+
+
+def test_an_unreadable_manifest_is_not_trusted(src: Path, tmp_path: Path) -> None:
+    split(src, tmp_path / "a", max_shard_size=cap(src))
+    split(src, tmp_path / "b", max_shard_size=cap(src))
+    (tmp_path / "b" / "model.safeshard.json").unlink()
+    (tmp_path / "b" / "model.safeshard.json").mkdir()  # reading it fails with EISDIR
+    rep = diff(tmp_path / "a", tmp_path / "b", trust_manifests=True)
+    assert rep.identical and rep.bytes_read > 0
 
 
 def test_unusable_arguments_raise(src: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ valid file is.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -98,6 +99,17 @@ def entry(dtype: str, shape: Any, begin: int, end: int) -> dict[str, Any]:
 
 def js(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
+
+
+ZERO = entry("U8", [0], 0, 0)
+
+
+def nested(levels: int, kind: str = "a") -> Any:
+    """``levels`` arrays (or objects) nested in each other."""
+    value: Any = 1
+    for _ in range(levels):
+        value = [value] if kind == "a" else {"k": value}
+    return value
 
 
 def write(tmp_path: Path, content: bytes, name: str = "x.safetensors") -> Path:
@@ -232,6 +244,41 @@ def test_unaligned_headers_are_accepted(tmp_path: Path, n_pad: int) -> None:
         ),
         pytest.param(js({"a": entry("U8", [2], 0, 2)}) + b"   ", b"ab", id="trailing-spaces"),
         pytest.param(js({"é名": entry("U8", [1], 0, 1)}), b"x", id="unicode-name"),
+        pytest.param(js({"": ZERO}), b"", id="empty-name"),
+        pytest.param(b'{"\\ud83d\\ude00":' + js(ZERO) + b"}", b"", id="surrogate-pair-name"),
+        pytest.param(js({"layers-0.w": entry("U8", [1], 0, 1)}), b"x", id="name-with-minus-0"),
+        pytest.param(js({"__metadata__": None, "a": ZERO}), b"", id="metadata-null"),
+        # JSON whitespace around the JSON (safetensors >= 0.8, PR #686)
+        pytest.param(b' {"__metadata__":{}}', b"", id="leading-space"),
+        pytest.param(b"\n{}", b"", id="leading-newline"),
+        pytest.param(b"\t\r\n " + js({"a": entry("U8", [2], 0, 2)}), b"ab", id="leading-all-four"),
+        pytest.param(
+            b" \r\n" + js({"a": entry("U8", [2], 0, 2)}) + b"\n\t ", b"ab", id="both-sides"
+        ),
+        pytest.param(
+            b" " * 4000 + js({"a": entry("U8", [2], 0, 2)}) + b"\n", b"ab", id="long-leading"
+        ),
+        # fields the format does not define are ignored, as the official reader ignores them
+        pytest.param(js({"a": {**ZERO, "note": "x"}}), b"", id="ignored-field"),
+        pytest.param(
+            js({"a": {"x": [1, {"y": None}], **ZERO, "z": True}}), b"", id="ignored-fields-mixed"
+        ),
+        pytest.param(js({"a": {**ZERO, "x": nested(125)}}), b"", id="ignored-field-125-deep"),
+        pytest.param(js({"a": {**ZERO, "x": nested(125, "o")}}), b"", id="ignored-object-deep"),
+        pytest.param(js({"a": {**ZERO, "x": 10**308}}), b"", id="ignored-field-big-int"),
+        pytest.param(js({"a": {**ZERO, "x": -(2**70)}}), b"", id="ignored-field-big-negative"),
+        pytest.param(js({"a": ZERO})[:-2] + b',"x":-0}}', b"", id="ignored-field-negative-zero"),
+        pytest.param(js({"a": ZERO})[:-2] + b',"x":1e-400}}', b"", id="ignored-field-tiny-float"),
+        pytest.param(js({"a": {**ZERO, "data_offsets ": 1}}), b"", id="ignored-near-miss-name"),
+        # integer limits: 64 bits per value and for the running product of the shape
+        pytest.param(js({"a": entry("U8", [2**64 - 1, 0], 0, 0)}), b"", id="dim-u64-max"),
+        pytest.param(js({"a": entry("U8", [2**64 - 1, 1, 0], 0, 0)}), b"", id="product-u64-max"),
+        pytest.param(js({"a": entry("U8", [0, 2**32, 2**32], 0, 0)}), b"", id="zero-dim-first"),
+        pytest.param(
+            js({"a": entry("U8", [4], 0, 4), "z": entry("U8", [0], 0, 0)}),
+            b"abcd",
+            id="zero-size-at-start-of-another",
+        ),
     ],
 )
 def test_valid_edge_cases(tmp_path: Path, body: bytes, data: bytes) -> None:
@@ -242,6 +289,36 @@ def test_valid_edge_cases(tmp_path: Path, body: bytes, data: bytes) -> None:
     for t in h.tensors:
         assert t.dtype == theirs[t.name]["dtype"]
         assert list(t.shape) == theirs[t.name]["shape"]
+        assert content[h.data_start + t.begin : h.data_start + t.end] == bytes(
+            theirs[t.name]["data"]
+        )
+    assert h.raw == body and h.header_len == len(body)
+
+
+def test_golden_upstream_whitespace_padded_header(tmp_path: Path) -> None:
+    """The exact bytes of safetensors' own test (PR #686): tab and LF before the JSON, CR
+    and space after it."""
+    content = b"\x06\x00\x00\x00\x00\x00\x00\x00\x09\x0a{}\x0d\x20"
+    h = read_header(write(tmp_path, content))
+    assert (len(h), h.metadata, h.header_len, h.data_start, h.raw) == (
+        0, None, 6, 14, b"\t\n{}\r ",
+    )  # fmt: skip
+    assert official(content) == {}
+
+
+def test_leading_padding_aligns_the_data_section(tmp_path: Path) -> None:
+    """What the whitespace is for: a writer pads the front of the header so that the
+    data starts on a page boundary; the header reads back with the data in place."""
+    body = js({"__metadata__": {"format": "pt"}, "w": entry("F32", [4], 0, 16)})
+    pad = 4096 - 8 - len(body)
+    data = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+    p = write(tmp_path, frame(b" " * pad + body, data))
+    h = read_header(p)
+    assert h.data_start == 4096 and h.metadata == {"format": "pt"}
+    with open(p, "rb") as f:
+        f.seek(h.data_start + h["w"].begin)
+        assert struct.unpack("<4f", f.read(16)) == (1.0, 2.0, 3.0, 4.0)
+    assert official(p.read_bytes())["w"]["data"] == data
 
 
 # --------------------------------------------------------------------------- hostile files
@@ -273,9 +350,20 @@ def _hostile() -> list[Any]:
         ("not-object-array", frame(b"[1, 2]"), errors.HeaderNotObjectError),
         ("not-object-string", frame(b'"text"'), errors.HeaderNotObjectError),
         ("not-object-number", frame(b"12"), errors.HeaderNotObjectError),
-        ("leading-space", frame(b' {"__metadata__":{}}'), errors.HeaderStartError),
-        ("leading-newline", frame(b"\n{}"), errors.HeaderStartError),
+        # Only JSON whitespace may pad the JSON; other invisible characters may not.
         ("leading-bom", frame("\ufeff{}".encode()), errors.HeaderStartError),
+        ("space-then-bom", frame(" \ufeff{}".encode()), errors.HeaderStartError),
+        ("leading-nul", frame(b"\x00{}"), errors.HeaderStartError),
+        ("leading-form-feed", frame(b"\x0c{}"), errors.HeaderStartError),
+        ("leading-vertical-tab", frame(b"\x0b{}"), errors.HeaderStartError),
+        ("leading-nbsp", frame("\u00a0{}".encode()), errors.HeaderStartError),
+        ("leading-line-separator", frame("\u2028{}".encode()), errors.HeaderStartError),
+        ("trailing-nul", frame(b"{}\x00"), errors.HeaderJSONError),
+        ("trailing-form-feed", frame(b"{} \x0c"), errors.HeaderJSONError),
+        ("trailing-bom", frame("{}\ufeff".encode()), errors.HeaderJSONError),
+        ("empty-header", frame(b""), errors.HeaderJSONError),
+        ("blank-header", frame(b" \t\r\n"), errors.HeaderJSONError),
+        ("leading-garbage", frame(b"x{}"), errors.HeaderJSONError),
         (
             "dup-tensor",
             frame(b'{"a":' + js(A) + b',"a":' + js(A) + b"}", bytes(4)),
@@ -292,6 +380,18 @@ def _hostile() -> list[Any]:
             errors.DuplicateKeyError,
         ),
         ("dup-metadata", frame(b'{"__metadata__":{},"__metadata__":{}}'), errors.DuplicateKeyError),
+        # the official reader keeps the last of two tensors with one name: the first,
+        # broken one, is never read there, so the repeat is what is reported here
+        (
+            "dup-tensor-first-broken",
+            frame(b'{"a":["U8",[0],[0,0]],"a":' + js(A) + b"}", bytes(4)),
+            errors.DuplicateKeyError,
+        ),
+        (
+            "dup-tensor-first-wrong-size",
+            frame(b'{"a":' + js(entry("F4", [1], 0, 1)) + b',"a":' + js(A) + b"}", bytes(4)),
+            errors.DuplicateKeyError,
+        ),
         (
             "unknown-dtype",
             frame(js({"a": entry("F128", [1], 0, 16)}), bytes(16)),
@@ -406,6 +506,72 @@ def _hostile() -> list[Any]:
         ),
         ("lone-surrogate-meta", frame(b'{"__metadata__":{"k":"\\udfff"}}'), errors.HeaderJSONError),
         ("deep-nesting", frame(b'{"a":' + b"[" * 100_000 + b"}"), errors.HeaderJSONError),
+        # serde_json's limits, which the official reader inherits
+        (
+            "negative-zero-dim",
+            frame(b'{"a":{"dtype":"U8","shape":[-0],"data_offsets":[0,0]}}'),
+            errors.InvalidShapeError,
+        ),
+        (
+            "negative-zero-offset",
+            frame(b'{"a":{"dtype":"U8","shape":[0],"data_offsets":[-0,0]}}'),
+            errors.TensorEntryError,
+        ),
+        ("dim-2-pow-64", frame(js({"a": entry("U8", [2**64, 0], 0, 0)})), errors.InvalidShapeError),
+        (
+            "offset-2-pow-64",
+            frame(js({"a": entry("U8", [0], 2**64, 2**64)})),
+            errors.TensorEntryError,
+        ),
+        (
+            "shape-product-overflows",
+            frame(js({"a": entry("U8", [2**32, 2**32, 0], 0, 0)})),
+            errors.InvalidShapeError,
+        ),
+        ("bits-overflow", frame(js({"a": entry("F32", [2**60], 0, 0)})), errors.InvalidShapeError),
+        (
+            "ignored-field-too-deep",
+            frame(js({"a": {**ZERO, "x": nested(126)}})),
+            errors.HeaderJSONError,
+        ),
+        (
+            "ignored-field-object-too-deep",
+            frame(js({"a": {**ZERO, "x": nested(126, "o")}})),
+            errors.HeaderJSONError,
+        ),
+        (
+            "ignored-field-huge-float",
+            frame(js({"a": ZERO})[:-2] + b',"x":1e400}}'),
+            errors.HeaderJSONError,
+        ),
+        (
+            "ignored-field-huge-negative",
+            frame(js({"a": ZERO})[:-2] + b',"x":-1e400}}'),
+            errors.HeaderJSONError,
+        ),
+        (
+            "ignored-field-huge-int",
+            frame(js({"a": {**ZERO, "x": 10**309}})),
+            errors.HeaderJSONError,
+        ),
+        (
+            "ignored-field-surrogate",
+            frame(js({"a": ZERO})[:-2] + b',"x":["\\udc00"]}}'),
+            errors.HeaderJSONError,
+        ),
+        ("ignored-field-nan", frame(js({"a": ZERO})[:-2] + b',"x":NaN}}'), errors.HeaderJSONError),
+        # stricter than the official reader (see STRICTER_THAN_OFFICIAL)
+        (
+            "dup-ignored-field",
+            frame(js({"a": ZERO})[:-2] + b',"x":1,"x":2}}'),
+            errors.DuplicateKeyError,
+        ),
+        ("entry-array", frame(b'{"a":["U8",[0],[0,0]]}'), errors.TensorEntryError),
+        (
+            "dtype-object",
+            frame(b'{"a":{"dtype":{"U8":null},"shape":[0],"data_offsets":[0,0]}}'),
+            errors.UnknownDtypeError,
+        ),
         ("entry-not-object", frame(js({"a": [1, 2]})), errors.TensorEntryError),
         (
             "entry-no-offsets",
@@ -448,10 +614,28 @@ def test_hostile_file_rejected(
         parse_header(content, len(content), p)
 
 
-# Where safeshard is deliberately stricter than safetensors 0.8, which accepts these:
-# whitespace before "{" (the README says the header starts with "{") and repeated keys
-# (serde keeps one of them silently; issue 2 asks for a rejection).
-STRICTER_THAN_OFFICIAL = {"leading-space", "leading-newline", "dup-tensor", "dup-metadata-key"}
+# Where safeshard is deliberately stricter than safetensors 0.8, which accepts these
+# (safeshard.header's docstring says why): repeated keys, which serde_json resolves by
+# keeping the last, and the array and {"F16": null} forms that serde's derived
+# deserializers happen to accept.
+STRICTER_THAN_OFFICIAL = {
+    "dup-tensor",
+    "dup-tensor-first-broken",
+    "dup-tensor-first-wrong-size",
+    "dup-metadata-key",
+    "dup-ignored-field",
+    "entry-array",
+    "dtype-object",
+}
+
+
+@pytest.mark.parametrize(
+    "content, error", [p for p in _hostile() if p.id in STRICTER_THAN_OFFICIAL]
+)
+def test_stricter_than_official_is_exactly_that(content: bytes, error: type[Exception]) -> None:
+    """Each deliberate strictness is one the official reader really accepts; anything
+    it refuses belongs to the other list."""
+    safetensors.deserialize(content)
 
 
 @pytest.mark.parametrize(
@@ -476,8 +660,31 @@ def test_error_messages_name_the_tensor_and_value(tmp_path: Path) -> None:
 
 
 def test_missing_file_is_file_not_found(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(errors.CheckpointNotFoundError, match=r"absent\.safetensors"):
         read_header(tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError):  # the builtin a caller would catch
+        read_header(tmp_path / "absent.safetensors")
+
+
+def test_unreadable_file_is_a_read_error(tmp_path: Path) -> None:
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    with pytest.raises(errors.ReadError, match=r"dir\.safetensors: cannot") as info:
+        read_header(folder)
+    assert isinstance(info.value, OSError) and isinstance(info.value, SafeshardError)
+
+
+@pytest.mark.parametrize("content", [GOLDEN_I32 + bytes(16), frame(b'{"a":1,"a":2}')])
+def test_garbage_collector_is_left_as_found(content: bytes) -> None:
+    """Parsing pauses the cyclic collector and restores it, on success and on error."""
+    import gc
+
+    for state in (True, False):
+        (gc.enable if state else gc.disable)()
+        with contextlib.suppress(SafeshardError):
+            parse_header(content, len(content))
+        assert gc.isenabled() is state
+    gc.enable()
 
 
 # --------------------------------------------------------------------------- dtypes
@@ -625,12 +832,224 @@ def test_mutated_files_parse_or_raise_safeshard_error(content: bytes) -> None:
         h = parse_header(content, len(content), "mutant.safetensors")
     except SafeshardError as e:
         assert "mutant.safetensors" in str(e)
+        assert_official_rejects_or_stricter(content, e)
         return
     # Accepted: then it is a file the official reader accepts too, with the same tensors.
-    theirs = official(content)
+    assert_same_as_official(h, content)
+
+
+# ------------------------------------------------------------ agreement with the official reader
+
+
+def assert_same_as_official(h: Any, content: bytes, path: Path | None = None) -> None:
+    """The official reader loads ``content`` with exactly ``h``'s tensors and bytes (and,
+    given the file's ``path``, its metadata)."""
+    theirs = official(content)  # raises if the official reader refuses it
     assert {t.name for t in h.tensors} == set(theirs)
     for t in h.tensors:
         assert (t.dtype, list(t.shape)) == (theirs[t.name]["dtype"], theirs[t.name]["shape"])
+        assert content[h.data_start + t.begin : h.data_start + t.end] == bytes(
+            theirs[t.name]["data"]
+        )
+    if path is not None:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            assert set(f.keys()) == {t.name for t in h.tensors}
+            assert (f.metadata() or None) == (h.metadata or None)
+
+
+def _stricter_reasons(content: bytes) -> set[type[Exception]]:
+    """The error classes safeshard may raise for a file the official reader accepts,
+    worked out independently of safeshard.header: the deliberate strictness list."""
+    (n,) = struct.unpack("<Q", content[:8])
+    found: set[type[Exception]] = set()
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in pairs}) != len(pairs):
+            found.add(errors.DuplicateKeyError)
+        return dict(pairs)
+
+    obj = json.loads(content[8 : 8 + n].decode(), object_pairs_hook=hook)
+    for key, value in obj.items():
+        if key == "__metadata__":
+            continue
+        if isinstance(value, list):
+            found.add(errors.TensorEntryError)
+        elif isinstance(value.get("dtype"), dict):
+            found.add(errors.UnknownDtypeError)
+    return found
+
+
+def assert_official_rejects_or_stricter(content: bytes, ours: Exception) -> None:
+    try:
+        safetensors.deserialize(content)
+    except Exception:  # any refusal: SafetensorError, a decode error
+        return
+    reasons = _stricter_reasons(content)
+    assert type(ours) in reasons, f"official reader accepts it; we raised {ours!r}"
+
+
+class Raw(str):
+    """A JSON token written as is (``-0``, ``1e400``, ``NaN``, an escaped string)."""
+
+
+class Obj(list):  # type: ignore[type-arg]
+    """A JSON object as (key, value) pairs, so that keys may repeat."""
+
+
+def dump(v: Any) -> str:
+    if isinstance(v, Raw):
+        return str(v)
+    if isinstance(v, Obj):
+        return "{" + ",".join(dump(Raw(json.dumps(k))) + ":" + dump(x) for k, x in v) + "}"
+    if isinstance(v, dict):
+        return dump(Obj(v.items()))
+    if isinstance(v, list):
+        return "[" + ",".join(dump(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def sometimes(bad: st.SearchStrategy[Any], good: st.SearchStrategy[Any]) -> Any:
+    """``good``, and ``bad`` one time in ten."""
+    return st.integers(0, 9).flatmap(lambda x: bad if x == 0 else good)
+
+
+JSON_BLANKS = st.text(alphabet=" \t\n\r", max_size=5)
+PADDING = sometimes(
+    st.builds(
+        lambda a, c, b: a + c + b,
+        st.text(alphabet=" \t\n\r", max_size=2),
+        st.sampled_from(["\ufeff", "\x00", "\x0c", "\x0b", "\u00a0", "\u2028", "x"]),
+        st.text(alphabet=" \t\n\r", max_size=2),
+    ),
+    JSON_BLANKS,
+)
+EDGE_INTS = [0, 1, 2, 3, 2**32, 2**63, 2**64 - 1, 2**64, 10**30, -1, Raw("-0")]
+IGNORED = st.recursive(
+    sometimes(
+        st.sampled_from(
+            [10**309, -(10**309), Raw("1e400"), Raw("-1e400"), Raw("NaN"), Raw('"\\ud800"')]
+        )
+        | st.integers(126, 127).map(nested),
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.sampled_from([10**308, Raw("-0"), Raw("1e-400"), Raw('"\\ud83d\\ude00"'), "é"])
+        | st.integers(120, 125).map(nested),
+    ),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(st.tuples(st.sampled_from("abc"), inner), max_size=3).map(Obj)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def near_valid_files(draw: st.DrawFn) -> bytes:
+    """Headers on the edge of validity: every rule the official reader applies, broken
+    now and then, one at a time or several at once."""
+    percent = draw(st.sampled_from([0, 0, 3, 10]))
+    rare = st.integers(0, 99).map(lambda x: x < percent)
+    pairs: list[tuple[str, Any]] = []
+    if draw(st.booleans()):
+        meta: Any = draw(
+            st.sampled_from([None, Obj(), Obj([("format", "pt")])])
+            | st.lists(
+                st.tuples(
+                    st.sampled_from(["format", "k", "é"]),
+                    st.just("v") if not draw(rare) else IGNORED,
+                ),
+                max_size=3,
+            ).map(Obj)
+        )
+        pairs.append(("__metadata__", meta))
+    pos = 0
+    names = draw(st.lists(names_st, max_size=5, unique=True))
+    if names and draw(rare):
+        names.append(draw(st.sampled_from([*names, "__metadata__"])))
+    for name in names:
+        dtype: Any = draw(st.sampled_from(sorted(OFFICIAL_BITS)))
+        if draw(rare):
+            dtype = draw(st.sampled_from(["f32", 5, None, Obj([("F16", None)]), "F128"]))
+        shape: list[Any] = draw(st.lists(st.integers(0, 3), max_size=3))
+        if draw(rare):
+            shape.insert(draw(st.integers(0, len(shape))), draw(st.sampled_from(EDGE_INTS)))
+        nbytes = 0
+        if (
+            isinstance(dtype, str)
+            and dtype in OFFICIAL_BITS
+            and all(type(d) is int and 0 <= d < 2**64 for d in shape)
+        ):
+            nbytes = _bits(dtype, shape) // 8
+            if nbytes > 4096:  # keep the data small: the entry is wrong anyway
+                nbytes = 1
+        begin, end = pos, pos + nbytes
+        if draw(rare):
+            begin, end = draw(st.sampled_from([(begin + 1, end + 1), (begin, end + 1), (0, 0)]))
+        pos = max(pos, end)
+        fields: list[tuple[str, Any]] = [
+            ("dtype", dtype),
+            ("shape", shape),
+            ("data_offsets", [Raw("-0") if draw(rare) else begin, end]),
+        ]
+        fields = draw(st.permutations(fields))
+        if draw(rare):
+            fields.pop(draw(st.integers(0, 2)))
+        if draw(st.integers(0, 4).map(lambda x: x == 0)):
+            fields.insert(draw(st.integers(0, len(fields))), ("x", draw(IGNORED)))
+        if draw(rare):
+            fields.append(draw(st.sampled_from(fields)))
+        entry_value: Any = Obj(fields)
+        if draw(rare):
+            entry_value = [dtype, shape, [begin, end]]
+        pairs.append((name, entry_value))
+    text = draw(PADDING) + dump(Obj(draw(st.permutations(pairs)))) + draw(PADDING)
+    raw = text.encode("utf-8", "surrogatepass")
+    data = bytes(i % 251 for i in range(pos))
+    if draw(rare):
+        data = data[:-1] if data and draw(st.booleans()) else data + b"z"
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("agree")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(near_valid_files())
+def test_reader_agrees_with_official_reader(scratch: Path, content: bytes) -> None:
+    """Both directions on edge-of-validity files: what we accept, safetensors loads
+    with the same tensors, bytes and metadata; what safetensors refuses, we refuse; and
+    what it accepts, we accept unless one of STRICTER_THAN_OFFICIAL's rules says no."""
+    p = scratch / "near.safetensors"
+    p.write_bytes(content)
+    try:
+        h = read_header(p)
+    except SafeshardError as e:
+        assert isinstance(e, errors.HeaderError)
+        assert_official_rejects_or_stricter(content, e)
+        return
+    assert_same_as_official(h, content, p)
+
+
+def test_near_valid_files_reach_both_outcomes() -> None:
+    """The generator is worth its name: it makes files each reader accepts and refuses."""
+    accepted = refused = 0
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(near_valid_files())
+    def count(content: bytes) -> None:
+        nonlocal accepted, refused
+        try:
+            safetensors.deserialize(content)
+            accepted += 1
+        except Exception:  # any refusal
+            refused += 1
+
+    count()
+    assert accepted > 15 and refused > 15, (accepted, refused)
 
 
 def _bits(dtype: str, shape: list[int]) -> int:
@@ -697,12 +1116,60 @@ def test_build_header_is_read_back_by_official_and_ours(specs: list[TensorSpec],
         assert bytes(theirs[s.name]["data"]) == bytes([i + 1]) * s.nbytes
 
 
+def reference_header(specs: list[TensorSpec], meta: Any) -> bytes:
+    """build_header's contract written with json.dumps, independently of its fast path."""
+    obj: dict[str, Any] = {} if meta is None else {"__metadata__": dict(meta)}
+    pos = 0
+    for s in specs:
+        obj[s.name] = {
+            "dtype": s.dtype,
+            "shape": list(s.shape),
+            "data_offsets": [pos, pos + s.nbytes],
+        }
+        pos += s.nbytes
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    pad = -len(body) % 8
+    return struct.pack("<Q", len(body) + pad) + body + b" " * pad
+
+
+any_names = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12).filter(
+    lambda s: s != "__metadata__"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            lambda n, d, shape: TensorSpec(n, d, tuple(shape), _bits(d, shape) // 8),
+            any_names,
+            st.sampled_from(["U8", "F16", "BF16", "I64"]),
+            st.lists(st.integers(0, 10**12) | st.integers(0, 3), max_size=3),
+        ),
+        max_size=6,
+    ).map(_unique),
+    meta_st,
+)
+def test_build_header_is_json_dumps_byte_for_byte(specs: list[TensorSpec], meta: Any) -> None:
+    assert build_header(specs, meta) == reference_header(specs, meta)
+    assert header_size(specs, meta) == len(reference_header(specs, meta))
+
+
 def test_build_header_rejects_nothing_it_cannot_read_back() -> None:
     """A name that needs JSON escaping (quotes, backslashes, control characters)."""
     specs = [TensorSpec('a"b\\c\n\x01', "U8", (1,), 1)]
     content = build_header(specs) + b"x"
     assert parse_header(content, len(content)).tensors[0].name == 'a"b\\c\n\x01'
     assert official(content)['a"b\\c\n\x01']["data"] == b"x"
+
+
+def test_tensor_spec_of_an_entry_is_the_spec() -> None:
+    content = frame(js({"b": entry("F16", [2, 3], 0, 12), "a": ZERO}), bytes(12))
+    for t in parse_header(content, len(content)).tensors:
+        spec = TensorSpec.of(t)
+        assert spec == TensorSpec(t.name, t.dtype, t.shape, t.nbytes)
+        assert hash(spec) == hash(TensorSpec(t.name, t.dtype, t.shape, t.nbytes))
+        assert repr(spec) == repr(TensorSpec(t.name, t.dtype, t.shape, t.nbytes))
 
 
 def test_parse_header_needs_the_header_bytes() -> None:

@@ -10,11 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeshard.errors import IndexFormatError, UnsafeIndexPathError
+from safeshard.errors import (
+    CheckpointNotFoundError,
+    IndexFormatError,
+    ReadError,
+    UnsafeIndexPathError,
+)
 from safeshard.index import (
     SHARD_RE,
     ShardIndex,
     check_shard_name,
+    index_base,
     index_json,
     parse_index_bytes,
     read_index,
@@ -184,3 +190,36 @@ def test_shard_name_matches_shard_re(base: str, n: int) -> None:
         assert m is not None
         assert (m["base"], int(m["i"]), int(m["n"])) == (base, i, n)
     assert shard_name("model", 1, 3) == "model-00001-of-00003.safetensors"
+
+
+def test_every_entry_naming_an_unsafe_shard_is_caught(tmp_path: Path) -> None:
+    """Names are checked once each, so an unsafe one after many safe ones still fails."""
+    wm = {f"t{i}": "model-00001-of-00002.safetensors" for i in range(1000)}
+    wm["last"] = "../model-00001-of-00002.safetensors"
+    with pytest.raises(UnsafeIndexPathError, match="'last'"):
+        read_index(write_index(tmp_path, {"weight_map": wm}))
+    wm["last"] = ["model-00001-of-00002.safetensors"]  # not even a string
+    with pytest.raises(UnsafeIndexPathError, match="non-empty file name"):
+        read_index(write_index(tmp_path, {"weight_map": wm}))
+
+
+def test_unreadable_index_is_a_safeshard_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="no such index"):
+        read_index(tmp_path / INDEX)
+    (tmp_path / "dir.safetensors.index.json").mkdir()
+    with pytest.raises(ReadError, match="cannot read the index"):
+        read_index(tmp_path / "dir.safetensors.index.json")
+
+
+@pytest.mark.parametrize(
+    "name, base",
+    [
+        ("model.safetensors.index.json", "model"),
+        ("gptq_model-4bit-128g.safetensors.index.json", "gptq_model-4bit-128g"),
+        ("model.index.json", "model"),
+    ],
+)
+def test_index_base(tmp_path: Path, name: str, base: str) -> None:
+    assert index_base(name) == base
+    p = write_index(tmp_path, {"weight_map": {}}, name)
+    assert read_index(p).base == base

@@ -273,6 +273,52 @@ def test_predicted_shards_agree_with_the_planner(tmp_path: Path, fraction: float
     assert r.oversize_tensors == ()
 
 
+def _mixed_metadata_checkpoint(folder: Path) -> tuple[Path, list[TensorSpec]]:
+    """Two shards whose __metadata__ differ: the first carries a long note."""
+    folder.mkdir()
+    specs = llama(6)
+    half = len(specs) // 2
+    metas = [{"format": "pt", "note": "n" * 3000}, {"format": "pt"}]
+    weight_map: dict[str, str] = {}
+    for i, (part, meta) in enumerate(zip([specs[:half], specs[half:]], metas, strict=True), 1):
+        name = shard_name("model", i, 2)
+        write_st(folder / name, part, meta)
+        weight_map.update({s.name: name for s in part})
+    index = folder / "model.safetensors.index.json"
+    index.write_bytes(index_json(weight_map, {"total_size": sum(s.nbytes for s in specs)}))
+    return index, specs
+
+
+@pytest.mark.parametrize("divisor", [2, 3, 5])
+def test_prediction_with_mixed_metadata_is_what_split_makes(tmp_path: Path, divisor: int) -> None:
+    """inspect plans with the metadata split writes (what the shards share), not the
+    first shard's: same shard count and sizes as split's dry run."""
+    from safeshard.split import split
+
+    index, specs = _mixed_metadata_checkpoint(tmp_path / "mixed")
+    cap = sum(s.nbytes for s in specs) // divisor
+    r = inspect(index, cap)
+    dry = split(index, tmp_path / "out", max_shard_size=cap, dry_run=True)
+    assert r.predicted_shards == len(dry.files)
+    assert r.predicted_shard_sizes == tuple(f.size for f in dry.files)
+    assert r.metadata == {"format": "pt"} == dry.plan.metadata
+    assert any("different __metadata__" in w for w in r.warnings)
+    # and the first shard's metadata would have predicted something else
+    first = plan_shards(specs, cap, {"format": "pt", "note": "n" * 3000})
+    assert tuple(s.file_size for s in first.shards) != r.predicted_shard_sizes
+
+
+def test_prediction_for_a_checkpoint_without_tensors(tmp_path: Path) -> None:
+    """split writes one header-only file; inspect predicts exactly that file."""
+    from safeshard.split import split
+
+    f = write_st(tmp_path / "model.safetensors", [], {"format": "pt"})
+    r = inspect(f, 1000)
+    dry = split(f, tmp_path / "out", max_shard_size=1000, dry_run=True)
+    assert r.predicted_shards == len(dry.files) == 1
+    assert r.predicted_shard_sizes == tuple(x.size for x in dry.files)
+
+
 def test_oversize_tensor_reports_the_smallest_working_cap(tmp_path: Path) -> None:
     specs = llama(2)
     f = write_st(tmp_path / "model.safetensors", specs)

@@ -233,3 +233,74 @@ def test_vision_tower_comes_before_the_language_model() -> None:
         "model.vision_tower.layers.0",
         "model.layers.0",
     ]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _reference_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    import re
+
+    return tuple((0, int(p)) if p.isdecimal() else (1, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def _reference_order(names: list[str]) -> list[str]:
+    """Model order computed the plain way (every key of every full name, no shortcut),
+    as layout computed it before it learned to reuse keys across blocks."""
+    from safeshard.layout import GPTQ_SUFFIXES, _family_rank, _tail_rank
+
+    def block(n: str) -> tuple[str, int] | None:
+        parts = n.split(".")
+        for i in range(1, len(parts) - 1):
+            if parts[i].isdecimal():
+                return ".".join(parts[:i]), int(parts[i])
+        return None
+
+    def member(n: str) -> tuple[int, object, str]:
+        last = n.rsplit(".", 1)[-1]
+        if last in GPTQ_SUFFIXES:
+            return GPTQ_SUFFIXES.index(last), (), last
+        return len(GPTQ_SUFFIXES), _reference_key(last), last
+
+    blocks: dict[tuple[str, int], list[str]] = {}
+    head, tail = [], []
+    for n in names:
+        b = block(n)
+        if b is not None:
+            blocks.setdefault(b, []).append(n)
+        elif is_tail(n):
+            tail.append(n)
+        else:
+            head.append(n)
+    out = sorted(head, key=lambda x: (0 if "embed" in x else 1, _reference_key(x), x))
+    for _block, members in sorted(
+        blocks.items(), key=lambda kv: (_family_rank(kv[0][0]), _reference_key(kv[0][0]), kv[0])
+    ):
+        mods: dict[str, list[str]] = {}
+        for n in members:
+            mods.setdefault(module_of(n), []).append(n)
+        for m in sorted(mods, key=lambda m: (_reference_key(m), m)):
+            out += sorted(mods[m], key=member)
+    out += sorted(tail, key=lambda x: (_tail_rank(x), _reference_key(x), x))
+    return out
+
+
+name_parts = st.sampled_from(
+    ["model", "layers", "h", "mlp", "experts", "0", "1", "01", "2", "10", "007", "weight",
+     "qweight", "g_idx", "scales", "a1", "b2c", "", "x-1", "٣", "²", "lm_head", "norm"]
+)  # fmt: skip
+
+
+@given(st.lists(st.lists(name_parts, min_size=1, max_size=6).map(".".join), unique=True))
+def test_model_order_matches_the_plain_computation(names: list[str]) -> None:
+    """Keys reused across blocks give exactly the order of computing each key in full,
+    including leading zeros, empty components and non-ASCII digits ("²" is not one)."""
+    assert model_order(names) == _reference_order(names)
+
+
+def test_superscript_digits_are_text_not_numbers() -> None:
+    """``str.isdigit`` is true for "²" but ``int`` cannot read it: it is no block number."""
+    assert split_block("model.layers.².weight") is None
+    assert natural_key("a²") == ((1, "a²"),)
+    groups = group_tensors(["x.².y", "x.1.y"])
+    assert [(g.key, g.kind) for g in groups] == [("x.².y", "head"), ("x.1", "block")]

@@ -9,16 +9,17 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safeshard.errors import OversizeTensorError, PlanError
-from safeshard.header import TensorSpec, build_header, parse_header
+from safeshard.header import MAX_HEADER_SIZE, TensorSpec, build_header, parse_header
 from safeshard.layout import group_tensors, model_order
-from safeshard.plan import Plan, plan_shards, solo_size
+from safeshard.plan import Plan, plan_shards, shard_sizes, solo_size
 
 META_CHOICES: list[dict[str, str] | None] = [
     None,
@@ -190,6 +191,39 @@ def test_plan_properties(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    models(),
+    st.integers(150, 20_000),
+    st.sampled_from(META_CHOICES),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([MAX_HEADER_SIZE, 3000]),
+)
+def test_shard_sizes_are_the_plans_file_sizes(
+    specs: list[TensorSpec],
+    cap: int,
+    meta: dict[str, str] | None,
+    balance: bool,
+    allow: bool,
+    max_header: int,
+) -> None:
+    """What inspect predicts (sizes counted) is what split writes (headers built)."""
+
+    def run(fn: Callable[..., Any]) -> Any:
+        return fn(specs, cap, meta, balance=balance, allow_oversize=allow, max_header=max_header)
+
+    try:
+        plan = run(plan_shards)
+    except OversizeTensorError as e:
+        with pytest.raises(OversizeTensorError) as info:
+            run(shard_sizes)
+        assert str(info.value) == str(e)
+        return
+    assert run(shard_sizes) == tuple(s.file_size for s in plan.shards)
+    assert all(len(s.header) - 8 <= max_header or len(s.tensors) == 1 for s in plan.shards)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(models(), st.integers(150, 20_000), st.sampled_from(META_CHOICES))
 def test_balance_keeps_count_and_lowers_the_largest_shard(
     specs: list[TensorSpec], cap: int, meta: dict[str, str] | None
@@ -308,3 +342,33 @@ def test_fast_on_10000_tiny_tensors(balance: bool) -> None:
     assert sum(len(s.tensors) for s in plan.shards) == 10_000
     assert all(s.file_size <= 50_000 for s in plan.shards)
     assert elapsed < 2.0, f"planning 10,000 tensors took {elapsed:.2f} s"
+
+
+def test_no_shard_header_exceeds_the_readers_limit() -> None:
+    """Many zero-size tensors fit any cap, but a header over the official reader's limit
+    makes an unreadable file: the planner closes a shard before its header gets there."""
+    specs = [spec(f"model.layers.{i // 50}.expert_{i}.weight", 0) for i in range(400)]
+    limit = 6000
+    plan = plan_shards(specs, 10**9, {"format": "pt"}, max_header=limit)
+    assert len(plan.shards) > 1
+    assert all(len(s.header) - 8 <= limit for s in plan.shards)
+    assert [t.name for s in plan.shards for t in s.tensors] == model_order([t.name for t in specs])
+    one_block = file_size([t for t in specs if ".layers.0." in t.name], {"format": "pt"})
+    assert one_block - 8 <= limit  # so no block is split: they are whole units
+    assert not plan.split_groups
+    # a block whose header alone is over the limit is split between its modules
+    plan = plan_shards(specs, 10**9, {"format": "pt"}, max_header=1500)
+    assert plan.split_groups and all(len(s.header) - 8 <= 1500 for s in plan.shards)
+    assert len(plan_shards(specs, 10**9, {"format": "pt"}).shards) == 1
+
+
+@pytest.mark.parametrize("n", [20_000, 80_000])
+def test_packing_costs_the_same_per_tensor_at_any_size(n: int) -> None:
+    """No repeated work per tensor: entry lengths are measured once each, then packing
+    is arithmetic on unit totals (a quadratic packer would take 16x as long at 4x n)."""
+    specs = [spec(f"model.layers.{i // 1000}.e{i}.weight", i % 3) for i in range(n)]
+    start = time.process_time()
+    plan = plan_shards(specs, 200_000, {"format": "pt"}, balance=True)
+    per_tensor = (time.process_time() - start) / n
+    assert sum(len(s.tensors) for s in plan.shards) == n
+    assert per_tensor < 50e-6, f"{per_tensor * 1e6:.1f} µs per tensor"

@@ -17,7 +17,6 @@ from safeshard.quant import (
     analyze,
     check_module,
     config_settings,
-    expected_shapes,
     infer_module,
     infer_settings,
     quantized_modules,
@@ -54,25 +53,34 @@ def kinds(problems: list[QuantProblem]) -> list[tuple[str, str | None]]:
 # --------------------------------------------------------------------------- shapes
 
 
-def test_expected_shapes_match_the_gptq_table_for_llama_mlp() -> None:
-    # Llama-2-7B up_proj, 4-bit, group 128: in 4096, out 11008.
-    shapes = expected_shapes(4096, 11008, 4, 128)
-    assert shapes == {
+def module(shapes: dict[str, tuple[int, ...]]) -> dict[str, TensorInfo]:
+    return {f"{MOD}.{m}": info(f"{MOD}.{m}", EXPECTED_DTYPES[m], s) for m, s in shapes.items()}
+
+
+def test_the_gptq_table_for_llama_mlp_passes() -> None:
+    # Llama-2-7B up_proj, 4-bit, group 128: in 4096, out 11008, shapes written out.
+    table = {
         "qweight": (4096 // 8, 11008),
         "qzeros": (4096 // 128, 11008 // 8),
         "scales": (4096 // 128, 11008),
         "g_idx": (4096,),
     }
+    assert check_module(MOD, module(table), 4, 128) == []
+    wrong = {**table, "scales": (4096 // 64, 11008)}
+    assert kinds(check_module(MOD, module(wrong), 4, 128)) == [("shape", f"{MOD}.scales")]
 
 
 def test_group_size_minus_one_is_a_single_group() -> None:
-    shapes = expected_shapes(4096, 4096, 4, -1)
-    assert shapes["scales"] == (1, 4096)
-    assert shapes["qzeros"] == (1, 512)
+    table = {"qweight": (512, 4096), "qzeros": (1, 512), "scales": (1, 4096), "g_idx": (4096,)}
+    assert check_module(MOD, module(table), 4, -1) == []
+    assert check_module(MOD, module(table), 4, 128) != []
 
 
 def test_groups_round_up_when_in_is_not_a_multiple() -> None:
-    assert expected_shapes(96, 64, 4, 64)["scales"] == (2, 64)
+    table = {"qweight": (12, 64), "qzeros": (2, 8), "scales": (2, 64), "g_idx": (96,)}
+    assert check_module(MOD, module(table), 4, 64) == []
+    short = {**table, "qzeros": (1, 8), "scales": (1, 64)}
+    assert check_module(MOD, module(short), 4, 64) != []
 
 
 dims = st.integers(1, 64).map(lambda k: 32 * k)

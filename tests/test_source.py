@@ -12,11 +12,12 @@ from safeshard.errors import (
     AmbiguousCheckpointError,
     CheckpointNotFoundError,
     HeaderError,
+    IndexFormatError,
     ShardMismatchError,
     UnsafeIndexPathError,
 )
 from safeshard.index import index_json, shard_name
-from safeshard.source import locate, open_checkpoint, read_json_file
+from safeshard.source import Found, find, locate, open_checkpoint, read_json_file
 
 TensorDecl = tuple[str, list[int]]
 WriteST = Callable[..., Path]  # the st_file fixture (tests/conftest.py)
@@ -157,6 +158,24 @@ def test_unsafe_index_is_refused_at_discovery(tmp_path: Path, st_file: WriteST) 
     write_sharded(st_file, tmp_path, [{"a": ("U8", [1])}], weight_map={"a": "../a.safetensors"})
     with pytest.raises(UnsafeIndexPathError):
         locate(tmp_path)
+
+
+def test_find_decides_by_names_and_parses_nothing(tmp_path: Path, st_file: WriteST) -> None:
+    """``find`` is the rule every command shares (verify too, which then reads the index
+    leniently): a malformed index is still the checkpoint a folder means."""
+    index = write_sharded(st_file, tmp_path, [{"a": ("U8", [1])}])
+    index.write_text("{not json")
+    st_file(tmp_path / "model.safetensors", ONE)  # same base: the index is meant
+    assert find(tmp_path) == Found(folder=tmp_path, index=index)
+    assert find(tmp_path).base == "model"
+    assert find(tmp_path / "model.safetensors") == Found(
+        folder=tmp_path, file=tmp_path / "model.safetensors"
+    )
+    with pytest.raises(IndexFormatError):
+        locate(tmp_path)
+    st_file(tmp_path / "other.safetensors", ONE)
+    with pytest.raises(AmbiguousCheckpointError):
+        find(tmp_path)
 
 
 def test_read_json_file(tmp_path: Path) -> None:

@@ -30,10 +30,17 @@ from _ckpt import (
     write_file,
 )
 from safeshard.cli import main
-from safeshard.errors import CheckpointNotFoundError, SizeParseError, UsageError
+from safeshard.errors import (
+    AmbiguousCheckpointError,
+    CheckpointNotFoundError,
+    SafeshardError,
+    SizeParseError,
+    UsageError,
+)
 from safeshard.header import read_header
+from safeshard.source import locate
 from safeshard.split import split
-from safeshard.verify import CODES, VerifyReport, verify
+from safeshard.verify import CODES, VerifyReport, discover, verify
 
 
 @dataclass
@@ -330,6 +337,93 @@ def test_oversize(clean: Split) -> None:
     over = sorted(n for n, s in sizes.items() if s > cap)
     assert over and sorted(f for f, _ in find(rep, "oversize")) == over
     assert verify(clean.out, max_shard_size=max(sizes.values())).ok
+
+
+def test_header_only_change_is_one_finding_written_once(clean: Split) -> None:
+    """Without a source, a file whose hash differs is re-read tensor by tensor; when every
+    tensor still matches, the one hash-mismatch finding says the header changed."""
+    p = next(p for p in clean.shards if read_header(p).raw.endswith(b" "))
+    raw = p.read_bytes()
+    h = read_header(p)
+    body = h.raw.rstrip(b" ")
+    p.write_bytes(
+        raw[:8] + b"{ " + body[1:] + b" " * (len(h.raw) - len(body) - 1) + raw[h.data_start :]
+    )
+    rep = verify(clean.out)
+    assert [(f.code, f.file) for f in rep.findings] == [("hash-mismatch", p.name)]
+    assert rep.findings[0].message.endswith(
+        "yet every tensor matches the manifest's digest, so the header bytes changed, or the "
+        "manifest's file hash is wrong"
+    )
+    files = sum(q.stat().st_size for q in clean.shards)
+    assert rep.bytes_read == files + read_header(p).data_size  # the re-read counts too
+
+
+# --------------------------------------------------------------------------- finding the checkpoint
+
+
+def test_verify_refuses_the_ambiguity_split_refuses(clean: Split) -> None:
+    """A folder with an index and a single file under another base name: split, merge
+    and inspect refuse it, and so does verify, rather than check one of them."""
+    other = clean.out / "gptq_model-4bit-128g.safetensors"
+    shutil.copy(clean.src, other)
+    with pytest.raises(AmbiguousCheckpointError):
+        locate(clean.out)
+    with pytest.raises(AmbiguousCheckpointError, match=r"gptq_model-4bit-128g\.safetensors"):
+        verify(clean.out)
+    code, _ = run("verify", str(clean.out))
+    assert code not in (0, 1)  # an error (usage or input), not "clean" or "findings"
+    assert verify(clean.index).ok  # naming the index says which one is meant
+    assert verify(other).ok
+
+
+def _layout(folder: Path, src: Path, kind: str) -> None:
+    """Folders that discovery must read one way: the checkpoint, or an error."""
+    folder.mkdir()
+    if kind in ("sharded", "sharded+same-base-single", "sharded+other-single", "two-indexes"):
+        split(src, folder, max_shard_size=src.stat().st_size // 3)
+    if kind == "sharded+same-base-single":
+        shutil.copy(src, folder / "model.safetensors")
+    if kind == "sharded+other-single":
+        shutil.copy(src, folder / "other.safetensors")
+    if kind == "two-indexes":
+        shutil.copy(folder / "model.safetensors.index.json", folder / "b.safetensors.index.json")
+    if kind in ("single", "two-singles"):
+        shutil.copy(src, folder / "model.safetensors")
+    if kind == "two-singles":
+        shutil.copy(src, folder / "gptq_model-4bit-128g.safetensors")
+    if kind == "orphan-shards":
+        split(src, folder, max_shard_size=src.stat().st_size // 3)
+        (folder / "model.safetensors.index.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sharded",
+        "sharded+same-base-single",
+        "sharded+other-single",
+        "two-indexes",
+        "single",
+        "two-singles",
+        "orphan-shards",
+        "empty",
+    ],
+)
+def test_verify_and_locate_agree_on_what_the_checkpoint_is(tmp_path: Path, kind: str) -> None:
+    src = tiny_gptq(tmp_path / "src", layers=1)
+    folder = tmp_path / kind
+    _layout(folder, src, kind)
+    try:
+        loc = locate(folder)
+    except SafeshardError as e:
+        with pytest.raises(type(e)):
+            verify(folder)
+        return
+    target, _ = discover(folder)
+    assert [folder / f for f in target.files] == list(loc.files)
+    assert target.index_path == (loc.index.path if loc.index is not None else None)
+    assert verify(folder).ok
 
 
 # --------------------------------------------------------------------------- index

@@ -1,15 +1,20 @@
 """What differs between two checkpoints: tensors added, removed and changed, and shards.
 
 :func:`diff` compares tensors by name. A tensor *changed* when its dtype, its shape
-or its bytes differ; bytes are compared by digest (XXH3-128), hashing each side's tensors in
-one pass per file, files in parallel (:mod:`safeshard.scan`). With
-``trust_manifests``, SHA-256s recorded in a safeshard manifest are used instead of
-reading (fast, but blind to a file corrupted after the split: that is
-``safeshard verify``'s job).
+or its bytes differ; bytes are compared by digest (XXH3-128, :data:`TENSOR_DIGEST`),
+hashing each side's tensors in one pass per file, files in parallel
+(:mod:`safeshard.scan`). With ``trust_manifests``, the digests a safeshard manifest
+records (XXH3-128 per tensor, SHA-256 per file) are used instead of reading (fast,
+but blind to a file corrupted after the split: that is ``safeshard verify``'s job).
 
-For sharded inputs, it also says which shard files differ, by name and SHA-256.
-The two inputs are *identical* when they hold the same tensors (names, dtypes,
-shapes, bytes) with the same ``__metadata__``, however they are sharded.
+For sharded inputs, it also says which shard files differ, by name and SHA-256 (the
+Hugging Face Hub's LFS id). The two inputs are *identical* when they hold the same
+tensors (names, dtypes, shapes, bytes) with the same ``__metadata__``, however they
+are sharded.
+
+Every error is a :class:`~safeshard.errors.SafeshardError`: what
+:func:`~safeshard.source.open_checkpoint` raises for a missing or broken input, and
+:class:`~safeshard.errors.ReadError` when a file cannot be read to its end.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import IndexFormatError, UsageError
-from .manifest import Manifest, read_manifest
+from . import gcpause
+from .errors import IndexFormatError, ReadError, UsageError
+from .manifest import TENSOR_DIGEST, Manifest, read_manifest
 from .scan import FileResult, FileTask, Range, scan
 from .source import Checkpoint, open_checkpoint
 
@@ -34,15 +40,29 @@ ShardStatus = Literal["same", "changed", "only-a", "only-b"]
 
 @dataclass(frozen=True)
 class TensorChange:
-    """A tensor in both inputs that differs; ``a``/``b`` are the dtypes, shapes or digests."""
+    """A tensor in both inputs that differs; ``a``/``b`` are the dtypes, shapes or digests.
+
+    ``digest`` names the digest ``a`` and ``b`` are for a ``bytes`` change
+    (:data:`TENSOR_DIGEST`, XXH3-128), and is None otherwise.
+    """
 
     name: str
     kind: ChangeKind
     a: str
     b: str
 
+    @property
+    def digest(self) -> str | None:
+        return TENSOR_DIGEST if self.kind == "bytes" else None
+
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "a": self.a, "b": self.b}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "a": self.a,
+            "b": self.b,
+            "digest": self.digest,
+        }
 
 
 @dataclass(frozen=True)
@@ -125,8 +145,8 @@ def _side(path: str | os.PathLike[str], trust: bool) -> _Side:
     if trust:
         try:
             man = read_manifest(ckpt.folder, ckpt.located.base)
-        except IndexFormatError:
-            man = None
+        except (IndexFormatError, OSError):
+            man = None  # an unusable manifest is not trusted: the bytes are read instead
     return _Side(ckpt, man, ckpt.index is not None)
 
 
@@ -164,12 +184,15 @@ def _plan(side: _Side, want: list[str], trust: bool) -> list[FileTask]:
 def _apply(side: _Side, tasks: list[FileTask], results: list[FileResult]) -> None:
     for task, res in zip(tasks, results, strict=True):
         if res.error is not None:
-            raise OSError(f"{task.path}: {res.error}")
+            raise ReadError(
+                f"{task.path}: cannot read it to compare: {res.error}", filename=task.path
+            )
         side.hashes.update(res.hashes)
         if task.whole:
             side.files[Path(task.path).name] = res.sha256
 
 
+@gcpause.pausing
 def diff(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
@@ -181,8 +204,8 @@ def diff(
     """Compare the checkpoints at ``a`` and ``b`` (files, folders or indexes).
 
     Raises what :func:`~safeshard.source.open_checkpoint` raises when an input is
-    missing or broken (run ``safeshard verify`` on it), and :class:`UsageError` for
-    ``workers`` < 1.
+    missing or broken (run ``safeshard verify`` on it), :class:`ReadError` when a file
+    cannot be read to its end, and :class:`UsageError` for ``workers`` < 1.
     """
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")

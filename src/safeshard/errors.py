@@ -12,7 +12,7 @@ inherits the builtin exception a caller would naturally catch, so
     │   ├── HeaderTooLargeError                   header length over 100,000,000
     │   ├── HeaderLengthError                     header runs past the end of the file
     │   ├── HeaderEncodingError                   header is not UTF-8
-    │   ├── HeaderStartError                      header does not start with "{"
+    │   ├── HeaderStartError                      padding before "{" that is not JSON whitespace
     │   ├── HeaderJSONError                       header is not JSON
     │   ├── HeaderNotObjectError                  header JSON is not an object
     │   ├── DuplicateKeyError                     a JSON object repeats a key
@@ -145,7 +145,8 @@ class HeaderEncodingError(HeaderError):
 
 
 class HeaderStartError(HeaderError):
-    """The header does not start with ``{``."""
+    """Something other than JSON whitespace (a byte-order mark, NUL, form feed, another
+    Unicode space) comes before the header's opening ``{``."""
 
 
 class HeaderJSONError(HeaderError):

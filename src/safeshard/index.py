@@ -7,6 +7,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DuplicateKeyError, IndexFormatError, UnsafeIndexPathError
+from . import gcpause
+from .errors import CheckpointNotFoundError, IndexFormatError, UnsafeIndexPathError, read_error
 
 INDEX_SUFFIX = ".safetensors.index.json"
 SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -37,7 +39,7 @@ class ShardIndex:
 
     @property
     def base(self) -> str:
-        return self.path.name[: -len(INDEX_SUFFIX)]
+        return index_base(self.path.name)
 
     @property
     def total_size(self) -> int | None:
@@ -45,17 +47,26 @@ class ShardIndex:
         return value if isinstance(value, int) else None
 
     def shard_files(self) -> list[str]:
-        """Distinct shard file names, in first-appearance order of the sorted weight map."""
-        seen: dict[str, None] = {}
-        for name in sorted(self.weight_map.values()):
-            seen.setdefault(name, None)
-        return list(seen)
+        """Distinct shard file names, sorted."""
+        return list(self._shard_files)
+
+    @functools.cached_property
+    def _shard_files(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.weight_map.values())))
 
     def tensors_by_shard(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {f: [] for f in self.shard_files()}
         for tensor, f in self.weight_map.items():
             out[f].append(tensor)
         return out
+
+
+def index_base(filename: str) -> str:
+    """``model`` for ``model.safetensors.index.json`` (or a bare ``model.index.json``)."""
+    for suffix in (INDEX_SUFFIX, ".index.json"):
+        if filename.endswith(suffix):
+            return filename[: -len(suffix)]
+    return filename
 
 
 def check_shard_name(index_path: str | os.PathLike[str], tensor: str, value: object) -> str:
@@ -102,14 +113,15 @@ def _no_duplicates(path: str) -> Any:
     return hook
 
 
+@gcpause.pausing
 def parse_index_bytes(data: bytes, path: str | os.PathLike[str]) -> ShardIndex:
     """Parse and validate index JSON ``data`` read from ``path``."""
     name = str(path)
     try:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates(name))
+    except IndexFormatError:
+        raise
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        if isinstance(e, (IndexFormatError, DuplicateKeyError)):
-            raise
         raise IndexFormatError(f"{name}: not a valid JSON index ({e})") from None
     if not isinstance(obj, dict):
         raise IndexFormatError(f"{name}: index must be a JSON object, found {type(obj).__name__}")
@@ -127,14 +139,27 @@ def parse_index_bytes(data: bytes, path: str | os.PathLike[str]) -> ShardIndex:
             raise IndexFormatError(
                 f"{name}: metadata.total_size must be a non-negative integer, found {ts!r}"
             )
-    weight_map = {str(k): check_shard_name(name, k, v) for k, v in wm.items()}
-    return ShardIndex(path=Path(path), weight_map=weight_map, metadata=dict(meta))
+    safe: set[str] = set()  # an index names a few shards, each many times: check each once
+    for tensor, value in wm.items():
+        if type(value) is not str or value not in safe:
+            safe.add(check_shard_name(name, tensor, value))
+    return ShardIndex(path=Path(path), weight_map=wm, metadata=dict(meta))
 
 
 def read_index(path: str | os.PathLike[str]) -> ShardIndex:
-    """Read and validate the index at ``path``."""
-    with open(path, "rb") as f:
-        return parse_index_bytes(f.read(), path)
+    """Read and validate the index at ``path``.
+
+    A missing file is a :class:`CheckpointNotFoundError`, another I/O failure a
+    :class:`~safeshard.errors.ReadError`.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such index") from None
+    except OSError as e:
+        raise read_error(path, "read the index", e) from None
+    return parse_index_bytes(data, path)
 
 
 def index_json(weight_map: dict[str, str], metadata: dict[str, Any]) -> bytes:

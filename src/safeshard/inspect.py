@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import gcpause, plan
 from .errors import OversizeTensorError
-from .header import TensorInfo, TensorSpec, header_size
+from .header import TensorInfo, padded_header_size
 from .layout import Group, group_tensors
-from .plan import plan_shards, solo_size
+from .plan import FileSizer
 from .quant import QuantReport, analyze
 from .sizes import FAT32_LIMIT, format_size, parse_size
-from .source import Checkpoint, open_checkpoint
+from .source import common_metadata, open_checkpoint
 
 DEFAULT_CAP = 4_000_000_000
 """``4GB``, decimal: the default cap of ``split``."""
@@ -172,11 +173,7 @@ class InspectReport:
         }
 
 
-def _specs(ckpt: Checkpoint) -> dict[str, TensorSpec]:
-    return {t.name: TensorSpec(t.name, t.dtype, t.shape, t.nbytes) for t in ckpt.tensors()}
-
-
-def _families(groups: Sequence[Group], infos: dict[str, TensorInfo]) -> list[BlockFamily]:
+def _families(groups: Sequence[Group], infos: Mapping[str, TensorInfo]) -> list[BlockFamily]:
     by_family: dict[str, list[Group]] = {}
     for g in groups:
         if g.kind == "block" and g.family is not None:
@@ -201,18 +198,23 @@ def _families(groups: Sequence[Group], infos: dict[str, TensorInfo]) -> list[Blo
     return out
 
 
+@gcpause.pausing
 def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> InspectReport:
     """Inspect the checkpoint at ``path`` (a file, a folder or an index) for ``cap``
     (bytes, or a size string such as ``"4GB"`` or ``"fat32"``).
 
-    Raises the reader's errors for a missing or malformed checkpoint; everything
-    about the checkpoint's content (GPTQ problems, oversize tensors) is data.
+    The prediction is the plan ``split`` would make: the same planner, the same
+    grouping and the same ``__metadata__`` (:func:`~safeshard.source.common_metadata`,
+    what every shard of a split carries). Raises the reader's errors for a missing or
+    malformed checkpoint; everything about the checkpoint's content (GPTQ problems,
+    oversize tensors) is data.
     """
     cap = parse_size(cap)
     ckpt = open_checkpoint(path)
-    infos = {t.name: t for t in ckpt.tensors()}
-    specs = _specs(ckpt)
-    metadata = ckpt.metadata
+    metadata, meta_warnings = common_metadata(ckpt)
+    infos = {e.name: e.info for e in ckpt.entries.values()}
+    specs = infos  # the planner sizes header entries as they are
+    sizer = FileSizer(specs, metadata)
 
     files = tuple(
         FileReport(Path(h.path).name, h.file_size, len(h.tensors), h.data_start)
@@ -225,45 +227,45 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
 
     groups = group_tensors(list(infos))
     families = _families(groups, infos)
-    block_groups = [g for g in groups if g.kind == "block"]
     largest_block: SizedItem | None = None
     oversize_blocks: list[SizedItem] = []
-    for g in block_groups:
-        members = [specs[n] for n in g.tensors]
-        nbytes = sum(s.nbytes for s in members)
-        alone = header_size(members, metadata) + nbytes
-        item = SizedItem(g.key, nbytes, alone)
-        if largest_block is None or nbytes > largest_block.nbytes:
+    for g in groups:
+        if g.kind != "block":
+            continue
+        item = SizedItem(g.key, sizer.nbytes(g.tensors), sizer.size(g.tensors))
+        if largest_block is None or item.nbytes > largest_block.nbytes:
             largest_block = item
-        if alone > cap:
+        if item.file_size > cap:
             oversize_blocks.append(item)
     outside = tuple(
         TensorReport.of(infos[n]) for g in groups if g.kind != "block" for n in g.tensors
     )
     largest_tensor: TensorReport | None = None
-    for n in (n for g in groups for n in g.tensors):  # ties go to the first in model order
-        if largest_tensor is None or infos[n].nbytes > largest_tensor.nbytes:
-            largest_tensor = TensorReport.of(infos[n])
+    for g in groups:  # ties go to the first in model order
+        for n in g.tensors:
+            if largest_tensor is None or infos[n].nbytes > largest_tensor.nbytes:
+                largest_tensor = TensorReport.of(infos[n])
 
-    solo = {n: solo_size(s, metadata) for n, s in specs.items()}
-    oversize_tensors = tuple(
-        SizedItem(n, specs[n].nbytes, size)
-        for n, size in sorted(solo.items(), key=lambda kv: (-kv[1], kv[0]))
-        if size > cap
+    solo = list(map(sizer.solo, specs))
+    over = sorted(
+        ((n, size) for n, size in zip(specs, solo, strict=True) if size > cap),
+        key=lambda kv: (-kv[1], kv[0]),
     )
-    smallest_cap = max(solo.values(), default=0)
+    oversize_tensors = tuple(SizedItem(n, specs[n].nbytes, size) for n, size in over)
+    smallest_cap = max(solo, default=0)
     predicted: int | None
     shard_sizes: tuple[int, ...] = ()
-    try:
-        plan = plan_shards(list(specs.values()), cap, metadata)
+    try:  # the plan split makes, sized without building its headers
+        sizes = plan.shard_sizes(list(specs.values()), cap, metadata, groups=groups, sizer=sizer)
     except OversizeTensorError:
         predicted = None
     else:
-        predicted = len(plan.shards)
-        shard_sizes = tuple(s.file_size for s in plan.shards)
+        # no tensors at all: split writes one header-only file
+        shard_sizes = sizes or (padded_header_size(sizer.empty_body),)
+        predicted = len(shard_sizes)
 
     exceeds: list[str] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(meta_warnings)
     fat = [f for f in files if f.size > FAT32_LIMIT]
     if fat:
         exceeds.append(LIMIT_FAT32)
@@ -283,7 +285,7 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
             f"{cap} bytes; no split can keep this cap: use a cap of at least {smallest_cap} "
             f"bytes ({format_size(smallest_cap)}) or split with --allow-oversize"
         )
-    q = analyze(infos.values(), ckpt.folder, metadata)
+    q = analyze(infos.values(), ckpt.folder, ckpt.metadata)
     if q is not None and q.problems:
         warnings.append(f"GPTQ check: {len(q.problems)} problem(s), first: {q.problems[0].message}")
     return InspectReport(

@@ -18,10 +18,14 @@ say so (vision or audio towers, then encoders, then the rest), else by name.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from . import gcpause
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 """The tensors of a GPTQ-quantized linear (``bias`` may join them)."""
@@ -30,18 +34,24 @@ _TAIL_HINTS = re.compile(
     r"(^|[._])(lm_head|ln_f|norm|final|output|score|classifier|pooler|head)([._]|$)"
 )
 _DIGITS = re.compile(r"(\d+)")
+# The first all-digit component with a component before and after it.
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+Key = tuple[tuple[int, int | str], ...]
 
 GroupKind = Literal["head", "block", "tail"]
 
 
-def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+def natural_key(name: str) -> Key:
     """Sort key that compares digit runs as numbers: ``layers.2`` < ``layers.10``.
 
     Names that differ only in leading zeros (``a01``, ``a1``) get equal keys; sorts in
     this module add the name itself as a tie-break so that order never depends on
-    the order of the input."""
+    the order of the input. Digit runs are runs of decimal digits, which ``int`` reads.
+    """
+    # re.split with a group alternates text and digit runs: odd positions are digits
     return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(name) if part
+        (0, int(part)) if i & 1 else (1, part) for i, part in enumerate(_DIGITS.split(name)) if part
     )
 
 
@@ -51,11 +61,10 @@ def split_block(name: str) -> tuple[str, int] | None:
     The block index is the first all-digit component that has a family before it and
     something after it.
     """
-    parts = name.split(".")
-    for i in range(1, len(parts) - 1):
-        if parts[i].isdigit():
-            return ".".join(parts[:i]), int(parts[i])
-    return None
+    m = _BLOCK.search(name)
+    if m is None:
+        return None
+    return name[: m.start()], int(m.group(1))
 
 
 def module_of(name: str) -> str:
@@ -107,41 +116,96 @@ class Group:
     family: str | None = None
     number: int | None = None
 
-    @property
+    @functools.cached_property
     def tensors(self) -> tuple[str, ...]:
-        return tuple(t for m in self.modules for t in m.tensors)
+        return tuple(itertools.chain.from_iterable(m.tensors for m in self.modules))
 
 
-def _member_key(name: str) -> tuple[int, tuple[tuple[int, int | str], ...], str]:
-    last = name.rsplit(".", 1)[-1]
+MemberKey = tuple[int, Key, str]
+
+
+def _member_key(last: str) -> MemberKey:
+    """Order of a module's members by their last name component: the GPTQ tensors first."""
     if last in GPTQ_SUFFIXES:
         return GPTQ_SUFFIXES.index(last), (), last
     return len(GPTQ_SUFFIXES), natural_key(last), last
 
 
-def _modules(names: Iterable[str]) -> tuple[Module, ...]:
+class _Keys:
+    """Sort keys of name pieces that repeat across blocks (``.mlp.up_proj``, ``weight``),
+    each computed once per :func:`group_tensors` call."""
+
+    def __init__(self) -> None:
+        self.rest: dict[str, Key] = {}
+        self.member: dict[str, MemberKey] = {}
+
+    def of_rest(self, rest: str) -> Key:
+        k = self.rest.get(rest)
+        if k is None:
+            k = self.rest[rest] = natural_key(rest)
+        return k
+
+    def of_member(self, name: str) -> MemberKey:
+        last = name[name.rfind(".") + 1 :]
+        k = self.member.get(last)
+        if k is None:
+            k = self.member[last] = _member_key(last)
+        return k
+
+
+def _modules(members: Sequence[tuple[str, int]], keys: _Keys) -> tuple[Module, ...]:
+    """The modules of one block from ``(tensor name, end of the block prefix)`` pairs.
+
+    Every module name starts with the block's prefix (``model.layers.7``), whose
+    natural key is the same for all of them, so modules sort by the key of what
+    follows it, a piece that recurs in every block.
+    """
     by_module: dict[str, list[str]] = {}
-    for n in names:
-        by_module.setdefault(module_of(n), []).append(n)
-    return tuple(
-        Module(name=m, tensors=tuple(sorted(ts, key=_member_key)))
-        for m, ts in sorted(by_module.items(), key=lambda kv: (natural_key(kv[0]), kv[0]))
-    )
+    order: list[tuple[Key, str]] = []
+    for n, j in members:
+        cut = n.rfind(".")  # a block tensor has a component after the number
+        mod = n[:cut]
+        same = by_module.get(mod)
+        if same is None:
+            by_module[mod] = [n]
+            order.append((keys.of_rest(n[j:cut]), mod))
+        else:
+            same.append(n)
+    order.sort()
+    out: list[Module] = []
+    new, setattr_ = object.__new__, object.__setattr__
+    for _, m in order:
+        ts = by_module[m]
+        module = new(Module)  # Module(m, ...) without its __init__ frame: blocks can be big
+        setattr_(module, "name", m)
+        setattr_(
+            module, "tensors", (ts[0],) if len(ts) == 1 else tuple(sorted(ts, key=keys.of_member))
+        )
+        out.append(module)
+    return tuple(out)
 
 
+@gcpause.pausing
 def group_tensors(names: Sequence[str]) -> list[Group]:
     """Group ``names`` into blocks and outside tensors, in model order."""
-    blocks: dict[tuple[str, int], list[str]] = {}
+    blocks: dict[tuple[str, int], list[tuple[str, int]]] = {}
     head: list[str] = []
     tail: list[str] = []
+    search = _BLOCK.search
     for n in names:
-        b = split_block(n)
-        if b is not None:
-            blocks.setdefault(b, []).append(n)
+        m = search(n)
+        if m is not None:
+            key = (n[: m.start()], int(m.group(1)))
+            members = blocks.get(key)
+            if members is None:
+                blocks[key] = [(n, m.end() - 1)]
+            else:
+                members.append((n, m.end() - 1))
         elif is_tail(n):
             tail.append(n)
         else:
             head.append(n)
+    keys = _Keys()
     groups: list[Group] = []
     for n in sorted(head, key=lambda x: (0 if "embed" in x else 1, natural_key(x), x)):
         groups.append(Group(key=n, kind="head", modules=(Module(module_of(n), (n,)),)))
@@ -153,7 +217,7 @@ def group_tensors(names: Sequence[str]) -> list[Group]:
             Group(
                 key=f"{family}.{number}",
                 kind="block",
-                modules=_modules(members),
+                modules=_modules(members, keys),
                 family=family,
                 number=number,
             )

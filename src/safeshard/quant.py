@@ -144,19 +144,6 @@ def _groups(in_features: int, group_size: int) -> int:
     return 1 if group_size <= 0 else math.ceil(in_features / group_size)
 
 
-def expected_shapes(
-    in_features: int, out_features: int, bits: int, group_size: int
-) -> dict[str, tuple[int, ...]]:
-    """The GPTQ v1 shapes of an ``in_features`` × ``out_features`` linear."""
-    groups = _groups(in_features, group_size)
-    return {
-        "qweight": (in_features * bits // 32, out_features),
-        "qzeros": (groups, out_features * bits // 32),
-        "scales": (groups, out_features),
-        "g_idx": (in_features,),
-    }
-
-
 def _want(
     in_f: int, out_f: int, bits: int, group_size: int | None, bias: bool
 ) -> dict[str, tuple[int, ...]]:
@@ -302,14 +289,21 @@ def quantized_modules(tensors: Iterable[TensorInfo]) -> dict[str, dict[str, Tens
     Each maps member names (``qweight``, ``bias``, ...) to header entries; modules are
     in natural order (``layers.2`` before ``layers.10``).
     """
+    tensors = list(tensors)
+    markers = tuple("." + m for m in ("qweight", "qzeros", "g_idx"))
+    gptq = {
+        module_of(t.name)
+        for t in tensors
+        if t.name.endswith(markers) or t.name in ("qweight", "qzeros", "g_idx")
+    }
+    if not gptq:  # unquantized: one cheap pass
+        return {}
     by_module: dict[str, dict[str, TensorInfo]] = {}
     for t in tensors:
-        by_module.setdefault(module_of(t.name), {})[member_of(t.name)] = t
-    return {
-        mod: by_module[mod]
-        for mod in sorted(by_module, key=natural_key)
-        if any(k in by_module[mod] for k in ("qweight", "qzeros", "g_idx"))
-    }
+        mod = module_of(t.name)
+        if mod in gptq:
+            by_module.setdefault(mod, {})[member_of(t.name)] = t
+    return {mod: by_module[mod] for mod in sorted(by_module, key=lambda m: (natural_key(m), m))}
 
 
 def infer_module(members: Mapping[str, TensorInfo]) -> tuple[int | None, int | None]:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
 from .header import Header, TensorInfo, read_header
-from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, read_index
+from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
 
 SAFETENSORS = ".safetensors"
 
@@ -53,20 +54,52 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def locate(path: str | os.PathLike[str]) -> Located:
-    """Find the checkpoint at ``path``: a ``.safetensors`` file, an index, or a folder."""
+@dataclass(frozen=True)
+class Found:
+    """Which checkpoint a path means, decided from file names alone (nothing is parsed):
+    an index (``index``) or a single file (``file``), exactly one of them set."""
+
+    folder: Path
+    index: Path | None = None
+    file: Path | None = None
+
+    @property
+    def base(self) -> str:
+        """``model`` for ``model.safetensors`` or ``model.safetensors.index.json``."""
+        if self.index is not None:
+            return index_base(self.index.name)
+        assert self.file is not None
+        return self.file.name[: -len(SAFETENSORS)]
+
+
+def find(path: str | os.PathLike[str]) -> Found:
+    """Which checkpoint ``path`` (a ``.safetensors`` file, an index, or a folder) means.
+
+    The one rule every command follows (``verify`` included, which then reads the
+    index leniently). Raises :class:`CheckpointNotFoundError` when there is none and
+    :class:`AmbiguousCheckpointError` when two could be meant.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if p.is_file():
         if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(".index.json"):
-            return _from_index(p)
+            return Found(folder=p.parent, index=p)
         if p.name.endswith(SAFETENSORS):
-            return Located(folder=p.parent, files=(p,))
+            return Found(folder=p.parent, file=p)
         raise CheckpointNotFoundError(
             f"{p}: not a .safetensors file or a *.safetensors.index.json index"
         )
-    return _from_folder(p)
+    return _find_in_folder(p)
+
+
+def locate(path: str | os.PathLike[str]) -> Located:
+    """Find the checkpoint at ``path`` (see :func:`find`) and read its index strictly."""
+    found = find(path)
+    if found.index is not None:
+        return _from_index(found.index)
+    assert found.file is not None
+    return Located(folder=found.folder, files=(found.file,))
 
 
 def _from_index(p: Path) -> Located:
@@ -80,7 +113,7 @@ def _base_of(filename: str) -> str:
     return filename[: -len(suffix)]
 
 
-def _from_folder(folder: Path) -> Located:
+def _find_in_folder(folder: Path) -> Found:
     indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
     shards_of_indexes: set[str] = set()
     for ip in indexes:
@@ -111,7 +144,7 @@ def _from_folder(folder: Path) -> Located:
             f"{folder}: no *.safetensors file or *.safetensors.index.json index in this folder"
         )
     if len(candidates) == 1:
-        return locate(candidates[0])
+        return find(candidates[0])
     # Several. One base name with both an index and a single file: every loader tries
     # {base}.safetensors.index.json before {base}.safetensors, so the index is meant.
     # Two base names: transformers looks for `model`, AutoGPTQ and GPTQModel for
@@ -119,7 +152,7 @@ def _from_folder(folder: Path) -> Located:
     # different loaders would load different weights: refuse rather than guess.
     bases = {_base_of(c.name) for c in candidates}
     if len(bases) == 1 and indexes:
-        return locate(indexes[0])
+        return find(indexes[0])
     listed = ", ".join(c.name for c in candidates)
     raise AmbiguousCheckpointError(
         f"{folder}: more than one checkpoint could be meant ({listed}); "
@@ -180,6 +213,7 @@ class Checkpoint:
         return sum(h.file_size for h in self.headers)
 
 
+@gcpause.pausing
 def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -> Checkpoint:
     """Locate ``path`` and read every shard's header.
 
@@ -197,13 +231,16 @@ def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -
     headers = [read_header(f) for f in loc.files]
     entries: dict[str, Entry] = {}
     problems: list[str] = []
+    new, setattr_ = object.__new__, object.__setattr__
     for i, h in enumerate(headers):
         for t in h.tensors:
             if t.name in entries:
                 other = Path(headers[entries[t.name].shard].path).name
                 problems.append(f"tensor {t.name!r} is in both {other} and {Path(h.path).name}")
                 continue
-            entries[t.name] = Entry(info=t, shard=i)
+            entries[t.name] = entry = new(Entry)  # Entry(info=t, shard=i), without __init__
+            setattr_(entry, "info", t)
+            setattr_(entry, "shard", i)
     if loc.index is not None and check_index:
         names = {Path(h.path).name: i for i, h in enumerate(headers)}
         for tensor, fname in loc.index.weight_map.items():

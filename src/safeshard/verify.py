@@ -1,33 +1,45 @@
 """Check a checkpoint and report every problem as a named finding; never stop at the first.
 
 :func:`verify` raises only when its arguments are unusable (the path does not
-exist or holds no checkpoint, a bad size); everything wrong *with* the checkpoint
-is a :class:`Finding` with a stable ``code`` (see :data:`CODES`), the file, the
-tensor, and a message that says what to do.
+exist or holds no checkpoint, a folder holds two, a bad size); everything wrong
+*with* the checkpoint is a :class:`Finding` with a stable ``code`` (see
+:data:`CODES`), the file, the tensor, and a message that says what to do.
 
-Checks, in order:
+How it runs:
 
-- **structure**: each shard passes the strict reader; the index parses and is
-  path-safe; every index entry lies in the shard it names, no tensor lies in two
-  shards, every shard tensor is indexed; no stray shard of the same base or
-  leftover temporary; ``total_size`` and the ``-of-N`` names agree with the shards;
-- **size** (with ``max_shard_size``): no file is over the cap;
-- **manifest** (when ``{BASE}.safeshard.json`` exists): the files and tensors it
-  lists are the checkpoint's, and each file's size and SHA-256 are as recorded. A
-  file whose hash differs is re-read to name the tensors whose digest changed.
-  With ``against``, a file whose every tensor is compared byte for byte with the
-  source and whose header is the canonical one for those tensors (as split writes
-  it) is fully determined by what was compared, so its SHA-256 is not recomputed
-  unless ``hash_files`` asks for it: that hash costs more CPU than reading the file;
-- **gptq** (quantized checkpoints): every module has qweight/qzeros/scales/g_idx
-  with the shapes and dtypes that bits and group size imply (:mod:`safeshard.quant`);
-  with ``deep``, every g_idx value indexes an existing group;
-- **against** (with ``against``): the same tensor names, dtypes, shapes, bytes and
-  ``__metadata__`` as the source. Bytes are compared directly, tensor by tensor,
-  reading each byte of each side once.
+1. **Find and read.** Which checkpoint PATH means is decided by
+   :func:`safeshard.source.find`, the rule every command follows. The index is then
+   read leniently (a malformed one is a ``bad-index`` finding, and what can safely be
+   used of it is kept), every weight file's header is read with the strict reader,
+   then the manifest (``{BASE}.safeshard.json``), the quantization settings and, with
+   ``against``, the source. All of it goes into a :class:`Context`, which no check
+   changes.
+2. **Checks on headers and files.** Each is a function from the context to findings:
+   - *structure*: every index entry lies in the shard it names, no tensor lies in two
+     shards, every shard tensor is indexed, no stray shard of the same base or
+     leftover temporary, ``total_size`` and the ``-of-N`` names agree with the shards;
+   - *size* (with ``max_shard_size``): no file is over the cap;
+   - *manifest*: the files and tensors it lists are the checkpoint's, with its sizes;
+   - *gptq* (quantized checkpoints): every module has qweight/qzeros/scales/g_idx with
+     the shapes and dtypes that bits and group size imply (:mod:`safeshard.quant`);
+   - *against*: the same tensor names, dtypes, shapes and ``__metadata__`` as the
+     source.
+3. **One pass over the data** (:mod:`safeshard.scan`, files in parallel, nothing
+   read when no check needs data): each file the manifest records is hashed whole
+   (SHA-256); with ``against``, every tensor is compared byte for byte with the
+   source, reading each byte of each side once; with ``deep``, the g_idx tensors are
+   kept. A file whose every tensor is compared and whose header is the canonical one
+   for those tensors (as split writes it) is fully determined by what was compared,
+   so its SHA-256 is not recomputed unless ``hash_files`` asks for it: that hash costs
+   more CPU than reading the file.
+4. **Checks on the data**: read errors, differing bytes, g_idx values out of range
+   (``deep``), and SHA-256s that differ from the manifest's. Without a source, a file
+   whose SHA-256 differs is read once more, hashing each tensor, to name the tensors
+   that changed; its finding is written after that, once.
 
-All tensor bytes are read in one pass per file, files in parallel
-(:mod:`safeshard.scan`); nothing is read when no check needs data.
+A problem is reported once, where it starts: the tensors of a missing or
+unreadable shard are not reported again as missing from the index, the source or
+a GPTQ module.
 """
 
 from __future__ import annotations
@@ -35,13 +47,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import quant
+from . import gcpause, quant
 from .errors import (
     CheckpointNotFoundError,
     HeaderError,
@@ -52,11 +64,11 @@ from .errors import (
 )
 from .fsio import stale_temporaries
 from .header import Header, TensorInfo, build_header, read_header
-from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, check_shard_name, read_index
-from .manifest import Manifest, manifest_path, read_manifest
+from .index import SHARD_RE, ShardIndex, check_shard_name, read_index
+from .manifest import Manifest, ShardRecord, manifest_path, read_manifest
 from .scan import FileResult, FileTask, Range, scan
 from .sizes import format_size, parse_size
-from .source import Checkpoint, locate, open_checkpoint
+from .source import Checkpoint, find, open_checkpoint
 
 CODES: dict[str, str] = {
     "bad-header": "a file fails the strict safetensors reader",
@@ -173,55 +185,62 @@ class VerifyReport:
         }
 
 
-# --------------------------------------------------------------------------- discovery
+# --------------------------------------------------------------------------- find and read
 
 
-@dataclass
-class _Target:
+@dataclass(frozen=True)
+class Target:
+    """The checkpoint PATH means: its folder, base name, index and weight files."""
+
     folder: Path
     base: str
     index_path: Path | None
     index: ShardIndex | None
-    files: list[str]  # weight file names, in index order (or the single file)
+    """The index as far as it could be read (None when unreadable or absent)."""
+    files: tuple[str, ...]
+    """Weight file names: the index's shards (found by name when the index is
+    unreadable), or the single file."""
+
+    @property
+    def index_name(self) -> str:
+        return self.index_path.name if self.index_path is not None else "index"
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
 
 
-def _lenient_index(path: Path, report: VerifyReport) -> ShardIndex | None:
-    """Read the index; on failure, report it and salvage what is safe to use."""
+def _read_index_leniently(path: Path) -> tuple[ShardIndex | None, list[Finding]]:
+    """The index at ``path`` and, when it is malformed, findings and what is safe to use."""
     try:
-        return read_index(path)
+        return read_index(path), []
     except IndexFormatError as e:
         first = e
-    except OSError as e:
-        report.findings.append(
-            Finding("bad-index", path.name, None, f"{path}: cannot read the index ({e.strerror})")
-        )
-        return None
+    except OSError as e:  # ReadError, or the file vanished
+        return None, [Finding("bad-index", path.name, None, f"{e}; fix or regenerate the index")]
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         obj = None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(obj, dict) or not isinstance(wm, dict):
-        report.findings.append(
-            Finding(
-                "bad-index",
-                path.name,
-                None,
-                f"{first}; fix or regenerate the index (safeshard split writes one)",
-            )
-        )
-        return None
+        message = f"{first}; fix or regenerate the index (safeshard split writes one)"
+        return None, [Finding("bad-index", path.name, None, message)]
     found: list[Finding] = []
     weight_map: dict[str, str] = {}
+    safe: set[str] = set()
     for tensor, value in wm.items():
+        if type(value) is str and value in safe:
+            weight_map[tensor] = value
+            continue
         try:
-            weight_map[str(tensor)] = check_shard_name(path, tensor, value)
+            weight_map[tensor] = check_shard_name(path, tensor, value)
+            safe.add(weight_map[tensor])
         except UnsafeIndexPathError as e:
             found.append(
                 Finding(
                     "bad-index",
                     path.name,
-                    str(tensor),
+                    tensor,
                     f"{e}; safeshard will not open it. Point it at a shard file beside the index",
                 )
             )
@@ -240,612 +259,438 @@ def _lenient_index(path: Path, report: VerifyReport) -> ShardIndex | None:
         del meta["total_size"]
     if not found:
         found.append(Finding("bad-index", path.name, None, str(first)))
-    report.findings.extend(found)
-    return ShardIndex(path=path, weight_map=weight_map, metadata=meta)
+    return ShardIndex(path=path, weight_map=weight_map, metadata=meta), found
 
 
-def _discover(p: Path, report: VerifyReport) -> _Target:
-    if not p.exists():
-        raise CheckpointNotFoundError(f"{p}: no such file or folder")
-    index_path: Path | None = None
-    if p.is_file() and p.name.endswith(".safetensors"):
-        return _Target(p.parent, p.name[: -len(".safetensors")], None, None, [p.name])
-    if p.is_file() and p.name.endswith(".json"):
-        index_path = p
-    elif p.is_dir():
-        indexes = sorted(p.glob("*" + INDEX_SUFFIX))
-        if len(indexes) == 1:
-            index_path = indexes[0]
-        else:
-            loc = locate(p)  # raises when nothing or several checkpoints are there
-            if loc.index is None:
-                f = loc.files[0]
-                return _Target(f.parent, f.name[: -len(".safetensors")], None, None, [f.name])
-            index_path = loc.index.path
-    else:
-        raise CheckpointNotFoundError(
-            f"{p}: not a .safetensors file, a *.safetensors.index.json index or a folder"
+def discover(path: str | os.PathLike[str]) -> tuple[Target, list[Finding]]:
+    """The checkpoint at ``path``, found as every command finds it, its index read leniently.
+
+    Raises what :func:`safeshard.source.find` raises; a malformed index is findings.
+    """
+    found = find(path)
+    if found.index is None:
+        assert found.file is not None
+        return Target(found.folder, found.base, None, None, (found.file.name,)), []
+    index, findings = _read_index_leniently(found.index)
+    if index is not None:
+        files = tuple(index.shard_files())
+    else:  # fall back to the shard files that look like this base's
+        files = tuple(
+            sorted(
+                f.name
+                for f in found.folder.glob(found.base + "-*.safetensors")
+                if (m := SHARD_RE.match(f.name)) and m.group("base") == found.base
+            )
         )
-    assert index_path is not None
-    name = index_path.name
-    base = name[: -len(INDEX_SUFFIX)] if name.endswith(INDEX_SUFFIX) else name.split(".")[0]
-    index = _lenient_index(index_path, report)
-    files = index.shard_files() if index is not None else []
-    if index is None:  # fall back to the shard files that look like this base's
-        files = sorted(
-            f.name
-            for f in index_path.parent.glob(base + "-*.safetensors")
-            if (m := SHARD_RE.match(f.name)) and m.group("base") == base
-        )
-    return _Target(index_path.parent, base, index_path, index, files)
+    return Target(found.folder, found.base, found.index, index, files), findings
 
 
-# --------------------------------------------------------------------------- the checker
+def _size(p: Path) -> int | None:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return None
 
 
-class _Verifier:
-    def __init__(
-        self,
-        report: VerifyReport,
-        target: _Target,
-        cap: int | None,
-        deep: bool,
-        against: Path | None,
-        hash_files: bool,
-    ) -> None:
-        self.report = report
-        self.hash_files = hash_files
-        self.t = target
-        self.cap = cap
-        self.deep = deep
-        self.against = against
-        self.headers: dict[str, Header] = {}  # good weight files by name
-        self.bad: set[str] = set()  # missing or unreadable weight files
-        self.where: dict[str, list[str]] = {}  # tensor -> files holding it
-        self.manifest: Manifest | None = None
-        self.tasks: dict[str, dict[str, Range]] = {}  # file -> range name -> range
-        self.whole: set[str] = set()
-        self.expect_sha: dict[str, str] = {}
-        self.gidx: dict[str, tuple[str, int]] = {}  # g_idx tensor -> (file, groups)
-        self.source: Checkpoint | None = None
+@dataclass(frozen=True)
+class Context:
+    """Everything the checks read, built once by :func:`read_context`; no check changes it."""
 
-    def add(self, code: str, file: str | None, tensor: str | None, message: str) -> None:
-        self.report.findings.append(Finding(code, file, tensor, message))
+    target: Target
+    headers: Mapping[str, Header]
+    """Readable weight files by name, in ``target.files`` order."""
+    bad: frozenset[str]
+    """Weight files that are missing or fail the strict reader."""
+    sizes: Mapping[str, int | None]
+    """Size of each weight file on disk (None: missing)."""
+    where: Mapping[str, tuple[str, ...]]
+    """Tensor name → the files holding it, in ``target.files`` order."""
+    manifest: Manifest | None
+    quant: quant.QuantReport | None
+    source: Checkpoint | None
+    against: Path | None
+    cap: int | None
+    deep: bool
+    hash_files: bool
 
-    def path(self, name: str) -> Path:
-        return self.t.folder / name
+    @property
+    def checks(self) -> list[str]:
+        """The names of the checks that run, for the report."""
+        return [
+            name
+            for name, runs in (
+                ("structure", True),
+                ("size", self.cap is not None),
+                ("manifest", self.manifest is not None),
+                ("gptq", self.quant is not None),
+                ("against", self.against is not None),
+                ("deep", self.deep),
+            )
+            if runs
+        ]
 
-    # ---------------------------------------------------------------- structure
+    def holder(self, tensor: str | None) -> str | None:
+        """The first file holding ``tensor``, if any."""
+        files = self.where.get(tensor or "")
+        return files[0] if files else None
 
-    def read_headers(self) -> None:
-        for name in self.t.files:
-            p = self.path(name)
-            if not p.is_file():
-                self.bad.add(name)
-                if self.t.index_path is not None:
-                    self.add(
+    def skipped(self) -> set[str]:
+        """Tensors the index places in a missing or unreadable shard: not blamed again."""
+        idx = self.target.index
+        if idx is None or not self.bad:
+            return set()
+        return {t for t, f in idx.weight_map.items() if f in self.bad}
+
+    def incomplete_modules(self) -> set[str]:
+        """Modules with a tensor indexed to a missing or unreadable shard."""
+        return {t.rsplit(".", 1)[0] for t in self.skipped()}
+
+    def recorded(self) -> dict[str, ShardRecord]:
+        """The manifest's shard records with safe file names, by file name."""
+        if self.manifest is None:
+            return {}
+        out: dict[str, ShardRecord] = {}
+        for s in self.manifest.shards:
+            try:
+                check_shard_name(self.manifest_path, "shards", s.file)
+            except UnsafeIndexPathError:
+                continue  # _check_manifest reports it
+            out[s.file] = s
+        return out
+
+    @property
+    def manifest_path(self) -> Path:
+        return manifest_path(self.target.folder, self.target.base)
+
+
+def _read_headers(
+    t: Target,
+) -> tuple[dict[str, Header], frozenset[str], dict[str, int | None], list[Finding]]:
+    headers: dict[str, Header] = {}
+    bad: set[str] = set()
+    sizes: dict[str, int | None] = {}
+    found: list[Finding] = []
+    for name in t.files:
+        p = t.path(name)
+        sizes[name] = _size(p)
+        if not p.is_file():
+            bad.add(name)
+            if t.index_path is not None:
+                found.append(
+                    Finding(
                         "missing-shard",
                         name,
                         None,
-                        f"{p}: listed in {self.t.index_path.name} but does not exist; "
+                        f"{p}: listed in {t.index_path.name} but does not exist; "
                         "copy it again or re-run the split",
                     )
-                continue
-            try:
-                h = read_header(p)
-            except HeaderError as e:
-                self.bad.add(name)
-                self.add("bad-header", name, None, f"{e}; copy the file again or re-run the split")
-                continue
-            except OSError as e:
-                self.bad.add(name)
-                self.add("bad-header", name, None, f"{p}: cannot read it ({e.strerror})")
-                continue
-            self.headers[name] = h
-            for ti in h.tensors:
-                self.where.setdefault(ti.name, []).append(name)
-        self.report.shards = len(self.t.files)
-        self.report.tensors = len(self.where)
-        self.report.total_size = sum(h.file_size for h in self.headers.values())
-
-    def check_index(self) -> None:
-        idx = self.t.index
-        for tensor, files in self.where.items():
-            if len(files) > 1:
-                self.add(
-                    "duplicate-tensor",
-                    files[1],
-                    tensor,
-                    f"tensor {tensor!r} lies in {', '.join(files)}; a loader keeps whichever it "
-                    "reads last. Re-run the split, or remove it from all but the indexed shard",
                 )
-        if idx is None:
-            return
-        ipath = self.t.index_path
-        iname = ipath.name if ipath is not None else "index"
-        for tensor, fname in idx.weight_map.items():
-            if fname in self.bad:
-                continue
-            files = self.where.get(tensor, [])
-            if fname in files:
-                continue
-            if files:
-                self.add(
-                    "wrong-shard",
-                    fname,
-                    tensor,
-                    f"{iname} says {tensor!r} is in {fname}, but it lies in {', '.join(files)}; "
-                    "regenerate the index",
-                )
-            else:
-                self.add(
-                    "missing-tensor",
-                    fname,
-                    tensor,
-                    f"{iname} says {tensor!r} is in {fname}, but no shard holds it; the shard "
-                    "is stale or the index belongs to another checkpoint",
-                )
-        for name, h in self.headers.items():
-            for ti in h.tensors:
-                if ti.name not in idx.weight_map:
-                    self.add(
-                        "unindexed-tensor",
-                        name,
-                        ti.name,
-                        f"{name} holds {ti.name!r}, which {iname} does not list; loaders that "
-                        "follow the index never see it. Regenerate the index",
-                    )
-        self._check_total_size(idx, iname)
-        self._check_names(idx, iname)
-        self._check_strays(idx, iname)
-
-    def _check_total_size(self, idx: ShardIndex, iname: str) -> None:
-        said = idx.total_size
-        if said is None or self.bad:
-            return
-        data = sum(h.data_size for h in self.headers.values())
-        files = sum(h.file_size for h in self.headers.values())
-        if said not in (data, files):
-            self.add(
-                "total-size",
-                iname,
-                None,
-                f"{iname} says total_size={said}, but the shards hold {data} tensor bytes "
-                f"({files} bytes as files); set it to {data}",
-            )
-
-    def _check_names(self, idx: ShardIndex, iname: str) -> None:
-        listed = idx.shard_files()
-        matches = {f: SHARD_RE.match(f) for f in listed}
-        numbered = {f: m for f, m in matches.items() if m is not None}
-        if not numbered:
-            return
-        n = len(listed)
-        for f, m in matches.items():
-            if m is None:
-                self.add(
-                    "shard-count",
-                    f,
-                    None,
-                    f"{iname} lists {f}, which is not named {{base}}-{{i:05d}}-of-{{n:05d}} like "
-                    "the other shards",
-                )
-            elif int(m.group("n")) != n:
-                self.add(
-                    "shard-count",
-                    f,
-                    None,
-                    f"{f} says there are {int(m.group('n'))} shards, but {iname} lists {n}; "
-                    "the index mixes two splits. Re-run the split",
-                )
-        seen = sorted(int(m.group("i")) for m in numbered.values())
-        if len(numbered) == n and seen != list(range(1, n + 1)):
-            self.add(
-                "shard-count",
-                iname,
-                None,
-                f"{iname} lists shards numbered {seen}, not 1..{n}",
-            )
-
-    def _check_strays(self, idx: ShardIndex, iname: str) -> None:
-        listed = idx.shard_files()
-        bases = {self.t.base}
-        for f in listed:
-            m = SHARD_RE.match(f)
-            if m is not None:
-                bases.add(m.group("base"))
-        for p in sorted(self.t.folder.glob("*.safetensors")):
-            m = SHARD_RE.match(p.name)
-            if m is None or p.name in listed:
-                continue
-            if m.group("base") in bases:
-                self.add(
-                    "stray-shard",
-                    p.name,
-                    None,
-                    f"{p} has the index's base name but {iname} does not list it; a leftover of "
-                    "an earlier split? Delete it so no tool mixes it in",
-                )
-
-    def check_temporaries(self) -> None:
-        for p in stale_temporaries(self.t.folder):
-            self.add(
-                "stale-temp",
-                p.name,
-                None,
-                f"{p} is a temporary file of an interrupted safeshard write; delete it, or "
-                "finish the split with --resume",
-            )
-
-    def check_sizes(self) -> None:
-        if self.cap is None:
-            return
-        self.report.checks.append("size")
-        for name in self.t.files:
-            p = self.path(name)
-            size = self.headers[name].file_size if name in self.headers else _size(p)
-            if size is not None and size > self.cap:
-                self.add(
-                    "oversize",
-                    name,
-                    None,
-                    f"{name} is {size} bytes ({format_size(size)}), over the cap of {self.cap} "
-                    f"bytes by {size - self.cap}; re-split with --max-shard-size {self.cap}",
-                )
-
-    # ---------------------------------------------------------------- manifest
-
-    def check_manifest(self) -> None:
-        mpath = manifest_path(self.t.folder, self.t.base)
+            continue
         try:
-            man = read_manifest(self.t.folder, self.t.base)
-        except IndexFormatError as e:
-            self.add("bad-manifest", mpath.name, None, f"{e}; re-run the split to rewrite it")
-            return
+            headers[name] = read_header(p)
+        except HeaderError as e:
+            bad.add(name)
+            found.append(
+                Finding("bad-header", name, None, f"{e}; copy the file again or re-run the split")
+            )
         except OSError as e:
-            self.add("bad-manifest", mpath.name, None, f"{mpath}: cannot read ({e.strerror})")
-            return
-        if man is None:
-            return
-        self.manifest = man
-        self.report.checks.append("manifest")
-        recorded = {}
-        for s in man.shards:
-            try:
-                check_shard_name(mpath, "shards", s.file)
-            except UnsafeIndexPathError as e:
-                self.add("bad-manifest", mpath.name, None, f"{e}; re-run the split")
-                continue
-            recorded[s.file] = s
-        for name in self.t.files:
-            if name not in recorded:
-                self.add(
-                    "manifest-mismatch",
-                    name,
-                    None,
-                    f"{mpath.name} does not record {name}; it belongs to another split. "
-                    "Re-run the split",
-                )
-        for fname, rec in recorded.items():
-            if fname not in self.t.files:
-                self.add(
-                    "manifest-mismatch",
-                    fname,
-                    None,
-                    f"{mpath.name} records {fname}, which the checkpoint does not list",
-                )
-                continue
-            size = _size(self.path(fname))
-            if size is None:
-                continue  # missing-shard says it
-            if size != rec.size:
-                self.add(
-                    "size-mismatch",
-                    fname,
-                    None,
-                    f"{fname} is {size} bytes, but {mpath.name} records {rec.size}; the file is "
-                    f"{'truncated' if size < rec.size else 'longer'}. Copy it again",
-                )
-                continue
-            if rec.sha256 is not None:
-                self.whole.add(fname)
-                self.expect_sha[fname] = rec.sha256
-        present: dict[str, TensorInfo] = {}
-        for h in self.headers.values():
-            for ti in h.tensors:
-                present.setdefault(ti.name, ti)
-        if man.tensors and not self.bad:
-            for tensor, trec in man.tensors.items():
-                info = present.get(tensor)
-                if info is None:
-                    self.add(
-                        "manifest-mismatch",
-                        None,
-                        tensor,
-                        f"{mpath.name} records {tensor!r}, which no shard holds",
-                    )
-                elif info.nbytes != trec.nbytes:
-                    self.add(
-                        "manifest-mismatch",
-                        self.where[tensor][0],
-                        tensor,
-                        f"{tensor!r} has {info.nbytes} bytes, but {mpath.name} records "
-                        f"{trec.nbytes}",
-                    )
-            for tensor in present:
-                if tensor not in man.tensors:
-                    self.add(
-                        "manifest-mismatch",
-                        self.where[tensor][0],
-                        tensor,
-                        f"{mpath.name} does not record {tensor!r}",
-                    )
+            bad.add(name)
+            found.append(Finding("bad-header", name, None, f"{e}; check the file and the disk"))
+    return headers, frozenset(bad), sizes, found
 
-    # ---------------------------------------------------------------- gptq
 
-    def check_gptq(self) -> None:
-        tensors = [ti for h in self.headers.values() for ti in h.tensors]
-        first = next(iter(self.headers.values()), None)
-        try:
-            rep = quant.analyze(tensors, self.t.folder, first.metadata if first else None)
-        except SafeshardError as e:  # defensive: analyze reports, it should not raise
-            self.add("gptq-config", None, None, str(e))
-            return
-        if rep is None:
-            return
-        self.report.checks.append("gptq")
-        incomplete = self._incomplete_modules()
-        for prob in rep.problems:
-            if prob.module is not None and prob.module in incomplete:
-                continue
-            holders = self.where.get(prob.tensor or "")
-            file = holders[0] if holders else None
-            self.add(_GPTQ_CODES[prob.kind], file, prob.tensor, _gptq_message(prob, rep))
-        if not self.deep:
-            return
-        modules = quant.quantized_modules(tensors)
-        for mod, members in modules.items():
-            if mod in incomplete:
-                continue
-            g = members.get("g_idx")
-            sc = members.get("scales") or members.get("qzeros")
-            if g is None or sc is None or g.dtype != "I32" or len(g.shape) != 1:
-                continue
-            if len(sc.shape) != 2:
-                continue
-            fname = self.where[g.name][0]
-            self.gidx[g.name] = (fname, sc.shape[0])
-            self._range(fname, g, capture=True)
+def _where(headers: Mapping[str, Header]) -> dict[str, tuple[str, ...]]:
+    where: dict[str, tuple[str, ...]] = {}
+    for name, h in headers.items():
+        for tensor in h.by_name:
+            where[tensor] = (*where[tensor], name) if tensor in where else (name,)
+    return where
 
-    def _incomplete_modules(self) -> set[str]:
-        """Modules with a tensor indexed to a missing or unreadable shard."""
-        if self.t.index is None or not self.bad:
-            return set()
-        return {t.rsplit(".", 1)[0] for t, f in self.t.index.weight_map.items() if f in self.bad}
 
-    def check_gidx_values(self, results: Mapping[str, FileResult]) -> None:
-        for tensor, (fname, groups) in self.gidx.items():
-            data = results[fname].captured.get(tensor) if fname in results else None
-            if data is None:
-                continue
-            values = memoryview(data).cast("i")
-            if sys.byteorder == "big":  # pragma: no cover - little-endian hosts here
-                import array
+def _read_manifest(t: Target) -> tuple[Manifest | None, list[Finding]]:
+    mpath = manifest_path(t.folder, t.base)
+    try:
+        return read_manifest(t.folder, t.base), []
+    except IndexFormatError as e:
+        return None, [Finding("bad-manifest", mpath.name, None, f"{e}; re-run the split")]
+    except OSError as e:
+        return None, [Finding("bad-manifest", mpath.name, None, f"{mpath}: cannot read ({e})")]
 
-                arr = array.array("i", data)
-                arr.byteswap()
-                values = memoryview(arr)
-            if not len(values):
-                continue
-            lo, hi = min(values), max(values)
-            if lo < 0 or hi >= groups:
-                bad = sum(1 for v in values if v < 0 or v >= groups)
-                self.add(
-                    "gptq-g-idx-range",
-                    fname,
-                    tensor,
-                    f"{tensor}: {bad} of {len(values)} values lie outside [0, {groups}) (they "
-                    f"span {lo}..{hi}); they index rows of scales/qzeros that do not exist. "
-                    "Re-quantize, or restore the tensor from the source",
-                )
 
-    # ---------------------------------------------------------------- against
+def _open_source(against: Path) -> tuple[Checkpoint | None, list[Finding]]:
+    try:
+        return open_checkpoint(against), []
+    except CheckpointNotFoundError:
+        raise
+    except (SafeshardError, OSError) as e:
+        message = f"cannot compare: the source is not a readable checkpoint ({e})"
+        return None, [Finding("bad-source", str(against), None, message)]
 
-    def open_source(self) -> None:
-        assert self.against is not None
-        self.report.checks.append("against")
-        try:
-            self.source = open_checkpoint(self.against)
-        except CheckpointNotFoundError:
-            raise
-        except (SafeshardError, OSError) as e:
-            self.add(
-                "bad-source",
-                str(self.against),
-                None,
-                f"cannot compare: the source is not a readable checkpoint ({e})",
+
+def read_context(
+    path: str | os.PathLike[str],
+    *,
+    against: Path | None = None,
+    cap: int | None = None,
+    deep: bool = False,
+    hash_files: bool = False,
+) -> tuple[Context, list[Finding]]:
+    """Find the checkpoint at ``path``, read what the checks need, and the findings
+    made on the way (unreadable index, headers, manifest, source)."""
+    target, found = discover(path)
+    headers, bad, sizes, more = _read_headers(target)
+    found += more
+    manifest, more = _read_manifest(target)
+    found += more
+    first = next(iter(headers.values()), None)
+    try:
+        q = quant.analyze(
+            (ti for h in headers.values() for ti in h.tensors),
+            target.folder,
+            first.metadata if first is not None else None,
+        )
+    except SafeshardError as e:  # defensive: analyze reports, it should not raise
+        q = None
+        found.append(Finding("gptq-config", None, None, str(e)))
+    source: Checkpoint | None = None
+    if against is not None:
+        source, more = _open_source(against)
+        found += more
+    ctx = Context(
+        target=target,
+        headers=headers,
+        bad=bad,
+        sizes=sizes,
+        where=_where(headers),
+        manifest=manifest,
+        quant=q,
+        source=source,
+        against=against,
+        cap=cap,
+        deep=deep,
+        hash_files=hash_files,
+    )
+    return ctx, found
+
+
+# --------------------------------------------------------------------------- checks on headers
+
+
+def check_duplicates(ctx: Context) -> Iterable[Finding]:
+    for tensor, files in ctx.where.items():
+        if len(files) > 1:
+            yield Finding(
+                "duplicate-tensor",
+                files[1],
+                tensor,
+                f"tensor {tensor!r} lies in {', '.join(files)}; a loader keeps whichever it "
+                "reads last. Re-run the split, or remove it from all but the indexed shard",
             )
 
-    def check_against(self) -> None:
-        src = self.source
-        if src is None:
-            return
-        sname = str(self.against)
-        skipped = set()
-        if self.t.index is not None:
-            skipped = {t for t, f in self.t.index.weight_map.items() if f in self.bad}
-        for tensor in src.entries:
-            if tensor not in self.where and tensor not in skipped:
-                self.add(
-                    "against-missing",
-                    None,
-                    tensor,
-                    f"the source {sname} has {tensor!r}, which no shard holds",
-                )
-        for fname, h in self.headers.items():
-            for ti in h.tensors:
-                e = src.entries.get(ti.name)
-                if e is None:
-                    self.add(
-                        "against-extra",
-                        fname,
-                        ti.name,
-                        f"{fname} holds {ti.name!r}, which the source {sname} does not have",
-                    )
-                elif e.info.dtype != ti.dtype:
-                    self.add(
-                        "against-dtype",
-                        fname,
-                        ti.name,
-                        f"{ti.name!r} is {ti.dtype} in {fname} but {e.info.dtype} in the source",
-                    )
-                elif e.info.shape != ti.shape:
-                    self.add(
-                        "against-shape",
-                        fname,
-                        ti.name,
-                        f"{ti.name!r} has shape {list(ti.shape)} in {fname} but "
-                        f"{list(e.info.shape)} in the source",
-                    )
-                else:
-                    other = (str(src.path_of(ti.name)), src.absolute_offset(ti.name))
-                    self._range(fname, ti, against=other)
-            if h.metadata != src.metadata:
-                self.add(
-                    "against-metadata",
-                    fname,
-                    None,
-                    f"{fname} has __metadata__ {h.metadata!r}, but the source has "
-                    f"{src.metadata!r}; loaders read settings such as format=pt from it",
+
+def check_index_entries(ctx: Context) -> Iterable[Finding]:
+    idx = ctx.target.index
+    if idx is None:
+        return
+    iname = ctx.target.index_name
+    for tensor, fname in idx.weight_map.items():
+        if fname in ctx.bad:
+            continue
+        files = ctx.where.get(tensor, ())
+        if fname in files:
+            continue
+        if files:
+            yield Finding(
+                "wrong-shard",
+                fname,
+                tensor,
+                f"{iname} says {tensor!r} is in {fname}, but it lies in {', '.join(files)}; "
+                "regenerate the index",
+            )
+        else:
+            yield Finding(
+                "missing-tensor",
+                fname,
+                tensor,
+                f"{iname} says {tensor!r} is in {fname}, but no shard holds it; the shard "
+                "is stale or the index belongs to another checkpoint",
+            )
+    for name, h in ctx.headers.items():
+        for ti in h.tensors:
+            if ti.name not in idx.weight_map:
+                yield Finding(
+                    "unindexed-tensor",
+                    name,
+                    ti.name,
+                    f"{name} holds {ti.name!r}, which {iname} does not list; loaders that "
+                    "follow the index never see it. Regenerate the index",
                 )
 
-    # ---------------------------------------------------------------- data pass
 
-    def _range(
-        self,
-        fname: str,
-        ti: TensorInfo,
-        *,
-        capture: bool = False,
-        against: tuple[str, int] | None = None,
-    ) -> None:
-        h = self.headers[fname]
-        ranges = self.tasks.setdefault(fname, {})
-        old = ranges.get(ti.name)
-        ranges[ti.name] = Range(
-            ti.name,
-            h.data_start + ti.begin,
-            ti.nbytes,
-            digest=False,
-            against=against or (old.against if old else None),
-            capture=capture or (old.capture if old else False),
+def check_total_size(ctx: Context) -> Iterable[Finding]:
+    idx = ctx.target.index
+    said = idx.total_size if idx is not None else None
+    if said is None or ctx.bad:
+        return
+    data = sum(h.data_size for h in ctx.headers.values())
+    files = sum(h.file_size for h in ctx.headers.values())
+    if said not in (data, files):
+        iname = ctx.target.index_name
+        yield Finding(
+            "total-size",
+            iname,
+            None,
+            f"{iname} says total_size={said}, but the shards hold {data} tensor bytes "
+            f"({files} bytes as files); set it to {data}",
         )
 
-    def skip_implied_hashes(self) -> None:
-        """Leave out whole-file hashes that the comparison with the source already implies."""
-        if self.hash_files or self.source is None:
-            return
-        for fname in sorted(self.whole):
-            h = self.headers.get(fname)
-            ranges = self.tasks.get(fname, {})
-            if h is None or not all(
-                t.name in ranges and ranges[t.name].against is not None for t in h.tensors
-            ):
-                continue
-            if h.raw != build_header(h.tensors, h.metadata)[8:]:
-                continue  # a header split would not write: only the hash vouches for it
-            self.whole.discard(fname)
-            self.report.compared_files += 1
 
-    def file_tasks(self) -> list[FileTask]:
-        names = [n for n in self.t.files if n in self.whole or n in self.tasks]
-        return [
-            FileTask(
-                str(self.path(n)),
-                tuple(self.tasks.get(n, {}).values()),
-                whole=n in self.whole,
-                size=_size(self.path(n)) or 0,
+def check_shard_names(ctx: Context) -> Iterable[Finding]:
+    idx = ctx.target.index
+    if idx is None:
+        return
+    iname = ctx.target.index_name
+    listed = idx.shard_files()
+    matches = {f: SHARD_RE.match(f) for f in listed}
+    numbered = {f: m for f, m in matches.items() if m is not None}
+    if not numbered:
+        return
+    n = len(listed)
+    for f, m in matches.items():
+        if m is None:
+            yield Finding(
+                "shard-count",
+                f,
+                None,
+                f"{iname} lists {f}, which is not named {{base}}-{{i:05d}}-of-{{n:05d}} like "
+                "the other shards",
             )
-            for n in names
-        ]
-
-    def apply_results(self, results: Mapping[str, FileResult]) -> None:
-        sname = str(self.against)
-        for fname, res in results.items():
-            if res.error is not None:
-                self.add(
-                    "read-error",
-                    fname,
-                    None,
-                    f"{self.path(fname)}: {res.error}; copy it again, or check the disk",
-                )
-            for tensor, at in res.differs.items():
-                rng = self.tasks[fname][tensor]
-                self.add(
-                    "against-bytes",
-                    fname,
-                    tensor,
-                    f"{tensor!r} in {fname} differs from the source {sname}, first at byte {at} "
-                    f"of {rng.nbytes} (file offset {rng.offset + at}); one of the copies is "
-                    "corrupt",
-                )
-
-    def _amend_hash_finding(self, fname: str, more: str) -> None:
-        found = self.report.findings
-        for i, f in enumerate(found):
-            if f.code == "hash-mismatch" and f.file == fname:
-                found[i] = Finding(f.code, f.file, f.tensor, f.message + more)
-                return
-
-    def check_hashes(self, results: Mapping[str, FileResult], workers: int | None) -> None:
-        """Report files whose SHA-256 differs from the manifest's.
-
-        Without a source to compare with, such files are read again, hashing each
-        tensor, to name the tensors that changed.
-        """
-        mismatched = []
-        for fname, res in results.items():
-            want = self.expect_sha.get(fname)
-            if want is not None and res.sha256 is not None and res.sha256 != want:
-                mismatched.append(fname)
-                self.add(
-                    "hash-mismatch",
-                    fname,
-                    None,
-                    f"{fname} has SHA-256 {res.sha256}, but the manifest records {want}; the "
-                    "file changed since the split. Copy it again",
-                )
-        man = self.manifest
-        if man is None or not man.tensors or not mismatched or self.source is not None:
-            return
-        tasks = []
-        for fname in mismatched:
-            h = self.headers.get(fname)
-            if h is None:
-                continue
-            ranges = tuple(
-                Range(ti.name, h.data_start + ti.begin, ti.nbytes, digest=True)
-                for ti in h.tensors
-                if ti.name in man.tensors
+        elif int(m.group("n")) != n:
+            yield Finding(
+                "shard-count",
+                f,
+                None,
+                f"{f} says there are {int(m.group('n'))} shards, but {iname} lists {n}; "
+                "the index mixes two splits. Re-run the split",
             )
-            tasks.append(FileTask(str(self.path(fname)), ranges, size=h.file_size))
-        for task, res in zip(tasks, scan(tasks, workers=workers), strict=True):
-            fname = Path(task.path).name
-            bad = [t for t, d in res.hashes.items() if d != man.tensors[t].digest]
-            for t in bad:
-                self.add(
-                    "manifest-tensor-hash",
-                    fname,
-                    t,
-                    f"{t!r} in {fname} has digest {res.hashes[t]}, but the manifest records "
-                    f"{man.tensors[t].digest}; its bytes changed since the split",
-                )
-            if not bad and res.error is None:
-                self._amend_hash_finding(
-                    fname,
-                    "; yet every tensor matches the manifest's digest, so the header bytes "
-                    "changed, or the manifest's file hash is wrong",
-                )
+    seen = sorted(int(m.group("i")) for m in numbered.values())
+    if len(numbered) == n and seen != list(range(1, n + 1)):
+        yield Finding(
+            "shard-count", iname, None, f"{iname} lists shards numbered {seen}, not 1..{n}"
+        )
+
+
+def check_strays(ctx: Context) -> Iterable[Finding]:
+    idx = ctx.target.index
+    if idx is None:
+        return
+    listed = set(idx.shard_files())
+    bases = {ctx.target.base}
+    for f in listed:
+        m = SHARD_RE.match(f)
+        if m is not None:
+            bases.add(m.group("base"))
+    for p in sorted(ctx.target.folder.glob("*.safetensors")):
+        m = SHARD_RE.match(p.name)
+        if m is not None and p.name not in listed and m.group("base") in bases:
+            yield Finding(
+                "stray-shard",
+                p.name,
+                None,
+                f"{p} has the index's base name but {ctx.target.index_name} does not list it; "
+                "a leftover of an earlier split? Delete it so no tool mixes it in",
+            )
+
+
+def check_temporaries(ctx: Context) -> Iterable[Finding]:
+    for p in stale_temporaries(ctx.target.folder):
+        yield Finding(
+            "stale-temp",
+            p.name,
+            None,
+            f"{p} is a temporary file of an interrupted safeshard write; delete it, or "
+            "finish the split with --resume",
+        )
+
+
+def check_sizes(ctx: Context) -> Iterable[Finding]:
+    cap = ctx.cap
+    if cap is None:
+        return
+    for name in ctx.target.files:
+        size = ctx.sizes.get(name)
+        if size is not None and size > cap:
+            yield Finding(
+                "oversize",
+                name,
+                None,
+                f"{name} is {size} bytes ({format_size(size)}), over the cap of {cap} "
+                f"bytes by {size - cap}; re-split with --max-shard-size {cap}",
+            )
+
+
+def check_manifest(ctx: Context) -> Iterable[Finding]:
+    man = ctx.manifest
+    if man is None:
+        return
+    mpath = ctx.manifest_path
+    files = set(ctx.target.files)
+    for s in man.shards:
+        try:
+            check_shard_name(mpath, "shards", s.file)
+        except UnsafeIndexPathError as e:
+            yield Finding("bad-manifest", mpath.name, None, f"{e}; re-run the split")
+    recorded = ctx.recorded()
+    for name in ctx.target.files:
+        if name not in recorded:
+            yield Finding(
+                "manifest-mismatch",
+                name,
+                None,
+                f"{mpath.name} does not record {name}; it belongs to another split. "
+                "Re-run the split",
+            )
+    for fname, rec in recorded.items():
+        if fname not in files:
+            yield Finding(
+                "manifest-mismatch",
+                fname,
+                None,
+                f"{mpath.name} records {fname}, which the checkpoint does not list",
+            )
+            continue
+        size = ctx.sizes.get(fname)
+        if size is not None and size != rec.size:  # a missing file is missing-shard
+            yield Finding(
+                "size-mismatch",
+                fname,
+                None,
+                f"{fname} is {size} bytes, but {mpath.name} records {rec.size}; the file is "
+                f"{'truncated' if size < rec.size else 'longer'}. Copy it again",
+            )
+    if not man.tensors or ctx.bad:
+        return
+    for tensor, trec in man.tensors.items():
+        holder = ctx.holder(tensor)
+        if holder is None:
+            yield Finding(
+                "manifest-mismatch",
+                None,
+                tensor,
+                f"{mpath.name} records {tensor!r}, which no shard holds",
+            )
+        elif (nbytes := ctx.headers[holder].by_name[tensor].nbytes) != trec.nbytes:
+            yield Finding(
+                "manifest-mismatch",
+                holder,
+                tensor,
+                f"{tensor!r} has {nbytes} bytes, but {mpath.name} records {trec.nbytes}",
+            )
+    for tensor, holders in ctx.where.items():
+        if tensor not in man.tensors:
+            yield Finding(
+                "manifest-mismatch", holders[0], tensor, f"{mpath.name} does not record {tensor!r}"
+            )
 
 
 def _gptq_message(prob: quant.QuantProblem, rep: quant.QuantReport) -> str:
@@ -860,22 +705,300 @@ def _gptq_message(prob: quant.QuantProblem, rep: quant.QuantReport) -> str:
     return prob.message + (where if prob.kind in ("shape", "config") else "") + fix
 
 
-def _size(p: Path) -> int | None:
-    try:
-        return p.stat().st_size
-    except OSError:
-        return None
+def check_gptq(ctx: Context) -> Iterable[Finding]:
+    rep = ctx.quant
+    if rep is None:
+        return
+    incomplete = ctx.incomplete_modules()
+    for prob in rep.problems:
+        if prob.module is not None and prob.module in incomplete:
+            continue
+        yield Finding(
+            _GPTQ_CODES[prob.kind], ctx.holder(prob.tensor), prob.tensor, _gptq_message(prob, rep)
+        )
 
 
-def _cap(value: int | str | None) -> int | None:
-    if value is None:
-        return None
-    return parse_size(value)
+def gidx_targets(ctx: Context) -> dict[str, tuple[str, int]]:
+    """With ``deep``: each g_idx tensor worth reading → (file, number of groups)."""
+    if not ctx.deep or ctx.quant is None:
+        return {}
+    incomplete = ctx.incomplete_modules()
+    tensors = (ti for h in ctx.headers.values() for ti in h.tensors)
+    out: dict[str, tuple[str, int]] = {}
+    for mod, members in quant.quantized_modules(tensors).items():
+        if mod in incomplete:
+            continue
+        g = members.get("g_idx")
+        sc = members.get("scales") or members.get("qzeros")
+        if g is None or sc is None or g.dtype != "I32" or len(g.shape) != 1:
+            continue
+        if len(sc.shape) == 2:
+            out[g.name] = (ctx.where[g.name][0], sc.shape[0])
+    return out
+
+
+def comparable(ctx: Context) -> Iterable[tuple[str, TensorInfo, tuple[str, int]]]:
+    """(file, tensor, (source path, source offset)) for each tensor that the source holds
+    with the same dtype and shape: the ones whose bytes are compared."""
+    src = ctx.source
+    if src is None:
+        return
+    for fname, h in ctx.headers.items():
+        for ti in h.tensors:
+            e = src.entries.get(ti.name)
+            if e is not None and e.info.dtype == ti.dtype and e.info.shape == ti.shape:
+                yield fname, ti, (str(src.path_of(ti.name)), src.absolute_offset(ti.name))
+
+
+def check_against(ctx: Context) -> Iterable[Finding]:
+    src = ctx.source
+    if src is None:
+        return
+    sname = str(ctx.against)
+    skipped = ctx.skipped()
+    for tensor in src.entries:
+        if tensor not in ctx.where and tensor not in skipped:
+            yield Finding(
+                "against-missing",
+                None,
+                tensor,
+                f"the source {sname} has {tensor!r}, which no shard holds",
+            )
+    for fname, h in ctx.headers.items():
+        for ti in h.tensors:
+            e = src.entries.get(ti.name)
+            if e is None:
+                yield Finding(
+                    "against-extra",
+                    fname,
+                    ti.name,
+                    f"{fname} holds {ti.name!r}, which the source {sname} does not have",
+                )
+            elif e.info.dtype != ti.dtype:
+                yield Finding(
+                    "against-dtype",
+                    fname,
+                    ti.name,
+                    f"{ti.name!r} is {ti.dtype} in {fname} but {e.info.dtype} in the source",
+                )
+            elif e.info.shape != ti.shape:
+                yield Finding(
+                    "against-shape",
+                    fname,
+                    ti.name,
+                    f"{ti.name!r} has shape {list(ti.shape)} in {fname} but "
+                    f"{list(e.info.shape)} in the source",
+                )
+        if h.metadata != src.metadata:
+            yield Finding(
+                "against-metadata",
+                fname,
+                None,
+                f"{fname} has __metadata__ {h.metadata!r}, but the source has "
+                f"{src.metadata!r}; loaders read settings such as format=pt from it",
+            )
+
+
+HEADER_CHECKS: tuple[Callable[[Context], Iterable[Finding]], ...] = (
+    check_duplicates,
+    check_index_entries,
+    check_total_size,
+    check_shard_names,
+    check_strays,
+    check_temporaries,
+    check_sizes,
+    check_manifest,
+    check_gptq,
+    check_against,
+)
+"""The checks that need headers and file names only, in report order."""
+
+
+# --------------------------------------------------------------------------- the data pass
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What the data pass reads: one task per file, the SHA-256 each hashed file must
+    have, and how many files with a manifest are vouched for by comparison instead."""
+
+    tasks: tuple[FileTask, ...]
+    expect_sha: Mapping[str, str]
+    compared_files: int
+
+
+def plan_reads(ctx: Context) -> ReadPlan:
+    """The single pass over the data that the data checks need (see the module docs)."""
+    whole: dict[str, str] = {}  # file -> recorded SHA-256
+    files = set(ctx.target.files)
+    for fname, rec in ctx.recorded().items():
+        # a manifest may leave a file's SHA-256 out; its size was checked
+        if fname in files and ctx.sizes.get(fname) == rec.size and rec.sha256 is not None:
+            whole[fname] = rec.sha256
+    ranges: dict[str, dict[str, Range]] = {}
+    for fname, ti, other in comparable(ctx):
+        offset = ctx.headers[fname].data_start + ti.begin
+        ranges.setdefault(fname, {})[ti.name] = Range(ti.name, offset, ti.nbytes, against=other)
+    for tensor, (fname, _groups) in gidx_targets(ctx).items():
+        ti = ctx.headers[fname].by_name[tensor]
+        old = ranges.setdefault(fname, {}).get(tensor)
+        offset = ctx.headers[fname].data_start + ti.begin
+        ranges[fname][tensor] = Range(
+            tensor, offset, ti.nbytes, against=old.against if old else None, capture=True
+        )
+    compared = 0
+    if not ctx.hash_files and ctx.source is not None:
+        for fname in sorted(whole):
+            h = ctx.headers.get(fname)
+            mine = ranges.get(fname, {})
+            if h is None or not all(
+                t.name in mine and mine[t.name].against is not None for t in h.tensors
+            ):
+                continue
+            if h.raw != build_header(h.tensors, h.metadata)[8:]:
+                continue  # a header split would not write: only the hash vouches for it
+            del whole[fname]
+            compared += 1
+    tasks = tuple(
+        FileTask(
+            str(ctx.target.path(n)),
+            tuple(ranges.get(n, {}).values()),
+            whole=n in whole,
+            size=ctx.sizes.get(n) or 0,
+        )
+        for n in ctx.target.files
+        if n in whole or n in ranges
+    )
+    return ReadPlan(tasks, whole, compared)
+
+
+def rehash_tasks(ctx: Context, files: Sequence[str]) -> list[FileTask]:
+    """Tasks that hash each tensor the manifest records in ``files``, to name the ones
+    that changed. Only without a source (which already names them) and with a manifest
+    that records tensor digests."""
+    man = ctx.manifest
+    if man is None or not man.tensors or ctx.source is not None:
+        return []
+    tasks = []
+    for fname in files:
+        h = ctx.headers.get(fname)
+        if h is None:
+            continue
+        ranges = tuple(
+            Range(ti.name, h.data_start + ti.begin, ti.nbytes, digest=True)
+            for ti in h.tensors
+            if ti.name in man.tensors
+        )
+        tasks.append(FileTask(str(ctx.target.path(fname)), ranges, size=h.file_size))
+    return tasks
+
+
+def check_reads(
+    ctx: Context, plan: ReadPlan, results: Mapping[str, FileResult]
+) -> Iterable[Finding]:
+    sname = str(ctx.against)
+    offsets = {(Path(t.path).name, r.name): r for t in plan.tasks for r in t.ranges if r.against}
+    for fname, res in results.items():
+        if res.error is not None:
+            yield Finding(
+                "read-error",
+                fname,
+                None,
+                f"{ctx.target.path(fname)}: {res.error}; copy it again, or check the disk",
+            )
+        for tensor, at in res.differs.items():
+            rng = offsets[fname, tensor]
+            yield Finding(
+                "against-bytes",
+                fname,
+                tensor,
+                f"{tensor!r} in {fname} differs from the source {sname}, first at byte {at} "
+                f"of {rng.nbytes} (file offset {rng.offset + at}); one of the copies is "
+                "corrupt",
+            )
+
+
+def check_gidx_values(ctx: Context, results: Mapping[str, FileResult]) -> Iterable[Finding]:
+    for tensor, (fname, groups) in gidx_targets(ctx).items():
+        data = results[fname].captured.get(tensor) if fname in results else None
+        if not data:
+            continue
+        values: Any = memoryview(data).cast("i")
+        if sys.byteorder == "big":  # pragma: no cover - little-endian hosts here
+            import array
+
+            values = array.array("i", data)
+            values.byteswap()
+        lo, hi = min(values), max(values)
+        if lo < 0 or hi >= groups:
+            bad = sum(1 for v in values if v < 0 or v >= groups)
+            yield Finding(
+                "gptq-g-idx-range",
+                fname,
+                tensor,
+                f"{tensor}: {bad} of {len(values)} values lie outside [0, {groups}) (they "
+                f"span {lo}..{hi}); they index rows of scales/qzeros that do not exist. "
+                "Re-quantize, or restore the tensor from the source",
+            )
+
+
+def mismatched_hashes(plan: ReadPlan, results: Mapping[str, FileResult]) -> list[str]:
+    """Files whose SHA-256 differs from the manifest's."""
+    return [
+        fname
+        for fname, res in results.items()
+        if fname in plan.expect_sha
+        and res.sha256 is not None
+        and res.sha256 != plan.expect_sha[fname]
+    ]
+
+
+def check_hashes(
+    ctx: Context,
+    plan: ReadPlan,
+    results: Mapping[str, FileResult],
+    rehashed: Mapping[str, FileResult],
+) -> Iterable[Finding]:
+    """``hash-mismatch`` for each file whose SHA-256 differs, then, from ``rehashed``
+    (each such file's tensors hashed again), ``manifest-tensor-hash`` for each tensor
+    that changed; when none did, the file finding says the header must have."""
+    man = ctx.manifest
+    tensor_findings: list[Finding] = []
+    for fname in mismatched_hashes(plan, results):
+        message = (
+            f"{fname} has SHA-256 {results[fname].sha256}, but the manifest records "
+            f"{plan.expect_sha[fname]}; the file changed since the split. Copy it again"
+        )
+        again = rehashed.get(fname)
+        if again is not None and man is not None:
+            changed = [t for t, d in again.hashes.items() if d != man.tensors[t].digest]
+            for t in changed:
+                tensor_findings.append(
+                    Finding(
+                        "manifest-tensor-hash",
+                        fname,
+                        t,
+                        f"{t!r} in {fname} has digest {again.hashes[t]}, but the manifest "
+                        f"records {man.tensors[t].digest}; its bytes changed since the split",
+                    )
+                )
+            if not changed and again.error is None:
+                message += (
+                    "; yet every tensor matches the manifest's digest, so the header bytes "
+                    "changed, or the manifest's file hash is wrong"
+                )
+        yield Finding("hash-mismatch", fname, None, message)
+    yield from tensor_findings
 
 
 # --------------------------------------------------------------------------- entry point
 
 
+def _by_name(tasks: Sequence[FileTask], results: Sequence[FileResult]) -> dict[str, FileResult]:
+    return {Path(t.path).name: r for t, r in zip(tasks, results, strict=True)}
+
+
+@gcpause.pausing
 def verify(
     path: str | os.PathLike[str],
     *,
@@ -899,40 +1022,38 @@ def verify(
     """
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
-    cap = _cap(max_shard_size)
+    cap = None if max_shard_size is None else parse_size(max_shard_size)
     src = Path(against) if against is not None else None
     if src is not None and not src.exists():
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
-    report = VerifyReport(path=str(path), against=None if src is None else str(src))
-    target = _discover(Path(path), report)
-    v = _Verifier(report, target, cap, deep, src, hash_files)
-    report.checks.append("structure")
-    v.read_headers()
-    v.check_index()
-    v.check_temporaries()
-    v.check_sizes()
-    v.check_manifest()
-    v.check_gptq()
-    if src is not None:
-        v.open_source()
-        v.check_against()
-    v.skip_implied_hashes()
-    report.hashed_files = len(v.whole)
-    tasks = v.file_tasks()
-    total = sum(t.planned_bytes for t in tasks)
-    ctx: AbstractContextManager[Callable[[int], None] | None] = (
-        progress(total) if progress is not None and tasks else nullcontext(None)
+    ctx, findings = read_context(path, against=src, cap=cap, deep=deep, hash_files=hash_files)
+    for check in HEADER_CHECKS:
+        findings.extend(check(ctx))
+    plan = plan_reads(ctx)
+    total = sum(t.planned_bytes for t in plan.tasks)
+    bar: AbstractContextManager[Callable[[int], None] | None] = (
+        progress(total) if progress is not None and plan.tasks else nullcontext(None)
     )
-    with ctx as advance:
-        results = scan(tasks, workers=workers, progress=advance)
-    by_name = {Path(t.path).name: r for t, r in zip(tasks, results, strict=True)}
-    report.bytes_read = sum(r.bytes_read for r in results)
-    report.bytes_verified = sum(
-        t.size if t.whole else sum(r.nbytes for r in t.ranges) for t in tasks
+    with bar as advance:
+        first = scan(plan.tasks, workers=workers, progress=advance)
+    results = _by_name(plan.tasks, first)
+    again = rehash_tasks(ctx, mismatched_hashes(plan, results))
+    second = scan(again, workers=workers)
+    findings.extend(check_reads(ctx, plan, results))
+    findings.extend(check_gidx_values(ctx, results))
+    findings.extend(check_hashes(ctx, plan, results, _by_name(again, second)))
+    return VerifyReport(
+        path=str(path),
+        findings=findings,
+        shards=len(ctx.target.files),
+        tensors=len(ctx.where),
+        total_size=sum(h.file_size for h in ctx.headers.values()),
+        bytes_read=sum(r.bytes_read for r in (*first, *second)),
+        bytes_verified=sum(
+            t.size if t.whole else sum(r.nbytes for r in t.ranges) for t in plan.tasks
+        ),
+        checks=ctx.checks,
+        against=None if src is None else str(src),
+        hashed_files=len(plan.expect_sha),
+        compared_files=plan.compared_files,
     )
-    v.apply_results(by_name)
-    v.check_gidx_values(by_name)
-    v.check_hashes(by_name, workers)
-    if deep:
-        report.checks.append("deep")
-    return report

@@ -71,7 +71,7 @@ def _print(r: DiffReport) -> None:
     for n in r.added:
         say(f"+ {n}")
     for c in r.changed:
-        label = "xxh3 " if c.kind == "bytes" else ""
+        label = f"{c.digest} " if c.kind == "bytes" else ""
         say(f"~ {c.name}: {c.kind} {label}{_short(c.kind, c.a)} -> {_short(c.kind, c.b)}")
     if r.metadata_changed:
         say(f"~ __metadata__: {r.metadata_a!r} -> {r.metadata_b!r}")
