@@ -43,8 +43,17 @@ def round_trip(source: Path, work: Path, **kw: object) -> Path:
     merged = work / "merged.safetensors"
     r = safeshard.merge(out, merged)
     assert r.lossless, r.reason
-    assert r.sha256 == sha256(merged)
+    assert r.sha256 is None  # SHA-256 only when asked for
+    assert r.verified == r.tensors  # every tensor's digest matched the manifest
     return merged
+
+
+def test_merge_with_sha256_reports_the_output_hash(tmp_path: Path) -> None:
+    source = write_official(tmp_path / "src" / "model.safetensors", gptq_llama(), META)
+    safeshard.split(source, tmp_path / "shards", max_shard_size=25_000)
+    merged = tmp_path / "merged.safetensors"
+    r = safeshard.merge(tmp_path / "shards", merged, sha256=True)
+    assert r.sha256 == sha256(merged) == sha256(source)
 
 
 # --------------------------------------------------------------------------- lossless
@@ -330,6 +339,12 @@ def test_cli_json(shards: Path, tmp_path: Path) -> None:
         main, ["merge", str(shards), str(tmp_path / "m.safetensors"), "--json"]
     )
     assert res.exit_code == 0, res.output
+    obj = json.loads(res.output)
+    assert obj["lossless"] is True and obj["sha256"] is None
+    res = CliRunner().invoke(
+        main,
+        ["merge", str(shards), str(tmp_path / "m.safetensors"), "--json", "--force", "--sha256"],
+    )
     obj = json.loads(res.output)
     assert obj["lossless"] is True and obj["sha256"] == sha256(tmp_path / "m.safetensors")
     assert obj["verified_tensors"] == len(llama(layers=4))

@@ -58,17 +58,28 @@ class Split:
         return self.out / "model.safetensors.index.json"
 
 
-def make_split(tmp: Path, edit: Edit | None = None, layers: int | None = None) -> Split:
+def make_split(
+    tmp: Path, edit: Edit | None = None, layers: int | None = None, *, sha256: bool = False
+) -> Split:
     """``tiny-gptq`` (after ``edit``) split with a cap of a third of it: 3+ shards."""
     src = tiny_gptq(tmp / "src", edit, layers)
     cap = src.stat().st_size // 3
-    split(src, tmp / "out", max_shard_size=cap)
+    split(src, tmp / "out", max_shard_size=cap, sha256=sha256)
     return Split(src, tmp / "out", cap)
 
 
 @pytest.fixture
 def clean(tmp_path: Path) -> Split:
+    """A split with the default integrity record: header and tensor digests."""
     s = make_split(tmp_path)
+    assert len(s.shards) >= 3
+    return s
+
+
+@pytest.fixture
+def clean_sha(tmp_path: Path) -> Split:
+    """A split that also records each shard's SHA-256 (``--sha256``)."""
+    s = make_split(tmp_path, sha256=True)
     assert len(s.shards) >= 3
     return s
 
@@ -101,30 +112,90 @@ def test_clean_split_has_no_findings(clean: Split) -> None:
     # once, and the file hashes are implied rather than recomputed
     data = sum(read_header(p).data_size for p in clean.shards)
     assert rep.bytes_read == 2 * data == data + read_header(clean.src).data_size
-    assert (rep.hashed_files, rep.compared_files) == (0, len(clean.shards))
+    assert (rep.hashed_files, rep.digested_files) == (0, len(clean.shards))
 
 
-def test_clean_split_with_file_hashes(clean: Split) -> None:
+def test_without_a_source_every_tensor_digest_is_read_once(clean: Split) -> None:
+    rep = verify(clean.out)
+    assert rep.ok
+    data = sum(read_header(p).data_size for p in clean.shards)
+    assert rep.bytes_read == data  # the headers are checked from the headers read
+    assert (rep.hashed_files, rep.digested_files) == (0, len(clean.shards))
+
+
+def test_clean_split_with_file_hashes(clean_sha: Split) -> None:
+    clean = clean_sha
     rep = full(clean, hash_files=True)
     assert rep.ok
     files = sum(p.stat().st_size for p in clean.shards)
     assert rep.bytes_read == files + read_header(clean.src).data_size
     assert (rep.hashed_files, rep.compared_files) == (len(clean.shards), 0)
+    rep = verify(clean.out)  # by default the digests, even where a SHA-256 is recorded
+    assert rep.ok and rep.hashed_files == 0
 
 
-def test_wrong_manifest_hash_needs_hash_files_when_bytes_match_the_source(clean: Split) -> None:
+def test_hash_files_without_recorded_sha256_hashes_nothing(clean: Split) -> None:
+    rep = full(clean, hash_files=True)
+    assert rep.ok and rep.hashed_files == 0
+
+
+def test_wrong_manifest_hash_needs_hash_files(clean_sha: Split) -> None:
+    clean = clean_sha
     mp = clean.out / "model.safeshard.json"
     obj = json.loads(mp.read_text())
     obj["shards"][0]["sha256"] = "0" * 64
     mp.write_text(json.dumps(obj))
     assert verify(clean.out, against=clean.src).ok  # every byte equals the source's
+    assert verify(clean.out).ok  # and every digest the manifest's
     rep = verify(clean.out, against=clean.src, hash_files=True)
     assert find(rep, "hash-mismatch") == [(clean.shards[0].name, None)]
+    assert find(verify(clean.out, hash_files=True), "hash-mismatch") == [
+        (clean.shards[0].name, None)
+    ]
+
+
+def test_a_version_1_manifest_is_checked_by_sha256(clean_sha: Split) -> None:
+    """Manifests written before header digests (version 1) carry only SHA-256s."""
+    clean = clean_sha
+    mp = clean.out / "model.safeshard.json"
+    obj = json.loads(mp.read_text())
+    obj["version"] = 1
+    for s in obj["shards"]:
+        del s["header"]
+    mp.write_text(json.dumps(obj))
+    rep = verify(clean.out)
+    assert rep.ok and rep.hashed_files == len(clean.shards)
+    flip_byte(clean.shards[0], clean.shards[0].stat().st_size - 1)
     assert find(verify(clean.out), "hash-mismatch") == [(clean.shards[0].name, None)]
 
 
-def test_non_canonical_header_is_hashed_even_against_a_source(clean: Split) -> None:
+def changed_header(p: Path) -> None:
+    """Same size, valid, same tensors, but not the header split wrote."""
+    raw = p.read_bytes()
+    h = read_header(p)
+    body = h.raw.rstrip(b" ")
+    p.write_bytes(
+        raw[:8] + b"{ " + body[1:] + b" " * (len(h.raw) - len(body) - 1) + raw[h.data_start :]
+    )
+    assert read_header(p).tensors == h.tensors
+
+
+def test_a_changed_header_is_found_by_its_digest(clean: Split) -> None:
+    p = next(p for p in clean.shards if read_header(p).raw.endswith(b" "))
+    changed_header(p)
+    for rep in (verify(clean.out), verify(clean.out, against=clean.src)):
+        assert [(f.code, f.file) for f in rep.findings] == [("header-hash", p.name)]
+
+
+def test_non_canonical_header_is_hashed_even_against_a_source(clean_sha: Split) -> None:
     """Same size, valid, same tensors, but not the header split wrote: only the hash sees it."""
+    clean = clean_sha
+    mp = clean.out / "model.safeshard.json"
+    obj = json.loads(mp.read_text())
+    obj["version"] = 1  # no header digests: the SHA-256 is what vouches for the header
+    for s in obj["shards"]:
+        del s["header"]
+    mp.write_text(json.dumps(obj))
     p = next(p for p in clean.shards if read_header(p).raw.endswith(b" "))
     raw = p.read_bytes()
     h = read_header(p)
@@ -145,14 +216,15 @@ def test_clean_every_path_form(clean: Split, tmp_path: Path, how: str) -> None:
     assert rep.shards == (1 if how == "single" else len(clean.shards))
 
 
-def test_single_file_split_with_manifest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sha", [False, True])
+def test_single_file_split_with_manifest(tmp_path: Path, sha: bool) -> None:
     src = tiny_gptq(tmp_path / "src", layers=1)
-    split(src, tmp_path / "one", max_shard_size="100MB")
+    split(src, tmp_path / "one", max_shard_size="100MB", sha256=sha)
     (single,) = (tmp_path / "one").glob("*.safetensors")
     assert verify(tmp_path / "one", against=src).ok
     flip_byte(single, single.stat().st_size - 1)
-    rep = verify(tmp_path / "one")
-    assert find(rep, "hash-mismatch") == [(single.name, None)]
+    rep = verify(tmp_path / "one", hash_files=sha)
+    assert find(rep, "hash-mismatch") == ([(single.name, None)] if sha else [])
     assert find(rep, "manifest-tensor-hash") == [(single.name, "lm_head.weight")]
 
 
@@ -204,7 +276,7 @@ def test_flipped_byte_detected_by_manifest_and_against(clean: Split) -> None:
     victim = h.tensors[len(h.tensors) // 2]
     flip_byte(p, h.data_start + victim.begin + 3)
     rep = verify(clean.out)
-    assert find(rep, "hash-mismatch") == [(p.name, None)]
+    assert rep.codes == {"manifest-tensor-hash"}
     assert find(rep, "manifest-tensor-hash") == [(p.name, victim.name)]
     rep = verify(clean.out, against=clean.src)
     assert find(rep, "against-bytes") == [(p.name, victim.name)]
@@ -339,24 +411,21 @@ def test_oversize(clean: Split) -> None:
     assert verify(clean.out, max_shard_size=max(sizes.values())).ok
 
 
-def test_header_only_change_is_one_finding_written_once(clean: Split) -> None:
+def test_header_only_change_is_one_finding_written_once(clean_sha: Split) -> None:
     """Without a source, a file whose hash differs is re-read tensor by tensor; when every
     tensor still matches, the one hash-mismatch finding says the header changed."""
+    clean = clean_sha
     p = next(p for p in clean.shards if read_header(p).raw.endswith(b" "))
-    raw = p.read_bytes()
-    h = read_header(p)
-    body = h.raw.rstrip(b" ")
-    p.write_bytes(
-        raw[:8] + b"{ " + body[1:] + b" " * (len(h.raw) - len(body) - 1) + raw[h.data_start :]
-    )
-    rep = verify(clean.out)
-    assert [(f.code, f.file) for f in rep.findings] == [("hash-mismatch", p.name)]
-    assert rep.findings[0].message.endswith(
+    changed_header(p)
+    rep = verify(clean.out, hash_files=True)
+    assert [(f.code, f.file) for f in rep.findings] == [
+        ("header-hash", p.name),
+        ("hash-mismatch", p.name),
+    ]
+    assert rep.findings[1].message.endswith(
         "yet every tensor matches the manifest's digest, so the header bytes changed, or the "
         "manifest's file hash is wrong"
     )
-    files = sum(q.stat().st_size for q in clean.shards)
-    assert rep.bytes_read == files + read_header(p).data_size  # the re-read counts too
 
 
 # --------------------------------------------------------------------------- finding the checkpoint
@@ -663,8 +732,8 @@ def test_workers_do_not_change_the_result(clean: Split, workers: int) -> None:
     flip_byte(clean.shards[2], clean.shards[2].stat().st_size - 2)
     rep = verify(clean.out, against=clean.src, workers=workers)
     assert rep.codes == {"against-bytes"}
-    rep = verify(clean.out, against=clean.src, workers=workers, hash_files=True)
-    assert rep.codes == {"hash-mismatch", "against-bytes"}
+    rep = verify(clean.out, workers=workers)
+    assert rep.codes == {"manifest-tensor-hash"}
 
 
 @settings(

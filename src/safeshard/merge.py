@@ -164,7 +164,7 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
     on_step: StepHook | None = None,
-    sha256: bool = True,
+    sha256: bool = False,
 ) -> MergeResult:
     """Merge the checkpoint at ``src`` (a folder, an index or a file) into ``out_file``.
 

@@ -129,7 +129,7 @@ def split(
     force: bool = False,
     progress: Progress | None = None,
     on_step: StepHook | None = None,
-    sha256: bool = True,
+    sha256: bool = False,
 ) -> SplitResult:
     """Split (or reshard) the checkpoint at ``src`` into ``out_dir``; see the module docs.
 

@@ -435,7 +435,7 @@ def update(
     workers: int | None = None,
     progress: ProgressFactory | None = None,
     on_step: StepHook | None = None,
-    sha256: bool = True,
+    sha256: bool = False,
 ) -> UpdateResult:
     """Update the safeshard split in ``out_dir`` to the checkpoint at ``new_src``.
 

@@ -25,17 +25,20 @@ How it runs:
    - *against*: the same tensor names, dtypes, shapes and ``__metadata__`` as the
      source.
 3. **One pass over the data** (:mod:`safeshard.scan`, files in parallel, nothing
-   read when no check needs data): each file the manifest records is hashed whole
-   (SHA-256); with ``against``, every tensor is compared byte for byte with the
-   source, reading each byte of each side once; with ``deep``, the g_idx tensors are
-   kept. A file whose every tensor is compared and whose header is the canonical one
+   read when no check needs data): each tensor of a file the manifest records is
+   digested (XXH3-128; with the header's digest, checked from the header, that covers
+   every byte); with ``against``, every tensor is compared byte for byte with the
+   source instead, reading each byte of each side once; with ``deep``, the g_idx
+   tensors are kept. A file's whole SHA-256 is computed where ``hash_files`` asks for
+   it, and for manifests older than header digests (version 1), which have only it;
+   there, a file whose every tensor is compared and whose header is the canonical one
    for those tensors (as split writes it) is fully determined by what was compared,
-   so its SHA-256 is not recomputed unless ``hash_files`` asks for it: that hash costs
-   more CPU than reading the file.
+   so its SHA-256 is not recomputed unless ``hash_files`` asks for it.
 4. **Checks on the data**: read errors, differing bytes, g_idx values out of range
-   (``deep``), and SHA-256s that differ from the manifest's. Without a source, a file
-   whose SHA-256 differs is read once more, hashing each tensor, to name the tensors
-   that changed; its finding is written after that, once.
+   (``deep``), tensor digests and SHA-256s that differ from the manifest's. A file
+   whose SHA-256 differs and whose tensors were not digested is read once more,
+   hashing each tensor, to name the tensors that changed; its finding is written
+   after that, once.
 
 A problem is reported once, where it starts: the tensors of a missing or
 unreadable shard are not reported again as missing from the index, the source or
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -65,7 +69,7 @@ from .errors import (
 from .fsio import stale_temporaries
 from .header import Header, TensorInfo, build_header, read_header
 from .index import SHARD_RE, ShardIndex, check_shard_name, read_index
-from .manifest import Manifest, ShardRecord, manifest_path, read_manifest
+from .manifest import Manifest, ShardRecord, header_digest, manifest_path, read_manifest
 from .scan import FileResult, FileTask, Range, scan
 from .sizes import format_size, parse_size
 from .source import Checkpoint, find, open_checkpoint
@@ -87,6 +91,7 @@ CODES: dict[str, str] = {
     "manifest-mismatch": "the manifest lists other files or tensors than the checkpoint has",
     "size-mismatch": "a file's size differs from the manifest's",
     "hash-mismatch": "a file's SHA-256 differs from the manifest's",
+    "header-hash": "a file's header bytes differ from the manifest's digest of them",
     "manifest-tensor-hash": "a tensor's digest (XXH3-128) differs from the manifest's",
     "read-error": "a file could not be read to its end",
     "gptq-missing": "a GPTQ module lacks qweight, qzeros, scales or g_idx",
@@ -154,6 +159,8 @@ class VerifyReport:
     against: str | None = None
     hashed_files: int = 0
     """Files whose whole SHA-256 was computed and checked against the manifest."""
+    digested_files: int = 0
+    """Files whose header and tensor digests were checked against the manifest."""
     compared_files: int = 0
     """Files with a manifest whose SHA-256 was left out: every byte was compared instead."""
 
@@ -181,6 +188,7 @@ class VerifyReport:
             "checks": list(self.checks),
             "hashed_files": self.hashed_files,
             "compared_files": self.compared_files,
+            "digested_files": self.digested_files,
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -668,6 +676,18 @@ def check_manifest(ctx: Context) -> Iterable[Finding]:
                 f"{fname} is {size} bytes, but {mpath.name} records {rec.size}; the file is "
                 f"{'truncated' if size < rec.size else 'longer'}. Copy it again",
             )
+            continue
+        h = ctx.headers.get(fname)
+        if h is not None and rec.header is not None:
+            got = header_digest(struct.pack("<Q", h.header_len) + h.raw)
+            if got != rec.header:
+                yield Finding(
+                    "header-hash",
+                    fname,
+                    None,
+                    f"{fname}'s header has digest {got}, but {mpath.name} records "
+                    f"{rec.header}; its header bytes changed since the split. Copy it again",
+                )
     if not man.tensors or ctx.bad:
         return
     for tensor, trec in man.tensors.items():
@@ -825,16 +845,30 @@ class ReadPlan:
     tasks: tuple[FileTask, ...]
     expect_sha: Mapping[str, str]
     compared_files: int
+    digested_files: frozenset[str] = frozenset()
+    """Files whose tensors' digests are checked against the manifest."""
 
 
 def plan_reads(ctx: Context) -> ReadPlan:
-    """The single pass over the data that the data checks need (see the module docs)."""
+    """The single pass over the data that the data checks need (see the module docs).
+
+    Against the manifest, a file is checked by the digest of each of its tensors (its
+    header digest, checked from the header, covers the rest: every byte), or, for a
+    manifest that records no header digest (safeshard before version 2 manifests), by
+    its whole SHA-256; ``hash_files`` adds the SHA-256 wherever the manifest records one.
+    A tensor compared byte for byte with ``against`` needs no digest.
+    """
     whole: dict[str, str] = {}  # file -> recorded SHA-256
+    digest: set[str] = set()  # files whose tensors are checked by their digests
     files = set(ctx.target.files)
+    man = ctx.manifest
     for fname, rec in ctx.recorded().items():
-        # a manifest may leave a file's SHA-256 out; its size was checked
-        if fname in files and ctx.sizes.get(fname) == rec.size and rec.sha256 is not None:
+        if fname not in files or ctx.sizes.get(fname) != rec.size:
+            continue  # missing-shard or size-mismatch says it
+        if rec.sha256 is not None and (rec.header is None or ctx.hash_files):
             whole[fname] = rec.sha256
+        if rec.header is not None and man is not None and man.tensors:
+            digest.add(fname)
     ranges: dict[str, dict[str, Range]] = {}
     for fname, ti, other in comparable(ctx):
         offset = ctx.headers[fname].data_start + ti.begin
@@ -846,6 +880,23 @@ def plan_reads(ctx: Context) -> ReadPlan:
         ranges[fname][tensor] = Range(
             tensor, offset, ti.nbytes, against=old.against if old else None, capture=True
         )
+    recorded_tensors = man.tensors if man is not None else {}
+    for fname in sorted(digest):
+        h = ctx.headers.get(fname)
+        if h is None:
+            continue
+        mine = ranges.setdefault(fname, {})
+        for ti in h.tensors:
+            old = mine.get(ti.name)
+            if ti.name not in recorded_tensors or (old is not None and old.against is not None):
+                continue
+            mine[ti.name] = Range(
+                ti.name,
+                h.data_start + ti.begin,
+                ti.nbytes,
+                digest=True,
+                capture=old.capture if old else False,
+            )
     compared = 0
     if not ctx.hash_files and ctx.source is not None:
         for fname in sorted(whole):
@@ -862,14 +913,14 @@ def plan_reads(ctx: Context) -> ReadPlan:
     tasks = tuple(
         FileTask(
             str(ctx.target.path(n)),
-            tuple(ranges.get(n, {}).values()),
+            tuple(r for r in ranges.get(n, {}).values() if r.digest or r.against or r.capture),
             whole=n in whole,
             size=ctx.sizes.get(n) or 0,
         )
         for n in ctx.target.files
-        if n in whole or n in ranges
+        if n in whole or ranges.get(n)
     )
-    return ReadPlan(tasks, whole, compared)
+    return ReadPlan(tasks, whole, compared, frozenset(digest))
 
 
 def rehash_tasks(ctx: Context, files: Sequence[str]) -> list[FileTask]:
@@ -942,6 +993,24 @@ def check_gidx_values(ctx: Context, results: Mapping[str, FileResult]) -> Iterab
             )
 
 
+def check_digests(ctx: Context, results: Mapping[str, FileResult]) -> Iterable[Finding]:
+    """``manifest-tensor-hash`` for each tensor whose digest differs from the manifest's."""
+    man = ctx.manifest
+    if man is None:
+        return
+    for fname, res in results.items():
+        for t, d in res.hashes.items():
+            rec = man.tensors.get(t)
+            if rec is not None and d != rec.digest:
+                yield Finding(
+                    "manifest-tensor-hash",
+                    fname,
+                    t,
+                    f"{t!r} in {fname} has digest {d}, but the manifest records {rec.digest}; "
+                    "its bytes changed since the split. Copy the file again",
+                )
+
+
 def mismatched_hashes(plan: ReadPlan, results: Mapping[str, FileResult]) -> list[str]:
     """Files whose SHA-256 differs from the manifest's."""
     return [
@@ -970,9 +1039,12 @@ def check_hashes(
             f"{plan.expect_sha[fname]}; the file changed since the split. Copy it again"
         )
         again = rehashed.get(fname)
+        first = fname in plan.digested_files  # digested in the first pass: check_digests
+        if first:
+            again = results.get(fname)
         if again is not None and man is not None:
             changed = [t for t, d in again.hashes.items() if d != man.tensors[t].digest]
-            for t in changed:
+            for t in [] if first else changed:
                 tensor_findings.append(
                     Finding(
                         "manifest-tensor-hash",
@@ -1037,10 +1109,14 @@ def verify(
     with bar as advance:
         first = scan(plan.tasks, workers=workers, progress=advance)
     results = _by_name(plan.tasks, first)
-    again = rehash_tasks(ctx, mismatched_hashes(plan, results))
+    # files whose tensors were digested in the first pass need no second read
+    again = rehash_tasks(
+        ctx, [f for f in mismatched_hashes(plan, results) if f not in plan.digested_files]
+    )
     second = scan(again, workers=workers)
     findings.extend(check_reads(ctx, plan, results))
     findings.extend(check_gidx_values(ctx, results))
+    findings.extend(check_digests(ctx, results))
     findings.extend(check_hashes(ctx, plan, results, _by_name(again, second)))
     return VerifyReport(
         path=str(path),
@@ -1056,4 +1132,5 @@ def verify(
         against=None if src is None else str(src),
         hashed_files=len(plan.expect_sha),
         compared_files=plan.compared_files,
+        digested_files=len(plan.digested_files),
     )

@@ -16,9 +16,16 @@ from . import byte_progress, emit_json, json_option, main, quiet_option, say, wa
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out_file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace OUT_FILE if it exists.")
+@click.option(
+    "--sha256",
+    is_flag=True,
+    help="Also compute and print the output's SHA-256 (in a thread that follows the copy).",
+)
 @json_option
 @quiet_option
-def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool) -> None:
+def merge_cmd(
+    src: Path, out_file: Path, force: bool, sha256: bool, as_json: bool, quiet: bool
+) -> None:
     """Merge the shards of SRC (a folder or an index) into OUT_FILE.
 
     The index is checked against the shards first. Shards written by safeshard
@@ -27,7 +34,7 @@ def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool
     """
     total = open_checkpoint(src).total_tensor_bytes
     with byte_progress(total, "merge", quiet or as_json) as advance:
-        result = merge(src, out_file, force=force, progress=advance)
+        result = merge(src, out_file, force=force, progress=advance, sha256=sha256)
     if as_json:
         emit_json(result.to_json())
         return
@@ -37,9 +44,15 @@ def merge_cmd(src: Path, out_file: Path, force: bool, as_json: bool, quiet: bool
         f"{result.source} -> {result.out_file}: {result.tensors} tensors, "
         f"{result.size} bytes ({format_size(result.size)})"
     )
-    say(f"sha256 {result.sha256}")
+    if result.sha256 is not None:
+        say(f"sha256 {result.sha256}")
     if result.lossless:
         say("lossless: the original file's exact header and data order were restored")
+        if result.verified == result.tensors:
+            say(
+                "identical to the original: its recorded header was written and every "
+                "tensor's digest matched the manifest"
+            )
     else:
         say(f"canonical: {result.reason}")
     if result.verified and not quiet:

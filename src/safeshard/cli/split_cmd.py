@@ -48,6 +48,12 @@ from .split_update import run_update
     help="OUT_DIR holds an earlier split of an older version: rewrite only the shards "
     "whose tensors changed (cap and name default to the earlier split's).",
 )
+@click.option(
+    "--sha256",
+    is_flag=True,
+    help="Also record each shard's SHA-256 (the Hub's LFS id), hashed in parallel. The "
+    "default integrity record (header and tensor digests) covers every byte without it.",
+)
 @json_option
 @quiet_opt
 def split_cmd(
@@ -61,6 +67,7 @@ def split_cmd(
     resume: bool,
     force: bool,
     update: bool,
+    sha256: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -82,6 +89,7 @@ def split_cmd(
         name=base,
         resume=resume,
         force=force,
+        sha256=sha256,
     )
     if update:
         run_update(
@@ -94,6 +102,7 @@ def split_cmd(
             balance=balance,
             resume=resume,
             force=force,
+            sha256=sha256,
             as_json=as_json,
             quiet=quiet,
         )

@@ -35,6 +35,7 @@ def run_update(
     balance: bool,
     resume: bool,
     force: bool,
+    sha256: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -56,6 +57,7 @@ def run_update(
         name=base if _given("base") else None,
         allow_oversize=allow_oversize,
         dry_run=dry_run,
+        sha256=sha256,
         progress=lambda label, total: byte_progress(total, label, quiet or as_json),
     )
     if as_json:
