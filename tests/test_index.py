@@ -223,3 +223,24 @@ def test_index_base(tmp_path: Path, name: str, base: str) -> None:
     assert index_base(name) == base
     p = write_index(tmp_path, {"weight_map": {}}, name)
     assert read_index(p).base == base
+
+
+@given(
+    st.dictionaries(st.text(max_size=12), st.text(max_size=12), max_size=20),
+    st.dictionaries(
+        st.text(max_size=8),
+        st.one_of(
+            st.integers(), st.text(max_size=6), st.none(), st.lists(st.integers(), max_size=3)
+        ),
+        max_size=4,
+    ),
+)
+def test_index_json_is_byte_identical_to_json_dumps(
+    weight_map: dict[str, str], metadata: dict[str, object]
+) -> None:
+    """The fast writer must write what transformers and huggingface_hub write."""
+    want = (
+        json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True)
+        + "\n"
+    )
+    assert index_json(weight_map, metadata) == want.encode("utf-8")

@@ -151,7 +151,9 @@ class Manifest:
             else {"file": self.source.file, "size": self.source.size, "header": self.source.header},
             "fingerprint": self.fingerprint,
         }
-        return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        # compact: with an indent, json.dumps runs its pure-Python encoder (seconds for a
+        # million tensors); without one, the C encoder
+        return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes, path: str | os.PathLike[str] = "<manifest>") -> Manifest:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .byteio import Sink, Sources
 from .errors import (
     HeaderError,
@@ -39,7 +40,7 @@ from .errors import (
 )
 from .fsio import require_space
 from .hashcopy import Hashes, Progress, Sha256Follower, Sha256Pool, copy_pieces
-from .header import TensorSpec, build_header
+from .header import Header, TensorSpec, build_header
 from .layout import model_order
 from .manifest import Manifest, manifest_path, read_manifest
 from .outdir import OutputFolder, StepHook
@@ -105,9 +106,8 @@ def _read_manifest(ckpt: Checkpoint, warnings: list[str]) -> Manifest | None:
 def merge_layout(ckpt: Checkpoint, manifest: Manifest | None) -> Layout:
     """The header and data order of the merged file (lossless when the manifest allows)."""
     metadata, _ = common_metadata(ckpt)
-    why = _lossless_problem(ckpt, manifest, metadata)
-    if why is None and manifest is not None and manifest.source is not None:
-        src = manifest.source.parse()
+    why, src = _lossless_problem(ckpt, manifest, metadata)
+    if src is not None and manifest is not None and manifest.source is not None:
         raw = manifest.source.header_bytes
         return Layout(
             header=struct.pack("<Q", len(raw)) + raw,
@@ -116,12 +116,7 @@ def merge_layout(ckpt: Checkpoint, manifest: Manifest | None) -> Layout:
             reason="",
         )
     order = model_order(list(ckpt.entries))
-    specs = [
-        TensorSpec(
-            n, ckpt.entries[n].info.dtype, ckpt.entries[n].info.shape, ckpt.entries[n].info.nbytes
-        )
-        for n in order
-    ]
+    specs = [TensorSpec.of(ckpt.entries[n].info) for n in order]
     return Layout(
         header=build_header(specs, metadata),
         order=order,
@@ -132,31 +127,48 @@ def merge_layout(ckpt: Checkpoint, manifest: Manifest | None) -> Layout:
 
 def _lossless_problem(
     ckpt: Checkpoint, manifest: Manifest | None, metadata: dict[str, str] | None
-) -> str | None:
+) -> tuple[str, None] | tuple[None, Header]:
+    """Why the merge cannot restore the original file, or the original's header."""
     where = manifest_path(ckpt.folder, ckpt.located.base)
     if manifest is None:
-        return f"no safeshard manifest ({where.name}) beside the shards"
+        return f"no safeshard manifest ({where.name}) beside the shards", None
     if manifest.source is None:
-        return f"{where.name} records no original file (the split's input was already sharded)"
+        why = f"{where.name} records no original file (the split's input was already sharded)"
+        return why, None
     try:
         src = manifest.source.parse()
-    except HeaderError as e:
-        return f"{where.name} records an invalid original header ({e})"
-    recorded = {t.name: (t.dtype, t.shape, t.nbytes) for t in src.tensors}
-    actual = {n: (e.info.dtype, e.info.shape, e.info.nbytes) for n, e in ckpt.entries.items()}
-    if recorded != actual:
+    except HeaderError as err:
+        return f"{where.name} records an invalid original header ({err})", None
+    entries = ckpt.entries
+    differ = len(src.tensors) != len(entries)
+    if not differ:
+        for t in src.tensors:
+            entry = entries.get(t.name)
+            if entry is None or (entry.info.dtype, entry.info.shape, entry.info.nbytes) != (
+                t.dtype,
+                t.shape,
+                t.nbytes,
+            ):
+                differ = True
+                break
+    if differ:
+        recorded = {t.name: (t.dtype, t.shape, t.nbytes) for t in src.tensors}
+        actual = {n: (e.info.dtype, e.info.shape, e.info.nbytes) for n, e in entries.items()}
         diff = sorted(set(recorded) ^ set(actual)) or sorted(
             n for n in recorded if recorded[n] != actual[n]
         )
-        return (
+        why = (
             f"the shards' tensors differ from the original recorded in {where.name} "
             f"(e.g. {diff[0]!r})"
         )
+        return why, None
     if (src.metadata or None) != (metadata or None):
-        return f"the shards' __metadata__ differs from the original recorded in {where.name}"
-    return None
+        why = f"the shards' __metadata__ differs from the original recorded in {where.name}"
+        return why, None
+    return None, src
 
 
+@gcpause.pausing
 def merge(
     src: str | os.PathLike[str],
     out_file: str | os.PathLike[str],

@@ -197,11 +197,17 @@ def open_sources(ckpt: Checkpoint) -> Sources:
 
 def tensor_extents(ckpt: Checkpoint, names: Sequence[str], sources: Sources) -> list[Extent]:
     """Where each named tensor's bytes lie, in the given order."""
+    opened: dict[int, tuple[Any, int]] = {}  # shard -> (source, data start)
+    entries = ckpt.entries
     out = []
     for n in names:
-        e = ckpt.entries[n]
-        h = ckpt.headers[e.shard]
-        out.append(Extent(sources.get(h.path), h.data_start + e.info.begin, e.info.nbytes, n))
+        e = entries[n]
+        src = opened.get(e.shard)
+        if src is None:
+            h = ckpt.headers[e.shard]
+            src = opened[e.shard] = (sources.get(h.path), h.data_start)
+        info = e.info
+        out.append(Extent(src[0], src[1] + info.begin, info.end - info.begin, n))
     return out
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .errors import IndexFormatError, OutputExistsError, UsageError
 from .fsio import require_space
 from .hashcopy import Progress, Sha256Pool, hash_file
@@ -116,6 +117,7 @@ def _file(name: str, shard: ShardPlan, sha: str | None, status: FileStatus) -> O
 # --------------------------------------------------------------------------- split
 
 
+@gcpause.pausing
 def split(
     src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -148,7 +150,7 @@ def split(
         raise UsageError("--resume keeps finished shards and --force replaces them: pick one")
     ckpt = open_checkpoint(src)
     metadata, warnings = common_metadata(ckpt)
-    specs = [TensorSpec(t.name, t.dtype, t.shape, t.nbytes) for t in ckpt.tensors()]
+    specs = [TensorSpec.of(t) for t in ckpt.tensors()]
     plan = plan_shards(specs, cap, metadata, balance=balance, allow_oversize=allow_oversize)
     if not plan.shards:  # no tensors at all: one file holding only the header
         empty = ShardPlan(tensors=(), header=build_header([], metadata), groups=())

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import gcpause
 from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
 from .fsio import require_space
 from .hashcopy import Sha256Pool, hash_file
@@ -424,6 +425,7 @@ def _initial_slots(
 # --------------------------------------------------------------------------- update
 
 
+@gcpause.pausing
 def update(
     new_src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
