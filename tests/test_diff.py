@@ -152,8 +152,8 @@ def test_a_file_that_cannot_be_read_to_its_end_is_a_read_error(
     other = copy_of(src, tmp_path / "b" / "model.safetensors")
     real = diff_module.open_checkpoint
 
-    def then_truncate(path: Path) -> object:
-        ckpt = real(path)
+    def then_truncate(path: Path, **kw: object) -> object:
+        ckpt = real(path, **kw)
         if Path(path) == other:
             with open(other, "r+b") as f:
                 f.truncate(other.stat().st_size - 100)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -219,18 +219,24 @@ def open_source(path: str | os.PathLike[str]) -> ByteSource:
 class Sources:
     """Byte sources opened once and closed together, by path (a checkpoint's shards).
 
-    Each is opened when first asked for; with ``sizes``, a source whose size changed
-    since its header was read is refused (it changed while safeshard worked).
+    Each is opened when first asked for, with ``opener`` (local files by default); with
+    ``sizes``, a source whose size changed since its header was read is refused (it
+    changed while safeshard worked).
     """
 
-    def __init__(self, sizes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        sizes: dict[str, int] | None = None,
+        opener: Callable[[str], ByteSource] | None = None,
+    ) -> None:
         self._sizes = sizes or {}
+        self._opener = opener or open_source
         self._open: dict[str, ByteSource] = {}
 
     def get(self, path: str) -> ByteSource:
         src = self._open.get(path)
         if src is None:
-            src = open_source(path)
+            src = self._opener(path)
             self._open[path] = src
             want = self._sizes.get(path)
             if want is not None and src.size != want:

@@ -20,10 +20,10 @@ Every error is a :class:`~safeshard.errors.SafeshardError`: what
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from . import gcpause
@@ -139,8 +139,8 @@ class _Side:
         return self.ckpt.path_of(tensor).name
 
 
-def _side(path: str | os.PathLike[str], trust: bool) -> _Side:
-    ckpt = open_checkpoint(path)
+def _side(path: str | os.PathLike[str], trust: bool, options: Mapping[str, Any] | None) -> _Side:
+    ckpt = open_checkpoint(path, storage_options=options)
     man: Manifest | None = None
     if trust:
         try:
@@ -166,7 +166,7 @@ def _plan(side: _Side, want: list[str], trust: bool) -> list[FileTask]:
             Range(t, ck.absolute_offset(t), info.nbytes, digest=True)
         )
     tasks = []
-    for h in ck.headers:
+    for i, h in enumerate(ck.headers):
         name = Path(h.path).name
         whole = False
         if side.sharded:
@@ -177,7 +177,14 @@ def _plan(side: _Side, want: list[str], trust: bool) -> list[FileTask]:
                 whole = True
                 side.files[name] = None
         if whole or name in need:
-            tasks.append(FileTask(h.path, tuple(need.get(name, ())), whole=whole, size=h.file_size))
+            tasks.append(
+                FileTask(
+                    side.ckpt.located.files[i],
+                    tuple(need.get(name, ())),
+                    whole=whole,
+                    size=h.file_size,
+                )
+            )
     return tasks
 
 
@@ -189,7 +196,7 @@ def _apply(side: _Side, tasks: list[FileTask], results: list[FileResult]) -> Non
             )
         side.hashes.update(res.hashes)
         if task.whole:
-            side.files[Path(task.path).name] = res.sha256
+            side.files[PurePosixPath(str(task.path)).name] = res.sha256
 
 
 @gcpause.pausing
@@ -200,8 +207,10 @@ def diff(
     trust_manifests: bool = False,
     workers: int | None = None,
     progress: ProgressFactory | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> DiffReport:
-    """Compare the checkpoints at ``a`` and ``b`` (files, folders or indexes).
+    """Compare the checkpoints at ``a`` and ``b`` (files, folders or indexes; local paths
+    or URLs, reached with ``storage_options``).
 
     Raises what :func:`~safeshard.source.open_checkpoint` raises when an input is
     missing or broken (run ``safeshard verify`` on it), :class:`ReadError` when a file
@@ -209,7 +218,8 @@ def diff(
     """
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
-    sa, sb = _side(a, trust_manifests), _side(b, trust_manifests)
+    sa = _side(a, trust_manifests, storage_options)
+    sb = _side(b, trust_manifests, storage_options)
     ea, eb = sa.ckpt.entries, sb.ckpt.entries
     report = DiffReport(a=str(a), b=str(b))
     report.removed = sorted(n for n in ea if n not in eb)

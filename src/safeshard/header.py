@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import gcpause
+from .byteio import ByteSource, read_exact
 from .errors import (
     ByteRangeMismatchError,
     CheckpointNotFoundError,
@@ -679,8 +680,15 @@ def read_header(path: str | os.PathLike[str]) -> Header:
 
     Reads only the first ``8 + N`` bytes; no tensor data is touched. A missing file
     is a :class:`CheckpointNotFoundError`, another I/O failure a
-    :class:`~safeshard.errors.ReadError`.
+    :class:`~safeshard.errors.ReadError`. ``path`` may be an object in storage (a path
+    from :func:`safeshard.storage.as_path`): then two ranged reads, the length and the
+    header.
     """
+    from .storage import is_remote, open_source
+
+    if is_remote(path):
+        with open_source(path) as src:
+            return read_header_source(src)
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, after the error mapping
     except FileNotFoundError:
@@ -707,6 +715,21 @@ def read_header_from(f: Any, path: str | os.PathLike[str]) -> Header:
     if len(body) < n:  # the file shrank since fstat
         return parse_header(head + body, file_size, path)
     return _parse(str(path), body, file_size)
+
+
+def read_header_source(src: ByteSource) -> Header:
+    """Like :func:`read_header`, from a byte source (two reads: the length, the header)."""
+    size = src.size
+    head = memoryview(bytearray(min(8, size)))
+    read_exact(src, [head], 0, "the header length")
+    if size < 8:
+        return parse_header(bytes(head), size, src.name)
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_SIZE or 8 + n > size:
+        return parse_header(bytes(head), size, src.name)
+    body = bytearray(n)
+    read_exact(src, [memoryview(body)], 8, "the header")
+    return _parse(src.name, bytes(body), size)
 
 
 # --------------------------------------------------------------------------- writer

@@ -143,7 +143,8 @@ def parse_index_bytes(data: bytes, path: str | os.PathLike[str]) -> ShardIndex:
     for tensor, value in wm.items():
         if type(value) is not str or value not in safe:
             safe.add(check_shard_name(name, tensor, value))
-    return ShardIndex(path=Path(path), weight_map=wm, metadata=dict(meta))
+    where = path if hasattr(path, "parent") else Path(path)  # a storage path stays one
+    return ShardIndex(path=where, weight_map=wm, metadata=dict(meta))  # type: ignore[arg-type]
 
 
 def read_index(path: str | os.PathLike[str]) -> ShardIndex:
@@ -153,8 +154,11 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     :class:`~safeshard.errors.ReadError`.
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if hasattr(path, "read_bytes") and not isinstance(path, Path):  # storage: a UPath
+            data = path.read_bytes()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such index") from None
     except OSError as e:

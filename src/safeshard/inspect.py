@@ -199,7 +199,12 @@ def _families(groups: Sequence[Group], infos: Mapping[str, TensorInfo]) -> list[
 
 
 @gcpause.pausing
-def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> InspectReport:
+def inspect(
+    path: str | os.PathLike[str],
+    cap: int | str = DEFAULT_CAP,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> InspectReport:
     """Inspect the checkpoint at ``path`` (a file, a folder or an index) for ``cap``
     (bytes, or a size string such as ``"4GB"`` or ``"fat32"``).
 
@@ -207,10 +212,11 @@ def inspect(path: str | os.PathLike[str], cap: int | str = DEFAULT_CAP) -> Inspe
     grouping and the same ``__metadata__`` (:func:`~safeshard.source.common_metadata`,
     what every shard of a split carries). Raises the reader's errors for a missing or
     malformed checkpoint; everything about the checkpoint's content (GPTQ problems,
-    oversize tensors) is data.
+    oversize tensors) is data. ``path`` may be a URL (:mod:`safeshard.storage`): only the
+    headers are read, two ranged reads each.
     """
     cap = parse_size(cap)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, storage_options=storage_options)
     metadata, meta_warnings = common_metadata(ckpt)
     infos = {e.name: e.info for e in ckpt.entries.values()}
     specs = infos  # the planner sizes header entries as they are

@@ -23,8 +23,10 @@ so a corrupted shard fails the merge instead of producing a corrupted file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,10 @@ from .hashcopy import Hashes, Progress, Sha256Follower, Sha256Pool, copy_pieces
 from .header import Header, TensorSpec, build_header
 from .layout import model_order
 from .manifest import Manifest, manifest_path, read_manifest
-from .outdir import OutputFolder, StepHook
+from .outdir import StepHook
 from .output import open_sources, tensor_extents
 from .source import Checkpoint, common_metadata, open_checkpoint
+from .storage import as_path, is_remote, output_folder
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
 
@@ -177,25 +180,29 @@ def merge(
     progress: Progress | None = None,
     on_step: StepHook | None = None,
     sha256: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Merge the checkpoint at ``src`` (a folder, an index or a file) into ``out_file``.
 
     ``progress`` is called with a number of bytes each time that many are written;
     the total is the output's size (``MergeResult.size``). ``on_step`` is called with
     each step of the output transaction (:data:`outdir.STEPS`). ``sha256`` also computes
-    the output's SHA-256, in a thread of its own that follows the copy.
+    the output's SHA-256, in a thread of its own that follows the copy. ``src`` and
+    ``out_file`` may be URLs (:mod:`safeshard.storage`), reached with ``storage_options``.
     """
-    ckpt = open_checkpoint(src)
-    out = Path(out_file)
+    ckpt = open_checkpoint(src, storage_options=storage_options)
+    out = as_path(out_file, storage_options)
     _check_output(out, ckpt, force)
     warnings: list[str] = []
     manifest = _read_manifest(ckpt, warnings)
     layout = merge_layout(ckpt, manifest)
     size = layout.header_len + ckpt.total_tensor_bytes
-    require_space(out.parent, size, f"{out.name}: the merged file would")
+    if not is_remote(out):
+        require_space(out.parent, size, f"{out.name}: the merged file would")
     recorded = manifest.tensors if manifest is not None else {}
 
     follower: list[Sha256Follower] = []
+    inline = hashlib.sha256() if sha256 and is_remote(out) else None  # no descriptor to follow
 
     def fill(sink: Sink, sources: Sources) -> Hashes:
         pieces = tensor_extents(ckpt, layout.order, sources)
@@ -208,6 +215,7 @@ def merge(
             pieces,
             progress=progress,
             on_written=follower[0].advance if follower else None,
+            sha256=inline,
         )
         bad = [
             n
@@ -225,9 +233,12 @@ def merge(
         return hashes
 
     try:
-        with open_sources(ckpt) as sources, OutputFolder(out.parent, on_step=on_step) as tx:
+        with (
+            open_sources(ckpt) as sources,
+            output_folder(out.parent, on_step=on_step, storage_options=storage_options) as tx,
+        ):
             warnings += tx.recovered
-            hashes = tx.write(out.name, lambda sink: fill(sink, sources))
+            hashes = tx.write(out.name, lambda sink: fill(sink, sources), size=size)
     except BaseException:
         for f in follower:
             f.cancel()
@@ -242,7 +253,7 @@ def merge(
         source=str(src),
         out_file=out,
         size=size,
-        sha256=follower[0].result() if follower else None,
+        sha256=follower[0].result() if follower else inline.hexdigest() if inline else None,
         tensors=len(layout.order),
         lossless=layout.lossless,
         reason=layout.reason,
@@ -252,9 +263,10 @@ def merge(
 
 
 def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
+    remote = is_remote(out)
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a folder; give the path of the file to write")
-    if not out.parent.is_dir():
+    if not remote and not out.parent.is_dir():  # object storage has no folders to create
         raise OutputFolderMissingError(
             f"{out.parent}: the folder for {out.name} does not exist (or is a file); "
             "create it first",
@@ -263,7 +275,7 @@ def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
         )
     if out.exists():
         for p in ckpt.located.paths:
-            if os.path.samefile(out, p):
+            if (str(out) == str(p)) if remote or is_remote(p) else os.path.samefile(out, p):
                 raise OutputExistsError(
                     f"{out}: is one of the checkpoint's own files; write the merged file "
                     "elsewhere (the source is never modified)"

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .byteio import LocalSink, Sink
 from .errors import OutputExistsError, StorageError, UpdateError, read_error, write_error
@@ -54,6 +54,7 @@ __all__ = [
     "STEPS",
     "FileRecord",
     "OutputFolder",
+    "OutputStore",
     "StepHook",
     "prepare_folder",
 ]
@@ -205,6 +206,46 @@ def _op(x: Any) -> tuple[str, ...]:
 
 def _line(obj: Any) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+class OutputStore(Protocol):
+    """What a writer needs of an output transaction: :class:`OutputFolder` (a local
+    folder) and :class:`safeshard.remote.RemoteFolder` (a prefix in object storage)."""
+
+    folder: Any
+    recovered: list[str]
+
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> None: ...
+    def path(self, name: str) -> Any: ...
+    @property
+    def earlier_run(self) -> str | None: ...
+    def resumable(self, kind: str, fingerprint: str) -> dict[str, FileRecord]: ...
+    def start(
+        self, kind: str, fingerprint: str, keep: Mapping[str, FileRecord] | None = None
+    ) -> None: ...
+    def record(self, name: str, rec: FileRecord) -> None: ...
+    def checkpoint_files(self, suffixes: Sequence[str]) -> list[str]: ...
+    def exists(self, name: str) -> bool: ...
+    def read(self, name: str) -> bytes | None: ...
+    def remove(self, names: Iterable[str]) -> list[str]: ...
+    def write(self, name: str, fill: Callable[[Sink], T], *, size: int | None = None) -> T: ...
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+    def copy_in(self, src: Any, name: str) -> None: ...
+    def stage(
+        self, name: str, fill: Callable[[Sink], T], *, size: int | None = None
+    ) -> tuple[str, T]: ...
+    def stage_link(self, old: str, name: str) -> str: ...
+    def commit(
+        self,
+        moves: Sequence[tuple[str, str]] = (),
+        remove: Sequence[str] = (),
+        *,
+        finals: Mapping[str, bytes | None] | None = None,
+    ) -> None: ...
 
 
 # --------------------------------------------------------------------------- the folder
@@ -494,8 +535,16 @@ class OutputFolder:
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write(name, lambda sink: sink.write(data))
 
-    def copy_in(self, src: Path, name: str) -> None:
-        """Copy the file ``src`` (outside the folder) to ``name`` atomically."""
+    def copy_in(self, src: Any, name: str) -> None:
+        """Copy the file ``src`` (outside the folder; a local path, or a storage path) to
+        ``name`` atomically."""
+        if not isinstance(src, (str, Path)):  # an object in storage: a small sidecar
+            try:
+                data = src.read_bytes()
+            except OSError as e:
+                raise read_error(src, "read", e) from None
+            self.write_bytes(name, data)
+            return
         try:
             sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:

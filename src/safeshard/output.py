@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from . import storage
 from .byteio import Extent, Sink, Sources
 from .errors import HeaderError, IndexFormatError, SafeshardError, UsageError
 from .hashcopy import (
@@ -43,7 +43,7 @@ from .manifest import (
     manifest_path,
     read_manifest,
 )
-from .outdir import FileRecord, OutputFolder
+from .outdir import FileRecord, OutputStore
 from .source import Checkpoint
 
 __all__ = [
@@ -191,8 +191,13 @@ def output_names(base: str, n: int) -> list[str]:
 
 
 def open_sources(ckpt: Checkpoint) -> Sources:
-    """The checkpoint's shards as byte sources, each checked against its header's size."""
-    return Sources({h.path: h.file_size for h in ckpt.headers})
+    """The checkpoint's shards as byte sources (local files or objects in storage), each
+    checked against its header's size."""
+    files = {h.path: f for h, f in zip(ckpt.headers, ckpt.located.files, strict=True)}
+    return Sources(
+        {h.path: h.file_size for h in ckpt.headers},
+        lambda path: storage.open_source(files.get(path, path)),
+    )
 
 
 def tensor_extents(ckpt: Checkpoint, names: Sequence[str], sources: Sources) -> list[Extent]:
@@ -221,7 +226,7 @@ class Written:
 
 
 def write_shard(
-    tx: OutputFolder,
+    tx: OutputStore,
     name: str,
     header: bytes,
     pieces: Sequence[Extent],
@@ -254,9 +259,9 @@ def write_shard(
 
     try:
         if stage:
-            tmp, hashes = tx.stage(name, fill)
+            tmp, hashes = tx.stage(name, fill, size=size)
         else:
-            tmp, hashes = None, tx.write(name, fill)
+            tmp, hashes = None, tx.write(name, fill, size=size)
     except BaseException:
         if follower is not None:
             follower.cancel()
@@ -396,17 +401,10 @@ def fingerprint(
 ) -> str:
     """Identity of a write: the planned headers and names, the source files' identity
     (path, size, modification time, header), and ``extra`` (e.g. the old manifest)."""
-    sources = []
-    for hd in ckpt.headers:
-        st = os.stat(hd.path)
-        sources.append(
-            [
-                os.path.realpath(hd.path),
-                st.st_size,
-                st.st_mtime_ns,
-                hashlib.sha256(hd.raw).hexdigest(),
-            ]
-        )
+    sources = [
+        [*storage.identity(f), hashlib.sha256(hd.raw).hexdigest()]
+        for hd, f in zip(ckpt.headers, ckpt.located.files, strict=True)
+    ]
     shards = [[n, hashlib.sha256(h).hexdigest()] for n, h in zip(names, headers, strict=True)]
     obj = {"sources": sources, "shards": shards, "extra": list(extra)}
     return hashlib.sha256(json.dumps(obj).encode("utf-8")).hexdigest()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .byteio import ByteSource, Sink
@@ -491,18 +492,17 @@ class RemoteFolder:
         self.write(name, lambda sink: sink.write(data), size=len(data))
 
     def copy_in(self, src: Any, name: str) -> None:
-        """Copy a file (a local path or a URL on this storage) to ``name``."""
-        text = str(src)
-        if is_url(text):
-            fs, path = filesystem(text)
-            if type(fs) is type(self.fs):
-                self.fs.copy(path, self._key(name))
-                self.step(f"written:{name}")
-                return
-            data = bytes(fs.cat_file(path))
-        else:
-            with open(text, "rb") as f:
-                data = f.read()
+        """Copy a small file (a local path, or a storage path) to ``name``: on the server
+        when it lies on this storage."""
+        fs = getattr(src, "fs", None)
+        if fs is not None and type(fs) is type(self.fs) and hasattr(src, "path"):
+            self.fs.copy(src.path, self._key(name))
+            self.step(f"written:{name}")
+            return
+        try:
+            data = src.read_bytes() if hasattr(src, "read_bytes") else Path(src).read_bytes()
+        except OSError as e:
+            raise ReadError(f"{src}: cannot read: {e}", filename=str(src)) from None
         self.write_bytes(name, data)
 
     def stage(self, name: str, fill: Any, *, size: int | None = None) -> tuple[str, Any]:

@@ -1,6 +1,7 @@
 """Read files once, in parallel, and check their bytes on the way.
 
-One :class:`FileTask` reads one file sequentially with ``os.preadv`` into a reusable
+One :class:`FileTask` reads one file sequentially, through a byte source
+(:mod:`safeshard.byteio`: a local file or an object in storage), into a reusable
 :data:`~safeshard.fsio.CHUNK` buffer and, from that single pass, can:
 
 - compute the SHA-256 of the whole file (the Hugging Face Hub's LFS id);
@@ -9,8 +10,8 @@ One :class:`FileTask` reads one file sequentially with ``os.preadv`` into a reus
   file's bytes exactly once, into a second buffer, and comparing with ``memcmp``;
 - keep a copy of small ranges (e.g. ``g_idx``) for later checks.
 
-Tasks run on a thread pool, one file per thread, largest first. ``os.preadv``,
-hashlib (on large buffers) and the ``memcmp`` foreign call all release the GIL, so
+Tasks run on a thread pool, one file per thread, largest first. Reads, hashing
+(on large buffers) and the ``memcmp`` foreign call all release the GIL, so
 threads overlap I/O and hashing. Comparing directly costs almost nothing next to a
 second SHA-256, which is what lets ``verify --against`` stay close to the time of
 reading both copies.
@@ -30,9 +31,13 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
+from .byteio import ByteSource, read_into
+from .errors import SafeshardError
 from .fsio import CHUNK
 from .manifest import Hasher, tensor_digest, tensor_hasher
+from .storage import open_source
 
 Progress = Callable[[int], None]
 
@@ -43,14 +48,14 @@ class Range:
 
     ``digest`` hashes it (:data:`manifest.TENSOR_DIGEST`); ``against`` =
     ``(path, offset)`` compares it with the bytes at ``offset`` in the file at
-    ``path``; ``capture`` keeps a copy.
+    ``path`` (a local path or a storage path); ``capture`` keeps a copy.
     """
 
     name: str
     offset: int
     nbytes: int
     digest: bool = False
-    against: tuple[str, int] | None = None
+    against: tuple[Any, int] | None = None
     capture: bool = False
 
     @property
@@ -60,9 +65,10 @@ class Range:
 
 @dataclass(frozen=True)
 class FileTask:
-    """What to do with one file. Range names must be unique within a task."""
+    """What to do with one file (a local path or a storage path). Range names must be
+    unique within a task."""
 
-    path: str
+    path: Any
     ranges: tuple[Range, ...] = ()
     whole: bool = False
     size: int = 0
@@ -165,18 +171,15 @@ def _first_difference(a: memoryview, b: memoryview) -> int:
     return len(a)
 
 
-def _read_full(fd: int, view: memoryview, offset: int) -> int:
-    """Fill ``view`` from ``offset``; fewer bytes only at end of file."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            break
-        done += got
-    return done
-
-
 # --------------------------------------------------------------------------- one file
+
+
+def _why(e: BaseException, path: str, what: str) -> str:
+    """What went wrong, without the path that the caller names (``FileResult.path``)."""
+    text = str(e.strerror) if isinstance(e, OSError) and e.strerror else str(e)
+    if text.startswith(path + ": "):
+        return text[len(path) + 2 :]  # a StorageError names the file: "cannot open: ..."
+    return f"{what}: {text}"
 
 
 class _Cancelled(Exception):
@@ -190,15 +193,16 @@ class _Runner:
         self.task = task
         self.progress = progress
         self.stop = stop
-        self.result = FileResult(task.path)
-        self.other_fds: dict[str, int] = {}
+        self.result = FileResult(str(task.path))
+        self.others: dict[str, ByteSource] = {}
 
-    def _other(self, path: str) -> int:
-        fd = self.other_fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self.other_fds[path] = fd
-        return fd
+    def _other(self, path: Any) -> ByteSource:
+        key = str(path)
+        src = self.others.get(key)
+        if src is None:
+            src = open_source(path)
+            self.others[key] = src
+        return src
 
     def _advance(self, n: int) -> None:
         self.result.bytes_read += n
@@ -207,25 +211,25 @@ class _Runner:
 
     def run(self) -> FileResult:
         try:
-            fd = os.open(self.task.path, os.O_RDONLY)
-        except OSError as e:
-            self.result.error = f"cannot open: {e.strerror or e}"
+            src = open_source(self.task.path)
+        except (OSError, SafeshardError) as e:
+            self.result.error = _why(e, self.result.path, "cannot open")
             return self.result
         try:
-            self._scan(fd)
+            self._scan(src)
         except _Cancelled:
             self.result.error = "cancelled"
-        except OSError as e:
-            self.result.error = f"read failed: {e.strerror or e}"
+        except (OSError, SafeshardError) as e:
+            self.result.error = _why(e, self.result.path, "read failed")
         finally:
-            os.close(fd)
-            for ofd in self.other_fds.values():
-                os.close(ofd)
+            src.close()
+            for other in self.others.values():
+                other.close()
         return self.result
 
-    def _scan(self, fd: int) -> None:
+    def _scan(self, src: ByteSource) -> None:
         task, res = self.task, self.result
-        size = os.fstat(fd).st_size
+        size = src.size
         ranges = sorted(task.ranges, key=lambda r: (r.offset, r.end))
         for r in ranges:  # empty ranges need no bytes
             if r.nbytes == 0:
@@ -249,7 +253,7 @@ class _Runner:
                     if self.stop.is_set():
                         raise _Cancelled
                     want = min(CHUNK, ext.end - pos)
-                    got = _read_full(fd, buf.view[:want], pos)
+                    got = read_into(src, [buf.view[:want]], pos)
                     self._advance(got)
                     if got < want:
                         res.error = (
@@ -307,7 +311,7 @@ class _Runner:
         if r.against is None or other is None or r.name in self.result.differs:
             return
         path, offset = r.against
-        got = _read_full(self._other(path), other.view[:n], offset + within)
+        got = read_into(self._other(path), [other.view[:n]], offset + within)
         self._advance(got)
         if got < n:
             self.result.differs[r.name] = within + got

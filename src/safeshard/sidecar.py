@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import read_error
-from .outdir import OutputFolder
+from .outdir import OutputStore
 
 WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -147,7 +147,7 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), note
 
 
-def copy_sidecars(folder: Path, tx: OutputFolder, *, base: str, only_known: bool) -> SidecarResult:
+def copy_sidecars(folder: Path, tx: OutputStore, *, base: str, only_known: bool) -> SidecarResult:
     """Copy ``folder``'s other files into the output transaction ``tx`` (see the module docs)."""
     result = SidecarResult()
     files, result.skipped = plan_sidecars(folder, only_known=only_known)

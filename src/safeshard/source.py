@@ -19,6 +19,7 @@ from . import gcpause
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
 from .header import Header, TensorInfo, read_header
 from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
+from .storage import StorageOptions, as_path
 
 SAFETENSORS = ".safetensors"
 
@@ -45,10 +46,10 @@ class Located:
 
 
 def read_json_file(path: Path) -> dict[str, Any] | None:
-    """The JSON object at ``path``, or None if absent or not an object."""
+    """The JSON object at ``path`` (local or in storage), or None if absent or not an
+    object."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
@@ -72,14 +73,15 @@ class Found:
         return self.file.name[: -len(SAFETENSORS)]
 
 
-def find(path: str | os.PathLike[str]) -> Found:
+def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Found:
     """Which checkpoint ``path`` (a ``.safetensors`` file, an index, or a folder) means.
 
     The one rule every command follows (``verify`` included, which then reads the
     index leniently). Raises :class:`CheckpointNotFoundError` when there is none and
-    :class:`AmbiguousCheckpointError` when two could be meant.
+    :class:`AmbiguousCheckpointError` when two could be meant. ``path`` may be a URL
+    (:mod:`safeshard.storage`), read with ``storage_options``.
     """
-    p = Path(path)
+    p = as_path(path, storage_options)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if p.is_file():
@@ -93,9 +95,9 @@ def find(path: str | os.PathLike[str]) -> Found:
     return _find_in_folder(p)
 
 
-def locate(path: str | os.PathLike[str]) -> Located:
+def locate(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Located:
     """Find the checkpoint at ``path`` (see :func:`find`) and read its index strictly."""
-    found = find(path)
+    found = find(path, storage_options)
     if found.index is not None:
         return _from_index(found.index)
     assert found.file is not None
@@ -194,7 +196,8 @@ class Checkpoint:
         return self.headers[0].metadata if self.headers else None
 
     def path_of(self, name: str) -> Path:
-        return Path(self.headers[self.entries[name].shard].path)
+        """The file holding tensor ``name`` (a storage path for a checkpoint in storage)."""
+        return self.located.files[self.entries[name].shard]
 
     def absolute_offset(self, name: str) -> int:
         e = self.entries[name]
@@ -214,14 +217,19 @@ class Checkpoint:
 
 
 @gcpause.pausing
-def open_checkpoint(path: str | os.PathLike[str], *, check_index: bool = True) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    check_index: bool = True,
+    storage_options: StorageOptions = None,
+) -> Checkpoint:
     """Locate ``path`` and read every shard's header.
 
     With ``check_index``, the index must agree with the shards: every listed tensor in
     its named shard, every shard tensor listed, no tensor in two shards; a
     disagreement raises :class:`ShardMismatchError`.
     """
-    loc = locate(path)
+    loc = locate(path, storage_options)
     missing = [f for f in loc.files if not f.is_file()]
     if missing:
         raise CheckpointNotFoundError(

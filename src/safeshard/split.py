@@ -52,7 +52,7 @@ from .header import TensorSpec, build_header
 from .index import INDEX_SUFFIX
 from .layout import describe_blocks
 from .manifest import MANIFEST_SUFFIX, manifest_path, read_manifest
-from .outdir import JOURNAL_NAME, FileRecord, OutputFolder, StepHook, prepare_folder
+from .outdir import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
 from .output import (
     CHECKPOINT_SUFFIXES,
     DEFAULT_MAX_SHARD_SIZE,
@@ -75,6 +75,7 @@ from .plan import Plan, ShardPlan, plan_shards
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
 from .source import Checkpoint, common_metadata, open_checkpoint
+from .storage import as_path, is_remote, output_folder
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "JOURNAL_NAME", "SplitResult", "describe", "split"]
 
@@ -132,12 +133,15 @@ def split(
     progress: Progress | None = None,
     on_step: StepHook | None = None,
     sha256: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SplitResult:
     """Split (or reshard) the checkpoint at ``src`` into ``out_dir``; see the module docs.
 
     ``sha256`` also computes each shard's SHA-256 (the Hub's LFS id), in threads of their
     own, files in parallel; the default integrity record (header and tensor digests)
-    does not need it.
+    does not need it. ``src`` and ``out_dir`` may be URLs (:mod:`safeshard.storage`),
+    reached with ``storage_options``; a split into object storage is not resumable (no
+    journal there) and does not lock the prefix.
 
     ``progress`` is called with a number of bytes each time that many are written
     or, for shards kept by ``resume``, re-hashed; the total is the sum of the
@@ -148,7 +152,7 @@ def split(
     base = check_base(name)
     if resume and force:
         raise UsageError("--resume keeps finished shards and --force replaces them: pick one")
-    ckpt = open_checkpoint(src)
+    ckpt = open_checkpoint(src, storage_options=storage_options)
     metadata, warnings = common_metadata(ckpt)
     specs = [TensorSpec.of(t) for t in ckpt.tensors()]
     plan = plan_shards(specs, cap, metadata, balance=balance, allow_oversize=allow_oversize)
@@ -167,7 +171,7 @@ def split(
             f"transformers looks only for model.safetensors(.index.json); {base!r} is found by "
             "AutoGPTQ and GPTQModel through quantize_config.json"
         )
-    out = Path(out_dir)
+    out = as_path(out_dir, storage_options)
     result = SplitResult(
         source=str(src),
         out_dir=out,
@@ -186,8 +190,9 @@ def split(
     if dry_run:
         return result
     _check_not_source(out, ckpt)
-    prepare_folder(out)
-    with OutputFolder(out, on_step=on_step) as tx:
+    if not is_remote(out):
+        prepare_folder(out)
+    with output_folder(out, on_step=on_step, storage_options=storage_options) as tx:
         result.notes += tx.recovered
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names)
         kept = _resume(tx, result, names, fp, resume=resume, force=force, progress=progress)
@@ -197,7 +202,8 @@ def split(
         finals = {*names, f"{base}{INDEX_SUFFIX}", f"{base}{MANIFEST_SUFFIX}"}
         result.removed = [n for n in removed if n not in finals]
         todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
-        require_space(out, sum(s.file_size for _, s in todo), "the shards")
+        if not is_remote(out):
+            require_space(out, sum(s.file_size for _, s in todo), "the shards")
         done = dict(kept)
         pool = Sha256Pool() if sha256 else None
         written: dict[str, Written] = {}
@@ -246,7 +252,11 @@ def split(
 
 
 def _check_not_source(out: Path, ckpt: Checkpoint) -> None:
-    if out.is_dir() and os.path.samefile(out, ckpt.folder):
+    if is_remote(out) or is_remote(ckpt.folder):
+        same = str(out).rstrip("/") == str(ckpt.folder).rstrip("/")
+    else:
+        same = out.is_dir() and os.path.samefile(out, ckpt.folder)
+    if same:
         raise OutputExistsError(
             f"{out}: OUT_DIR is the source's own folder; write the shards to another folder "
             "(the source is never modified)"
@@ -257,7 +267,7 @@ def _check_not_source(out: Path, ckpt: Checkpoint) -> None:
 
 
 def _resume(
-    tx: OutputFolder,
+    tx: OutputStore,
     result: SplitResult,
     names: Sequence[str],
     fp: str,

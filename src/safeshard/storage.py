@@ -89,6 +89,18 @@ def _options_of(path: Any, given: StorageOptions) -> dict[str, Any]:
     return dict(opts) if opts else dict(given or {})
 
 
+def identity(path: Any) -> list[Any]:
+    """What tells one version of a file from another: the real path, size and
+    modification time of a local file; the URL, size and ETag (or modification time)
+    of an object."""
+    if is_remote(path):
+        info = path.fs.info(path.path)
+        tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+        return [url_of(path), int(info.get("size") or 0), str(tag)]
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
 def remote_fs(url: str, storage_options: StorageOptions = None) -> Any:
     """The fsspec file system for ``url`` (for callers that need it directly)."""
     return filesystem(url, storage_options)[0]

@@ -43,13 +43,14 @@ not re-read (run ``safeshard verify OUT_DIR`` for that).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import gcpause
+from .byteio import read_exact
 from .errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
 from .fsio import require_space
 from .hashcopy import Sha256Pool, hash_file
@@ -57,7 +58,7 @@ from .header import TensorSpec, build_header
 from .index import INDEX_SUFFIX
 from .layout import describe_blocks, group_tensors, model_order
 from .manifest import MANIFEST_SUFFIX, Manifest, header_digest, manifest_path, read_manifest
-from .outdir import FileRecord, OutputFolder, StepHook
+from .outdir import FileRecord, OutputStore, StepHook
 from .output import (
     DEFAULT_MAX_SHARD_SIZE,
     FileStatus,
@@ -80,6 +81,7 @@ from .scan import FileTask, Range, scan
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
 from .source import Checkpoint, common_metadata, open_checkpoint
+from .storage import as_path, is_remote, open_source, output_folder
 
 __all__ = ["UpdateResult", "describe", "update"]
 
@@ -266,9 +268,9 @@ def _hash_source(
     """The digest of every tensor of ``ckpt``, reading each byte once; and the bytes read."""
     n = workers if workers is not None else (os.cpu_count() or 2)
     tasks: list[FileTask] = []
-    for h in ckpt.headers:
+    for h, f in zip(ckpt.headers, ckpt.located.files, strict=True):
         ranges = [Range(t.name, h.data_start + t.begin, t.nbytes, digest=True) for t in h.tensors]
-        tasks += [FileTask(h.path, part, size=h.file_size) for part in _parts(ranges, n)]
+        tasks += [FileTask(f, part, size=h.file_size) for part in _parts(ranges, n)]
     total = sum(t.planned_bytes for t in tasks)
     ctx: AbstractContextManager[Callable[[int], None] | None] = (
         progress("hashing", total) if progress is not None else nullcontext(None)
@@ -438,6 +440,7 @@ def update(
     progress: ProgressFactory | None = None,
     on_step: StepHook | None = None,
     sha256: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> UpdateResult:
     """Update the safeshard split in ``out_dir`` to the checkpoint at ``new_src``.
 
@@ -448,18 +451,31 @@ def update(
     manifest, :class:`UsageError` for a bad ``name`` or a ``new_src`` inside
     ``out_dir``, and what :func:`plan.plan_shards` raises for a tensor over the cap.
     ``on_step`` is called with each step of the output transaction (:data:`outdir.STEPS`).
-    ``sha256`` also computes the SHA-256 of every shard (files in parallel).
+    ``sha256`` also computes the SHA-256 of every shard (files in parallel). Both paths
+    may be URLs (:mod:`safeshard.storage`), reached with ``storage_options``; in object
+    storage, only the changed shards are uploaded too.
     """
-    out = Path(out_dir)
-    args = (new_src, out, max_shard_size, name, allow_oversize, dry_run, workers, progress, sha256)
+    out = as_path(out_dir, storage_options)
+    args = (
+        new_src,
+        out,
+        max_shard_size,
+        name,
+        allow_oversize,
+        dry_run,
+        workers,
+        progress,
+        sha256,
+        storage_options,
+    )
     if dry_run or not out.is_dir():
         return _update(None, *args)
-    with OutputFolder(out, on_step=on_step) as tx:
+    with output_folder(out, on_step=on_step, storage_options=storage_options) as tx:
         return _update(tx, *args)
 
 
 def _update(
-    tx: OutputFolder | None,
+    tx: OutputStore | None,
     new_src: str | os.PathLike[str],
     out: Path,
     max_shard_size: str | int | None,
@@ -469,6 +485,7 @@ def _update(
     workers: int | None,
     progress: ProgressFactory | None,
     sha256: bool,
+    storage_options: Mapping[str, Any] | None,
 ) -> UpdateResult:
     base = _find_base(out, name) if out.is_dir() else check_base(name or "model")
     man, old = _read_old(out, base)
@@ -477,11 +494,15 @@ def _update(
         if max_shard_size is not None
         else (man.cap if man.cap is not None else DEFAULT_MAX_SHARD_SIZE)
     )
-    new = open_checkpoint(new_src)
-    for h in new.headers:
-        if os.path.samefile(Path(h.path).parent, out):
+    new = open_checkpoint(new_src, storage_options=storage_options)
+    for f in new.located.files:
+        if is_remote(f) or is_remote(out):
+            inside = str(f.parent).rstrip("/") == str(out).rstrip("/")
+        else:
+            inside = os.path.samefile(f.parent, out)
+        if inside:
             raise UsageError(
-                f"{h.path}: NEW_SRC lies in OUT_DIR {out}, whose files the update replaces; "
+                f"{f}: NEW_SRC lies in OUT_DIR {out}, whose files the update replaces; "
                 "give the new version from another folder"
             )
     metadata, warnings = common_metadata(new)
@@ -545,7 +566,7 @@ def _update(
 
 
 def _write(
-    tx: OutputFolder,
+    tx: OutputStore,
     result: UpdateResult,
     man: Manifest,
     new: Checkpoint,
@@ -576,7 +597,8 @@ def _write(
     written: dict[str, Written] = {}
     if not result.up_to_date:
         write = [(f, s) for f, s in todo if f not in staged]
-        require_space(out, sum(sizes[f] for f, _ in write), "the new shards")
+        if not is_remote(out):
+            require_space(out, sum(sizes[f] for f, _ in write), "the new shards")
         ctx: AbstractContextManager[Callable[[int], None] | None] = (
             progress("writing", sum(sizes[f] for f, _ in write))
             if progress is not None and write
@@ -639,7 +661,7 @@ def _write(
 
 
 def _intact(
-    tx: OutputFolder, rec: FileRecord, size: int, names: Sequence[str], hashes: dict[str, str]
+    tx: OutputStore, rec: FileRecord, size: int, names: Sequence[str], hashes: dict[str, str]
 ) -> bool:
     """Whether an interrupted update's staged file is still what this update would write."""
     if rec.staged is None or rec.size != size or set(rec.tensors) != set(names):
@@ -700,12 +722,12 @@ def _note_names(result: UpdateResult) -> None:
 
 def _old_header(path: Path) -> bytes:
     """A kept shard's header bytes as stored (length prefix included)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            return head + f.read(int.from_bytes(head, "little"))
-    except OSError as e:
-        raise read_error(path, "read the header", e) from None
+    with open_source(path) as src:
+        head = bytearray(8)
+        read_exact(src, [memoryview(head)], 0, "the header length")
+        body = bytearray(int.from_bytes(head, "little"))
+        read_exact(src, [memoryview(body)], 8, "the header")
+        return bytes(head + body)
 
 
 def describe(result: UpdateResult) -> str:

@@ -54,7 +54,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import gcpause, quant
@@ -73,6 +73,7 @@ from .manifest import Manifest, ShardRecord, header_digest, manifest_path, read_
 from .scan import FileResult, FileTask, Range, scan
 from .sizes import format_size, parse_size
 from .source import Checkpoint, find, open_checkpoint
+from .storage import as_path
 
 CODES: dict[str, str] = {
     "bad-header": "a file fails the strict safetensors reader",
@@ -270,12 +271,14 @@ def _read_index_leniently(path: Path) -> tuple[ShardIndex | None, list[Finding]]
     return ShardIndex(path=path, weight_map=weight_map, metadata=meta), found
 
 
-def discover(path: str | os.PathLike[str]) -> tuple[Target, list[Finding]]:
+def discover(
+    path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[Target, list[Finding]]:
     """The checkpoint at ``path``, found as every command finds it, its index read leniently.
 
     Raises what :func:`safeshard.source.find` raises; a malformed index is findings.
     """
-    found = find(path)
+    found = find(path, storage_options)
     if found.index is None:
         assert found.file is not None
         return Target(found.folder, found.base, None, None, (found.file.name,)), []
@@ -425,9 +428,11 @@ def _read_manifest(t: Target) -> tuple[Manifest | None, list[Finding]]:
         return None, [Finding("bad-manifest", mpath.name, None, f"{mpath}: cannot read ({e})")]
 
 
-def _open_source(against: Path) -> tuple[Checkpoint | None, list[Finding]]:
+def _open_source(
+    against: Path, storage_options: Mapping[str, Any] | None
+) -> tuple[Checkpoint | None, list[Finding]]:
     try:
-        return open_checkpoint(against), []
+        return open_checkpoint(against, storage_options=storage_options), []
     except CheckpointNotFoundError:
         raise
     except (SafeshardError, OSError) as e:
@@ -442,10 +447,11 @@ def read_context(
     cap: int | None = None,
     deep: bool = False,
     hash_files: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[Context, list[Finding]]:
     """Find the checkpoint at ``path``, read what the checks need, and the findings
     made on the way (unreadable index, headers, manifest, source)."""
-    target, found = discover(path)
+    target, found = discover(path, storage_options)
     headers, bad, sizes, more = _read_headers(target)
     found += more
     manifest, more = _read_manifest(target)
@@ -462,7 +468,7 @@ def read_context(
         found.append(Finding("gptq-config", None, None, str(e)))
     source: Checkpoint | None = None
     if against is not None:
-        source, more = _open_source(against)
+        source, more = _open_source(against, storage_options)
         found += more
     ctx = Context(
         target=target,
@@ -757,7 +763,7 @@ def gidx_targets(ctx: Context) -> dict[str, tuple[str, int]]:
     return out
 
 
-def comparable(ctx: Context) -> Iterable[tuple[str, TensorInfo, tuple[str, int]]]:
+def comparable(ctx: Context) -> Iterable[tuple[str, TensorInfo, tuple[Any, int]]]:
     """(file, tensor, (source path, source offset)) for each tensor that the source holds
     with the same dtype and shape: the ones whose bytes are compared."""
     src = ctx.source
@@ -767,7 +773,7 @@ def comparable(ctx: Context) -> Iterable[tuple[str, TensorInfo, tuple[str, int]]
         for ti in h.tensors:
             e = src.entries.get(ti.name)
             if e is not None and e.info.dtype == ti.dtype and e.info.shape == ti.shape:
-                yield fname, ti, (str(src.path_of(ti.name)), src.absolute_offset(ti.name))
+                yield fname, ti, (src.path_of(ti.name), src.absolute_offset(ti.name))
 
 
 def check_against(ctx: Context) -> Iterable[Finding]:
@@ -912,7 +918,7 @@ def plan_reads(ctx: Context) -> ReadPlan:
             compared += 1
     tasks = tuple(
         FileTask(
-            str(ctx.target.path(n)),
+            ctx.target.path(n),
             tuple(r for r in ranges.get(n, {}).values() if r.digest or r.against or r.capture),
             whole=n in whole,
             size=ctx.sizes.get(n) or 0,
@@ -940,7 +946,7 @@ def rehash_tasks(ctx: Context, files: Sequence[str]) -> list[FileTask]:
             for ti in h.tensors
             if ti.name in man.tensors
         )
-        tasks.append(FileTask(str(ctx.target.path(fname)), ranges, size=h.file_size))
+        tasks.append(FileTask(ctx.target.path(fname), ranges, size=h.file_size))
     return tasks
 
 
@@ -948,7 +954,12 @@ def check_reads(
     ctx: Context, plan: ReadPlan, results: Mapping[str, FileResult]
 ) -> Iterable[Finding]:
     sname = str(ctx.against)
-    offsets = {(Path(t.path).name, r.name): r for t in plan.tasks for r in t.ranges if r.against}
+    offsets = {
+        (PurePosixPath(str(t.path)).name, r.name): r
+        for t in plan.tasks
+        for r in t.ranges
+        if r.against
+    }
     for fname, res in results.items():
         if res.error is not None:
             yield Finding(
@@ -1067,7 +1078,7 @@ def check_hashes(
 
 
 def _by_name(tasks: Sequence[FileTask], results: Sequence[FileResult]) -> dict[str, FileResult]:
-    return {Path(t.path).name: r for t, r in zip(tasks, results, strict=True)}
+    return {PurePosixPath(str(t.path)).name: r for t, r in zip(tasks, results, strict=True)}
 
 
 @gcpause.pausing
@@ -1080,6 +1091,7 @@ def verify(
     hash_files: bool = False,
     workers: int | None = None,
     progress: ProgressFactory | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> VerifyReport:
     """Check the checkpoint at ``path`` (a file, a folder or an index); see the module docs.
 
@@ -1090,15 +1102,23 @@ def verify(
     :class:`UsageError` for ``workers`` < 1.
 
     ``hash_files`` recomputes every file's SHA-256 for the manifest check even when
-    the comparison with ``against`` already vouches for each byte.
+    the comparison with ``against`` already vouches for each byte. ``path`` and
+    ``against`` may be URLs (:mod:`safeshard.storage`), read with ``storage_options``.
     """
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     cap = None if max_shard_size is None else parse_size(max_shard_size)
-    src = Path(against) if against is not None else None
+    src = as_path(against, storage_options) if against is not None else None
     if src is not None and not src.exists():
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
-    ctx, findings = read_context(path, against=src, cap=cap, deep=deep, hash_files=hash_files)
+    ctx, findings = read_context(
+        path,
+        against=src,
+        cap=cap,
+        deep=deep,
+        hash_files=hash_files,
+        storage_options=storage_options,
+    )
     for check in HEADER_CHECKS:
         findings.extend(check(ctx))
     plan = plan_reads(ctx)
