@@ -59,13 +59,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on 127.0.0.1, on a free port, for the whole session.
-
-    A real HTTP S3 API: tests reach it through s3fs, with no mock of our own and no
-    network beyond loopback. Skipped where moto or s3fs is not installed.
-    """
+def _moto(env: dict[str, str] | None = None) -> Iterator[str]:
     pytest.importorskip("moto.server")
     pytest.importorskip("s3fs")
     import subprocess
@@ -79,6 +73,7 @@ def s3_endpoint() -> Iterator[str]:
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     try:
         deadline = time.time() + 60
@@ -97,6 +92,22 @@ def s3_endpoint() -> Iterator[str]:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, on a free port, for the whole session.
+
+    A real HTTP S3 API: tests reach it through s3fs, with no mock of our own and no
+    network beyond loopback. Skipped where moto or s3fs is not installed.
+    """
+    yield from _moto()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_endpoint() -> Iterator[str]:
+    """A second moto server that checks credentials (every request needs a known key)."""
+    yield from _moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
 
 
 @pytest.fixture

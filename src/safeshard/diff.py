@@ -31,6 +31,7 @@ from .errors import IndexFormatError, ReadError, UsageError
 from .manifest import TENSOR_DIGEST, Manifest, read_manifest
 from .scan import FileResult, FileTask, Range, scan
 from .source import Checkpoint, open_checkpoint
+from .storage import translate_errors
 
 ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
 
@@ -200,6 +201,7 @@ def _apply(side: _Side, tasks: list[FileTask], results: list[FileResult]) -> Non
 
 
 @gcpause.pausing
+@translate_errors
 def diff(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],

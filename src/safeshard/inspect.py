@@ -23,6 +23,7 @@ from .plan import FileSizer
 from .quant import QuantReport, analyze
 from .sizes import FAT32_LIMIT, format_size, parse_size
 from .source import common_metadata, open_checkpoint
+from .storage import translate_errors
 
 DEFAULT_CAP = 4_000_000_000
 """``4GB``, decimal: the default cap of ``split``."""
@@ -199,6 +200,7 @@ def _families(groups: Sequence[Group], infos: Mapping[str, TensorInfo]) -> list[
 
 
 @gcpause.pausing
+@translate_errors
 def inspect(
     path: str | os.PathLike[str],
     cap: int | str = DEFAULT_CAP,

@@ -48,7 +48,7 @@ from .manifest import Manifest, manifest_path, read_manifest
 from .outdir import StepHook
 from .output import open_sources, tensor_extents
 from .source import Checkpoint, common_metadata, open_checkpoint
-from .storage import as_path, is_remote, output_folder
+from .storage import as_path, is_remote, output_folder, translate_errors
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
 
@@ -172,6 +172,7 @@ def _lossless_problem(
 
 
 @gcpause.pausing
+@translate_errors
 def merge(
     src: str | os.PathLike[str],
     out_file: str | os.PathLike[str],

@@ -31,6 +31,7 @@ from .errors import (
     CheckpointNotFoundError,
     MissingExtraError,
     ReadError,
+    SafeshardError,
     UsageError,
 )
 
@@ -260,7 +261,7 @@ class RemoteFile(ByteSource):
         )
 
 
-def _classify(name: str, operation: str, e: BaseException) -> Exception:
+def _classify(name: str, operation: str, e: BaseException) -> SafeshardError:
     """A SafeshardError for an fsspec/botocore error (never with credentials in it)."""
     text = str(e) or type(e).__name__
     low = text.lower()

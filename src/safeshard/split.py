@@ -75,7 +75,7 @@ from .plan import Plan, ShardPlan, plan_shards
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
 from .source import Checkpoint, common_metadata, open_checkpoint
-from .storage import as_path, is_remote, output_folder
+from .storage import as_path, is_remote, output_folder, translate_errors
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "JOURNAL_NAME", "SplitResult", "describe", "split"]
 
@@ -119,6 +119,7 @@ def _file(name: str, shard: ShardPlan, sha: str | None, status: FileStatus) -> O
 
 
 @gcpause.pausing
+@translate_errors
 def split(
     src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],

@@ -14,16 +14,29 @@ and sidecar files then work the same way on both; tensor bytes are read through
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from .byteio import ByteSource, LocalFile
-from .errors import MissingExtraError
+from .errors import MissingExtraError, ReadError, SafeshardError, StorageError
 from .remote import RemoteFile, RemoteLimits, filesystem, is_url
 
-__all__ = ["as_path", "is_remote", "open_source", "output_folder", "url_of"]
+__all__ = [
+    "as_path",
+    "is_remote",
+    "open_source",
+    "output_folder",
+    "storage_error",
+    "translate_errors",
+    "url_of",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 StorageOptions = Mapping[str, Any] | None
 
@@ -104,3 +117,65 @@ def identity(path: Any) -> list[Any]:
 def remote_fs(url: str, storage_options: StorageOptions = None) -> Any:
     """The fsspec file system for ``url`` (for callers that need it directly)."""
     return filesystem(url, storage_options)[0]
+
+
+_CLIENT_MODULES = (
+    "botocore",
+    "aiobotocore",
+    "aiohttp",
+    "s3fs",
+    "fsspec",
+    "upath",
+    "gcsfs",
+    "adlfs",
+)
+
+
+def translate_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the errors an fsspec back end raises (botocore, aiohttp, ...) into
+    :class:`~safeshard.errors.SafeshardError` subclasses with a clear message, so a
+    command on object storage fails like one on local files. Errors of other origins
+    pass through unchanged."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except SafeshardError:
+            raise
+        except OSError as e:  # safeshard wraps its own; these come from a storage client
+            raise storage_error(e) from e
+        except Exception as e:
+            mod = type(e).__module__ or ""
+            if not mod.startswith(_CLIENT_MODULES):
+                raise
+            raise storage_error(e) from e
+
+    return wrapper
+
+
+def storage_error(e: BaseException) -> SafeshardError:
+    """A :class:`~safeshard.errors.SafeshardError` for an error of a storage client."""
+    text = str(e) or type(e).__name__
+    url = getattr(e, "kwargs", {}).get("endpoint_url") if hasattr(e, "kwargs") else None
+    low = text.lower()
+    denied = ("forbidden", "accessdenied", "access denied", "invalidaccesskeyid", "signature")
+    if isinstance(e, PermissionError) or any(d in low for d in denied):
+        return ReadError(
+            f"access to the storage was refused ({text}); check the credentials "
+            "(environment, AWS config, or --storage-option key=... secret=...)",
+            err=errno.EACCES,
+        )
+    if isinstance(e, OSError) and not (url or "connect" in low):
+        where = f"{e.filename}: " if e.filename else ""
+        return StorageError(f"{where}{e.strerror or text}", err=e.errno or errno.EIO)
+    if "could not connect" in low or "connect" in type(e).__name__.lower():
+        where = url or text
+        return ReadError(
+            f"cannot reach the storage endpoint ({where}); check the endpoint URL "
+            "(AWS_ENDPOINT_URL, --storage-option endpoint_url=...) and the network",
+            err=errno.ECONNREFUSED,
+        )
+    from .remote import _classify
+
+    return _classify("storage", "complete the request", e)

@@ -81,7 +81,7 @@ from .scan import FileTask, Range, scan
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
 from .source import Checkpoint, common_metadata, open_checkpoint
-from .storage import as_path, is_remote, open_source, output_folder
+from .storage import as_path, is_remote, open_source, output_folder, translate_errors
 
 __all__ = ["UpdateResult", "describe", "update"]
 
@@ -428,6 +428,7 @@ def _initial_slots(
 
 
 @gcpause.pausing
+@translate_errors
 def update(
     new_src: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],

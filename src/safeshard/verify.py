@@ -73,7 +73,7 @@ from .manifest import Manifest, ShardRecord, header_digest, manifest_path, read_
 from .scan import FileResult, FileTask, Range, scan
 from .sizes import format_size, parse_size
 from .source import Checkpoint, find, open_checkpoint
-from .storage import as_path
+from .storage import as_path, translate_errors
 
 CODES: dict[str, str] = {
     "bad-header": "a file fails the strict safetensors reader",
@@ -1082,6 +1082,7 @@ def _by_name(tasks: Sequence[FileTask], results: Sequence[FileResult]) -> dict[s
 
 
 @gcpause.pausing
+@translate_errors
 def verify(
     path: str | os.PathLike[str],
     *,

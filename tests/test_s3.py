@@ -1,0 +1,245 @@
+"""Object storage end to end, against a real S3 API (moto's server on 127.0.0.1).
+
+split local -> S3, reshard S3 -> S3, verify on S3 (clean and after a flipped byte),
+merge S3 -> local (the original SHA-256), update on S3 (only changed shards uploaded),
+an upload killed midway (no index, no incomplete multipart upload), and the errors: a
+missing bucket, a missing key, refused credentials, an unreachable endpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import safeshard
+from safeshard import synth
+from safeshard.errors import CheckpointNotFoundError, ReadError, SafeshardError
+from safeshard.header import TensorSpec, build_header, read_header
+from safeshard.remote import filesystem
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+S3 = tuple[str, dict[str, Any]]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-gptq"
+    synth.synthesize(folder, "tiny-gptq")
+    return folder
+
+
+def weights(folder: Path) -> Path:
+    return next(folder.glob("*.safetensors"))
+
+
+def objects(url: str, options: dict[str, Any]) -> list[str]:
+    fs, root = filesystem(url, options)
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True))
+
+
+def uploads(url: str, options: dict[str, Any]) -> list[str]:
+    fs, root = filesystem(url, options)
+    return [u["Key"] for u in fs.list_multipart_uploads(root.split("/")[0]) or []]
+
+
+def test_split_local_to_s3_then_verify_and_merge_back(tiny: Path, s3: S3, tmp_path: Path) -> None:
+    base, opts = s3
+    cap = weights(tiny).stat().st_size // 3
+    r = safeshard.split(tiny, f"{base}/out", max_shard_size=cap, storage_options=opts)
+    assert len(r.files) >= 3
+    names = objects(f"{base}/out", opts)
+    assert "model.safetensors.index.json" in names and "config.json" in names
+    assert [f.file for f in r.files] == [n for n in names if n.startswith("model-")]
+    rep = safeshard.verify(f"{base}/out", against=tiny, storage_options=opts)
+    assert rep.ok, [f.message for f in rep.findings]
+    merged = tmp_path / "merged.safetensors"
+    m = safeshard.merge(f"{base}/out", merged, storage_options=opts, sha256=True)
+    assert m.lossless and m.sha256 == sha(merged) == sha(weights(tiny))
+
+
+def test_reshard_s3_to_s3_and_a_flipped_byte_is_found(tiny: Path, s3: S3) -> None:
+    base, opts = s3
+    size = weights(tiny).stat().st_size
+    safeshard.split(tiny, f"{base}/a", max_shard_size=size // 2, storage_options=opts)
+    r = safeshard.split(f"{base}/a", f"{base}/b", max_shard_size=size // 4, storage_options=opts)
+    assert len(r.files) >= 4
+    assert safeshard.verify(f"{base}/b", storage_options=opts).ok
+    assert safeshard.verify(f"{base}/b", against=tiny, storage_options=opts).ok
+    # flip one byte of one object
+    fs, root = filesystem(f"{base}/b", opts)
+    key = f"{root}/{r.files[1].file}"
+    data = bytearray(fs.cat_file(key))
+    data[-3] ^= 0x01
+    fs.pipe_file(key, bytes(data))
+    rep = safeshard.verify(f"{base}/b", storage_options=opts)
+    assert rep.codes == {"manifest-tensor-hash"}
+    assert {f.file for f in rep.findings} == {r.files[1].file}
+    rep = safeshard.verify(f"{base}/b", against=tiny, storage_options=opts)
+    assert "against-bytes" in rep.codes
+
+
+def test_inspect_reads_only_headers(tiny: Path, s3: S3) -> None:
+    base, opts = s3
+    safeshard.split(tiny, f"{base}/x", max_shard_size="100MB", storage_options=opts)
+    report = safeshard.inspect(f"{base}/x", "1MB", storage_options=opts)
+    assert report.tensor_count == len(read_header(weights(tiny)).tensors)
+    assert report.quant is not None and report.predicted_shards and report.predicted_shards >= 2
+
+
+def test_update_on_s3_uploads_only_changed_shards(tiny: Path, s3: S3, tmp_path: Path) -> None:
+    base, opts = s3
+    cap = weights(tiny).stat().st_size // 4
+    safeshard.split(tiny, f"{base}/u", max_shard_size=cap, storage_options=opts)
+    fs, root = filesystem(f"{base}/u", opts)
+    before = {p: fs.info(p)["ETag"] for p in fs.ls(root, refresh=True)}
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in tiny.iterdir():
+        (new / f.name).write_bytes(f.read_bytes())
+    h = read_header(weights(new))
+    t = h.by_name["model.layers.1.mlp.down_proj.scales"]
+    with open(weights(new), "r+b") as f:
+        f.seek(h.data_start + t.begin)
+        f.write(b"\x00\x3c" * (t.nbytes // 2))  # fp16 1.0
+    r = safeshard.update(new, f"{base}/u", storage_options=opts)
+    assert r.rewritten and r.kept and not r.names_changed
+    after = {p: fs.info(p)["ETag"] for p in fs.ls(root, refresh=True)}
+    for name in r.kept:
+        assert after[f"{root}/{name}"] == before[f"{root}/{name}"], name
+    for name in r.rewritten:
+        assert after[f"{root}/{name}"] != before[f"{root}/{name}"], name
+    assert safeshard.verify(f"{base}/u", against=new, storage_options=opts).ok
+
+
+# --------------------------------------------------------------------------- interrupted uploads
+
+
+def big_source(folder: Path, layers: int = 3) -> Path:
+    """About 15 MB a block: several multipart parts per shard."""
+    specs = [TensorSpec("model.embed_tokens.weight", "F16", (64, 64), 64 * 64 * 2)]
+    for i in range(layers):
+        n = 7 * 1024 * 1024
+        specs.append(TensorSpec(f"model.layers.{i}.mlp.up_proj.weight", "F16", (n,), 2 * n))
+    folder.mkdir(parents=True)
+    path = folder / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(build_header(specs, {"format": "pt"}))
+        for s in specs:
+            f.write(os.urandom(s.nbytes))
+    return path
+
+
+def test_a_failing_upload_is_aborted_and_leaves_no_index(s3: S3, tmp_path: Path) -> None:
+    base, opts = s3
+    src = big_source(tmp_path / "src")
+    real = os.preadv
+    calls = {"n": 0}
+
+    def fail_later(fd: int, bufs: list[memoryview], offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] > 1:  # the second shard's bytes
+            raise OSError(5, "Input/output error")
+        return real(fd, bufs, offset)
+
+    os.preadv = fail_later  # type: ignore[assignment]
+    try:
+        with pytest.raises(ReadError):
+            safeshard.split(src, f"{base}/f", max_shard_size=20_000_000, storage_options=opts)
+    finally:
+        os.preadv = real  # type: ignore[assignment]
+    assert "model.safetensors.index.json" not in objects(f"{base}/f", opts)
+    assert uploads(f"{base}/f", opts) == []
+
+
+KILL = """
+import sys, json, safeshard
+safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=100_000_000,
+                storage_options=json.loads(sys.argv[3]))
+"""
+
+
+def test_an_upload_killed_midway_leaves_no_index_and_the_next_run_cleans_up(
+    s3: S3, tmp_path: Path
+) -> None:
+    import json
+
+    base, opts = s3
+    src = big_source(tmp_path / "src", layers=10)  # 150 MB: shards of many 16 MiB parts
+    url = f"{base}/k"
+    proc = subprocess.Popen([sys.executable, "-c", KILL, str(src), url, json.dumps(opts)])
+    deadline = time.time() + 120
+    while not uploads(url, opts) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the upload finished before it could be killed"
+    assert uploads(url, opts), "a multipart upload was in flight"
+    if _exists(url, opts):
+        assert "model.safetensors.index.json" not in objects(url, opts)
+    r = safeshard.split(src, url, max_shard_size=100_000_000, storage_options=opts, force=True)
+    assert uploads(url, opts) == []  # what the killed run left was aborted
+    assert len(r.files) >= 2
+    assert safeshard.verify(url, against=src, storage_options=opts).ok
+
+
+def _exists(url: str, opts: dict[str, Any]) -> bool:
+    fs, root = filesystem(url, opts)
+    return bool(fs.exists(root))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_a_missing_bucket_or_key_is_a_clear_error(s3: S3) -> None:
+    _, opts = s3
+    with pytest.raises(CheckpointNotFoundError, match="no such"):
+        safeshard.inspect("s3://no-such-bucket-here/model", storage_options=opts)
+    base, _ = s3
+    with pytest.raises(CheckpointNotFoundError, match="no such"):
+        safeshard.inspect(f"{base}/missing/model.safetensors", storage_options=opts)
+
+
+def test_an_unreachable_endpoint_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    opts = {
+        "key": "x",
+        "secret": "y",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2},
+        "skip_instance_cache": True,
+    }
+    t0 = time.time()
+    with pytest.raises(SafeshardError, match=r"127\.0\.0\.1|connect|reach") as e:
+        safeshard.inspect("s3://bucket/model.safetensors", storage_options=opts)
+    assert isinstance(e.value, OSError)
+    assert time.time() - t0 < 60
+    assert "y" not in str(e.value).split()  # the secret is never shown
+
+
+def test_refused_credentials_are_a_clear_error(s3_auth_endpoint: str) -> None:
+    opts = {
+        "key": "AKIAUNKNOWNKEY00000",
+        "secret": "not-the-secret",
+        "client_kwargs": {"endpoint_url": s3_auth_endpoint, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
+    with pytest.raises(ReadError, match="credentials") as e:
+        safeshard.inspect("s3://bucket/model.safetensors", storage_options=opts)
+    assert e.value.errno == 13
+    assert "not-the-secret" not in str(e.value)
