@@ -243,3 +243,65 @@ def test_refused_credentials_are_a_clear_error(s3_auth_endpoint: str) -> None:
         safeshard.inspect("s3://bucket/model.safetensors", storage_options=opts)
     assert e.value.errno == 13
     assert "not-the-secret" not in str(e.value)
+
+
+def cli_options(opts: dict[str, Any]) -> list[str]:
+    ck = opts["client_kwargs"]
+    return [
+        "--storage-option",
+        f"key={opts['key']}",
+        "--storage-option",
+        f"secret={opts['secret']}",
+        "--storage-option",
+        f"client_kwargs.endpoint_url={ck['endpoint_url']}",
+        "--storage-option",
+        "client_kwargs.region_name=us-east-1",
+        "--storage-option",
+        "skip_instance_cache=true",
+    ]
+
+
+def test_cli_split_inspect_verify_and_merge_on_s3(tiny: Path, s3: S3, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from safeshard.cli import main
+
+    base, opts = s3
+    runner = CliRunner()
+    flags = cli_options(opts)
+    cap = str(weights(tiny).stat().st_size // 3)
+    res = runner.invoke(main, ["split", str(tiny), f"{base}/cli", "-s", cap, "--json", *flags])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)["shards"]) >= 3
+    res = runner.invoke(main, ["inspect", f"{base}/cli", "--json", *flags])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["tensor_count"] == len(read_header(weights(tiny)).tensors)
+    res = runner.invoke(main, ["verify", f"{base}/cli", "--against", str(tiny), *flags])
+    assert res.exit_code == 0, res.output
+    merged = tmp_path / "m.safetensors"
+    res = runner.invoke(main, ["merge", f"{base}/cli", str(merged), *flags])
+    assert res.exit_code == 0, res.output
+    assert sha(merged) == sha(weights(tiny))
+    assert opts["secret"] not in res.output
+    res = runner.invoke(main, ["inspect", f"{base}/nothing-here", *flags])
+    assert res.exit_code == 3, res.output
+
+
+def test_storage_option_parsing() -> None:
+    from safeshard.cli import parse_storage_options
+    from safeshard.errors import UsageError
+
+    got = parse_storage_options(
+        ("anon=true", "client_kwargs.region_name=eu-west-1", "max_concurrency=8", "key=abc")
+    )
+    assert got == {
+        "anon": True,
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "max_concurrency": 8,
+        "key": "abc",
+    }
+    assert parse_storage_options(()) is None
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        parse_storage_options(("novalue",))

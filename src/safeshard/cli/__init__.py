@@ -271,6 +271,56 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
 
 
+LOCATION = click.Path(path_type=str)
+"""A path or a URL (``s3://bucket/prefix``, ``memory://...``): kept as written."""
+
+
+def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``KEY=VALUE`` pairs as fsspec storage options. A dotted key nests
+    (``client_kwargs.region_name=eu-west-1``); a value that parses as JSON (``true``,
+    ``8``, ``{"a": 1}``) is that value, any other is the string."""
+    if not pairs:
+        return None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(
+                f"--storage-option {pair!r} is not KEY=VALUE, e.g. endpoint_url=http://host:9000"
+            )
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--storage-option {key!r}: {part!r} is set to a value already")
+        node[leaf] = value
+    return out
+
+
+def storage_option(fn: F) -> F:
+    """``--storage-option KEY=VALUE`` (repeatable): passed to fsspec for URL paths.
+    The command receives ``storage_options`` (a dict, or None)."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+        return parse_storage_options(value)
+
+    return click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=convert,
+        help="An fsspec storage option for URL paths (s3://...), e.g. "
+        "endpoint_url=http://127.0.0.1:9000 or anon=true; repeatable. Credentials also "
+        "come from the environment and the AWS config, and are never printed.",
+    )(fn)
+
+
 @contextmanager
 def byte_progress(total: int, label: str, quiet: bool) -> Iterator[Callable[[int], None]]:
     """A progress bar by bytes on stderr, shown only on a terminal and not ``quiet``.
@@ -324,6 +374,7 @@ __all__ = [
     "EXIT_IO",
     "EXIT_OK",
     "EXIT_USAGE",
+    "LOCATION",
     "SIZE",
     "SafeGroup",
     "byte_progress",
@@ -338,9 +389,11 @@ __all__ = [
     "main",
     "merge_cmd",
     "out",
+    "parse_storage_options",
     "safe",
     "say",
     "split_cmd",
+    "storage_option",
     "synth_cmd",
     "verify_cmd",
     "warn",

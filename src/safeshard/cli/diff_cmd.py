@@ -7,7 +7,7 @@ The error codes are those of every command (see :mod:`safeshard.cli`): 2 usage,
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,18 +15,20 @@ from ..diff import DiffReport, diff
 from . import (
     EXIT_FINDINGS,
     EXIT_OK,
+    LOCATION,
     byte_progress,
     emit_json,
     json_option,
     main,
     quiet_option,
     say,
+    storage_option,
 )
 
 
 @main.command("diff")
-@click.argument("a", type=click.Path(path_type=Path))
-@click.argument("b", type=click.Path(path_type=Path))
+@click.argument("a", type=LOCATION)
+@click.argument("b", type=LOCATION)
 @click.option(
     "--trust-manifests",
     is_flag=True,
@@ -35,10 +37,17 @@ from . import (
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Files read in parallel (default: CPUs)."
 )
+@storage_option
 @json_option
 @quiet_option
 def diff_cmd(
-    a: Path, b: Path, trust_manifests: bool, workers: int | None, as_json: bool, quiet: bool
+    a: str,
+    b: str,
+    trust_manifests: bool,
+    workers: int | None,
+    storage_options: dict[str, Any] | None,
+    as_json: bool,
+    quiet: bool,
 ) -> None:
     """Tensors added, removed and changed from A to B, and which shards differ.
 
@@ -52,6 +61,7 @@ def diff_cmd(
         trust_manifests=trust_manifests,
         workers=workers,
         progress=lambda total: byte_progress(total, "comparing", quiet or as_json),
+        storage_options=storage_options,
     )
     if as_json:
         emit_json(report.to_json())

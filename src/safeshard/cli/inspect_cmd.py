@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.table import Table
 
 from ..inspect import DEFAULT_CAP, InspectReport, inspect
 from ..sizes import format_size
-from . import SIZE, emit_json, json_option, line, main, out, safe, say
+from . import LOCATION, SIZE, emit_json, json_option, line, main, out, safe, say, storage_option
 
 MAX_ROWS = 8
 """Rows shown per list in the human output before ``... and N more``."""
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(path_type=str))
+@click.argument("path", type=LOCATION)
 @click.option(
     "--max-shard-size",
     "cap",
@@ -23,13 +25,15 @@ MAX_ROWS = 8
     show_default="4GB",
     help="Cap to predict a split for: 4GB, 500MiB, fat32, or bytes.",
 )
+@storage_option
 @json_option
-def inspect_cmd(path: str, cap: int, as_json: bool) -> None:
+def inspect_cmd(path: str, cap: int, storage_options: dict[str, Any] | None, as_json: bool) -> None:
     """Show what a checkpoint holds and what a split would do, reading headers only.
 
-    PATH is a .safetensors file, a model folder, or a *.safetensors.index.json index.
+    PATH is a .safetensors file, a model folder, or a *.safetensors.index.json index,
+    local or a URL (s3://bucket/prefix: only the headers are read, two ranged reads each).
     """
-    report = inspect(path, cap)
+    report = inspect(path, cap, storage_options=storage_options)
     if as_json:
         emit_json(report.to_json())
     else:

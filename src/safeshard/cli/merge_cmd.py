@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import click
 
 from ..merge import merge
 from ..sizes import format_size
 from ..source import open_checkpoint
-from . import byte_progress, emit_json, json_option, main, quiet_option, say, warn
+from . import (
+    LOCATION,
+    byte_progress,
+    emit_json,
+    json_option,
+    main,
+    quiet_option,
+    say,
+    storage_option,
+    warn,
+)
 
 
 @main.command("merge")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out_file", type=click.Path(path_type=Path))
+@click.argument("src", type=LOCATION)
+@click.argument("out_file", type=LOCATION)
 @click.option("--force", is_flag=True, help="Replace OUT_FILE if it exists.")
 @click.option(
     "--sha256",
     is_flag=True,
     help="Also compute and print the output's SHA-256 (in a thread that follows the copy).",
 )
+@storage_option
 @json_option
 @quiet_option
 def merge_cmd(
-    src: Path, out_file: Path, force: bool, sha256: bool, as_json: bool, quiet: bool
+    src: str,
+    out_file: str,
+    force: bool,
+    sha256: bool,
+    storage_options: dict[str, Any] | None,
+    as_json: bool,
+    quiet: bool,
 ) -> None:
     """Merge the shards of SRC (a folder or an index) into OUT_FILE.
 
@@ -32,9 +49,16 @@ def merge_cmd(
     come back as the original file, byte for byte (the same SHA-256); shards from
     elsewhere become a canonical file, and the result says so.
     """
-    total = open_checkpoint(src).total_tensor_bytes
+    total = open_checkpoint(src, storage_options=storage_options).total_tensor_bytes
     with byte_progress(total, "merge", quiet or as_json) as advance:
-        result = merge(src, out_file, force=force, progress=advance, sha256=sha256)
+        result = merge(
+            src,
+            out_file,
+            force=force,
+            progress=advance,
+            sha256=sha256,
+            storage_options=storage_options,
+        )
     if as_json:
         emit_json(result.to_json())
         return

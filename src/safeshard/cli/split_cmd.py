@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+from typing import Any
 
 import click
 
 from ..sizes import format_size
 from ..split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
-from . import SIZE, byte_progress, emit_json, json_option, main, safe, say, warn
+from . import (
+    LOCATION,
+    SIZE,
+    byte_progress,
+    emit_json,
+    json_option,
+    main,
+    safe,
+    say,
+    storage_option,
+    warn,
+)
 from . import quiet_option as quiet_opt
 from .split_update import run_update
 
 
 @main.command("split")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("src", type=LOCATION)
+@click.argument("out_dir", type=LOCATION)
 @click.option(
     "--max-shard-size",
     "-s",
@@ -54,11 +65,12 @@ from .split_update import run_update
     help="Also record each shard's SHA-256 (the Hub's LFS id), hashed in parallel. The "
     "default integrity record (header and tensor digests) covers every byte without it.",
 )
+@storage_option
 @json_option
 @quiet_opt
 def split_cmd(
-    src: Path,
-    out_dir: Path,
+    src: str,
+    out_dir: str,
     cap: int,
     balance: bool,
     allow_oversize: bool,
@@ -68,6 +80,7 @@ def split_cmd(
     force: bool,
     update: bool,
     sha256: bool,
+    storage_options: dict[str, Any] | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -90,6 +103,7 @@ def split_cmd(
         resume=resume,
         force=force,
         sha256=sha256,
+        storage_options=storage_options,
     )
     if update:
         run_update(
@@ -103,6 +117,7 @@ def split_cmd(
             resume=resume,
             force=force,
             sha256=sha256,
+            storage_options=storage_options,
             as_json=as_json,
             quiet=quiet,
         )

@@ -5,7 +5,7 @@ Not a command of its own: ``split --update`` calls :func:`run_update`.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -25,8 +25,8 @@ def _given(param: str) -> bool:
 
 
 def run_update(
-    src: Path,
-    out_dir: Path,
+    src: str,
+    out_dir: str,
     *,
     cap: int,
     base: str,
@@ -36,6 +36,7 @@ def run_update(
     resume: bool,
     force: bool,
     sha256: bool,
+    storage_options: dict[str, Any] | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -58,6 +59,7 @@ def run_update(
         allow_oversize=allow_oversize,
         dry_run=dry_run,
         sha256=sha256,
+        storage_options=storage_options,
         progress=lambda label, total: byte_progress(total, label, quiet or as_json),
     )
     if as_json:

@@ -7,7 +7,7 @@ Exit codes: 0 clean, 1 findings, and the errors of every command (see
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -17,6 +17,7 @@ from ..verify import VerifyReport, verify
 from . import (
     EXIT_FINDINGS,
     EXIT_OK,
+    LOCATION,
     SIZE,
     byte_progress,
     emit_json,
@@ -27,14 +28,15 @@ from . import (
     quiet_option,
     safe,
     say,
+    storage_option,
 )
 
 
 @main.command("verify")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=LOCATION)
 @click.option(
     "--against",
-    type=click.Path(path_type=Path),
+    type=LOCATION,
     help="Compare every tensor with this source: a file, a folder or an index.",
 )
 @click.option("--max-shard-size", type=SIZE, help="Report files larger than this (e.g. 4GB).")
@@ -42,20 +44,22 @@ from . import (
 @click.option(
     "--hash-files",
     is_flag=True,
-    help="With --against, still recompute each file's SHA-256 for the manifest check.",
+    help="Also check each file's SHA-256 where the manifest records one (split --sha256).",
 )
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Files read in parallel (default: CPUs)."
 )
+@storage_option
 @json_option
 @quiet_option
 def verify_cmd(
-    path: Path,
-    against: Path | None,
+    path: str,
+    against: str | None,
     max_shard_size: int | None,
     deep: bool,
     hash_files: bool,
     workers: int | None,
+    storage_options: dict[str, Any] | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -73,6 +77,7 @@ def verify_cmd(
         hash_files=hash_files,
         workers=workers,
         progress=lambda total: byte_progress(total, "verifying", quiet or as_json),
+        storage_options=storage_options,
     )
     if as_json:
         emit_json(report.to_json())
