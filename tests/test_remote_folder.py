@@ -16,7 +16,7 @@ def uploads(fs: Any, bucket: str) -> list[str]:
 def test_part_size_keeps_uploads_under_the_part_limit() -> None:
     for size in (0, 1, 10**9, 50 * 10**9, 5 * 10**12):
         ps = part_size(size)
-        assert ps >= 16 * 2**20 and -(-size // ps) < 10_000
+        assert ps >= 8 * 2**20 and -(-size // ps) < 10_000
 
 
 def test_write_stage_and_commit(s3: tuple[str, dict[str, Any]]) -> None:

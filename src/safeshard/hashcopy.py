@@ -48,6 +48,9 @@ from .manifest import Hasher, header_digest, tensor_digest, tensor_hasher
 COPY_CHUNK = 64 * 1024 * 1024
 """Largest run copied (and handed to the digest thread) at once."""
 
+BUFFERED_CHUNK = 8 * 1024 * 1024
+"""Run size on the buffered path (object storage): two such buffers are in use."""
+
 MAX_LAG = 4
 """Runs the digest thread may fall behind the copier (so at most 256 MiB of source)."""
 
@@ -210,20 +213,70 @@ def copy_pieces(
         assert dst is not None
         _copy_local(runs, pieces, digests, sink, dst, wrote)
     else:
-        buf = memoryview(bytearray(min(COPY_CHUNK, max((r.nbytes for r in runs), default=0))))
-        for run in runs:
-            data = buf[: run.nbytes]
-            what = f"tensor {pieces[run.parts[0][0]].name!r}"
-            read_exact(run.source, [data], run.offset, what)
-            digests.feed(_Cursor(run), data)
-            if sha256 is not None:
-                sha256.update(data)
-            sink.write(data)
-            wrote(run.nbytes)
+        _copy_buffered(plan_runs(pieces, BUFFERED_CHUNK), pieces, digests, sink, sha256, wrote)
     for p in pieces:
         if p.nbytes == 0:
             digests.digests[p.name] = EMPTY_DIGEST
     return Hashes(header=header_digest(header), tensors=digests.digests)
+
+
+def _copy_buffered(
+    runs: Sequence[_Run],
+    pieces: Sequence[Extent],
+    digests: _Digests,
+    sink: Sink,
+    sha256: Hasher | None,
+    wrote: Callable[[int], None],
+) -> None:
+    """The buffered path (a source or the sink without a descriptor: object storage).
+
+    A reader thread reads each run into one of two buffers while this thread digests and
+    writes the other, so a remote source's GETs overlap the sink's uploads; memory stays
+    at two runs of :data:`BUFFERED_CHUNK`.
+    """
+    if not runs:
+        return
+    size = max(r.nbytes for r in runs)
+    free: queue.Queue[memoryview] = queue.Queue()
+    for _ in range(2):
+        free.put(memoryview(bytearray(size)))
+    full: queue.Queue[tuple[_Run, memoryview, memoryview] | BaseException | None] = queue.Queue()
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for run in runs:
+                buf = free.get()
+                if stop.is_set():
+                    return
+                data = buf[: run.nbytes]
+                what = f"tensor {pieces[run.parts[0][0]].name!r}"
+                read_exact(run.source, [data], run.offset, what)
+                full.put((run, buf, data))
+            full.put(None)
+        except BaseException as e:  # handed to the writer
+            full.put(e)
+
+    thread = threading.Thread(target=reader, daemon=True, name="safeshard-read")
+    thread.start()
+    try:
+        while True:
+            item = full.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            run, buf, data = item
+            digests.feed(_Cursor(run), data)
+            if sha256 is not None:
+                sha256.update(data)
+            sink.write(data)
+            free.put(buf)
+            wrote(run.nbytes)
+    finally:
+        stop.set()
+        free.put(memoryview(bytearray(0)))  # wake a reader waiting for a buffer
+        thread.join()
 
 
 def _copy_local(

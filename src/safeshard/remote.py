@@ -7,9 +7,9 @@ come from the usual places (environment, AWS config) or from ``storage_options``
 are handed to fsspec and never printed, logged or written to a manifest.
 
 :class:`RemoteFile` is a :class:`~safeshard.byteio.ByteSource` over one object. A read is
-cut into ranged GETs of at most :attr:`RemoteLimits.request_bytes` (default 16 MiB),
+cut into ranged GETs of at most :attr:`RemoteLimits.request_bytes` (default 8 MiB),
 issued in parallel, at most :attr:`RemoteLimits.requests` (default 8) in flight across
-every reader sharing the limits, so at most ``requests × request_bytes`` (128 MiB) are in
+every reader sharing the limits, so at most ``requests × request_bytes`` (64 MiB) are in
 flight. A failed or short ranged read is retried :attr:`RemoteLimits.retries` times
 (default 3, with backoff), then is a :class:`~safeshard.errors.ReadError` naming the object
 and the byte range.
@@ -131,7 +131,7 @@ class RemoteLimits:
     """How remote reads are cut and bounded; shared by every :class:`RemoteFile` given it."""
 
     def __init__(
-        self, *, requests: int = 8, request_bytes: int = 16 * MIB, retries: int = 3
+        self, *, requests: int = 8, request_bytes: int = 8 * MIB, retries: int = 3
     ) -> None:
         if requests < 1 or request_bytes < 1 or retries < 0:
             raise UsageError(
@@ -285,7 +285,7 @@ def _classify(name: str, operation: str, e: BaseException) -> SafeshardError:
 # --------------------------------------------------------------------------- writing
 
 
-PART_BYTES = 16 * MIB
+PART_BYTES = 8 * MIB
 """Smallest multipart-upload part; larger where a file would need over 9,000 parts."""
 
 MAX_PARTS = 10_000
