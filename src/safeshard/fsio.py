@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -83,6 +84,22 @@ def _copy_buffered(src_fd: int, dst_fd: int, offset: int, length: int, dst_offse
             written += os.pwrite(dst_fd, view[written:got], dst_offset + done + written)
         done += got
     return done
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path`` (a symlink to one is followed).
+
+    For the small files beside a checkpoint (manifest, ``config.json``,
+    ``quantize_config.json``): anything else raises ``OSError`` without being read
+    from, so that a FIFO (opened without blocking) cannot hang a command and a device
+    (a symlink to ``/dev/zero``) cannot fill memory. A folder or a device is ``EINVAL``;
+    a missing file is ``FileNotFoundError``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return f.read()
 
 
 def fsync_dir(folder: Path) -> None:

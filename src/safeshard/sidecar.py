@@ -127,7 +127,7 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
     """The new ``quantize_config.json`` bytes naming ``base`` (None: keep as is), and a note."""
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None, f"{QUANTIZE_CONFIG} is not valid JSON; copied unchanged"
     if not isinstance(obj, dict):
         return None, None
@@ -144,7 +144,11 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
             "GPTQModel find the shards"
         )
     obj["model_file_base_name"] = base
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), note
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8"), note
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") stays escaped
+        return (json.dumps(obj, indent=2) + "\n").encode("ascii"), note
 
 
 def copy_sidecars(folder: Path, tx: OutputFolder, *, base: str, only_known: bool) -> SidecarResult:

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import gcpause
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
+from .fsio import read_regular_file
 from .header import Header, TensorInfo, read_header
 from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
 
@@ -45,11 +46,11 @@ class Located:
 
 
 def read_json_file(path: Path) -> dict[str, Any] | None:
-    """The JSON object at ``path``, or None if absent or not an object."""
+    """The JSON object at ``path``, or None if absent, not a regular file, unreadable or
+    not a JSON object (nested too deeply for Python's parser included)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, ValueError):
+        obj = json.loads(read_regular_file(path).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return obj if isinstance(obj, dict) else None
 
