@@ -252,7 +252,11 @@ class Base:
     """Pass the file or index itself rather than the folder."""
 
 
-BASE_NAMES = ("model", "gptq_model-4bit-128g", "m\x1b[31m\u202e[b]", "w e+ird.v2")
+BASE_NAMES = ("model", "gptq_model-4bit-128g", "m\x1b[31m\u202e[b]", "w e+ird.v2", "m\udcff")
+"""``\\udcff`` is the byte 0xff, a file name that is not UTF-8 (``os.fsdecode``)."""
+SPLIT_NAMES = ("model", "model", "gptq_model-4bit-128g", "m\x1b[31m[b]", "m\udcff", "a/b", ".x", "")
+BAD_SPLIT_NAMES = frozenset({"m\udcff", "a/b", ".x", ""})
+"""``split --name`` values refused with a UsageError."""
 
 
 @st.composite
@@ -661,6 +665,8 @@ class Case:
     workers: int = 1
     walk: bool = False
     """``open``: read through ``iter_layers()`` (prefetching) rather than by name."""
+    name: str = "model"
+    """``split --name``."""
 
 
 @st.composite
@@ -671,6 +677,7 @@ def cases(draw: st.DrawFn) -> Case:
         force=draw(st.booleans()),
         workers=draw(st.sampled_from([1, 4])),
         walk=draw(st.booleans()),
+        name=draw(st.sampled_from(SPLIT_NAMES)),
     )
 
 
@@ -732,7 +739,7 @@ def _write_base(base: Base, folder: Path, stage: Path) -> tuple[list[str], str |
         folder,
         max_shard_size=max(64, size // (base.shards + 1)),
         allow_oversize=True,
-        name="model" if base.base.startswith("m\x1b") else base.base,
+        name=base.base if _encodable(base.base) else "model",
         sha256=base.indent,
     )
     names = [f.file for f in result.files]
@@ -756,9 +763,7 @@ def build(case: Case, root: Path) -> Built:
     merged.mkdir()
     shutil.rmtree(root / "stage", ignore_errors=True)
     shutil.rmtree(root / "stage2", ignore_errors=True)
-    real_base = (
-        base.base if base.layout != "split" or not base.base.startswith("m\x1b") else "model"
-    )
+    real_base = base.base if base.layout != "split" or _encodable(base.base) else "model"
 
     def entry(folder: Path) -> Path:
         if not base.entry:
@@ -1704,11 +1709,17 @@ class Runner:
         o = self.run(
             "split",
             lambda: safeshard.split(
-                b.input, b.out, force=self.case.force, sha256=self.case.workers > 1
+                b.input,
+                b.out,
+                force=self.case.force,
+                sha256=self.case.workers > 1,
+                name=self.case.name,
             ),
         )
-        planted = (errors.OutputExistsError, errors.StorageError) if b.planted_out else ()
-        if self.expect(o, planted):
+        allowed = (errors.OutputExistsError, errors.StorageError) if b.planted_out else ()
+        if self.case.name in BAD_SPLIT_NAMES:
+            allowed += (errors.UsageError,)
+        if self.expect(o, allowed):
             self.check("split", self.check_split, o.result, src_codes)
         elif o.error is not None and not isinstance(o.error, errors.StorageError):
             self.check_nothing_written_out()  # a failed write may leave a resumable run
@@ -1864,22 +1875,24 @@ def run_case(case: Case) -> dict[str, str]:
     """Build ``case`` in a fresh folder, run every command, check every outcome; raise
     :class:`Finding` listing what went wrong. Returns each command's outcome."""
     root = Path(tempfile.mkdtemp(prefix="safeshard-fuzz-", dir=fuzz_tmp()))
+    STATS["cases"] += 1
     try:
         b = build(case, root)
         runner = Runner(b, case)
         runner.all()
         if runner.problems:
+            STATS["failing"] += 1
             raise Finding("\n".join(runner.problems))
-        STATS["cases"] += 1
         return {k: o.label for k, o in runner.outcomes.items()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 def summary(stats: Mapping[str, int] | None = None) -> str:
-    """The counts, one line per command: how many cases, and each outcome's count."""
+    """The counts: cases tried (and failing, shrinking's replays included), then each
+    command's outcomes, one line per command."""
     stats = STATS if stats is None else stats
-    lines = [f"cases: {stats.get('cases', 0)}"]
+    lines = [f"cases: {stats.get('cases', 0)} tried, {stats.get('failing', 0)} failing"]
     by_command: dict[str, list[tuple[str, int]]] = {}
     for key, n in stats.items():
         if ": " in key:

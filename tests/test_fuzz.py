@@ -17,6 +17,7 @@ import os
 import random
 import struct
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from safeshard.byteio import LocalFile
 from safeshard.index import check_shard_name
 from safeshard.load import preadv_into
 from safeshard.manifest import Manifest, read_manifest
+from safeshard.output import check_base
 
 FUZZ = {
     "deadline": None,
@@ -55,10 +57,13 @@ BATCH = 100
     not os.environ.get("SAFESHARD_FUZZ_SECONDS"), reason="a long fuzzing run: make fuzz"
 )
 def test_fuzz_campaign() -> None:
+    """Batches of :data:`BATCH` cases until ``SAFESHARD_FUZZ_SECONDS`` are spent; a failing
+    batch is shrunk, printed and counted, and the run goes on with the next seed."""
     budget = float(os.environ["SAFESHARD_FUZZ_SECONDS"])
     first = int(os.environ.get("SAFESHARD_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
     print(f"\nfuzz: {budget:.0f} s from seed {first} (SAFESHARD_FUZZ_SEED={first} replays it)")
     fuzzkit.STATS.clear()
+    failures: list[str] = []
     start = time.monotonic()
     batch = 0
     try:
@@ -71,15 +76,20 @@ def test_fuzz_campaign() -> None:
             def one_batch(case: Case) -> None:
                 run_case(case)
 
-            print(
-                f"fuzz: batch {batch} (seed {s}), {fuzzkit.STATS['cases']} cases so far", flush=True
-            )
-            one_batch()
+            print(f"fuzz: batch {batch} (seed {s}), {fuzzkit.STATS['cases']} cases", flush=True)
+            try:
+                one_batch()
+            except Exception as e:  # shrunk by Hypothesis; its notes hold the minimal case
+                text = "".join(traceback.format_exception_only(e))
+                failures.append(f"batch {batch} (SAFESHARD_FUZZ_SEED={s}):\n{text}")
+                print(f"fuzz: batch {batch} FAILED\n{text}", flush=True)
             batch += 1
     finally:
         elapsed = time.monotonic() - start
         print(f"fuzz: {elapsed:.0f} s, {batch} batches from seed {first}")
         print(fuzzkit.summary())
+    if failures:
+        pytest.fail(f"{len(failures)} failing batches:\n" + "\n".join(failures))
 
 
 # --------------------------------------------------------------------------- the detectors
@@ -262,6 +272,16 @@ FOUND = {
     # shards with different __metadata__: verify --against compared each output shard with
     # the first source shard's metadata, not the metadata split keeps (the shared entries)
     "mixed-metadata": Case(Base(T2, (("format", "pt"),), "sharded", shards=1, mixed_metadata=True)),
+    # a folder named like an index in OUT_DIR: split wrote its output beside it, and then no
+    # command could read that output (it counted as a second checkpoint: ambiguous)
+    "folder-named-like-an-index": Case(
+        Base((), None, "single"), (("plant", "out", "x.safetensors.index.json", "dir"),)
+    ),
+    # a source file whose name is not UTF-8 (the byte 0xff): split recorded it in the
+    # manifest and crashed writing it (UnicodeEncodeError), leaving a half-done OUT_DIR
+    "file-name-not-utf8": Case(Base(T2, None, "single", base="m\udcff")),
+    # split --name with a byte that is not UTF-8: the same crash in the journal
+    "name-not-utf8": Case(Base(T2, None, "single"), name="m\udcff"),
 }
 
 
@@ -269,6 +289,24 @@ FOUND = {
 def test_found_by_fuzzing(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fuzzkit, "COMMAND_TIMEOUT", 10.0)
     run_case(FOUND[name])
+
+
+def test_a_folder_named_like_an_index_is_not_an_index(tmp_path: Path) -> None:
+    fuzzkit.write_file(tmp_path / "model.safetensors", T2, None)
+    (tmp_path / "x.safetensors.index.json").mkdir()
+    os.mkfifo(tmp_path / "y.safetensors.index.json")
+    assert source.find(tmp_path).file == tmp_path / "model.safetensors"
+
+
+def test_names_that_are_not_utf8(tmp_path: Path) -> None:
+    with pytest.raises(errors.UsageError, match="UTF-8"):
+        check_base("m\udcff")
+    src = fuzzkit.write_file(tmp_path / "m\udcff.safetensors", T2, None)
+    safeshard.split(src, tmp_path / "out", max_shard_size=100, allow_oversize=True)
+    man = read_manifest(tmp_path / "out", "model")
+    assert man is not None and man.source is not None and man.source.file == src.name
+    safeshard.merge(tmp_path / "out", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
 
 
 def test_read_json_file_refuses_deep_nesting_and_what_is_not_a_file(tmp_path: Path) -> None:
@@ -349,3 +387,33 @@ def test_fuzzkit_writes_what_the_official_reader_reads(tmp_path: Path) -> None:
     assert tensors == {t.name: (t.dtype, t.shape, fuzzkit.tensor_bytes(t)) for t in ts}
     (n,) = struct.unpack("<Q", p.read_bytes()[:8])
     assert (8 + n) % 8 == 0
+
+
+def test_nothing_in_the_library_can_run_code_from_a_file() -> None:
+    """SECURITY.md, claim 10: no unpickling, no evaluation, anywhere in the package."""
+    import ast
+
+    banned_modules = {"pickle", "marshal", "shelve", "dill", "cloudpickle", "_pickle"}
+    banned_calls = {"eval", "exec", "compile", "__import__"}
+    found: list[str] = []
+    for py in sorted(Path(safeshard.__file__).parent.rglob("*.py")):
+        tree = ast.parse(py.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            where = f"{py.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Import):
+                found += [where for a in node.names if a.name.split(".")[0] in banned_modules]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.split(".")[0] in banned_modules:
+                    found.append(where)
+            elif isinstance(node, ast.Call):
+                f = node.func
+                evaluates = isinstance(f, ast.Name) and f.id in banned_calls
+                unpickles = (
+                    isinstance(f, ast.Attribute)
+                    and f.attr == "load"
+                    and isinstance(f.value, ast.Name)
+                    and f.value.id in ("torch", "numpy", "np", "pickle")
+                )
+                if evaluates or unpickles:
+                    found.append(where)
+    assert not found, found

@@ -153,7 +153,10 @@ class Manifest:
             else {"file": self.source.file, "size": self.source.size, "header": self.source.header},
             "fingerprint": self.fingerprint,
         }
-        return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+        except UnicodeEncodeError:  # a source file name that is not UTF-8 stays escaped
+            return (json.dumps(obj, indent=1) + "\n").encode("ascii")
 
     @classmethod
     def from_json(cls, data: bytes, path: str | os.PathLike[str] = "<manifest>") -> Manifest:

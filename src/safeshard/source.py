@@ -115,7 +115,7 @@ def _base_of(filename: str) -> str:
 
 
 def _find_in_folder(folder: Path) -> Found:
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    indexes = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if p.is_file())
     shards_of_indexes: set[str] = set()
     for ip in indexes:
         base = ip.name[: -len(INDEX_SUFFIX)]
