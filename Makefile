@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint bench bench-scale faults clean
+.PHONY: demo test test-fast lint bench bench-scale faults fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: $(TSTAMP)
 # kill -9, full-disk and read-error trials: 20 kills each of split, merge and update
 faults: $(TSTAMP)
 	SAFESHARD_FAULT_TRIALS=$${SAFESHARD_FAULT_TRIALS:-20} $(PY) -m pytest -q tests/test_faults.py tests/test_crash.py tests/test_outdir.py
+
+# 10 minutes of fuzzing (SAFESHARD_FUZZ_SECONDS=600): mutated checkpoints and indexes through
+# every command, from a random seed it prints (SAFESHARD_FUZZ_SEED=N replays a run); prints
+# the cases tried and each command's outcomes. A short fixed run is part of `make test`.
+fuzz: $(TSTAMP)
+	SAFESHARD_FUZZ_SECONDS=$${SAFESHARD_FUZZ_SECONDS:-600} $(PY) -m pytest -q -s tests/test_fuzz.py -k campaign
 
 # 1,000,000 zero-size tensors, and a header at the 100 MB limit, through every command
 # (SCALE_ARGS="--tensors 200000" for a quicker run).

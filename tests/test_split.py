@@ -634,3 +634,29 @@ def test_peak_rss_stays_small(tmp_path: Path) -> None:
     rss_kib = int(proc.stdout.strip())
     assert rss_kib < 100 * 1024, f"peak RSS {rss_kib} KiB"
     assert sum(p.stat().st_size for p in shard_files(out)) > 600_000_000
+
+
+def test_a_sidecar_link_out_of_the_model_folder_is_not_copied(src: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = hunter2")
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to(secret)
+    r = safeshard.split(src, tmp_path / "out", max_shard_size=30_000)
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert "config.json" in r.skipped
+
+
+def test_a_hugging_face_cache_snapshot_is_copied_through_its_links(
+    src: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "models--org--name"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = repo / "blobs" / f"sha-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
+    r = safeshard.split(snap, tmp_path / "out", max_shard_size=30_000)
+    assert "config.json" in r.copied
+    assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()

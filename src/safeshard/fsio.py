@@ -18,8 +18,10 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .errors import DiskFullError, OutputLockedError, WriteError, write_error
 from .sizes import format_size
@@ -83,6 +85,28 @@ def _copy_buffered(src_fd: int, dst_fd: int, offset: int, length: int, dst_offse
             written += os.pwrite(dst_fd, view[written:got], dst_offset + done + written)
         done += got
     return done
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file at ``path`` (a symlink to one is followed).
+
+    For the small files beside a checkpoint (manifest, ``config.json``,
+    ``quantize_config.json``): anything else raises ``OSError`` without being read
+    from, so that a FIFO (opened without blocking) cannot hang a command and a device
+    (a symlink to ``/dev/zero``) cannot fill memory. A folder or a device is ``EINVAL``;
+    a missing file is ``FileNotFoundError``. A path in object storage is read whole (an
+    object is always a regular file).
+    """
+    from .storage import is_remote
+
+    if is_remote(path):
+        remote: Any = path
+        return bytes(remote.read_bytes())
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return f.read()
 
 
 def fsync_dir(folder: Path) -> None:

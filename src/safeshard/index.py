@@ -24,6 +24,10 @@ SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$
 
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
+NAME_MAX = 255
+"""Longest file name, in bytes, of the common file systems (ext4, XFS, btrfs, tmpfs,
+APFS); a longer weight_map value names no file."""
+
 
 @dataclass(frozen=True)
 class ShardIndex:
@@ -92,6 +96,17 @@ def check_shard_name(index_path: str | os.PathLike[str], tensor: str, value: obj
         raise UnsafeIndexPathError(
             f"{where} = {value!r} has a path separator; shards must be plain file names "
             "beside the index"
+        )
+    try:
+        encoded = os.fsencode(value)
+    except UnicodeEncodeError:
+        raise UnsafeIndexPathError(
+            f"{where} = {value!r} holds a lone surrogate escape; it names no file"
+        ) from None
+    if len(encoded) > NAME_MAX:
+        raise UnsafeIndexPathError(
+            f"{where} is {len(encoded)} bytes long; no file name can be longer than "
+            f"{NAME_MAX} bytes"
         )
     if not value.endswith(".safetensors"):
         raise UnsafeIndexPathError(

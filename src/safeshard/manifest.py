@@ -38,6 +38,7 @@ per-tensor digest only detects change, and XXH3-128 runs at about 11 GB/s, which
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -47,7 +48,8 @@ from typing import Any, Protocol
 
 import xxhash
 
-from .errors import IndexFormatError
+from .errors import IndexFormatError, read_error
+from .fsio import read_regular_file
 from .header import Header, parse_header
 
 MANIFEST_SUFFIX = ".safeshard.json"
@@ -153,14 +155,18 @@ class Manifest:
         }
         # compact: with an indent, json.dumps runs its pure-Python encoder (seconds for a
         # million tensors); without one, the C encoder
-        return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        try:
+            text = json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # a source file name that is not UTF-8 stays escaped
+            return (json.dumps(obj, separators=(",", ":")) + "\n").encode("ascii")
 
     @classmethod
     def from_json(cls, data: bytes, path: str | os.PathLike[str] = "<manifest>") -> Manifest:
         where = str(path)
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
             raise IndexFormatError(f"{where}: manifest is not valid JSON ({e})") from None
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise IndexFormatError(f"{where}: not a safeshard manifest")
@@ -192,7 +198,7 @@ class Manifest:
             source = (
                 None
                 if src is None
-                else SourceRecord(str(src["file"]), int(src["size"]), str(src["header"]))
+                else SourceRecord(str(src["file"]), int(src["size"]), _text(src["header"]))
             )
             cap = obj.get("cap")
             fp = obj.get("fingerprint")
@@ -208,6 +214,14 @@ class Manifest:
             raise IndexFormatError(f"{where}: malformed manifest ({e!r})") from None
 
 
+def _text(value: Any) -> str:
+    """``value`` as text that UTF-8 can encode; a lone surrogate escape (``"\\ud800"``)
+    raises ``UnicodeEncodeError``, a ``ValueError``."""
+    text = str(value)
+    text.encode("utf-8")
+    return text
+
+
 def _opt_str(value: Any) -> str | None:
     if value is None:
         return None
@@ -221,10 +235,19 @@ def manifest_path(folder: Path, base: str) -> Path:
 
 
 def read_manifest(folder: Path, base: str) -> Manifest | None:
-    """The manifest for ``base`` in ``folder``, or None if there is none."""
+    """The manifest for ``base`` in ``folder``, or None if there is none.
+
+    Something by that name that is not a regular file (a folder, a FIFO, a device, a
+    symlink loop) is an :class:`~safeshard.errors.IndexFormatError`, like a malformed
+    manifest; a file that cannot be read is a :class:`~safeshard.errors.ReadError`.
+    """
     p = manifest_path(folder, base)
     try:
-        data = p.read_bytes()
+        data = read_regular_file(p)
     except FileNotFoundError:
         return None
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ELOOP, errno.EISDIR):
+            raise IndexFormatError(f"{p}: not a manifest ({e.strerror})") from None
+        raise read_error(p, "read the manifest", e) from None
     return Manifest.from_json(data, p)

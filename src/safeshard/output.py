@@ -164,20 +164,34 @@ class OutputResult:
 
 
 def check_base(base: str) -> str:
-    """``base`` if it is a usable plain base name; else :class:`UsageError`."""
+    """``base`` if it is a usable plain base name; else :class:`UsageError`.
+
+    It must also be text (no lone surrogate, such as the ``\\udcff`` a byte that is not
+    UTF-8 becomes in a command-line argument): the index, manifest and journal record
+    file names as JSON text.
+    """
     bad = (
         not base
         or base in (".", "..")
         or base.startswith(".")
         or any(c in base for c in "/\\\x00")
         or base.endswith((".safetensors", ".json"))
+        or not _is_text(base)
     )
     if bad:
         raise UsageError(
-            f"--name {base!r} is not a usable base name: give a plain name without a path, "
-            "a leading dot or an extension, e.g. model or gptq_model-4bit-128g"
+            f"--name {base!r} is not a usable base name: give a plain name (UTF-8 text) "
+            "without a path, a leading dot or an extension, e.g. model or gptq_model-4bit-128g"
         )
     return base
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def output_names(base: str, n: int) -> list[str]:

@@ -2,8 +2,10 @@
 
 What is copied:
 
-- SRC is a folder or an index: every regular file of that folder (symlinks, such as
-  a Hugging Face cache snapshot's, are followed), except weights and hidden files;
+- SRC is a folder or an index: every regular file of that folder, except weights and
+  hidden files. A symlink is followed only when it resolves inside the folder, or
+  into the ``blobs`` folder of a Hugging Face cache snapshot's repository; a link to
+  anywhere else (``config.json -> ~/.aws/credentials``) is left behind, never copied;
 - SRC is a single ``.safetensors`` file: its folder may be anything (a Downloads
   folder), so only the files a model folder is known to hold
   (:data:`KNOWN_SIDECARS`) are copied.
@@ -106,11 +108,36 @@ def plan_sidecars(folder: Path, *, only_known: bool) -> tuple[list[Path], list[s
         name = entry.name
         if name.startswith(".") or not entry.is_file():
             continue
-        if is_weights_file(name) or (only_known and name not in KNOWN_SIDECARS):
+        if (
+            is_weights_file(name)
+            or (only_known and name not in KNOWN_SIDECARS)
+            or not link_stays_home(entry, folder)
+        ):
             skipped.append(name)
         else:
             copy.append(entry)
     return copy, skipped
+
+
+def link_stays_home(entry: Path, folder: Path) -> bool:
+    """Whether ``entry`` is a regular file, or a symlink that resolves inside the model
+    folder or the Hugging Face cache's ``blobs`` folder of the same repository (a cache
+    snapshot's files are links ``snapshots/REV/NAME -> ../../blobs/SHA``).
+
+    A link elsewhere (``config.json -> ~/.aws/credentials``) is not followed: its target
+    would be copied into OUT_DIR as a readable file, ready to upload.
+    """
+    if not isinstance(entry, Path) or not entry.is_symlink():
+        return True  # a regular file, or an object in storage (no links there)
+    try:
+        target = entry.resolve(strict=True)
+        home = folder.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    allowed = [home]
+    if home.parent.name == "snapshots":
+        allowed.append(home.parent.parent / "blobs")
+    return any(target.is_relative_to(a) for a in allowed)
 
 
 def default_bases(quantize_config: dict[str, Any]) -> list[str]:
@@ -127,7 +154,7 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
     """The new ``quantize_config.json`` bytes naming ``base`` (None: keep as is), and a note."""
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None, f"{QUANTIZE_CONFIG} is not valid JSON; copied unchanged"
     if not isinstance(obj, dict):
         return None, None
@@ -144,7 +171,11 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
             "GPTQModel find the shards"
         )
     obj["model_file_base_name"] = base
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), note
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8"), note
+    except UnicodeEncodeError:  # a lone surrogate escape ("\ud800") stays escaped
+        return (json.dumps(obj, indent=2) + "\n").encode("ascii"), note
 
 
 def copy_sidecars(folder: Path, tx: OutputStore, *, base: str, only_known: bool) -> SidecarResult:

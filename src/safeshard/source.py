@@ -17,9 +17,10 @@ from typing import Any
 
 from . import gcpause
 from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMismatchError
+from .fsio import read_regular_file
 from .header import Header, TensorInfo, read_header
 from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
-from .storage import StorageOptions, as_path
+from .storage import StorageOptions, as_path, is_remote
 
 SAFETENSORS = ".safetensors"
 
@@ -46,11 +47,13 @@ class Located:
 
 
 def read_json_file(path: Path) -> dict[str, Any] | None:
-    """The JSON object at ``path`` (local or in storage), or None if absent or not an
-    object."""
+    """The JSON object at ``path`` (local or in storage), or None if absent, not a
+    regular file, unreadable or not a JSON object (nested too deeply for Python's parser
+    included)."""
     try:
-        obj = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        data = path.read_bytes() if is_remote(path) else read_regular_file(path)
+        obj = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -116,7 +119,7 @@ def _base_of(filename: str) -> str:
 
 
 def _find_in_folder(folder: Path) -> Found:
-    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    indexes = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if p.is_file())
     shards_of_indexes: set[str] = set()
     for ip in indexes:
         base = ip.name[: -len(INDEX_SUFFIX)]
