@@ -1,4 +1,4 @@
-"""safeshard.prefetch: learned cyclic prefetch, the resident subset and the budget, without torch."""
+"""safeshard.prefetch: learned cyclic prefetch, the resident subset, the budget; no torch."""
 
 from __future__ import annotations
 

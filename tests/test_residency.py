@@ -78,7 +78,9 @@ def test_a_waiting_reserve_stops_when_told() -> None:
 
 def test_more_than_the_whole_budget_is_a_budget_error() -> None:
     r = Residency(100, label="/m")
-    with pytest.raises(BudgetError, match=r"/m: reading x needs 101 bytes .* max_resident_bytes=100"):
+    with pytest.raises(
+        BudgetError, match=r"/m: reading x needs 101 bytes .* max_resident_bytes=100"
+    ):
         r.reserve(101, wait=True, what="reading x")
     assert Residency(None).reserve(10**15, wait=False)  # no budget, no limit
 
@@ -167,7 +169,7 @@ def test_holdings_never_exceed_the_budget_and_pins_are_never_evicted(
                 assert not pins.get(gone)
         assert r.resident_bytes <= budget
         assert r.peak_bytes <= budget and r.peak_bytes >= r.resident_bytes
-        assert r.held_bytes == sum(r.size(x) for x in r.keys())
+        assert r.held_bytes == sum(r.size(x) for x in r)
         for key2, count in pins.items():
             if count:
                 assert key2 in r

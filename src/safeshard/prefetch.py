@@ -279,6 +279,11 @@ class Engine:
                 break
         return out
 
+    def upcoming(self) -> list[str]:
+        """Keys of the units the reader reads next (the prefetch window), in order."""
+        with self._cond:
+            return [u.key for u in self._window()]
+
     def _drop_stale(self, keep: str = "") -> None:
         """Release prefetched units the prediction no longer expects soon (lock held)."""
         window = {u.key for u in self._window()}
