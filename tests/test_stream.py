@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConf
 
 import safeshard
 from safeshard.cli import main
-from safeshard.errors import BudgetError, ModelMismatchError, UsageError
+from safeshard.errors import BudgetError, DeviceError, ModelMismatchError, UsageError
 from safeshard.membudget import AutoBudget, MemoryReading
 from safeshard.stream import streamer_of
 
@@ -171,8 +171,7 @@ def test_module_granularity_and_no_prefetch_give_the_same_outputs(
 def test_models_built_by_hand_on_meta_or_with_init_empty_weights(
     models: dict[str, Model],
 ) -> None:
-    from accelerate import init_empty_weights
-
+    init_empty_weights = pytest.importorskip("accelerate").init_empty_weights
     model = models["gpt2"]
     cfg = AutoConfig.from_pretrained(model.folder)
     with torch.device("meta"):
@@ -374,6 +373,13 @@ def test_close_puts_the_placeholders_back_and_removes_the_hooks(models: dict[str
         streamer_of(m)
     assert not any(mod._forward_pre_hooks for mod in m.modules())
     model.check(safeshard.stream(m, model.folder))  # can be streamed again
+
+
+def test_a_missing_device_is_refused(models: dict[str, Model]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="cuda"):
+        models["llama"].streamed(device="cuda")
 
 
 def test_streaming_twice_is_refused(models: dict[str, Model]) -> None:

@@ -209,7 +209,7 @@ def match(model: Any, lc: LazyCheckpoint, device: Any) -> dict[str, ModelTensor]
         extra = t.numel() * t.element_size() if copy or device is not None else 0
         placeholder = t if t.device.type == "meta" else t.to("meta")
         if is_param and not isinstance(placeholder, torch.nn.Parameter):
-            placeholder = torch.nn.Parameter(placeholder, requires_grad=False)
+            placeholder = torch.nn.Parameter(placeholder, requires_grad=t.requires_grad)
         out[cname] = ModelTensor(
             name=cname,
             info=info,

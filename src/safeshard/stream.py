@@ -323,10 +323,12 @@ class Streamer:
         torch = self.torch
         for t in spec.tensors:
             x = loaded.tensors[t.name]
-            param = torch.nn.Parameter(x, requires_grad=False) if t.slots[0].param else None
+            param = None
             for s in t.slots:
                 if s.param and param is None:
-                    param = torch.nn.Parameter(x, requires_grad=False)
+                    # requires_grad as the model's own: with it off, torch's matmul copies
+                    # the whole weight for some input strides (generate's prefill does that)
+                    param = torch.nn.Parameter(x, requires_grad=t.placeholder.requires_grad)
                 s.put(param if s.param else x)
         self._installed.add(spec.unit.key)
         if not loaded.fresh:
@@ -381,7 +383,7 @@ class Streamer:
             except BaseException:
                 self.engine.release_bytes(nbytes)
                 raise
-            t.slots[0].put(torch.nn.Parameter(x, requires_grad=False))
+            t.slots[0].put(torch.nn.Parameter(x, requires_grad=t.placeholder.requires_grad))
             self._rows_active[id(module)] = nbytes
             inverse = inverse.reshape(ids.shape).to(ids.device)
             if args:
