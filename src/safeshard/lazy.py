@@ -8,7 +8,11 @@ tensor's bytes, and only those, the first time it is asked for.
 *Holdings.* The checkpoint keeps what it has read so a second access is free. With
 ``max_resident_bytes`` it keeps its holdings (tensors held, plus reads in flight)
 within that budget by releasing the oldest-read tensors first. A tensor the caller
-still references stays alive, but it is the caller's, not the checkpoint's.
+still references stays alive, but it is the caller's, not the checkpoint's. The
+accounting is a :class:`~safeshard.residency.Residency` (:attr:`LazyCheckpoint.residency`),
+the one :func:`safeshard.stream` uses too. ``max_resident_bytes="auto"`` (or an
+:class:`~safeshard.membudget.AutoBudget`) sizes the budget from the memory available
+and re-reads it as tensors are read.
 
 *Layer walks.* :meth:`LazyCheckpoint.iter_layers` yields ``(key, {name: tensor})``
 for each group of :func:`safeshard.layout.group_tensors` in model order (each
