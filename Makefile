@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint bench bench-scale faults fuzz clean
+.PHONY: demo test test-fast lint bench bench-scale bench-stream bench-s3 faults fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,13 @@ fuzz: $(TSTAMP)
 # (SCALE_ARGS="--tensors 200000" for a quicker run).
 bench-scale: $(STAMP)
 	$(PY) benchmarks/scale.py $(SCALE_ARGS)
+
+bench-stream: $(TSTAMP)
+	$(PY) benchmarks/stream_bench.py $(BENCH_ARGS)
+
+# split and load against a local S3 server (moto), beside local files and download-first
+bench-s3: $(TSTAMP)
+	$(PY) benchmarks/s3_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -20,6 +20,7 @@ from .merge import MergeResult, merge
 from .sizes import FAT32_LIMIT, parse_size
 from .source import Checkpoint, locate, open_checkpoint
 from .split import SplitResult, split
+from .stream import empty_model, stream, streamer_of
 from .update import UpdateResult, update
 from .verify import Finding, VerifyReport, verify
 
@@ -40,6 +41,7 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "diff",
+    "empty_model",
     "inspect",
     "load",
     "locate",
@@ -49,6 +51,8 @@ __all__ = [
     "read_header",
     "read_index",
     "split",
+    "stream",
+    "streamer_of",
     "update",
     "verify",
     *errors.__all__,

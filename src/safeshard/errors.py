@@ -43,6 +43,7 @@ inherits the builtin exception a caller would naturally catch, so
     │       └── OutputFolderMissingError (FileNotFoundError)  the output's folder is missing
     ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
     ├── BudgetError (MemoryError)                 a block is larger than the memory budget
+    ├── ModelMismatchError (ValueError)           a checkpoint lacks or misshapes a model's tensor
     ├── MissingExtraError (ImportError)           torch/numpy needed but not installed
     ├── UnsupportedDtypeError (TypeError)         a dtype the chosen framework cannot hold
     ├── DeviceError (RuntimeError)                the requested device is not available
@@ -79,6 +80,7 @@ __all__ = [
     "MetadataError",
     "MisalignedTensorError",
     "MissingExtraError",
+    "ModelMismatchError",
     "OutputExistsError",
     "OutputFolderMissingError",
     "OutputLockedError",
@@ -335,6 +337,11 @@ class QuantizationConfigError(SafeshardError, ValueError):
 
 class BudgetError(SafeshardError, MemoryError):
     """A block is larger than the memory budget given to a lazy checkpoint."""
+
+
+class ModelMismatchError(SafeshardError, ValueError):
+    """A checkpoint does not fit the model it is streamed into: a tensor the model needs
+    is missing, has another shape or an incompatible dtype, or has no place in it."""
 
 
 class MissingExtraError(SafeshardError, ImportError):

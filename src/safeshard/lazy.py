@@ -8,7 +8,11 @@ tensor's bytes, and only those, the first time it is asked for.
 *Holdings.* The checkpoint keeps what it has read so a second access is free. With
 ``max_resident_bytes`` it keeps its holdings (tensors held, plus reads in flight)
 within that budget by releasing the oldest-read tensors first. A tensor the caller
-still references stays alive, but it is the caller's, not the checkpoint's.
+still references stays alive, but it is the caller's, not the checkpoint's. The
+accounting is a :class:`~safeshard.residency.Residency` (:attr:`LazyCheckpoint.residency`),
+the one :func:`safeshard.stream` uses too. ``max_resident_bytes="auto"`` (or an
+:class:`~safeshard.membudget.AutoBudget`) sizes the budget from the memory available
+and re-reads it as tensors are read.
 
 *Layer walks.* :meth:`LazyCheckpoint.iter_layers` yields ``(key, {name: tensor})``
 for each group of :func:`safeshard.layout.group_tensors` in model order (each
@@ -29,7 +33,6 @@ import contextlib
 import inspect
 import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from os import PathLike
@@ -47,14 +50,12 @@ from .load import (
     check_workers,
     read_tensors,
 )
-from .sizes import format_size, parse_size
+from .membudget import BudgetSpec, resolve_budget
+from .residency import Residency, Stopped
+from .sizes import format_size
 from .source import open_checkpoint
 
 __all__ = ["LazyCheckpoint", "open"]
-
-
-class _Stopped(Exception):
-    """Internal: a walk was abandoned while its reader waited."""
 
 
 class LazyCheckpoint(Mapping[str, Any]):
@@ -64,7 +65,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         self,
         path: str | PathLike[str],
         *,
-        max_resident_bytes: int | str | None = None,
+        max_resident_bytes: BudgetSpec = None,
         prefetch: int = 1,
         framework: Framework = "torch",
         workers: int | None = None,
@@ -72,7 +73,7 @@ class LazyCheckpoint(Mapping[str, Any]):
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise UsageError(f"prefetch must be a non-negative integer, not {prefetch!r}")
-        self.budget = None if max_resident_bytes is None else parse_size(max_resident_bytes)
+        fixed, self._auto = resolve_budget(max_resident_bytes)
         self.prefetch = prefetch
         self.workers = check_workers(workers)
         self.unsupported = unsupported
@@ -80,16 +81,13 @@ class LazyCheckpoint(Mapping[str, Any]):
         self._ckpt = open_checkpoint(path)
         self._order = model_order(list(self._ckpt.entries))
         self._groups = group_tensors(self._order)
-        self._cond = threading.Condition()
-        self._held: OrderedDict[str, Any] = OrderedDict()
-        self._held_bytes = 0
-        self._reserved = 0
-        self._pins: dict[str, int] = {}
+        self._res = Residency(fixed, label=self.path)
+        self._cond = self._res.cond
+        if self._auto is not None:
+            self._res.set_budget(self._auto.budget(0))
         self._walkers: set[threading.Thread] = set()
         self._walks: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
         self._closed = False
-        self.peak_resident_bytes = 0
-        """Highest :attr:`resident_bytes` seen so far."""
         self._pool = (
             ThreadPoolExecutor(self.workers, thread_name_prefix="safeshard-lazy")
             if self.workers > 1
@@ -102,8 +100,8 @@ class LazyCheckpoint(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         with self._cond:
             self._check_open()
-            if name in self._held:
-                return self._held[name]
+            if name in self._res:
+                return self._res.get(name)
         if name not in self._ckpt.entries:
             raise KeyError(name)
         return self._fetch([self.info(name)], pin=False, wait=False, stop=None)[name]
@@ -144,23 +142,49 @@ class LazyCheckpoint(Mapping[str, Any]):
         return sum(self.info(t).nbytes for t in group.tensors)
 
     @property
+    def budget(self) -> int | None:
+        """The byte budget now (None: no limit). With ``max_resident_bytes="auto"`` it
+        follows the memory available, re-read at most every
+        :attr:`safeshard.membudget.AutoBudget.interval` seconds as tensors are read."""
+        return self._res.budget
+
+    @property
+    def residency(self) -> Residency:
+        """The holdings accounting (shared with :func:`safeshard.stream`'s runner)."""
+        return self._res
+
+    @property
     def resident_bytes(self) -> int:
         """Bytes this checkpoint holds now, reads in flight included."""
-        with self._cond:
-            return self._held_bytes + self._reserved
+        return self._res.resident_bytes
+
+    @property
+    def peak_resident_bytes(self) -> int:
+        """Highest :attr:`resident_bytes` seen so far."""
+        return self._res.peak_bytes
 
     @property
     def held(self) -> list[str]:
         """Names of the tensors held now, oldest first."""
-        with self._cond:
-            return list(self._held)
+        return self._res.keys()
 
     def release(self) -> None:
         """Drop every unpinned tensor held."""
-        with self._cond:
-            for name in [n for n in self._held if not self._pins.get(n)]:
-                self._evict(name)
-            self._cond.notify_all()
+        self._res.drop_unpinned()
+
+    def refresh_budget(self) -> int | None:
+        """Re-read the memory available now (``max_resident_bytes="auto"`` only) and
+        return the budget; a fixed budget is returned unchanged."""
+        if self._auto is not None:
+            with self._cond:
+                self._res.set_budget(self._auto.budget(self._res.resident_bytes, force=True))
+        return self._res.budget
+
+    def _follow_memory(self) -> None:
+        """With an automatic budget, re-read the memory available if it is time to."""
+        if self._auto is not None and self._auto.due():
+            with self._cond:
+                self._res.set_budget(self._auto.budget(self._res.resident_bytes))
 
     # ------------------------------------------------------------------ walking
 
@@ -176,6 +200,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         until the first is exhausted or closed.
         """
         self._check_open()
+        self._follow_memory()
         if self.budget is not None and any(
             inspect.getgeneratorstate(w) != inspect.GEN_CLOSED for w in self._walks
         ):
@@ -183,14 +208,15 @@ class LazyCheckpoint(Mapping[str, Any]):
                 f"{self.path}: a layer walk of this checkpoint is still open; with "
                 "max_resident_bytes set, finish it or call its close() before starting another"
             )
-        if self.budget is not None:
+        budget = self.budget
+        if budget is not None:
             for g in self._groups:
                 size = self.nbytes(g)
-                if size > self.budget:
+                if size > budget:
                     raise BudgetError(
                         f"{self.path}: {g.kind} {g.key!r} holds {size:,} bytes "
-                        f"({format_size(size)}), more than max_resident_bytes={self.budget:,} "
-                        f"({format_size(self.budget)}); raise the budget to at least {size:,} "
+                        f"({format_size(size)}), more than max_resident_bytes={budget:,} "
+                        f"({format_size(budget)}); raise the budget to at least {size:,} "
                         "bytes or read its tensors one at a time"
                     )
         walk = self._walk_inline() if self.prefetch == 0 else self._walk_prefetch()
@@ -232,7 +258,7 @@ class LazyCheckpoint(Mapping[str, Any]):
                     with self._cond:
                         ready[i] = (tensors, added)
                         self._cond.notify_all()
-            except _Stopped:
+            except Stopped:
                 return
             except BaseException as e:
                 with self._cond:
@@ -289,12 +315,14 @@ class LazyCheckpoint(Mapping[str, Any]):
         not enough, ``wait`` waits for unpins, otherwise the read goes unheld (the
         tensors are the caller's alone). Names newly held are appended to ``added``.
         """
+        self._follow_memory()
+        res = self._res
         with self._cond:
             self._check_open()
-            have = {i.name: self._held[i.name] for i in infos if i.name in self._held}
+            have = {i.name: res.get(i.name) for i in infos if i.name in res}
             if pin:
                 for name in have:
-                    self._pins[name] = self._pins.get(name, 0) + 1
+                    res.pin(name)
             missing = [i for i in infos if i.name not in have]
             need = sum(i.nbytes for i in missing)
             try:
@@ -319,76 +347,57 @@ class LazyCheckpoint(Mapping[str, Any]):
         except BaseException:
             with self._cond:
                 if hold:
-                    self._reserved -= need
+                    res.unreserve(need)
                 if pin:
                     self._unpin(list(have), locked=True)
-                self._cond.notify_all()
             raise
         with self._cond:
             if hold:
-                self._reserved -= need
-                for i in missing:
-                    if i.name not in self._held:
-                        self._held[i.name] = got[i.name]
-                        self._held_bytes += i.nbytes
-                        if added is not None:
-                            added.append(i.name)
-                    else:  # read twice concurrently: keep the one already held
-                        got[i.name] = self._held[i.name]
+                for k, i in enumerate(missing):
+                    fresh = i.name not in res
+                    # the whole reservation goes back with the first add
+                    got[i.name] = res.add(
+                        i.name, got[i.name], i.nbytes, reserved=need if k == 0 else 0
+                    )
+                    if fresh and added is not None:
+                        added.append(i.name)
                     if pin:
-                        self._pins[i.name] = self._pins.get(i.name, 0) + 1
-            self._cond.notify_all()
+                        res.pin(i.name)
         out = {**have, **got}
         return {i.name: out[i.name] for i in infos}
 
     def _reserve(self, need: int, missing: Sequence[TensorInfo], *, wait: bool, stop: Any) -> bool:
         """Make room for ``need`` bytes (lock held); True if reserved, False to read unheld."""
-        if self.budget is not None:
-            if need > self.budget:
-                big = max(missing, key=lambda i: i.nbytes)
-                raise BudgetError(
-                    f"{self.path}: reading {len(missing)} tensor(s) of {need:,} bytes"
-                    + (f" (tensor {big.name!r})" if len(missing) == 1 else "")
-                    + f" exceeds max_resident_bytes={self.budget:,} ({format_size(self.budget)});"
-                    " raise the budget"
-                )
-            while self._held_bytes + self._reserved + need > self.budget:
-                victim = next((n for n in self._held if not self._pins.get(n)), None)
-                if victim is not None:
-                    self._evict(victim)
-                    continue
-                if not wait:
-                    return False
-                if stop is not None and stop():
-                    raise _Stopped
-                self._check_open()
-                self._cond.wait()
-        self._reserved += need
-        self.peak_resident_bytes = max(self.peak_resident_bytes, self._held_bytes + self._reserved)
-        return True
+        budget = self._res.budget
+        if budget is not None and need > budget:
+            big = max(missing, key=lambda i: i.nbytes)
+            raise BudgetError(
+                f"{self.path}: reading {len(missing)} tensor(s) of {need:,} bytes"
+                + (f" (tensor {big.name!r})" if len(missing) == 1 else "")
+                + f" exceeds max_resident_bytes={budget:,} ({format_size(budget)});"
+                " raise the budget"
+            )
 
-    def _evict(self, name: str) -> None:
-        del self._held[name]
-        self._held_bytes -= self.info(name).nbytes
+        def stopped() -> bool:
+            if stop is not None and stop():
+                return True
+            self._check_open()
+            return False
+
+        return self._res.reserve(
+            need, wait=wait, stop=stopped, what=f"reading {len(missing)} tensor(s)"
+        )
 
     def _unpin(
         self, names: Sequence[str], *, drop: Sequence[str] = (), locked: bool = False
     ) -> None:
         """Unpin ``names``; then release those of ``drop`` that no one else pins."""
-        if not locked:
-            with self._cond:
-                self._unpin(names, drop=drop, locked=True)
-            return
-        for n in names:
-            c = self._pins.get(n, 0)
-            if c <= 1:
-                self._pins.pop(n, None)
-            else:
-                self._pins[n] = c - 1
-        for n in drop:
-            if n in self._held and not self._pins.get(n):
-                self._evict(n)
-        self._cond.notify_all()
+        with self._cond:
+            for n in names:
+                self._res.unpin(n)
+            for n in drop:
+                self._res.discard(n)
+            self._cond.notify_all()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -413,10 +422,7 @@ class LazyCheckpoint(Mapping[str, Any]):
                 t.join()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        with self._cond:
-            self._held.clear()
-            self._held_bytes = 0
-            self._pins.clear()
+        self._res.clear()
         self._files.close()
 
     def __enter__(self) -> LazyCheckpoint:
@@ -436,14 +442,14 @@ class LazyCheckpoint(Mapping[str, Any]):
                 self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._held)} held"
+        state = "closed" if self._closed else f"{len(self._res)} held"
         return f"<LazyCheckpoint {self.path!r}: {len(self)} tensors, {state}>"
 
 
 def open(
     path: str | PathLike[str],
     *,
-    max_resident_bytes: int | str | None = None,
+    max_resident_bytes: BudgetSpec = None,
     prefetch: int = 1,
     framework: Framework = "torch",
     workers: int | None = None,
