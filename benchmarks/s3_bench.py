@@ -256,9 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     if args.json_out:
         args.json_out.write_text(text + "\n")
-    print(
-        f"\n{'variant':<36} | median s | MB/s  | peak RSS MB | most GETs / MiB in flight"
-    )
+    print(f"\n{'variant':<36} | median s | MB/s  | peak RSS MB | most GETs / MiB in flight")
     for n, v in results.get("variants", {}).items():
         rem = v.get("remote")
         flight = (

@@ -14,7 +14,7 @@ prefetching layer walk) and ``load``, and checks:
   :class:`Hang`, which no ``except Exception`` can swallow);
 - **no read past the end of a file.** :class:`ReadGuard` wraps ``os.preadv``, ``os.pread``
   and ``os.copy_file_range``, the three calls through which safeshard reads file bytes
-  by offset (``byteio.LocalFile.readinto``, ``load.preadv_into``, ``scan``, ``fsio``
+  by offset (``byteio.LocalFile.readinto``, ``scan``, ``fsio``
   and the header reader all end there), and records every read of a regular file that
   asks for bytes beyond its size. Two readers may ask past the end on purpose: the
   header reader's 8-byte length probe at offset 0, and ``hashcopy.hash_file``, which

@@ -29,7 +29,6 @@ from fuzzkit import Base, Case, Obj, Raw, Tensor, cases, run_case
 from safeshard import errors, hashcopy, sidecar, source
 from safeshard.byteio import LocalFile
 from safeshard.index import check_shard_name
-from safeshard.load import preadv_into
 from safeshard.manifest import Manifest, read_manifest
 from safeshard.output import check_base
 
@@ -108,7 +107,7 @@ def test_read_guard_flags_a_read_past_the_end(tmp_path: Path) -> None:
     out = os.open(tmp_path / "g", os.O_WRONLY | os.O_CREAT)
     try:
         with fuzzkit.ReadGuard() as guard:
-            preadv_into(fd, [buf], 9)
+            os.preadv(fd, [buf], 9)
             os.copy_file_range(fd, out, 4, 7, 0)
     finally:
         os.close(fd)

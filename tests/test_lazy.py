@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import safeshard
 from conftest import write_st
+from safeshard.byteio import LocalFile
 from safeshard.errors import (
     BudgetError,
     CheckpointClosedError,
@@ -83,17 +84,17 @@ class Reads:
         self.calls: list[tuple[int, int, int]] = []
         self.lock = threading.Lock()
         self.hooks: list[Any] = []
-        real = L.preadv_into
+        real = LocalFile.readinto
 
-        def spy(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+        def spy(src: LocalFile, buffers: Sequence[memoryview], offset: int) -> int:
             n = sum(len(b) for b in buffers)
             with self.lock:
-                self.calls.append((fd, offset, n))
+                self.calls.append((src.fd, offset, n))
             for h in self.hooks:
-                h(fd, offset, n)
-            return real(fd, buffers, offset)
+                h(src.fd, offset, n)
+            return real(src, buffers, offset)
 
-        monkeypatch.setattr(L, "preadv_into", spy)
+        monkeypatch.setattr(LocalFile, "readinto", spy)
 
 
 def offsets_of(index: Path) -> dict[str, tuple[str, int, int]]:

@@ -22,10 +22,11 @@ from hypothesis import strategies as st
 
 import safeshard
 from conftest import write_st
+from safeshard.byteio import Extent, LocalFile
 from safeshard.errors import (
     DeviceError,
-    IncompleteDataError,
     MissingExtraError,
+    ReadError,
     SafeshardError,
     UnsupportedDtypeError,
 )
@@ -244,10 +245,11 @@ spans_strategy = st.lists(
 def test_plan_jobs_cover_every_byte_once_within_chunk(
     sizes: list[tuple[str, int]], chunk: int
 ) -> None:
-    spans: list[L.Span] = []
+    sources = {name: LocalFile(-1, name, 10**9) for name in ("a", "b")}  # never read
+    spans: list[Extent] = []
     pos = {"a": 8, "b": 16}
     for i, (path, n) in enumerate(sizes):
-        spans.append(L.Span(f"t{i}", path, pos[path], n))
+        spans.append(Extent(sources[path], pos[path], n, f"t{i}"))
         pos[path] += n
     jobs = L.plan_jobs(spans, chunk)
     seen: dict[int, list[tuple[int, int]]] = {}
@@ -258,7 +260,7 @@ def test_plan_jobs_cover_every_byte_once_within_chunk(
         off = j.offset
         for k, start, n in j.parts:
             s = spans[k]
-            assert s.path == j.path
+            assert s.source is j.source
             assert s.offset + start == off  # contiguous in the file
             off += n
             seen.setdefault(k, []).append((start, n))
@@ -286,14 +288,14 @@ def record_reads(monkeypatch: Any) -> list[tuple[int, int, int]]:
     """Patch the one read function; returns the (thread id, offset, length) of each call."""
     calls: list[tuple[int, int, int]] = []
     lock = threading.Lock()
-    real = L.preadv_into
+    real = LocalFile.readinto
 
-    def spy(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+    def spy(self: LocalFile, buffers: Sequence[memoryview], offset: int) -> int:
         with lock:
             calls.append((threading.get_ident(), offset, sum(len(b) for b in buffers)))
-        return real(fd, buffers, offset)
+        return real(self, buffers, offset)
 
-    monkeypatch.setattr(L, "preadv_into", spy)
+    monkeypatch.setattr(LocalFile, "readinto", spy)
     return calls
 
 
@@ -355,11 +357,11 @@ def test_file_shrinking_after_open_is_a_clear_error(tmp_path: Path, monkeypatch:
     f = write_st(tmp_path / "m.safetensors", {"a": ("F32", [4]), "victim": ("F32", [1000])})
     monkeypatch.setattr(L, "CHUNK_BYTES", 1024)
 
-    def short(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
-        return 0 if offset > read_header(f).data_start else os.preadv(fd, buffers, offset)
+    def short(self: LocalFile, buffers: Sequence[memoryview], offset: int) -> int:
+        return 0 if offset > read_header(f).data_start else os.preadv(self.fd, buffers, offset)
 
-    monkeypatch.setattr(L, "preadv_into", short)
-    with pytest.raises(IncompleteDataError) as e:
+    monkeypatch.setattr(LocalFile, "readinto", short)
+    with pytest.raises(ReadError) as e:
         safeshard.load(f, workers=2)
     assert "'victim'" in str(e.value) and str(f) in str(e.value)
 
@@ -508,13 +510,13 @@ def test_gc_is_paused_during_the_load_and_restored(tmp_path: Path, monkeypatch: 
 
     f = write_st(tmp_path / "m.safetensors", {"a": ("F32", [4])})
     during: list[bool] = []
-    real = L.preadv_into
+    real = LocalFile.readinto
 
-    def spy(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
+    def spy(self: LocalFile, buffers: Sequence[memoryview], offset: int) -> int:
         during.append(gc.isenabled())
-        return real(fd, buffers, offset)
+        return real(self, buffers, offset)
 
-    monkeypatch.setattr(L, "preadv_into", spy)
+    monkeypatch.setattr(LocalFile, "readinto", spy)
     was = gc.isenabled()
     try:
         gc.enable()

@@ -77,16 +77,16 @@ def test_release_keeps_pages_shared_with_a_held_neighbour(shard: Path) -> None:
     maps, files = open_maps(shard)
     try:
         a, b = (maps.extent(files.ckpt.entries[n].info) for n in ("a", "b"))
-        assert a.end == b.start and a.end % PAGE  # they share a page
+        assert a.end == b.offset and a.end % PAGE  # they share a page
         maps.hold([a, b])
         assert maps.populate([a, b]) == 8000
-        assert all(mapped(maps, shard, a.start, b.end))
+        assert all(mapped(maps, shard, a.offset, b.end))
         maps.release([a])
-        shared = b.start // PAGE * PAGE
-        assert a.start < shared and not any(mapped(maps, shard, a.start, shared))  # a's own
-        assert all(mapped(maps, shard, b.start, b.end))  # the page shared with b stays
+        shared = b.offset // PAGE * PAGE
+        assert a.offset < shared and not any(mapped(maps, shard, a.offset, shared))  # a's own
+        assert all(mapped(maps, shard, b.offset, b.end))  # the page shared with b stays
         maps.release([b])
-        assert not any(mapped(maps, shard, a.start, b.end))
+        assert not any(mapped(maps, shard, a.offset, b.end))
         assert maps.bytes_populated == 8000
     finally:
         maps.close()

@@ -306,3 +306,52 @@ def test_storage_option_parsing() -> None:
     assert parse_storage_options(()) is None
     with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_storage_options(("novalue",))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_and_a_budgeted_walk_from_s3_equal_a_local_load(tiny: Path, s3: S3) -> None:
+    import numpy as np
+
+    from safeshard.remote import DEFAULT_LIMITS
+
+    base, opts = s3
+    cap = weights(tiny).stat().st_size // 3
+    safeshard.split(tiny, f"{base}/load", max_shard_size=cap, storage_options=opts)
+    local = safeshard.load(tiny, framework="numpy")
+    before = DEFAULT_LIMITS.stats.requests
+    remote = safeshard.load(f"{base}/load", framework="numpy", storage_options=opts)
+    assert DEFAULT_LIMITS.stats.requests > before  # ranged GETs, not a download
+    assert DEFAULT_LIMITS.stats.max_bytes_in_flight <= DEFAULT_LIMITS.max_bytes_in_flight
+    assert remote.keys() == local.keys()
+    for name in local:
+        assert np.array_equal(remote[name].view(np.uint8), local[name].view(np.uint8)), name
+    budget = 400_000
+    seen: dict[str, bytes] = {}
+    with safeshard.open(
+        f"{base}/load",
+        framework="numpy",
+        max_resident_bytes=budget,
+        prefetch=1,
+        storage_options=opts,
+    ) as lc:
+        for _, tensors in lc.iter_layers():
+            assert lc.resident_bytes <= budget
+            seen.update({n: t.tobytes() for n, t in tensors.items()})
+        assert lc.peak_resident_bytes <= budget
+    assert seen == {n: a.tobytes() for n, a in local.items()}
+
+
+def test_streaming_needs_local_files(tiny: Path, s3: S3) -> None:
+    pytest.importorskip("torch")
+    from safeshard.errors import UsageError
+
+    base, opts = s3
+    safeshard.split(tiny, f"{base}/st", max_shard_size="100MB", storage_options=opts)
+    from safeshard.load import ShardFiles, TorchBackend
+    from safeshard.mapped import MappedShards
+
+    ckpt = safeshard.open_checkpoint(f"{base}/st", storage_options=opts)
+    with ShardFiles(ckpt) as files, pytest.raises(UsageError, match="must be local files"):
+        MappedShards(files, TorchBackend())

@@ -70,6 +70,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         framework: Framework = "torch",
         workers: int | None = None,
         unsupported: Unsupported = "error",
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise UsageError(f"prefetch must be a non-negative integer, not {prefetch!r}")
@@ -78,7 +79,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         self.workers = check_workers(workers)
         self.unsupported = unsupported
         self._backend = backend_for(framework)
-        self._ckpt = open_checkpoint(path)
+        self._ckpt = open_checkpoint(path, storage_options=storage_options)
         self._order = model_order(list(self._ckpt.entries))
         self._groups = group_tensors(self._order)
         self._res = Residency(fixed, label=self.path)
@@ -454,8 +455,10 @@ def open(
     framework: Framework = "torch",
     workers: int | None = None,
     unsupported: Unsupported = "error",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LazyCheckpoint:
-    """Open the checkpoint at ``path`` (file, folder or index) lazily.
+    """Open the checkpoint at ``path`` (file, folder or index; local or a URL reached with
+    ``storage_options``) lazily.
 
     Every shard header is validated now. ``max_resident_bytes`` (bytes or a size
     string such as ``"1GiB"``) bounds what the checkpoint holds; ``prefetch`` is how
@@ -470,4 +473,5 @@ def open(
         framework=framework,
         workers=workers,
         unsupported=unsupported,
+        storage_options=storage_options,
     )

@@ -35,15 +35,15 @@ import gc
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .byteio import IOV_MAX, ByteSource, Extent, read_exact
 from .errors import (
     DeviceError,
-    IncompleteDataError,
     MissingExtraError,
     ShardMismatchError,
     UnsupportedDtypeError,
@@ -51,6 +51,7 @@ from .errors import (
 )
 from .header import TensorInfo
 from .source import Checkpoint, open_checkpoint
+from .storage import open_source, translate_errors
 
 Framework = Literal["torch", "numpy"]
 Unsupported = Literal["error", "raw"]
@@ -68,8 +69,6 @@ MIN_CHUNK_BYTES = 1024 * 1024
 CUDA_CHUNK_BYTES = 16 * 1024 * 1024
 """Size of each pinned staging buffer for ``device="cuda"`` (two per worker)."""
 
-IOV_MAX = 1024
-"""Most buffers one ``preadv`` call may scatter into (Linux ``IOV_MAX``)."""
 
 TORCH_DTYPES: dict[str, str] = {
     "BOOL": "bool",
@@ -242,24 +241,19 @@ def check_dtype(backend: Backend, info: TensorInfo, path: str | Path, unsupporte
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class Span:
-    """Where one tensor's bytes lie: file, absolute offset, length."""
-
-    name: str
-    path: str
-    offset: int
-    nbytes: int
+Span = Extent
+"""A tensor's bytes in a shard: the I/O layer's one range type
+(:class:`safeshard.byteio.Extent`)."""
 
 
 @dataclass
 class ReadJob:
-    """One contiguous byte range of one file, read by one scatter ``preadv``.
+    """One contiguous byte range of one source, read by one scatter read.
 
     ``parts`` are ``(span index, start inside that tensor, length)`` in file order.
     """
 
-    path: str
+    source: ByteSource
     offset: int
     length: int = 0
     parts: list[tuple[int, int, int]] = field(default_factory=list)
@@ -276,7 +270,7 @@ def plan_jobs(spans: Sequence[Span], chunk: int | None = None) -> list[ReadJob]:
         chunk = CHUNK_BYTES
     if chunk < 1:
         raise UsageError(f"chunk must be at least 1 byte, not {chunk}")
-    order = sorted(range(len(spans)), key=lambda k: (spans[k].path, spans[k].offset))
+    order = sorted(range(len(spans)), key=lambda k: (spans[k].source.name, spans[k].offset))
     jobs: list[ReadJob] = []
     cur: ReadJob | None = None
     for k in order:
@@ -285,12 +279,12 @@ def plan_jobs(spans: Sequence[Span], chunk: int | None = None) -> list[ReadJob]:
         while pos < s.nbytes:
             if (
                 cur is None
-                or cur.path != s.path
+                or cur.source is not s.source
                 or cur.offset + cur.length != s.offset + pos
                 or cur.length >= chunk
                 or len(cur.parts) >= IOV_MAX
             ):
-                cur = ReadJob(path=s.path, offset=s.offset + pos)
+                cur = ReadJob(source=s.source, offset=s.offset + pos)
                 jobs.append(cur)
             n = min(s.nbytes - pos, chunk - cur.length)
             cur.parts.append((k, pos, n))
@@ -308,46 +302,9 @@ def job_size(total: int, workers: int) -> int:
     return max(min(MIN_CHUNK_BYTES, CHUNK_BYTES), min(CHUNK_BYTES, total // (4 * workers)))
 
 
-def preadv_into(fd: int, buffers: Sequence[memoryview], offset: int) -> int:
-    """One positional scatter read into ``buffers`` from ``offset``; returns bytes read.
-
-    Every tensor byte safeshard loads goes through this function (tests instrument it).
-    """
-    if _HAS_PREADV:
-        return os.preadv(fd, buffers, offset)
-    done = 0
-    for b in buffers:  # pragma: no cover - platforms without preadv
-        data = os.pread(fd, len(b), offset + done)
-        b[: len(data)] = data
-        done += len(data)
-        if len(data) < len(b):
-            break
-    return done
-
-
-_HAS_PREADV = hasattr(os, "preadv")
-
-
-def read_fully(fd: int, path: str, buffers: list[memoryview], offset: int, what: str) -> None:
-    """Fill ``buffers`` from ``offset``, retrying short reads; early end of file is an error."""
-    while buffers:
-        got = preadv_into(fd, buffers, offset)
-        if got <= 0:
-            raise IncompleteDataError(
-                path,
-                f"the file ended at byte {offset} while reading tensor {what!r}; it was "
-                "truncated or replaced after it was opened. Check it with `safeshard verify`.",
-            )
-        offset += got
-        while buffers and got >= len(buffers[0]):
-            got -= len(buffers[0])
-            buffers.pop(0)
-        if got:
-            buffers[0] = buffers[0][got:]
-
-
 class ShardFiles:
-    """Open, read-only descriptors of a checkpoint's shards, checked against their headers.
+    """A checkpoint's shards opened as byte sources (:mod:`safeshard.byteio`: local files,
+    or objects in storage), checked against their headers.
 
     Holds each shard open from the start, so a file replaced later cannot mix with the
     headers already validated; a size that changed since is :class:`ShardMismatchError`.
@@ -355,15 +312,14 @@ class ShardFiles:
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
-        self.fds: dict[str, int] = {}
+        self.sources: dict[str, ByteSource] = {}
         try:
-            for h in ckpt.headers:
-                fd = os.open(h.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                self.fds[h.path] = fd
-                size = os.fstat(fd).st_size
-                if size != h.file_size:
+            for h, f in zip(ckpt.headers, ckpt.located.files, strict=True):
+                src = open_source(f)
+                self.sources[h.path] = src
+                if src.size != h.file_size:
                     raise ShardMismatchError(
-                        f"{h.path}: the file is now {size} bytes but its header was read "
+                        f"{h.path}: the file is now {src.size} bytes but its header was read "
                         f"from a {h.file_size}-byte file; it changed while opening. Retry."
                     )
         except BaseException:
@@ -371,23 +327,28 @@ class ShardFiles:
             raise
 
     @property
+    def fds(self) -> dict[str, int]:
+        """The local files' descriptors by path (for memory mapping)."""
+        return {p: fd for p, s in self.sources.items() if (fd := s.fileno()) is not None}
+
+    @property
     def closed(self) -> bool:
-        return not self.fds and bool(self.ckpt.headers)
+        return not self.sources and bool(self.ckpt.headers)
 
-    def span(self, info: TensorInfo) -> Span:
+    def span(self, info: TensorInfo) -> Extent:
         h = self.ckpt.headers[self.ckpt.entries[info.name].shard]
-        return Span(info.name, h.path, h.data_start + info.begin, info.nbytes)
+        return Extent(self.sources[h.path], h.data_start + info.begin, info.nbytes, info.name)
 
-    def run(self, job: ReadJob, spans: Sequence[Span], views: Sequence[memoryview]) -> None:
+    def run(self, job: ReadJob, spans: Sequence[Extent], views: Sequence[memoryview]) -> None:
         """Read ``job`` into ``views`` (one writable byte view per span)."""
         buffers = [views[k][start : start + n] for k, start, n in job.parts]
-        what = spans[job.parts[0][0]].name
-        read_fully(self.fds[job.path], job.path, buffers, job.offset, what)
+        what = f"tensor {spans[job.parts[0][0]].name!r}"
+        read_exact(job.source, buffers, job.offset, what)
 
     def close(self) -> None:
-        fds, self.fds = self.fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        sources, self.sources = self.sources, {}
+        for src in sources.values():
+            src.close()
 
     def __enter__(self) -> ShardFiles:
         return self
@@ -452,6 +413,7 @@ def read_tensors(
 # --------------------------------------------------------------------------- load
 
 
+@translate_errors
 def load(
     path: str | os.PathLike[str],
     *,
@@ -459,10 +421,14 @@ def load(
     device: str = "cpu",
     workers: int | None = None,
     unsupported: Unsupported = "error",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read every tensor of the checkpoint at ``path`` into owned memory, in parallel.
 
-    ``path`` is a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json``.
+    ``path`` is a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json``,
+    local or a URL (:mod:`safeshard.storage`, reached with ``storage_options``): from
+    object storage, each read job is parallel ranged GETs straight into the tensors'
+    memory, with the bytes in flight bounded (:class:`safeshard.remote.RemoteLimits`).
     Returns name -> tensor (torch) or array (numpy), in the checkpoint's data order,
     byte-identical to what ``safetensors`` loads. ``workers`` threads read at once
     (default :func:`default_workers`; 1 reads sequentially in the calling thread).
@@ -471,7 +437,7 @@ def load(
     nworkers = check_workers(workers)
     backend = backend_for(framework)
     dev = parse_device(backend, device)
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, storage_options=storage_options)
     infos = [e.info for e in ckpt.entries.values()]
     with ShardFiles(ckpt) as files, gc_paused():
         if dev is not None and isinstance(backend, TorchBackend):
@@ -576,8 +542,8 @@ def _load_cuda(
             state.events[k].synchronize()
         buf = state.bufs[k]
         staging = _memoryview_at(buf.data_ptr(), job.length)
-        what = spans[job.parts[0][0]].name
-        read_fully(files.fds[job.path], job.path, [staging], job.offset, what)
+        what = f"tensor {spans[job.parts[0][0]].name!r}"
+        read_exact(job.source, [staging], job.offset, what)
         with torch.cuda.stream(state.stream):
             pos = 0
             for idx, start, n in job.parts:

@@ -39,12 +39,12 @@ import os
 import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-from .errors import read_error
+from .byteio import Extent
+from .errors import UsageError, read_error
 from .header import TensorInfo
-from .load import ShardFiles, Span, TorchBackend, check_dtype, plan_jobs, run_all
+from .load import ShardFiles, TorchBackend, check_dtype, plan_jobs, run_all
 
 __all__ = ["POPULATE_CHUNK", "Extent", "MappedShards"]
 
@@ -68,15 +68,6 @@ def _madvise_fn() -> Any:
         lib.madvise.restype = ctypes.c_int
         _libc = lib
     return _libc.madvise
-
-
-@dataclass(frozen=True)
-class Extent:
-    """A byte range ``[start, end)`` of one shard file."""
-
-    path: str
-    start: int
-    end: int
 
 
 class _Map:
@@ -122,9 +113,15 @@ class MappedShards:
         self.drop_cache = drop_cache
         self.unsupported = unsupported
         self._maps: dict[str, _Map] = {}
+        fds = files.fds
         for h in files.ckpt.headers:
+            if h.path not in fds:
+                raise UsageError(
+                    f"{h.path}: streaming maps the shards into memory, so they must be local "
+                    "files; copy the checkpoint first (e.g. safeshard split URL LOCAL_DIR)"
+                )
             if h.file_size > 0:
-                self._maps[h.path] = _Map(h.path, files.fds[h.path], h.file_size)
+                self._maps[h.path] = _Map(h.path, fds[h.path], h.file_size)
         self._refs: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(workers, "safeshard-populate") if workers > 1 else None
@@ -135,8 +132,7 @@ class MappedShards:
     # ------------------------------------------------------------------ tensors
 
     def extent(self, info: TensorInfo) -> Extent:
-        s = self.files.span(info)
-        return Extent(s.path, s.offset, s.offset + s.nbytes)
+        return self.files.span(info)
 
     def tensor(self, info: TensorInfo) -> Any:
         """A tensor over ``info``'s bytes in the mapping: no copy, no read until touched.
@@ -151,7 +147,10 @@ class MappedShards:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         raw = torch.frombuffer(
-            self._maps[span.path].mm, dtype=torch.uint8, count=span.nbytes, offset=span.offset
+            self._maps[span.source.name].mm,
+            dtype=torch.uint8,
+            count=span.nbytes,
+            offset=span.offset,
         )
         if span.offset % dtype.itemsize:
             raw = raw.clone()
@@ -169,7 +168,7 @@ class MappedShards:
         out = torch.empty(len(rows) * row_bytes, dtype=torch.uint8)
         if row_bytes and rows:
             spans = [
-                Span(f"{info.name}[{r}]", span.path, span.offset + r * row_bytes, row_bytes)
+                Extent(span.source, span.offset + r * row_bytes, row_bytes, f"{info.name}[{r}]")
                 for r in rows
             ]
             base = out.data_ptr()
@@ -188,15 +187,16 @@ class MappedShards:
     def _pages(self, extents: Iterable[Extent]) -> list[tuple[str, int, int]]:
         """Page-aligned ``(path, start, end)`` covering ``extents``, merged."""
         out: list[tuple[str, int, int]] = []
-        for e in sorted(extents, key=lambda x: (x.path, x.start)):
-            if e.end <= e.start:
+        for e in sorted(extents, key=lambda x: (x.source.name, x.offset)):
+            if e.nbytes <= 0:
                 continue
-            a = e.start // PAGE * PAGE
+            path = e.source.name
+            a = e.offset // PAGE * PAGE
             b = -(-e.end // PAGE) * PAGE
-            if out and out[-1][0] == e.path and a <= out[-1][2]:
-                out[-1] = (e.path, out[-1][1], max(out[-1][2], b))
+            if out and out[-1][0] == path and a <= out[-1][2]:
+                out[-1] = (path, out[-1][1], max(out[-1][2], b))
             else:
-                out.append((e.path, a, b))
+                out.append((path, a, b))
         return out
 
     def hold(self, extents: Iterable[Extent]) -> None:
@@ -208,9 +208,10 @@ class MappedShards:
 
     @staticmethod
     def _edges(e: Extent) -> set[tuple[str, int]]:
-        if e.end <= e.start:
+        if e.nbytes <= 0:
             return set()
-        return {(e.path, e.start // PAGE), (e.path, (e.end - 1) // PAGE)}
+        path = e.source.name
+        return {(path, e.offset // PAGE), (path, (e.end - 1) // PAGE)}
 
     def populate(self, extents: Sequence[Extent]) -> int:
         """Read the pages of ``extents`` into memory now, in parallel; returns bytes asked."""
@@ -221,7 +222,7 @@ class MappedShards:
             b = min(b, -(-m.size // PAGE) * PAGE)
             for s in range(a, b, POPULATE_CHUNK):
                 jobs.append((m, s, min(b, s + POPULATE_CHUNK) - s))
-        total = sum(e.end - e.start for e in extents)
+        total = sum(e.nbytes for e in extents)
         if not jobs:
             return 0
 
@@ -273,9 +274,9 @@ class MappedShards:
         drop: list[Extent] = []
         with self._lock:
             for e in extents:
-                if e.end <= e.start:
+                if e.nbytes <= 0:
                     continue
-                first, last = e.start // PAGE, (e.end - 1) // PAGE
+                first, last = e.offset // PAGE, (e.end - 1) // PAGE
                 lo, hi = first + 1, last  # interior pages: this extent's alone
                 for p in sorted(self._edges(e)):
                     left = self._refs.get(p, 0) - 1
@@ -288,7 +289,7 @@ class MappedShards:
                     if p[1] == last:
                         hi = last + 1
                 if hi > lo:
-                    drop.append(Extent(e.path, lo * PAGE, hi * PAGE))
+                    drop.append(Extent(e.source, lo * PAGE, (hi - lo) * PAGE))
         madvise = _madvise_fn()
         for path, a, b in self._pages(drop):
             m = self._maps.get(path)

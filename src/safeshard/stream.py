@@ -48,10 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .byteio import Extent
 from .errors import MissingExtraError, UsageError
 from .lazy import LazyCheckpoint
 from .load import TorchBackend, import_torch, parse_device
-from .mapped import Extent, MappedShards
+from .mapped import MappedShards
 from .membudget import BudgetSpec, read_memory
 from .modelmap import (
     GPTQ,
