@@ -13,8 +13,8 @@ safeshard fsyncs its own files, and its runs end with a ``sync`` too, for fairne
   (``safetensors.torch.load_file`` + ``huggingface_hub.save_torch_state_dict`` + sync), and
   ``split --sha256`` vs ``cp`` + sync (each recorded SHA-256 is then checked against
   ``sha256sum``); peak RSS;
-- merge: ``safeshard merge`` of those shards vs ``cp`` + sync; the merged file must be
-  byte-identical to the source; peak RSS;
+- merge: ``safeshard merge`` of those shards vs ``cp`` + sync, both reading cold (their
+  inputs evicted first); the merged file must be byte-identical to the source; peak RSS;
 - verify: ``safeshard verify --against`` vs reading both copies (``cat a b > /dev/null``),
   cold (evicted with posix_fadvise) and warm;
 - load: parallel ``safeshard.load`` vs sequential ``safetensors.torch.load_file`` + clone,
@@ -221,6 +221,10 @@ def bench_merge(src: Path, work: Path, pairs: int) -> dict[str, Any]:
     def cleanup() -> None:
         merged.unlink(missing_ok=True)
         cp_out.unlink(missing_ok=True)
+        # cp reads the original and merge the shards: with both and two outputs (4x the
+        # model) more than the page cache holds, whichever was read last would be warm.
+        # Both start cold, so each pays for its own reads.
+        evict([src, *sorted(out.glob("*.safetensors"))])
 
     identical: list[bool] = []
     want = sha256(src)
