@@ -38,6 +38,13 @@ LOCK_NAME = ".safeshard.lock"
 _HAS_CFR = hasattr(os, "copy_file_range")
 
 
+def advise_sequential(fd: int) -> None:
+    """Tell the kernel ``fd`` will be read sequentially (a larger readahead window, as
+    ``cp`` asks). Affects only this open file description; a refusal is ignored."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int, dst_offset: int) -> None:
     """Copy ``length`` bytes at ``offset`` in ``src_fd`` to ``dst_offset`` in ``dst_fd``.
 

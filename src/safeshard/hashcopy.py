@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from .byteio import ByteSource, Extent, LocalFile, Sink, read_exact, read_into
 from .errors import ReadError, read_error
-from .fsio import CHUNK, copy_range
+from .fsio import CHUNK, advise_sequential, copy_range
 from .manifest import Hasher, header_digest, tensor_digest, tensor_hasher
 
 COPY_CHUNK = 64 * 1024 * 1024
@@ -288,6 +288,9 @@ def _copy_local(
     wrote: Callable[[int], None],
 ) -> None:
     """The zero-copy path: the kernel copies each run; a thread re-reads it to digest it."""
+    for fd in {r.source.fileno() for r in runs}:
+        if fd is not None:
+            advise_sequential(fd)  # cold sources: merge of a 13B model 1.43x -> 1.14x `cp`
     digester = _DigestThread(digests)
     digester.start()
     ok = False
