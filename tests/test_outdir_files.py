@@ -139,9 +139,7 @@ def test_a_journal_larger_than_the_cap_is_refused_unread(out: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "dangling"])
-def test_a_lock_that_is_not_a_regular_file_is_refused(
-    out: Path, tmp_path: Path, kind: str
-) -> None:
+def test_a_lock_that_is_not_a_regular_file_is_refused(out: Path, tmp_path: Path, kind: str) -> None:
     lock = out / LOCK_NAME
     victim = tmp_path / "victim"
     if kind == "symlink":
@@ -180,9 +178,7 @@ def test_a_split_into_a_folder_with_a_planted_lock_is_a_clear_cli_error(
 # --------------------------------------------------------------------------- the other files
 
 
-def test_a_manifest_in_out_dir_is_never_read_through_a_symlink(
-    out: Path, tmp_path: Path
-) -> None:
+def test_a_manifest_in_out_dir_is_never_read_through_a_symlink(out: Path, tmp_path: Path) -> None:
     from safeshard.synth import synthesize
 
     src = synthesize(tmp_path / "src", "tiny-llama", layers=1, tokenizer=False)

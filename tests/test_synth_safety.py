@@ -50,14 +50,14 @@ def test_a_temporary_planted_between_removal_and_creation_is_refused(tmp_path: P
     w = fsio.AtomicWriter(target)
     real_unlink = os.unlink
 
-    def unlink_then_plant(path: object, *a: object, **k: object) -> None:
-        real_unlink(path)  # type: ignore[arg-type]
-        if os.fspath(path) == os.fspath(w.tmp):  # type: ignore[arg-type]
+    def unlink_then_plant(path: str | os.PathLike[str]) -> None:
+        real_unlink(path)
+        if os.fspath(path) == os.fspath(w.tmp):
             os.symlink(victim, w.tmp)
 
     (tmp_path / w.tmp.name).write_text("leftover")
     mp = pytest.MonkeyPatch()
-    mp.setattr(fsio.os, "unlink", unlink_then_plant)
+    mp.setattr(os, "unlink", unlink_then_plant)
     try:
         with pytest.raises(OSError), w:
             w.write(b"payload", 0)
