@@ -26,7 +26,7 @@ from types import TracebackType
 
 from .errors import ReadError, StorageError, read_error
 
-__all__ = ["ByteSource", "Extent", "LocalFile", "read_exact", "read_into"]
+__all__ = ["ByteSource", "Extent", "LocalFile", "copy_source", "read_exact", "read_into"]
 
 IOV_MAX = 1024
 """Most buffers one scatter read takes (Linux ``IOV_MAX``)."""
@@ -163,6 +163,26 @@ def read_exact(src: ByteSource, buffers: Sequence[memoryview], offset: int, what
             "was truncated or replaced after it was opened. Check it with `safeshard verify`",
             filename=src.name,
         )
+
+
+COPY_CHUNK = 8 * 1024 * 1024
+"""Buffer of :func:`copy_source`: one ranged GET of a remote source, one part's worth of
+an upload."""
+
+
+def copy_source(src: ByteSource, sink: Sink, *, chunk: int = COPY_CHUNK) -> int:
+    """Copy all ``src.size`` bytes of ``src`` into ``sink`` through one buffer of at most
+    ``chunk`` bytes, so a file of any size costs that much memory (a sidecar file copied
+    to or from object storage). Returns the bytes copied; a source that ends early is a
+    :class:`~safeshard.errors.ReadError`."""
+    view = memoryview(bytearray(max(1, min(chunk, src.size))))
+    offset = 0
+    while offset < src.size:
+        n = min(len(view), src.size - offset)
+        read_exact(src, [view[:n]], offset, f"bytes {offset}-{offset + n - 1}")
+        sink.write(view[:n])
+        offset += n
+    return offset
 
 
 # --------------------------------------------------------------------------- sinks

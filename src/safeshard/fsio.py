@@ -94,26 +94,71 @@ def _copy_buffered(src_fd: int, dst_fd: int, offset: int, length: int, dst_offse
     return done
 
 
-def read_regular_file(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the regular file at ``path`` (a symlink to one is followed).
+MAX_SMALL_FILE = 1 << 30
+"""Most bytes read from an index, a manifest, a journal or a config file (1 GiB): far
+more than any of them holds for a real checkpoint, and a bound on what a hostile or
+damaged one (a huge sparse file) can make safeshard hold in memory."""
 
-    For the small files beside a checkpoint (manifest, ``config.json``,
-    ``quantize_config.json``): anything else raises ``OSError`` without being read
-    from, so that a FIFO (opened without blocking) cannot hang a command and a device
-    (a symlink to ``/dev/zero``) cannot fill memory. A folder or a device is ``EINVAL``;
-    a missing file is ``FileNotFoundError``. A path in object storage is read whole (an
-    object is always a regular file).
+
+def open_regular(
+    path: str | os.PathLike[str], flags: int = os.O_RDONLY, *, follow_symlinks: bool = True
+) -> int:
+    """A descriptor on the regular file at ``path``, opened with ``flags``.
+
+    The open never blocks (``O_NONBLOCK``: a FIFO cannot hang it), and anything but a
+    regular file is closed again and refused before a byte is read: a folder, a FIFO,
+    a socket or a device is ``OSError(EINVAL)``. With ``follow_symlinks=False`` a
+    symlink is refused too (``O_NOFOLLOW``: ``OSError(ELOOP)``), as it is for every
+    file safeshard reads or locks in an output folder. The descriptor is ``O_CLOEXEC``.
+    """
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    fd = os.open(path, flags | os.O_NONBLOCK | nofollow | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(
+    path: str | os.PathLike[str],
+    *,
+    follow_symlinks: bool = True,
+    limit: int = MAX_SMALL_FILE,
+) -> bytes:
+    """The bytes of the regular file at ``path`` (a symlink to one is followed unless
+    ``follow_symlinks`` is False).
+
+    For the small files beside a checkpoint (index, manifest, ``config.json``,
+    ``quantize_config.json``) and in an output folder (the journal): anything else
+    raises ``OSError`` without being read from (see :func:`open_regular`), so that a
+    FIFO cannot hang a command and a device (a symlink to ``/dev/zero``) cannot fill
+    memory. A folder or a device is ``EINVAL``; a symlink, when not followed, ``ELOOP``;
+    a missing file ``FileNotFoundError``; a file of more than ``limit`` bytes ``EFBIG``
+    (at most ``limit + 1`` bytes are read, even from a file that grows). A path in object
+    storage is read whole (an object is always a regular file).
     """
     from .storage import is_remote
 
     if is_remote(path):
         remote: Any = path
         return bytes(remote.read_bytes())
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    fd = open_regular(path, follow_symlinks=follow_symlinks)
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-        return f.read()
+        if os.fstat(fd).st_size > limit:
+            raise _too_large(path, limit)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(path, limit)
+    return data
+
+
+def _too_large(path: str | os.PathLike[str], limit: int) -> OSError:
+    return OSError(
+        errno.EFBIG, f"larger than {limit} bytes ({format_size(limit)})", os.fspath(path)
+    )
 
 
 def fsync_dir(folder: Path) -> None:
@@ -130,6 +175,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def create_temporary(path: str | os.PathLike[str]) -> int:
+    """Create the temporary file ``path`` for writing and return its descriptor.
+
+    The one safe temporary of every writer (the output transaction, ``synth``): a
+    leftover of the same name (a killed run's, or a symlink planted there) is removed
+    first, and the file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW``, so the bytes
+    never go through a symlink or into a file someone else made, even one planted
+    between the removal and the creation (that is ``FileExistsError``). Mode ``0644``
+    less the umask. ``OSError`` as the kernel raises it.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a leftover of this very name: never write through it
+    return os.open(
+        path,
+        os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+        0o644,
+    )
+
+
 class AtomicWriter:
     """Write ``target`` under a temporary name; on success fsync and rename over it.
 
@@ -139,12 +203,15 @@ class AtomicWriter:
 
     def __init__(self, target: str | os.PathLike[str], *, durable: bool = True) -> None:
         self.target = Path(target)
-        self.tmp = self.target.parent / f"{TMP_PREFIX}{self.target.name}.{os.getpid()}"
+        self.tmp = self.target.parent / f"{TMP_PREFIX}{self.target.name}.{os.getpid()}.part"
         self.durable = durable
         self.fd = -1
 
     def __enter__(self) -> AtomicWriter:
-        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.fd = create_temporary(self.tmp)
+        except OSError as e:
+            raise write_error(self.tmp, "create", e) from None
         return self
 
     def write(self, data: bytes, offset: int) -> None:
@@ -221,15 +288,30 @@ class DirLock:
 
     def __enter__(self) -> DirLock:
         for _ in range(100):
-            try:
-                fd = os.open(
-                    self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-                )
-            except OSError as e:
-                raise write_error(self.path, "create the lock file", e) from None
+            fd = self._open()
             if self.acquire(fd):
                 return self
         raise self._busy()  # pragma: no cover - the lock file kept vanishing under us
+
+    def _open(self) -> int:
+        """Open (or create) the lock file: never through a symlink (``O_NOFOLLOW``), never
+        blocking on a FIFO (``O_NONBLOCK``), and only a regular file is kept."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise not_a_file(self.path, "a symbolic link", "lock file") from None
+            raise write_error(self.path, "create the lock file", e) from None
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as e:
+            os.close(fd)
+            raise write_error(self.path, "check the lock file", e) from None
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise not_a_file(self.path, _kind(mode), "lock file")
+        return fd
 
     def acquire(self, fd: int) -> bool:
         """Lock the open lock file ``fd``; True when held (``fd`` is then kept), False
@@ -261,6 +343,41 @@ class DirLock:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = -1
+
+
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def not_a_file(path: Path, kind: str, what: str) -> WriteError:
+    """The error for a file safeshard keeps in an output folder (the lock, the journal)
+    that something else has replaced: it is never followed, read or written."""
+    return WriteError(
+        f"{path}: is {kind}, not a {what} safeshard wrote; safeshard never follows or "
+        f"reads it. Remove it (rm {os.fspath(path)!r}) and run again, and check who "
+        "else can write this folder",
+        filename=os.fspath(path),
+        err=errno.EEXIST,
+    )
+
+
+def describe_file(path: Path) -> str:
+    """What is at ``path`` (``lstat``: a link is a link), in words."""
+    try:
+        return _kind(os.lstat(path).st_mode)
+    except OSError:
+        return "not a regular file"
 
 
 def stale_temporaries(folder: Path) -> list[Path]:

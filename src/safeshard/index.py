@@ -17,6 +17,7 @@ from typing import Any
 
 from . import gcpause
 from .errors import CheckpointNotFoundError, IndexFormatError, UnsafeIndexPathError, read_error
+from .fsio import read_regular_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
 SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -171,9 +172,8 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     try:
         if hasattr(path, "read_bytes") and not isinstance(path, Path):  # storage: a UPath
             data = path.read_bytes()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        else:  # a regular file (never a FIFO, which would hang), of a bounded size
+            data = read_regular_file(path)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such index") from None
     except OSError as e:

@@ -234,20 +234,22 @@ def manifest_path(folder: Path, base: str) -> Path:
     return folder / f"{base}{MANIFEST_SUFFIX}"
 
 
-def read_manifest(folder: Path, base: str) -> Manifest | None:
+def read_manifest(folder: Path, base: str, *, follow_symlinks: bool = True) -> Manifest | None:
     """The manifest for ``base`` in ``folder``, or None if there is none.
 
     Something by that name that is not a regular file (a folder, a FIFO, a device, a
-    symlink loop) is an :class:`~safeshard.errors.IndexFormatError`, like a malformed
-    manifest; a file that cannot be read is a :class:`~safeshard.errors.ReadError`.
+    symlink loop; a symlink at all with ``follow_symlinks=False``, as in an output
+    folder) or larger than :data:`~safeshard.fsio.MAX_SMALL_FILE` is an
+    :class:`~safeshard.errors.IndexFormatError`, like a malformed manifest; a file that
+    cannot be read is a :class:`~safeshard.errors.ReadError`.
     """
     p = manifest_path(folder, base)
     try:
-        data = read_regular_file(p)
+        data = read_regular_file(p, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
     except OSError as e:
-        if e.errno in (errno.EINVAL, errno.ELOOP, errno.EISDIR):
+        if e.errno in (errno.EINVAL, errno.ELOOP, errno.EISDIR, errno.EFBIG):
             raise IndexFormatError(f"{p}: not a manifest ({e.strerror})") from None
         raise read_error(p, "read the manifest", e) from None
     return Manifest.from_json(data, p)

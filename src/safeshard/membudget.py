@@ -7,8 +7,12 @@
   active use (``inactive_file`` in ``memory.stat``) is left out of the usage because
   the kernel reclaims it before it fails an allocation (the "working set" that
   container runtimes report).
-- **cgroup v1**: the same with ``memory.limit_in_bytes`` (or
-  ``hierarchical_memory_limit``), ``memory.usage_in_bytes`` and ``total_inactive_file``.
+- **cgroup v1**: the same with ``memory.limit_in_bytes``, ``memory.usage_in_bytes`` and
+  ``total_inactive_file``, each limit against the usage of the cgroup it is set on
+  (which counts its other children too); ``hierarchical_memory_limit`` only when the
+  cgroup that sets it is not visible.
+
+Every level that has a limit gives a reading, and the budget follows the smallest.
 - **the host**: ``MemAvailable`` from ``/proc/meminfo``.
 
 :class:`AutoBudget` turns those readings into a budget: the tightest of them, with a
@@ -141,21 +145,50 @@ def _cgroup_v2(root: Path, rel: str) -> list[MemoryReading]:
 
 
 def _cgroup_v1(root: Path, rel: str) -> list[MemoryReading]:
+    """One reading per level of the process's memory cgroup that has a limit.
+
+    In v1 a cgroup's ``memory.usage_in_bytes`` counts its descendants too, so each
+    limit is compared with the usage *of the cgroup it is set on* (siblings included),
+    never with the process's own cgroup's usage. ``hierarchical_memory_limit`` (the
+    tightest limit of the process's cgroup and its ancestors) is used only when the
+    cgroup that sets it is not visible (a container sees only its own part of the
+    tree); then the usage of the highest visible level is the nearest one known.
+    """
     base = root / "sys" / "fs" / "cgroup" / "memory"
     out = []
-    for d in _ancestors(base, rel):
+    levels = _ancestors(base, rel)
+    seen: list[int] = []  # limits found on visible levels
+    top_used: int | None = None
+    top_inactive = 0
+    hier: int | None = None
+    for i, d in enumerate(levels):
         stat = _read_stat(d / "memory.stat")
-        limit = _read_int(d / "memory.limit_in_bytes")
-        hier = stat.get("hierarchical_memory_limit")
-        if hier is not None and (limit is None or hier < limit):
-            limit = hier
+        if i == 0:
+            hier = stat.get("hierarchical_memory_limit")
         used = _read_int(d / "memory.usage_in_bytes")
-        if limit is None or limit >= UNLIMITED or used is None:
+        if used is None:
             continue
         inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+        top_used, top_inactive = used, inactive
+        limit = _read_int(d / "memory.limit_in_bytes")
+        if limit is None or limit >= UNLIMITED:
+            continue
+        seen.append(limit)
         working = max(0, used - inactive)
         out.append(MemoryReading(max(0, limit - working), f"cgroup v1 {d}/memory.limit_in_bytes"))
-        break  # hierarchical_memory_limit already covers the ancestors
+    if (
+        hier is not None
+        and hier < UNLIMITED
+        and top_used is not None
+        and hier < min(seen, default=UNLIMITED)
+    ):
+        working = max(0, top_used - top_inactive)
+        out.append(
+            MemoryReading(
+                max(0, hier - working),
+                f"cgroup v1 {levels[0]}/memory.stat hierarchical_memory_limit",
+            )
+        )
     return out
 
 

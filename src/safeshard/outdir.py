@@ -36,6 +36,7 @@ them. Nothing here reads or writes outside the folder: every name is a plain fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,9 +45,28 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from .byteio import LocalSink, Sink
-from .errors import OutputExistsError, StorageError, UpdateError, read_error, write_error
-from .fsio import TMP_PREFIX, DirLock, copy_range, fsync_dir
+from .byteio import LocalSink, Sink, copy_source
+from .errors import (
+    OutputExistsError,
+    StorageError,
+    UpdateError,
+    WriteError,
+    read_error,
+    write_error,
+)
+from .fsio import (
+    MAX_SMALL_FILE,
+    TMP_PREFIX,
+    DirLock,
+    copy_range,
+    create_temporary,
+    describe_file,
+    fsync_dir,
+    not_a_file,
+    open_regular,
+    read_regular_file,
+)
+from .sizes import format_size
 
 __all__ = [
     "JOURNAL_NAME",
@@ -327,10 +347,21 @@ class OutputFolder:
     def _recover(self) -> None:
         jpath = self.folder / JOURNAL_NAME
         try:
-            data = jpath.read_bytes()
+            data = read_regular_file(jpath, follow_symlinks=False, limit=MAX_SMALL_FILE)
         except FileNotFoundError:
             data = None
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EINVAL):
+                raise not_a_file(jpath, describe_file(jpath), "journal") from None
+            if e.errno == errno.EFBIG:
+                raise WriteError(
+                    f"{jpath}: is larger than {MAX_SMALL_FILE} bytes "
+                    f"({format_size(MAX_SMALL_FILE)}), more than any journal safeshard "
+                    f"writes, so it is not read. Remove it (rm {os.fspath(jpath)!r}) and run "
+                    "again",
+                    filename=os.fspath(jpath),
+                    err=errno.EFBIG,
+                ) from None
             raise write_error(jpath, "read the journal of an earlier run", e) from None
         found = _Journal.parse(data) if data is not None else None
         if data is not None and found is None:
@@ -403,7 +434,7 @@ class OutputFolder:
 
     def _open_append(self, path: Path) -> int:
         try:
-            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return open_regular(path, os.O_WRONLY | os.O_APPEND, follow_symlinks=False)
         except OSError as e:
             raise write_error(path, "open the journal", e) from None
 
@@ -444,14 +475,10 @@ class OutputFolder:
         return os.path.lexists(self.path(name))
 
     def read(self, name: str) -> bytes | None:
-        """The bytes of ``name`` (None if absent, not a regular file, or unreadable)."""
+        """The bytes of ``name`` (None if absent, a symlink, not a regular file, larger
+        than :data:`~safeshard.fsio.MAX_SMALL_FILE`, or unreadable)."""
         try:
-            fd = os.open(self.path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            with os.fdopen(fd, "rb") as f:
-                return f.read()
+            return read_regular_file(self.path(name), follow_symlinks=False)
         except OSError:
             return None
 
@@ -481,14 +508,8 @@ class OutputFolder:
 
     def _create(self, tmp: str) -> int:
         path = self.path(tmp)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a leftover of this very name: never write through it
         try:
-            fd = os.open(
-                path,
-                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o644,
-            )
+            fd = create_temporary(path)
         except OSError as e:
             raise write_error(path, "create", e) from None
         self._mine.add(tmp)
@@ -538,15 +559,14 @@ class OutputFolder:
     def copy_in(self, src: Any, name: str) -> None:
         """Copy the file ``src`` (outside the folder; a local path, or a storage path) to
         ``name`` atomically."""
-        if not isinstance(src, (str, Path)):  # an object in storage: a small sidecar
-            try:
-                data = src.read_bytes()
-            except OSError as e:
-                raise read_error(src, "read", e) from None
-            self.write_bytes(name, data)
+        from .storage import is_remote, open_source
+
+        if is_remote(src):  # an object in storage: streamed through a bounded buffer
+            with open_source(src) as source:
+                self.write(name, lambda sink: copy_source(source, sink), size=source.size)
             return
         try:
-            sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            sfd = open_regular(src)
         except OSError as e:
             raise read_error(src, "open", e) from None
         try:
@@ -576,7 +596,7 @@ class OutputFolder:
         except OSError:
             src = self.path(old)
             try:
-                sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                sfd = open_regular(src, follow_symlinks=False)
             except OSError as e:
                 raise write_error(src, "open to copy", e) from None
             try:

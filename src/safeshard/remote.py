@@ -23,7 +23,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .byteio import ByteSource, Sink
@@ -493,18 +492,18 @@ class RemoteFolder:
         self.write(name, lambda sink: sink.write(data), size=len(data))
 
     def copy_in(self, src: Any, name: str) -> None:
-        """Copy a small file (a local path, or a storage path) to ``name``: on the server
-        when it lies on this storage."""
+        """Copy a file (a local path, or a storage path) to ``name``: on the server when it
+        lies on this storage, else streamed through a bounded buffer (never whole)."""
         fs = getattr(src, "fs", None)
         if fs is not None and type(fs) is type(self.fs) and hasattr(src, "path"):
             self.fs.copy(src.path, self._key(name))
             self.step(f"written:{name}")
             return
-        try:
-            data = src.read_bytes() if hasattr(src, "read_bytes") else Path(src).read_bytes()
-        except OSError as e:
-            raise ReadError(f"{src}: cannot read: {e}", filename=str(src)) from None
-        self.write_bytes(name, data)
+        from .byteio import copy_source
+        from .storage import open_source
+
+        with open_source(src) as source:
+            self.write(name, lambda sink: copy_source(source, sink), size=source.size)
 
     def stage(self, name: str, fill: Any, *, size: int | None = None) -> tuple[str, Any]:
         from .outdir import STAGE_PREFIX

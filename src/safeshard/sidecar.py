@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import read_error
+from .byteio import read_exact
+from .errors import StorageError, read_error
 from .outdir import OutputStore
 
 WEIGHT_SUFFIXES = (
@@ -178,17 +179,42 @@ def rewrite_quantize_config(data: bytes, base: str) -> tuple[bytes | None, str |
         return (json.dumps(obj, indent=2) + "\n").encode("ascii"), note
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""Most bytes of ``quantize_config.json`` read to rewrite it (real ones are ~300 bytes);
+a larger one is copied unchanged, streamed like any other file."""
+
+
+def _read_config(src: Path) -> bytes | None:
+    """The bytes of ``quantize_config.json`` (None: larger than :data:`MAX_CONFIG_BYTES`).
+    Never more than that many bytes are held, local or in object storage."""
+    from .storage import open_source
+
+    try:
+        with open_source(src) as source:
+            if source.size > MAX_CONFIG_BYTES:
+                return None
+            buf = memoryview(bytearray(source.size))
+            read_exact(source, [buf], 0, QUANTIZE_CONFIG)
+            return bytes(buf)
+    except OSError as e:
+        if isinstance(e, StorageError):
+            raise
+        raise read_error(src, "read", e) from None
+
+
 def copy_sidecars(folder: Path, tx: OutputStore, *, base: str, only_known: bool) -> SidecarResult:
     """Copy ``folder``'s other files into the output transaction ``tx`` (see the module docs)."""
     result = SidecarResult()
     files, result.skipped = plan_sidecars(folder, only_known=only_known)
     for src in files:
         if src.name == QUANTIZE_CONFIG:
-            try:
-                data = src.read_bytes()
-            except OSError as e:
-                raise read_error(src, "read", e) from None
-            new, note = rewrite_quantize_config(data, base)
+            data = _read_config(src)
+            new, note = (None, None) if data is None else rewrite_quantize_config(data, base)
+            if data is None:
+                result.notes.append(
+                    f"{QUANTIZE_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes, which no "
+                    "quantize config is; copied unchanged"
+                )
             if note:
                 result.notes.append(note)
             if new is not None:

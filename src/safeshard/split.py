@@ -302,7 +302,7 @@ def _resume(
 
 def read_manifest_quiet(folder: Path, base: str) -> object | None:
     try:
-        return read_manifest(folder, base)
+        return read_manifest(folder, base, follow_symlinks=False)
     except (IndexFormatError, OSError):
         return None
 
@@ -312,7 +312,7 @@ def _finished(
 ) -> dict[str, FileRecord]:
     """Shards a finished split with the same fingerprint vouches for through its manifest."""
     try:
-        man = read_manifest(out, base)
+        man = read_manifest(out, base, follow_symlinks=False)
     except (IndexFormatError, OSError):
         return {}
     if man is None or man.fingerprint != fp:

@@ -192,7 +192,7 @@ def _read_old(out: Path, base: str) -> tuple[Manifest, Checkpoint]:
         )
     mpath = manifest_path(out, base)
     try:
-        man = read_manifest(out, base)
+        man = read_manifest(out, base, follow_symlinks=False)
     except (IndexFormatError, OSError) as e:
         raise UpdateError(f"{e}; the earlier split cannot be trusted: {_fresh(out)}") from None
     if man is None:

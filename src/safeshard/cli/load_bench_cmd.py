@@ -19,6 +19,12 @@ cache with ``posix_fadvise(DONTNEED)``, then times the variant:
   is the time prefetch saved over the time it could save.
 
 Variants run ``--repeats`` times in rotating order; medians are reported.
+
+PATH may be a URL (``s3://bucket/model``, with ``--storage-option``): there is no local
+page cache to evict or fill, so the runs are labelled ``remote`` (``--cold``/``--warm``
+are refused), and the baseline fetches each object whole and loads it with
+``safetensors.torch.load``. The storage options reach each child on its standard input,
+never on its command line.
 """
 
 from __future__ import annotations
@@ -33,16 +39,28 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import click
 
-from ..errors import MissingExtraError, SafeshardError
+from ..errors import MissingExtraError, SafeshardError, UsageError
 from ..load import default_workers
 from ..sizes import format_size
 from ..source import open_checkpoint
-from . import SIZE, emit_json, err, json_option, line, main, out, safe, say
+from ..storage import is_remote
+from . import (
+    LOCATION,
+    SIZE,
+    emit_json,
+    err,
+    json_option,
+    line,
+    main,
+    out,
+    safe,
+    say,
+    storage_option,
+)
 
 LOAD_VARIANTS = ("sequential", "parallel", "walk", "baseline")
 WARM_ONLY = ("fault",)
@@ -51,7 +69,7 @@ ALL_VARIANTS = LOAD_VARIANTS + WARM_ONLY + WORK_VARIANTS
 
 
 @main.command("load-bench")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=LOCATION)
 @click.option("--workers", "-j", type=click.IntRange(min=1), help="Threads for parallel loads.")
 @click.option(
     "--budget",
@@ -77,22 +95,25 @@ ALL_VARIANTS = LOAD_VARIANTS + WARM_ONLY + WORK_VARIANTS
     type=click.Choice(ALL_VARIANTS),
     help="Run only these variants (repeatable). Default: all.",
 )
+@storage_option
 @json_option
 def load_bench(
-    path: Path,
+    path: str,
     workers: int | None,
     budget: int,
     mode: str | None,
     repeats: int,
     work_rate: int,
     variants: tuple[str, ...],
+    storage_options: dict[str, Any] | None,
     as_json: bool,
 ) -> None:
     """Measure load throughput (GB/s) and peak RSS of PATH (file, folder or index).
 
     Runs cold (page cache evicted before each run) and warm by default; --cold or
     --warm picks one. Compare parallel against baseline, and walk's peak RSS against
-    its RSS after imports plus the budget.
+    its RSS after imports plus the budget. PATH may be a URL (s3://...): the runs are
+    then "remote" (no local cache to evict or fill).
     """
     missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
@@ -100,25 +121,33 @@ def load_bench(
             f"load-bench needs {' and '.join(missing)} (it compares against "
             "safetensors.torch.load_file); run: pip install 'safeshard[torch]' safetensors"
         )
-    ckpt = open_checkpoint(path)
-    files = [h.path for h in ckpt.headers]
+    ckpt = open_checkpoint(path, storage_options=storage_options)
+    remote = is_remote(ckpt.folder)
+    if remote and mode:
+        raise UsageError(
+            f"--{mode} needs local files: {path} is in object storage, where each run reads "
+            "the objects again (there is no local page cache to evict or fill); leave out "
+            f"--{mode}"
+        )
+    files = [str(h.path) for h in ckpt.headers]
     total = ckpt.total_tensor_bytes
     nworkers = workers or default_workers()
-    modes = [mode] if mode else ["cold", "warm"]
+    modes = ["remote"] if remote else [mode] if mode else ["cold", "warm"]
     chosen = list(variants) or list(ALL_VARIANTS)
     params = {
-        "path": str(path),
+        "path": path,
         "files": files,
         "workers": nworkers,
         "budget": budget,
         "work_rate": work_rate,
+        "storage_options": storage_options,
     }
     runs: dict[str, dict[str, dict[str, Any]]] = {}
     for m in modes:
         names = [
             v
             for v in chosen
-            if (v not in WARM_ONLY or m == "warm") and (v not in WORK_VARIANTS or m == modes[-1])
+            if (v not in WARM_ONLY or m != "cold") and (v not in WORK_VARIANTS or m == modes[-1])
         ]
         if not names:
             continue
@@ -126,7 +155,7 @@ def load_bench(
             _warm_up(files)
         runs[m] = _paired(names, m, params, repeats, quiet=as_json)
     result = {
-        "path": str(path),
+        "path": path,
         "files": len(files),
         "file_bytes": ckpt.file_size,
         "tensor_bytes": total,
@@ -275,8 +304,13 @@ def _run_child(variant: str, mode: str, params: dict[str, Any]) -> dict[str, Any
     spec = json.dumps({"variant": variant, "mode": mode, **params})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     code = "from safeshard.cli.load_bench_cmd import child_main; child_main()"
-    proc = subprocess.run(
-        [sys.executable, "-c", code, spec], capture_output=True, text=True, env=env, check=False
+    proc = subprocess.run(  # the spec on stdin: storage options stay off the command line
+        [sys.executable, "-c", code],
+        input=spec,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if proc.returncode != 0:
         raise SafeshardError(
@@ -316,7 +350,7 @@ def _evict(files: Sequence[str]) -> None:
 
 def child_main() -> None:
     """Entry point of one measured run (a fresh process): prints one JSON line."""
-    spec = json.loads(sys.argv[1])
+    spec = json.loads(sys.stdin.read())
     import safetensors.torch
     import torch
 
@@ -330,7 +364,7 @@ def child_main() -> None:
     extra = _VARIANTS[spec["variant"]](spec)
     seconds = time.perf_counter() - t0
     peak = _status_bytes("VmHWM")
-    ckpt = safeshard.open_checkpoint(spec["path"])
+    ckpt = safeshard.open_checkpoint(spec["path"], storage_options=spec.get("storage_options"))
     print(
         json.dumps(
             {
@@ -347,7 +381,7 @@ def child_main() -> None:
 def _v_load(spec: dict[str, Any], workers: int) -> dict[str, Any]:
     import safeshard
 
-    sd = safeshard.load(spec["path"], workers=workers)
+    sd = safeshard.load(spec["path"], workers=workers, storage_options=spec.get("storage_options"))
     n = len(sd)
     del sd
     return {"tensors": n}
@@ -363,6 +397,7 @@ def _v_walk(spec: dict[str, Any], rate: int | None, prefetch: int) -> dict[str, 
         max_resident_bytes=spec["budget"],
         prefetch=prefetch,
         workers=spec["workers"],
+        storage_options=spec.get("storage_options"),
     ) as lc:
         walk = lc.iter_layers()
         while True:
@@ -391,11 +426,16 @@ def _v_walk(spec: dict[str, Any], rate: int | None, prefetch: int) -> dict[str, 
 
 
 def _v_baseline(spec: dict[str, Any]) -> dict[str, Any]:
-    from safetensors.torch import load_file
+    """``load_file`` of each shard; for objects in storage, each fetched whole with
+    fsspec and loaded from those bytes with ``safetensors.torch.load``."""
+    from safetensors.torch import load, load_file
+
+    from ..storage import as_path
 
     kept: dict[str, Any] = {}
     for f in spec["files"]:
-        sd = load_file(f)
+        p = as_path(f, spec.get("storage_options"))
+        sd = load(p.read_bytes()) if is_remote(p) else load_file(f)
         kept.update({k: v.clone() for k, v in sd.items()})
         del sd
     return {"tensors": len(kept)}
@@ -410,7 +450,7 @@ def _v_fault(spec: dict[str, Any]) -> dict[str, Any]:
 
     from ..load import CHUNK_BYTES
 
-    ckpt = open_checkpoint(spec["path"])
+    ckpt = open_checkpoint(spec["path"], storage_options=spec.get("storage_options"))
     bufs = [torch.empty(e.info.nbytes, dtype=torch.uint8) for e in ckpt.entries.values()]
     pieces = [
         (b.data_ptr() + o, min(CHUNK_BYTES, b.numel() - o))
