@@ -56,6 +56,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from .redact import redact
+
 __all__ = [
     "AmbiguousCheckpointError",
     "BudgetError",
@@ -106,7 +108,15 @@ __all__ = [
 
 
 class SafeshardError(Exception):
-    """Base of every error safeshard raises."""
+    """Base of every error safeshard raises.
+
+    Its text never holds credentials: every string argument passes through
+    :func:`safeshard.redact.redact` (URL userinfo and presigned query strings become
+    ``***``), so ``str()``, ``repr()`` and pickling show the redacted text only.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class SizeParseError(SafeshardError, ValueError):
@@ -121,8 +131,8 @@ class HeaderError(SafeshardError, ValueError):
     """A safetensors file is malformed. ``path`` names the file."""
 
     def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
+        self.path = redact(str(path))
+        self.problem = redact(problem)
         super().__init__(f"{self.path}: {problem}")
 
     def __reduce__(self) -> tuple[type[HeaderError], tuple[str, str]]:
@@ -246,7 +256,7 @@ class StorageError(SafeshardError, OSError):
 
     def __init__(self, message: str, *, filename: str | None = None, err: int = errno.EIO) -> None:
         super().__init__(err, message)
-        self.filename = filename
+        self.filename = None if filename is None else redact(filename)
 
     def __str__(self) -> str:
         return str(self.strerror)

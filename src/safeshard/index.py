@@ -170,7 +170,10 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     """
     try:
         if hasattr(path, "read_bytes") and not isinstance(path, Path):  # storage: a UPath
-            data = path.read_bytes()
+            from .storerr import storage_op
+
+            with storage_op(path, "read the index"):
+                data = path.read_bytes()
         else:
             with open(path, "rb") as f:
                 data = f.read()
