@@ -48,7 +48,8 @@ from .manifest import Manifest, manifest_path, read_manifest
 from .outdir import StepHook
 from .output import open_sources, tensor_extents
 from .source import Checkpoint, common_metadata, open_checkpoint
-from .storage import as_path, is_remote, output_folder, translate_errors
+from .storage import as_path, is_remote, output_folder, translate_errors, url_of
+from .storerr import storage_op
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
 
@@ -193,7 +194,8 @@ def merge(
     """
     ckpt = open_checkpoint(src, storage_options=storage_options)
     out = as_path(out_file, storage_options)
-    _check_output(out, ckpt, force)
+    with storage_op(url_of(out), "look up the output"):
+        _check_output(out, ckpt, force)
     warnings: list[str] = []
     manifest = _read_manifest(ckpt, warnings)
     layout = merge_layout(ckpt, manifest)

@@ -137,7 +137,8 @@ def translate_errors(fn: Callable[P, R]) -> Callable[P, R]:
         except Exception as e:
             if not from_client(e):
                 raise
-            raise storage_error(e) from None
+            urls = [a for a in (*args, *kwargs.values()) if isinstance(a, str) and is_url(a)]
+            raise storage_error(e, url=" or ".join(urls) or None) from None
 
     return wrapper
 

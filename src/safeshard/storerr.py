@@ -48,6 +48,8 @@ CLIENT_MODULES = (
     "urllib3",
     "http.client",
     "requests",
+    "huggingface_hub",
+    "yarl",
 )
 """Modules whose exceptions are storage errors."""
 
@@ -71,7 +73,6 @@ _RESET = (
     "BrokenPipeError",
     "ServerDisconnectedError",
     "ClientPayloadError",
-    "ClientOSError",
     "ConnectionClosedError",
     "RemoteDisconnected",
     "IncompleteRead",
@@ -101,13 +102,28 @@ def _chain(e: BaseException) -> Iterator[BaseException]:
         cur = cur.__cause__ or cur.__context__
 
 
+def _raised_in_client(e: BaseException) -> bool:
+    """Whether a storage client's code is on ``e``'s traceback below safeshard's last
+    frame (a builtin ``ValueError`` or ``TypeError`` raised by botocore or fsspec)."""
+    tb = e.__traceback__
+    inside = False
+    while tb is not None:
+        mod = str(tb.tb_frame.f_globals.get("__name__", ""))
+        if mod == "safeshard" or mod.startswith("safeshard."):
+            inside = False
+        elif mod.startswith(CLIENT_MODULES):
+            inside = True
+        tb = tb.tb_next
+    return inside
+
+
 def from_client(e: BaseException) -> bool:
     """Whether ``e`` comes from a storage client (or is an OSError one raised)."""
-    if isinstance(e, SafeshardError):
+    if isinstance(e, SafeshardError) or not isinstance(e, Exception):
         return False
     for x in _chain(e):
         mod = type(x).__module__ or ""
-        if mod.startswith(CLIENT_MODULES):
+        if mod.startswith(CLIENT_MODULES) or _raised_in_client(x):
             return True
     return isinstance(e, OSError)
 
@@ -131,10 +147,40 @@ def _response(e: BaseException) -> tuple[int | None, str, str]:
     return None, "", ""
 
 
+def _all(e: BaseException) -> list[BaseException]:
+    """``e``'s chain, and the errors botocore wraps in its own (``kwargs["error"]``)."""
+    out: list[BaseException] = []
+    todo = [e]
+    while todo and len(out) < 32:
+        for x in _chain(todo.pop()):
+            if x in out:
+                continue
+            out.append(x)
+            kwargs = getattr(x, "kwargs", None)
+            inner = kwargs.get("error") if isinstance(kwargs, Mapping) else None
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+    return out
+
+
 def _names(e: BaseException) -> set[str]:
-    return {type(x).__name__ for x in _chain(e)} | {
-        c.__name__ for x in _chain(e) for c in type(x).__mro__
-    }
+    return {c.__name__ for x in _all(e) for c in type(x).__mro__}
+
+
+_RESET_ERRNOS = (errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
+
+
+def _was_reset(e: BaseException) -> bool:
+    """Whether the connection was reset or closed after it was made (not refused)."""
+    for x in _all(e):
+        if type(x).__name__ in _RESET:
+            return True
+        if isinstance(x, OSError) and x.errno in _RESET_ERRNOS:
+            return True
+        low = str(x).lower()
+        if "reset by peer" in low or "connection reset" in low or "server disconnected" in low:
+            return True
+    return False
 
 
 def _bucket(url: str) -> str:
@@ -170,7 +216,9 @@ def classify(url: object, operation: str, e: BaseException, *, attempts: int = 1
     )
     cls: type[StorageError] = WriteError if operation.startswith(WRITES) else ReadError
     where = f"{name}: cannot {operation}"
-    said = f"{status} {code}".strip()
+    said = " ".join(
+        x for x in (f"HTTP {status}" if status else "", code if code != str(status) else "") if x
+    )
     if server and server not in said:
         said = f"{said} ({server})" if said else server
 
@@ -211,6 +259,14 @@ def classify(url: object, operation: str, e: BaseException, *, attempts: int = 1
             filename=name,
             err=errno.EACCES,
         )
+    if _was_reset(e):
+        return cls(
+            f"{where}: the connection was reset or closed by the server during the request "
+            f"({type(e).__name__}: {text}; {retried}); the endpoint was reached, so try "
+            "again, and check the server or a proxy between",
+            filename=name,
+            err=errno.ECONNRESET,
+        )
     if names & set(_CONNECT) or "could not connect" in low:
         at = _endpoint(e)
         return cls(
@@ -220,26 +276,23 @@ def classify(url: object, operation: str, e: BaseException, *, attempts: int = 1
             filename=name,
             err=errno.ECONNREFUSED,
         )
-    if names & set(_RESET) or "connection reset" in low or "connection was closed" in low:
-        return cls(
-            f"{where}: the connection was reset or closed by the server during the request "
-            f"({type(e).__name__}: {text}; {retried}); the endpoint was reached, so try "
-            "again, and check the server or a proxy between",
-            filename=name,
-            err=errno.ECONNRESET,
-        )
     if status is not None and status >= 500 or code in ("InternalError", "ServiceUnavailable", "SlowDown"):
         return cls(
-            f"{where}: the storage server failed with HTTP {said} ({retried}); try again "
+            f"{where}: the storage server failed with {said} ({retried}); try again "
             "later, and check the server if it persists",
             filename=name,
             err=errno.EIO,
         )
     if status is not None or code:
         return cls(
-            f"{where}: the storage server answered HTTP {said} ({retried})",
+            f"{where}: the storage server answered {said} ({retried})",
             filename=name,
             err=errno.EIO,
+        )
+    if isinstance(e, (ValueError, TypeError)):
+        return UsageError(
+            f"{where}: the URL or a storage option is not valid ({type(e).__name__}: {text}); "
+            "check the URL and the --storage-option values"
         )
     err_no = e.errno if isinstance(e, OSError) and isinstance(e.errno, int) else errno.EIO
     why = e.strerror if isinstance(e, OSError) and e.strerror else text

@@ -61,6 +61,7 @@ from ..errors import (
 )
 from ..redact import redact, secrets_of_options, secrets_of_url, secrets_shown_never
 from ..sizes import parse_size
+from ..remote import is_url
 from ..storage import storage_error
 from ..storerr import from_client
 from ._text import safe
@@ -153,16 +154,15 @@ def secrets_of_args(args: Sequence[str]) -> list[str]:
     return found
 
 
-def as_safeshard_error(e: BaseException) -> BaseException:
+def as_safeshard_error(e: BaseException, urls: Sequence[str] = ()) -> BaseException:
     """``e``, or the :class:`SafeshardError` it stands for when a storage client raised it
-    past the library's own translation (so no storage error is ever shown as a bug)."""
+    past the library's own translation (so no storage error is ever shown as a bug);
+    ``urls`` are the command's URL arguments, named in its message."""
     if isinstance(e, (SafeshardError, click.exceptions.Exit, click.ClickException)):
         return e
     if not isinstance(e, Exception) or not from_client(e):
         return e
-    if isinstance(e, ValueError):
-        return UsageError(f"{type(e).__name__}: {e}")
-    return storage_error(e)
+    return storage_error(e, url=" or ".join(urls) or None)
 
 
 def exit_code(e: BaseException) -> int:
@@ -255,7 +255,7 @@ class SafeGroup(click.Group):
             except SystemExit:
                 raise
             except BaseException as e:
-                e = as_safeshard_error(e)
+                e = as_safeshard_error(e, [a for a in argv if is_url(a)])
                 code = exit_code(e)
                 report(e, code)
                 sys.exit(code)
