@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 S3_ERROR = (
-    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
-    "<Message>We encountered an internal error. Please try again.</Message>"
-    "<RequestId>1</RequestId></Error>"
-).encode()
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+    b"<Message>We encountered an internal error. Please try again.</Message>"
+    b"<RequestId>1</RequestId></Error>"
+)
 
 
 @dataclass

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+
 from conftest import write_st
 from faultproxy import FaultProxy, Rule
-
 from safeshard.cli import main
 
 S3 = tuple[str, dict[str, Any]]
@@ -117,7 +117,9 @@ def test_a_ranged_read_that_keeps_failing_says_it_was_retried(
     )
     client.upload_file(str(model(tmp_path) / "model.safetensors"), bucket, "src/model.safetensors")
     proxy.add(Rule("GET", r"/src/model\.safetensors$", "500"))
-    r = cli("merge", f"{base}/src/model.safetensors", str(tmp_path / "o.safetensors"), *flags(proxy.url))
+    r = cli(
+        "merge", f"{base}/src/model.safetensors", str(tmp_path / "o.safetensors"), *flags(proxy.url)
+    )
     assert r.exit_code == 4, said(r)
     text = said(r)
     assert f"{base}/src/model.safetensors: cannot read bytes" in text
@@ -228,7 +230,10 @@ def test_merge_on_a_credential_url_is_no_bug_and_shows_no_secret(s3: S3, tmp_pat
 
 
 BAD = {
-    "unreachable endpoint": ("s3://h16a-bucket/m/", ["client_kwargs.endpoint_url=http://127.0.0.1:9"]),
+    "unreachable endpoint": (
+        "s3://h16a-bucket/m/",
+        ["client_kwargs.endpoint_url=http://127.0.0.1:9"],
+    ),
     "bad endpoint": ("s3://h16a-bucket/m/", ["client_kwargs.endpoint_url=notaurl"]),
     "unknown option": ("s3://h16a-bucket/m/", ["no_such_option=1"]),
     "no bucket": ("s3:///m/", []),

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_st
-from faultproxy import FolderServer
 
 import safeshard
+from conftest import write_st
+from faultproxy import FolderServer
 from safeshard import errors
 from safeshard.cli import main
 from safeshard.index import check_shard_name, read_index
@@ -61,7 +61,12 @@ def test_each_rule_has_its_class_as_written_and_percent_decoded(
 
 @pytest.mark.parametrize(
     "value",
-    ["model-00001-of-00002.safetensors", "model%20x.safetensors", "a..b.safetensors", "x y.safetensors"],
+    [
+        "model-00001-of-00002.safetensors",
+        "model%20x.safetensors",
+        "a..b.safetensors",
+        "x y.safetensors",
+    ],
 )
 def test_harmless_names_still_pass(value: str) -> None:
     assert check_shard_name("i.json", "t", value) == value
@@ -69,7 +74,9 @@ def test_harmless_names_still_pass(value: str) -> None:
 
 def _hostile_tree(root: Path) -> Path:
     """root/a/evil.safetensors (outside) and root/a/b/ckpt/ (an index naming it)."""
-    write_st(root / "a" / "evil.safetensors", {"stolen": ("F32", [4])}, fill=lambda n, k: b"\x7f" * k)
+    write_st(
+        root / "a" / "evil.safetensors", {"stolen": ("F32", [4])}, fill=lambda n, k: b"\x7f" * k
+    )
     ckpt = root / "a" / "b" / "ckpt"
     write_st(ckpt / "model-00001-of-00001.safetensors", {"ok": ("F32", [2])})
     (ckpt / "model.safetensors.index.json").write_text(

@@ -47,6 +47,7 @@ from .layout import model_order
 from .manifest import Manifest, manifest_path, read_manifest
 from .outdir import StepHook
 from .output import open_sources, tensor_extents
+from .redact import redact_url
 from .source import Checkpoint, common_metadata, open_checkpoint
 from .storage import as_path, is_remote, output_folder, translate_errors, url_of
 from .storerr import storage_op
@@ -74,7 +75,7 @@ class MergeResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "out_file": str(self.out_file),
+            "out_file": redact_url(self.out_file),
             "size": self.size,
             "sha256": self.sha256,
             "tensors": self.tensors,
@@ -253,7 +254,7 @@ def merge(
             "not checked"
         )
     return MergeResult(
-        source=str(src),
+        source=redact_url(src),
         out_file=out,
         size=size,
         sha256=follower[0].result() if follower else inline.hexdigest() if inline else None,

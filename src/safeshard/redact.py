@@ -72,7 +72,9 @@ SECRET_PARAMS = frozenset(
 """Query parameters whose values are credentials (compared case-insensitively)."""
 
 _URL_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)([^\s'\"<>`]*)")
-_SCHEMELESS_USERINFO_RE = re.compile(r"(?<![\w/@:.%\-])([^\s/@:'\"<>`]+):([^\s/@'\"<>`]+)@(?=[\w.\-])")
+_SCHEMELESS_USERINFO_RE = re.compile(
+    r"(?<![\w/@.%\-])([^\s/@:'\"<>`]+):([^\s/@'\"<>`]+)@(?=[\w.\-])"
+)
 """``KEY:SECRET@bucket`` without its scheme, as a storage client may quote a bucket."""
 _PARAM_RE = re.compile(r"([?&;])([^=&;#\s]+)=([^&;#\s'\"<>`]*?)(?=[&;#\s'\"<>`]|:\s|:?$)")
 

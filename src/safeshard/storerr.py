@@ -184,7 +184,7 @@ def _was_reset(e: BaseException) -> bool:
 
 
 def _bucket(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
+    _, sep, rest = url.partition("://")
     return (rest if sep else url).split("/", 1)[0]
 
 
@@ -211,9 +211,7 @@ def classify(url: object, operation: str, e: BaseException, *, attempts: int = 1
     server = redact(server)
     names = _names(e)
     low = f"{code} {text}".lower()
-    retried = (
-        f"failed after {attempts} attempts" if attempts > 1 else "safeshard did not retry it"
-    )
+    retried = f"failed after {attempts} attempts" if attempts > 1 else "safeshard did not retry it"
     cls: type[StorageError] = WriteError if operation.startswith(WRITES) else ReadError
     where = f"{name}: cannot {operation}"
     said = " ".join(
@@ -276,7 +274,11 @@ def classify(url: object, operation: str, e: BaseException, *, attempts: int = 1
             filename=name,
             err=errno.ECONNREFUSED,
         )
-    if status is not None and status >= 500 or code in ("InternalError", "ServiceUnavailable", "SlowDown"):
+    if (status is not None and status >= 500) or code in (
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+    ):
         return cls(
             f"{where}: the storage server failed with {said} ({retried}); try again "
             "later, and check the server if it persists",
@@ -313,7 +315,7 @@ def storage_op(url: object, operation: str) -> Iterator[None]:
     except SafeshardError:
         raise
     except FileNotFoundError as e:
-        status, code, _ = _response(e)
+        _, code, _ = _response(e)
         if code == "NoSuchBucket" or "bucket does not exist" in str(e).lower():
             raise classify(url, operation, e) from None
         raise
@@ -326,7 +328,9 @@ def storage_op(url: object, operation: str) -> Iterator[None]:
 T = TypeVar("T")
 
 
-def translating(ops: Mapping[str, tuple[str, Callable[[Any, tuple[Any, ...]], object]]]) -> Callable[[type[T]], type[T]]:
+def translating(
+    ops: Mapping[str, tuple[str, Callable[[Any, tuple[Any, ...]], object]]],
+) -> Callable[[type[T]], type[T]]:
     """A class decorator: each method named in ``ops`` runs under :func:`storage_op`,
     with its operation and the URL that ``where(self, args)`` gives."""
 
@@ -350,7 +354,9 @@ def translating(ops: Mapping[str, tuple[str, Callable[[Any, tuple[Any, ...]], ob
     return wrap
 
 
-def _safe_where(where: Callable[[Any, tuple[Any, ...]], object], obj: Any, args: tuple[Any, ...]) -> object:
+def _safe_where(
+    where: Callable[[Any, tuple[Any, ...]], object], obj: Any, args: tuple[Any, ...]
+) -> object:
     try:
         return where(obj, args)
     except Exception:  # a message's URL must never turn into another error

@@ -60,8 +60,8 @@ from ..errors import (
     UsageError,
 )
 from ..redact import redact, secrets_of_options, secrets_of_url, secrets_shown_never
-from ..sizes import parse_size
 from ..remote import is_url
+from ..sizes import parse_size
 from ..storage import storage_error
 from ..storerr import from_client
 from ._text import safe
