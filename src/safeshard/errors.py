@@ -289,7 +289,7 @@ class StorageError(SafeshardError, OSError):
 
     def __init__(self, message: str, *, filename: str | None = None, err: int = errno.EIO) -> None:
         super().__init__(err, message)
-        self.filename = None if filename is None else redact(filename)
+        self.filename = None if filename is None else redact(str(filename))
 
     def __str__(self) -> str:
         return str(self.strerror)

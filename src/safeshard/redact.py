@@ -116,9 +116,10 @@ def _redact_one(scheme: str, rest: str) -> str:
     return scheme + rest
 
 
-def redact(text: str) -> str:
-    """``text`` with the credentials of every URL in it replaced by ``***`` (see the
+def redact(value: object) -> str:
+    """``value`` as text with the credentials of every URL in it replaced by ``***`` (see the
     module docs). Text without a URL, ``@`` or registered secret comes back unchanged."""
+    text = value if isinstance(value, str) else str(value)  # a path object is shown as text
     with _lock:
         secrets = list(_secrets)
     for s in secrets:
@@ -133,7 +134,7 @@ def redact(text: str) -> str:
 
 def redact_url(url: object) -> str:
     """``str(url)`` redacted: how a path or URL is shown."""
-    return redact(str(url))
+    return redact(url)
 
 
 def secrets_of_url(url: str) -> list[str]:
