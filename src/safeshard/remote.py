@@ -34,7 +34,6 @@ from .errors import (
     SafeshardError,
     UsageError,
 )
-from .redact import redact
 from .storerr import translating
 
 __all__ = [
@@ -362,7 +361,7 @@ class RemoteFolder:
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url, storage_options)
         self.root = self.root.rstrip("/")
-        self.folder = redact(self.url)  # how the prefix is shown: never its credentials
+        self.folder = self.url
         self.on_step = on_step
         self.recovered: list[str] = []
         self._mine: set[str] = set()
@@ -385,7 +384,7 @@ class RemoteFolder:
             self.on_step(name)
 
     def path(self, name: str) -> str:
-        return f"{self.folder}/{name}"
+        return f"{self.url}/{name}"
 
     def _key(self, name: str) -> str:
         if "/" in name or name in ("", ".", ".."):
