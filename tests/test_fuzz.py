@@ -434,6 +434,7 @@ def url_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield root, srv.url
 
 
+@pytest.mark.slow
 def test_fuzz_credential_urls(url_server: tuple[Path, str]) -> None:
     """Mutated checkpoints served over HTTP, read through URLs that carry credentials
     (userinfo, percent-encoded userinfo, presigned and token query strings), through
