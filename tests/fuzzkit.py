@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -497,6 +499,16 @@ weight_path_kinds = st.sampled_from(
         "int",
         "null",
         "list",
+        "pct_dotdot",
+        "pct_dotdot_twice",
+        "pct_slash",
+        "pct_backslash",
+        "pct_nul",
+        "pct_abs",
+        "pct_scheme",
+        "scheme_file",
+        "scheme_http",
+        "pct_harmless",
     ]
 )
 
@@ -927,6 +939,26 @@ def _weight_value(b: Built, kind: str, tensor_file: str) -> Any:
         name, plant = links[kind]
         _plant(src / name, plant, b)
         return name
+    pct = {
+        # URL and percent-encoding forms: each names a file that exists under its literal
+        # name (so a reader that checks only the raw text would read it), and decodes to
+        # a name outside the folder, a separator, a NUL or a URL
+        "pct_dotdot": "%2E%2E%2Foutside%2Fvictim.safetensors",
+        "pct_dotdot_twice": "%252E%252E%252Foutside%252Fvictim.safetensors",
+        "pct_slash": "sub%2F" + tensor_file,
+        "pct_backslash": "sub%5C" + tensor_file,
+        "pct_nul": tensor_file[: -len(".safetensors")] + "%00.safetensors",
+        "pct_abs": "%2F" + tensor_file,
+        "pct_scheme": "file%3A" + tensor_file,
+        "scheme_file": "file:" + tensor_file,
+        "scheme_http": "http:" + tensor_file,
+        "pct_harmless": tensor_file.replace("-", "%2D").replace("l", "%6C"),
+    }
+    if kind in pct:
+        name = pct[kind]
+        with contextlib.suppress(OSError):
+            shutil.copyfile(src / tensor_file, src / name)
+        return name
     if kind == "missing":
         return "nothere.safetensors"
     if kind == "other_shard":
@@ -1276,14 +1308,22 @@ def official(
 
 
 def _safe_weight_name(value: object) -> bool:
-    """The index rule, written independently: a plain ``.safetensors`` file name."""
-    return (
-        isinstance(value, str)
-        and value.endswith(".safetensors")
-        and not any(c in value for c in "/\\\x00")
-        and value not in (".", "..")
-        and not value.startswith("..")
-        and not (len(value) > 1 and value[1] == ":")
+    """The index rule, written independently: a plain ``.safetensors`` file name, as
+    written and percent-decoded (repeatedly, as a server may), with no URL scheme."""
+    if not isinstance(value, str) or not value.endswith(".safetensors"):
+        return False
+    forms = [value]
+    while "%" in forms[-1] and len(forms) < 9:
+        nxt = urllib.parse.unquote(forms[-1], errors="surrogateescape")
+        if nxt == forms[-1]:
+            break
+        forms.append(nxt)
+    return all(
+        not any(c in f for c in "/\\\x00")
+        and f not in (".", "..")
+        and not f.startswith("..")
+        and not re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", f)
+        for f in forms
     )
 
 
@@ -1923,3 +1963,130 @@ __all__ = [
     "run_case",
     "summary",
 ]
+
+
+# --------------------------------------------------------------------------- credential URLs
+
+SECRETS = ("u5er-SECRET-a1", "pw-SECRET-b2", "sig-SECRET-c3", "cred-SECRET-d4", "tok-SECRET-e5")
+"""Strings that must never appear in any output, file or exception text."""
+
+URL_FORMS = (
+    "userinfo",  # http://USER:PW@host/path
+    "userinfo_pct",  # the password percent-encoded in the URL (its decoded form is secret too)
+    "presigned",  # ?X-Amz-Signature=...&X-Amz-Credential=...&X-Amz-Security-Token=...
+    "query_token",  # ?sig=...&token=...
+)
+
+_UNSERVABLE = {"plant", "linkshard"}
+"""Mutations that plant FIFOs and links: a plain HTTP server would block on them."""
+_UNSERVABLE_KINDS = {
+    "fifo",
+    "dir",
+    "link_outside",
+    "link_dir",
+    "link_dangling",
+    "link_loop",
+    "link_dot",
+}
+
+
+def servable(case: Case) -> bool:
+    """Whether ``case`` can be served by a plain static HTTP server (no FIFOs, no links)."""
+    for m in case.muts:
+        if m[0] in _UNSERVABLE:
+            return False
+        if m[0] == "index" and any(k in _UNSERVABLE_KINDS for k in m[1] if isinstance(k, str)):
+            return False
+    return True
+
+
+def credential_url(server: str, rel: str, form: str) -> str:
+    """The URL of ``rel`` on ``server`` (``http://127.0.0.1:PORT``) with credentials of
+    ``form`` in it."""
+    path = urllib.parse.quote(os.fsencode(rel))
+    host = server.partition("://")[2]
+    user, pw, sig, cred, tok = SECRETS
+    if form == "userinfo":
+        return f"http://{user}:{pw}@{host}/{path}"
+    if form == "userinfo_pct":
+        return f"http://{user}:{urllib.parse.quote(pw, safe='')}%21@{host}/{path}"
+    if form == "presigned":
+        return (
+            f"http://{host}/{path}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={cred}"
+            f"&X-Amz-Signature={sig}&X-Amz-Security-Token={tok}"
+        )
+    return f"http://{host}/{path}?sig={sig}&token={tok}&se=2030-01-01"
+
+
+def leaked(text: str | bytes) -> list[str]:
+    """Which of :data:`SECRETS` (as written or percent-encoded) appear in ``text``."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    return [s for s in SECRETS if s in text or urllib.parse.quote(s, safe="") in text]
+
+
+def _exception_text(e: BaseException) -> str:
+    return "".join(traceback.format_exception(e)) + repr(e) + str(e)
+
+
+def run_url_case(case: Case, root: Path, server: str, form: str) -> dict[str, int]:
+    """Build ``case`` under ``root`` (served at ``server``), run every command on a URL
+    with credentials of ``form``, and check that no secret appears in stdout, stderr,
+    any file written, or any exception's text, and that no command exits 70 (a bug).
+    Returns each command's exit code."""
+    from click.testing import CliRunner
+
+    from safeshard.cli import main
+
+    folder = Path(tempfile.mkdtemp(prefix="url-", dir=root))
+    problems: list[str] = []
+    codes: dict[str, int] = {}
+    try:
+        b = build(case, folder)
+        target = b.input
+        if target.is_dir():  # a static server lists no folder fsspec can read: name the file
+            target = target / (b.index or (b.weights[0] if b.weights else "model.safetensors"))
+        url = credential_url(server, str(target.relative_to(root)), form)
+        out, merged = folder / "o", folder / "m.safetensors"
+        commands = {
+            "inspect": ["inspect", url],
+            "inspect --json": ["inspect", "--json", url],
+            "verify --json": ["verify", "--json", url],
+            "split": ["split", url, str(out), "--max-shard-size", "1MB", "--force"],
+            "merge": ["merge", url, str(merged), "--force"],
+            "diff": ["diff", url, str(b.pristine_input)],
+        }
+        runner = CliRunner()
+        for name, args in commands.items():
+            with time_limit(COMMAND_TIMEOUT, name):
+                r = runner.invoke(main, args)
+            codes[name] = r.exit_code
+            STATS[f"url {name}: exit {r.exit_code}"] += 1
+            text = r.stdout + r.stderr
+            if r.exception is not None and not isinstance(r.exception, SystemExit):
+                text += _exception_text(r.exception)
+            for s in leaked(text):
+                problems.append(f"{name}: the secret {s!r} in its output:\n{text[-2000:]}")
+            if r.exit_code == 70:
+                problems.append(f"{name}: exit 70 (a bug) on {form}:\n{text[-2000:]}")
+        for p in sorted(folder.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                for s in leaked(p.read_bytes()):
+                    problems.append(f"{p}: a file written holds the secret {s!r}")
+        for name, fn in (
+            ("inspect()", lambda: safeshard.inspect(url)),
+            ("load()", lambda: safeshard.load(url, framework="numpy")),
+        ):
+            try:
+                with time_limit(COMMAND_TIMEOUT, name):
+                    fn()
+            except SafeshardError as e:
+                for s in leaked(_exception_text(e)):
+                    problems.append(f"{name}: the secret {s!r} in {type(e).__name__}: {e!r}")
+            except Exception as e:
+                problems.append(f"{name}: raised {type(e).__name__} (not a SafeshardError): {e!r}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if problems:
+        raise Finding("\n".join(problems))
+    return codes

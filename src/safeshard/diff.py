@@ -29,6 +29,7 @@ from typing import Any, Literal
 from . import gcpause
 from .errors import IndexFormatError, ReadError, UsageError
 from .manifest import TENSOR_DIGEST, Manifest, read_manifest
+from .redact import redact_url
 from .scan import FileResult, FileTask, Range, scan
 from .source import Checkpoint, open_checkpoint
 from .storage import translate_errors
@@ -223,7 +224,7 @@ def diff(
     sa = _side(a, trust_manifests, storage_options)
     sb = _side(b, trust_manifests, storage_options)
     ea, eb = sa.ckpt.entries, sb.ckpt.entries
-    report = DiffReport(a=str(a), b=str(b))
+    report = DiffReport(a=redact_url(a), b=redact_url(b))
     report.removed = sorted(n for n in ea if n not in eb)
     report.added = sorted(n for n in eb if n not in ea)
     report.metadata_a, report.metadata_b = sa.ckpt.metadata, sb.ckpt.metadata

@@ -27,6 +27,11 @@ inherits the builtin exception a caller would naturally catch, so
     │   └── MetadataError                         __metadata__ is not a str→str map
     ├── IndexFormatError (ValueError)             a *.safetensors.index.json is malformed
     │   └── UnsafeIndexPathError                  weight_map points outside the folder
+    │       ├── IndexPathNulError                 a NUL byte (as written or percent-decoded)
+    │       ├── IndexPathAbsoluteError            an absolute path or a drive
+    │       ├── IndexPathSchemeError              a URL scheme (http:, s3:, file:)
+    │       ├── IndexPathTraversalError           '..' (also %2E%2E)
+    │       └── IndexPathSeparatorError           '/' or '\' (also %2F, %5C)
     ├── CheckpointNotFoundError (FileNotFoundError)
     ├── AmbiguousCheckpointError (ValueError)     two checkpoints could be meant
     ├── ShardMismatchError (ValueError)           index and shards disagree
@@ -56,6 +61,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+from .redact import redact
+
 __all__ = [
     "AmbiguousCheckpointError",
     "BudgetError",
@@ -76,6 +83,11 @@ __all__ = [
     "HeaderTooLargeError",
     "IncompleteDataError",
     "IndexFormatError",
+    "IndexPathAbsoluteError",
+    "IndexPathNulError",
+    "IndexPathSchemeError",
+    "IndexPathSeparatorError",
+    "IndexPathTraversalError",
     "InvalidShapeError",
     "MetadataError",
     "MisalignedTensorError",
@@ -106,7 +118,15 @@ __all__ = [
 
 
 class SafeshardError(Exception):
-    """Base of every error safeshard raises."""
+    """Base of every error safeshard raises.
+
+    Its text never holds credentials: every string argument passes through
+    :func:`safeshard.redact.redact` (URL userinfo and presigned query strings become
+    ``***``), so ``str()``, ``repr()`` and pickling show the redacted text only.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact(a) if isinstance(a, str) else a for a in args))
 
 
 class SizeParseError(SafeshardError, ValueError):
@@ -121,8 +141,8 @@ class HeaderError(SafeshardError, ValueError):
     """A safetensors file is malformed. ``path`` names the file."""
 
     def __init__(self, path: object, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
+        self.path = redact(str(path))
+        self.problem = redact(problem)
         super().__init__(f"{self.path}: {problem}")
 
     def __reduce__(self) -> tuple[type[HeaderError], tuple[str, str]]:
@@ -204,7 +224,30 @@ class IndexFormatError(SafeshardError, ValueError):
 
 
 class UnsafeIndexPathError(IndexFormatError):
-    """A weight_map entry is not a plain ``.safetensors`` file name in the index's folder."""
+    """A weight_map entry is not a plain ``.safetensors`` file name in the index's folder.
+
+    Each rule below has its own subclass; every rule is checked on the name as written
+    and percent-decoded (a URL carries the name as written, a server may decode it)."""
+
+
+class IndexPathNulError(UnsafeIndexPathError):
+    """A weight_map entry holds a NUL byte (``\\x00``, ``%00``)."""
+
+
+class IndexPathAbsoluteError(UnsafeIndexPathError):
+    """A weight_map entry is an absolute path or names a drive (``/x``, ``%2Fx``, ``C:``)."""
+
+
+class IndexPathSchemeError(UnsafeIndexPathError):
+    """A weight_map entry starts with a URL scheme (``http:``, ``s3:``, ``file:``)."""
+
+
+class IndexPathTraversalError(UnsafeIndexPathError):
+    """A weight_map entry climbs out of the folder with ``..`` (``%2E%2E`` included)."""
+
+
+class IndexPathSeparatorError(UnsafeIndexPathError):
+    """A weight_map entry has a path separator (``/``, ``\\``, ``%2F``, ``%5C``)."""
 
 
 class CheckpointNotFoundError(SafeshardError, FileNotFoundError):
@@ -246,7 +289,7 @@ class StorageError(SafeshardError, OSError):
 
     def __init__(self, message: str, *, filename: str | None = None, err: int = errno.EIO) -> None:
         super().__init__(err, message)
-        self.filename = filename
+        self.filename = None if filename is None else redact(str(filename))
 
     def __str__(self) -> str:
         return str(self.strerror)

@@ -1,8 +1,8 @@
 """Hugging Face shard indexes (``*.safetensors.index.json``): strict, path-safe parsing.
 
 Every ``weight_map`` value must be a plain ``.safetensors`` file name in the index's
-own folder, so that a hostile index can never make safeshard read or write
-elsewhere.
+own folder, as written and percent-decoded, so that a hostile index can never make
+safeshard read or write elsewhere, on a local disk or through any URL protocol.
 """
 
 from __future__ import annotations
@@ -14,9 +14,20 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from . import gcpause
-from .errors import CheckpointNotFoundError, IndexFormatError, UnsafeIndexPathError, read_error
+from .errors import (
+    CheckpointNotFoundError,
+    IndexFormatError,
+    IndexPathAbsoluteError,
+    IndexPathNulError,
+    IndexPathSchemeError,
+    IndexPathSeparatorError,
+    IndexPathTraversalError,
+    UnsafeIndexPathError,
+    read_error,
+)
 from .fsio import read_regular_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -74,28 +85,69 @@ def index_base(filename: str) -> str:
     return filename
 
 
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+"""``http:``, ``s3:``, ``file:``, ``c:``: a name that a URL parser or Windows reads as
+somewhere else."""
+
+_ESCAPE_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def _decoded(value: str) -> str:
+    """``value`` percent-decoded until nothing changes (``%252E`` is ``%2E`` is ``.``),
+    as a server that decodes (even twice) would read it; at most 8 rounds."""
+    for _ in range(8):
+        if not _ESCAPE_RE.search(value):
+            return value
+        value = unquote(value, errors="surrogateescape")
+    return value
+
+
 def check_shard_name(index_path: str | os.PathLike[str], tensor: str, value: object) -> str:
-    """Return ``value`` if it is a safe shard file name; else :class:`UnsafeIndexPathError`."""
+    r"""Return ``value`` if it is a safe shard file name; else an :class:`UnsafeIndexPathError`,
+    of the class of the rule it breaks.
+
+    Each rule is checked on the value as written and on the value percent-decoded
+    (repeatedly), because a URL joins the name in as written and a server may decode
+    it: ``%2E%2E%2Fx.safetensors`` is ``../x.safetensors`` to an HTTP server.
+
+    - :class:`IndexPathNulError`: a NUL byte (``\x00``, ``%00``);
+    - :class:`IndexPathAbsoluteError`: an absolute path or a drive (``/x``, ``\x``, ``C:``);
+    - :class:`IndexPathSchemeError`: a URL scheme (``http:``, ``s3:``, ``file:``);
+    - :class:`IndexPathTraversalError`: ``..`` as a path part (``..``, ``../x``, ``%2E%2E``);
+    - :class:`IndexPathSeparatorError`: a ``/`` or ``\`` (``%2F``, ``%5C``);
+    - :class:`UnsafeIndexPathError` itself: not a non-empty string, a lone surrogate
+      escape, longer than 255 bytes, or not ending in ``.safetensors``.
+    """
     where = f"{index_path}: weight_map[{tensor!r}]"
     if not isinstance(value, str) or not value:
         raise UnsafeIndexPathError(f"{where} must be a non-empty file name, found {value!r}")
-    if "\x00" in value:
-        raise UnsafeIndexPathError(f"{where} = {value!r} contains a NUL byte")
-    if value.startswith(("/", "\\")) or os.path.isabs(value):
-        raise UnsafeIndexPathError(
-            f"{where} = {value!r} is an absolute path; shards must sit beside the index"
+    decoded = _decoded(value)
+    forms = (value,) if decoded == value else (value, decoded)
+    shown = f"{value!r}" if decoded == value else f"{value!r} (percent-decoded: {decoded!r})"
+    if any("\x00" in f for f in forms):
+        raise IndexPathNulError(f"{where} = {shown} contains a NUL byte")
+    if any(f.startswith(("/", "\\")) or os.path.isabs(f) for f in forms):
+        raise IndexPathAbsoluteError(
+            f"{where} = {shown} is an absolute path; shards must sit beside the index"
         )
-    if _DRIVE_RE.match(value):
-        raise UnsafeIndexPathError(
-            f"{where} = {value!r} names a drive; shards must sit beside the index"
+    if any(_DRIVE_RE.match(f) for f in forms):
+        raise IndexPathAbsoluteError(
+            f"{where} = {shown} names a drive; shards must sit beside the index"
         )
-    if value in (".", "..") or value.startswith("..") or "/.." in value or "\\.." in value:
-        raise UnsafeIndexPathError(
-            f"{where} = {value!r} climbs out of the index's folder with '..'"
+    if any(_SCHEME_RE.match(f) for f in forms):
+        raise IndexPathSchemeError(
+            f"{where} = {shown} starts with a URL scheme; shards must be plain file names "
+            "beside the index, never URLs"
         )
-    if "/" in value or "\\" in value:
-        raise UnsafeIndexPathError(
-            f"{where} = {value!r} has a path separator; shards must be plain file names "
+    for f in forms:
+        parts = re.split(r"[/\\]", f)
+        if ".." in parts or f.startswith(".."):
+            raise IndexPathTraversalError(
+                f"{where} = {shown} climbs out of the index's folder with '..'"
+            )
+    if any("/" in f or "\\" in f for f in forms):
+        raise IndexPathSeparatorError(
+            f"{where} = {shown} has a path separator; shards must be plain file names "
             "beside the index"
         )
     try:
@@ -171,7 +223,10 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     """
     try:
         if hasattr(path, "read_bytes") and not isinstance(path, Path):  # storage: a UPath
-            data = path.read_bytes()
+            from .storerr import storage_op
+
+            with storage_op(path, "read the index"):
+                data = path.read_bytes()
         else:  # a regular file (never a FIFO, which would hang), of a bounded size
             data = read_regular_file(path)
     except FileNotFoundError:

@@ -21,6 +21,7 @@ from .header import TensorInfo, padded_header_size
 from .layout import Group, group_tensors
 from .plan import FileSizer
 from .quant import QuantReport, analyze
+from .redact import redact_url
 from .sizes import FAT32_LIMIT, format_size, parse_size
 from .source import common_metadata, open_checkpoint
 from .storage import translate_errors
@@ -297,7 +298,7 @@ def inspect(
     if q is not None and q.problems:
         warnings.append(f"GPTQ check: {len(q.problems)} problem(s), first: {q.problems[0].message}")
     return InspectReport(
-        path=str(path),
+        path=redact_url(path),
         index=ckpt.index.path.name if ckpt.index is not None else None,
         files=files,
         file_size=ckpt.file_size,

@@ -47,8 +47,10 @@ from .layout import model_order
 from .manifest import Manifest, manifest_path, read_manifest
 from .outdir import StepHook
 from .output import open_sources, tensor_extents
+from .redact import redact_url
 from .source import Checkpoint, common_metadata, open_checkpoint
-from .storage import as_path, is_remote, output_folder, translate_errors
+from .storage import as_path, is_remote, output_folder, translate_errors, url_of
+from .storerr import storage_op
 
 __all__ = ["MergeResult", "merge", "merge_layout"]
 
@@ -73,7 +75,7 @@ class MergeResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "out_file": str(self.out_file),
+            "out_file": redact_url(self.out_file),
             "size": self.size,
             "sha256": self.sha256,
             "tensors": self.tensors,
@@ -193,7 +195,8 @@ def merge(
     """
     ckpt = open_checkpoint(src, storage_options=storage_options)
     out = as_path(out_file, storage_options)
-    _check_output(out, ckpt, force)
+    with storage_op(url_of(out), "look up the output"):
+        _check_output(out, ckpt, force)
     warnings: list[str] = []
     manifest = _read_manifest(ckpt, warnings)
     layout = merge_layout(ckpt, manifest)
@@ -251,7 +254,7 @@ def merge(
             "not checked"
         )
     return MergeResult(
-        source=str(src),
+        source=redact_url(src),
         out_file=out,
         size=size,
         sha256=follower[0].result() if follower else inline.hexdigest() if inline else None,

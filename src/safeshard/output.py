@@ -44,6 +44,7 @@ from .manifest import (
     read_manifest,
 )
 from .outdir import FileRecord, OutputStore
+from .redact import redact_url
 from .source import Checkpoint
 
 __all__ = [
@@ -141,7 +142,7 @@ class OutputResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "out_dir": str(self.out_dir),
+            "out_dir": redact_url(self.out_dir),
             "dry_run": self.dry_run,
             "base": self.base,
             "cap": self.cap,

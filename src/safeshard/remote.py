@@ -33,6 +33,7 @@ from .errors import (
     SafeshardError,
     UsageError,
 )
+from .storerr import translating
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -253,6 +254,13 @@ class RemoteFile(ByteSource):
                 last = e
             finally:
                 self.limits.stats.end(want, got)
+        if isinstance(last, BaseException):
+            raise _classify(
+                self.name,
+                f"read bytes {start}-{stop - 1}",
+                last,
+                attempts=self.limits.retries + 1,
+            )
         raise ReadError(
             f"{self.name}: a ranged read of bytes {start}-{stop - 1} failed after "
             f"{self.limits.retries + 1} attempts: {last}",
@@ -260,25 +268,12 @@ class RemoteFile(ByteSource):
         )
 
 
-def _classify(name: str, operation: str, e: BaseException) -> SafeshardError:
-    """A SafeshardError for an fsspec/botocore error (never with credentials in it)."""
-    text = str(e) or type(e).__name__
-    low = text.lower()
-    if isinstance(e, PermissionError) or "accessdenied" in low or "forbidden" in low:
-        return ReadError(
-            f"{name}: cannot {operation}: access denied ({text}); check the credentials "
-            "(environment, AWS config, or --storage-option key=... secret=...)",
-            filename=name,
-        )
-    if "nosuchbucket" in low or "bucket does not exist" in low:
-        return CheckpointNotFoundError(f"{name}: the bucket does not exist")
-    if "invalidaccesskeyid" in low or "signaturedoesnotmatch" in low or "credentials" in low:
-        return ReadError(
-            f"{name}: cannot {operation}: the credentials were refused ({text})", filename=name
-        )
-    if isinstance(e, OSError):
-        return ReadError(f"{name}: cannot {operation}: {text}", filename=name, err=e.errno or 5)
-    return ReadError(f"{name}: cannot {operation}: {text}", filename=name)
+def _classify(name: str, operation: str, e: BaseException, *, attempts: int = 1) -> SafeshardError:
+    """A SafeshardError for an fsspec/botocore error (never with credentials in it):
+    see :func:`safeshard.storerr.classify`."""
+    from .storerr import classify
+
+    return classify(name, operation, e, attempts=attempts)
 
 
 # --------------------------------------------------------------------------- writing
@@ -323,6 +318,21 @@ class RemoteSink(Sink):
             self._file.closed = True  # never completed later by the file's finalizer
 
 
+@translating(
+    {
+        "__enter__": ("open the output prefix", lambda self, a: self.folder),
+        "_names": ("list the prefix", lambda self, a: self.folder + "/"),
+        "checkpoint_files": ("list the prefix", lambda self, a: self.folder + "/"),
+        "exists": ("look up", lambda self, a: self.path(a[0])),
+        "read": ("read", lambda self, a: self.path(a[0])),
+        "remove": ("remove objects under", lambda self, a: self.folder + "/"),
+        "write": ("upload", lambda self, a: self.path(a[0])),
+        "copy_in": ("upload", lambda self, a: self.path(a[1])),
+        "stage": ("upload", lambda self, a: self.path(a[0])),
+        "stage_link": ("copy", lambda self, a: self.path(a[1])),
+        "commit": ("commit (copy staged objects into place) under", lambda self, a: self.folder),
+    }
+)
 class RemoteFolder:
     """The output transaction over a folder (a key prefix) in object storage.
 

@@ -20,7 +20,8 @@ from .errors import AmbiguousCheckpointError, CheckpointNotFoundError, ShardMism
 from .fsio import read_regular_file
 from .header import Header, TensorInfo, read_header
 from .index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, read_index
-from .storage import StorageOptions, as_path, is_remote
+from .storage import StorageOptions, as_path, is_remote, url_of
+from .storerr import storage_op
 
 SAFETENSORS = ".safetensors"
 
@@ -85,9 +86,12 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
     (:mod:`safeshard.storage`), read with ``storage_options``.
     """
     p = as_path(path, storage_options)
-    if not p.exists():
+    with storage_op(p, "look up"):
+        exists = p.exists()
+        is_file = exists and p.is_file()
+    if not exists:
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
-    if p.is_file():
+    if is_file:
         if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(".index.json"):
             return Found(folder=p.parent, index=p)
         if p.name.endswith(SAFETENSORS):
@@ -95,7 +99,8 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
         raise CheckpointNotFoundError(
             f"{p}: not a .safetensors file or a *.safetensors.index.json index"
         )
-    return _find_in_folder(p)
+    with storage_op(f"{url_of(p).rstrip('/')}/", "list the prefix"):
+        return _find_in_folder(p)
 
 
 def locate(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Located:
@@ -233,7 +238,8 @@ def open_checkpoint(
     disagreement raises :class:`ShardMismatchError`.
     """
     loc = locate(path, storage_options)
-    missing = [f for f in loc.files if not f.is_file()]
+    with storage_op(loc.folder, "look up the shards in"):
+        missing = [f for f in loc.files if not f.is_file()]
     if missing:
         raise CheckpointNotFoundError(
             f"{loc.index.path if loc.index else loc.folder}: shard "

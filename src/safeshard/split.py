@@ -72,6 +72,7 @@ from .output import (
     write_shard,
 )
 from .plan import Plan, ShardPlan, plan_shards
+from .redact import redact_url
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
 from .source import Checkpoint, common_metadata, open_checkpoint
@@ -174,7 +175,7 @@ def split(
         )
     out = as_path(out_dir, storage_options)
     result = SplitResult(
-        source=str(src),
+        source=redact_url(src),
         out_dir=out,
         base=base,
         cap=plan.cap,

@@ -14,7 +14,6 @@ and sidecar files then work the same way on both; tensor bytes are read through
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 from collections.abc import Callable, Mapping
@@ -22,8 +21,10 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from .byteio import ByteSource, LocalFile
-from .errors import MissingExtraError, ReadError, SafeshardError, StorageError
+from .errors import MissingExtraError, SafeshardError
+from .redact import redact
 from .remote import RemoteFile, RemoteLimits, filesystem, is_url
+from .storerr import classify, from_client
 
 __all__ = [
     "as_path",
@@ -72,9 +73,10 @@ def is_remote(path: object) -> bool:
 
 
 def url_of(path: object) -> str:
-    """How ``path`` is shown in messages and results: the URL or the local path (never
-    the storage options, which may hold credentials)."""
-    return str(path)
+    """How ``path`` is shown in messages and results: the URL or the local path, its
+    credentials redacted (:func:`safeshard.redact.redact`; never the storage options,
+    which may hold credentials)."""
+    return redact(str(path))
 
 
 def open_source(path: Any, limits: RemoteLimits | None = None) -> ByteSource:
@@ -90,7 +92,7 @@ def output_folder(path: Any, *, on_step: Any = None, storage_options: StorageOpt
         from .remote import RemoteFolder
 
         return RemoteFolder(
-            url_of(path), storage_options=_options_of(path, storage_options), on_step=on_step
+            str(path), storage_options=_options_of(path, storage_options), on_step=on_step
         )
     from .outdir import OutputFolder
 
@@ -119,23 +121,12 @@ def remote_fs(url: str, storage_options: StorageOptions = None) -> Any:
     return filesystem(url, storage_options)[0]
 
 
-_CLIENT_MODULES = (
-    "botocore",
-    "aiobotocore",
-    "aiohttp",
-    "s3fs",
-    "fsspec",
-    "upath",
-    "gcsfs",
-    "adlfs",
-)
-
-
 def translate_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn the errors an fsspec back end raises (botocore, aiohttp, ...) into
     :class:`~safeshard.errors.SafeshardError` subclasses with a clear message, so a
     command on object storage fails like one on local files. Errors of other origins
-    pass through unchanged."""
+    pass through unchanged. The client's exception is not chained (its text may quote
+    credentials); what it said is in the message, redacted."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -143,39 +134,20 @@ def translate_errors(fn: Callable[P, R]) -> Callable[P, R]:
             return fn(*args, **kwargs)
         except SafeshardError:
             raise
-        except OSError as e:  # safeshard wraps its own; these come from a storage client
-            raise storage_error(e) from e
         except Exception as e:
-            mod = type(e).__module__ or ""
-            if not mod.startswith(_CLIENT_MODULES):
+            if not from_client(e):
                 raise
-            raise storage_error(e) from e
+            urls = [a for a in (*args, *kwargs.values()) if isinstance(a, str) and is_url(a)]
+            raise storage_error(e, url=" or ".join(urls) or None) from None
 
     return wrapper
 
 
-def storage_error(e: BaseException) -> SafeshardError:
-    """A :class:`~safeshard.errors.SafeshardError` for an error of a storage client."""
-    text = str(e) or type(e).__name__
-    url = getattr(e, "kwargs", {}).get("endpoint_url") if hasattr(e, "kwargs") else None
-    low = text.lower()
-    denied = ("forbidden", "accessdenied", "access denied", "invalidaccesskeyid", "signature")
-    if isinstance(e, PermissionError) or any(d in low for d in denied):
-        return ReadError(
-            f"access to the storage was refused ({text}); check the credentials "
-            "(environment, AWS config, or --storage-option key=... secret=...)",
-            err=errno.EACCES,
-        )
-    if isinstance(e, OSError) and not (url or "connect" in low):
-        where = f"{e.filename}: " if e.filename else ""
-        return StorageError(f"{where}{e.strerror or text}", err=e.errno or errno.EIO)
-    if "could not connect" in low or "connect" in type(e).__name__.lower():
-        where = url or text
-        return ReadError(
-            f"cannot reach the storage endpoint ({where}); check the endpoint URL "
-            "(AWS_ENDPOINT_URL, --storage-option endpoint_url=...) and the network",
-            err=errno.ECONNREFUSED,
-        )
-    from .remote import _classify
-
-    return _classify("storage", "complete the request", e)
+def storage_error(
+    e: BaseException, url: object = None, operation: str = "complete a storage request"
+) -> SafeshardError:
+    """A :class:`~safeshard.errors.SafeshardError` for an error of a storage client (see
+    :func:`safeshard.storerr.classify`); ``url`` defaults to the file the error names."""
+    if url is None:
+        url = getattr(e, "filename", None) or "storage"
+    return classify(url, operation, e)

@@ -77,6 +77,7 @@ from .output import (
     write_shard,
 )
 from .plan import plan_shards
+from .redact import redact_url
 from .scan import FileTask, Range, scan
 from .sidecar import copy_sidecars
 from .sizes import format_size, parse_size
@@ -528,7 +529,7 @@ def _update(
     record, more = source_record(new)
     headers = {fname: planner.header(s.names) for fname, s in finals if s.dirty}
     result = UpdateResult(
-        source=str(new_src),
+        source=redact_url(new_src),
         out_dir=out,
         base=base,
         cap=cap,

@@ -70,6 +70,7 @@ from .fsio import stale_temporaries
 from .header import Header, TensorInfo, build_header, read_header
 from .index import SHARD_RE, ShardIndex, check_shard_name, read_index
 from .manifest import Manifest, ShardRecord, header_digest, manifest_path, read_manifest
+from .redact import redact_url
 from .scan import FileResult, FileTask, Range, scan
 from .sizes import format_size, parse_size
 from .source import Checkpoint, common_metadata, find, open_checkpoint
@@ -1141,7 +1142,7 @@ def verify(
     findings.extend(check_digests(ctx, results))
     findings.extend(check_hashes(ctx, plan, results, _by_name(again, second)))
     return VerifyReport(
-        path=str(path),
+        path=redact_url(path),
         findings=findings,
         shards=len(ctx.target.files),
         tensors=len(ctx.where),
@@ -1151,7 +1152,7 @@ def verify(
             t.size if t.whole else sum(r.nbytes for r in t.ranges) for t in plan.tasks
         ),
         checks=ctx.checks,
-        against=None if src is None else str(src),
+        against=None if src is None else redact_url(src),
         hashed_files=len(plan.expect_sha),
         compared_files=plan.compared_files,
         digested_files=len(plan.digested_files),

@@ -59,7 +59,11 @@ from ..errors import (
     StorageError,
     UsageError,
 )
+from ..redact import redact, secrets_of_options, secrets_of_url, secrets_shown_never
+from ..remote import is_url
 from ..sizes import parse_size
+from ..storage import storage_error
+from ..storerr import from_client
 from ._text import safe
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,6 +133,36 @@ def say(*parts: Part) -> None:
 def warn(message: str, label: str = "warning") -> None:
     """Print ``label: message`` on stderr, the message escaped."""
     err.print(line((f"{label}:", "yellow"), " ", message))
+
+
+def secrets_of_args(args: Sequence[str]) -> list[str]:
+    """The credentials in a command line: the userinfo and credential query parameters
+    of every URL in it, and the credential values of ``--storage-option`` pairs. While
+    the command runs they are masked wherever they would be shown
+    (:func:`safeshard.redact.secrets_shown_never`)."""
+    found: list[str] = []
+    for i, arg in enumerate(args):
+        found += secrets_of_url(arg)
+        pair = None
+        if arg.startswith("--storage-option="):
+            pair = arg.partition("=")[2]
+        elif arg == "--storage-option" and i + 1 < len(args):
+            pair = args[i + 1]
+        if pair is not None:
+            key, _, value = pair.partition("=")
+            found += secrets_of_options({key.rsplit(".", 1)[-1]: value})
+    return found
+
+
+def as_safeshard_error(e: BaseException, urls: Sequence[str] = ()) -> BaseException:
+    """``e``, or the :class:`SafeshardError` it stands for when a storage client raised it
+    past the library's own translation (so no storage error is ever shown as a bug);
+    ``urls`` are the command's URL arguments, named in its message."""
+    if isinstance(e, (SafeshardError, click.exceptions.Exit, click.ClickException)):
+        return e
+    if not isinstance(e, Exception) or not from_client(e):
+        return e
+    return storage_error(e, url=" or ".join(urls) or None)
 
 
 def exit_code(e: BaseException) -> int:
@@ -212,16 +246,19 @@ class SafeGroup(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except SystemExit:
-            raise
-        except BaseException as e:
-            code = exit_code(e)
-            report(e, code)
-            sys.exit(code)
+        argv = list(sys.argv[1:] if args is None else args)
+        with secrets_shown_never(secrets_of_args(argv)):
+            if not standalone_mode:
+                return super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            try:
+                rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+            except SystemExit:
+                raise
+            except BaseException as e:
+                e = as_safeshard_error(e, [a for a in argv if is_url(a)])
+                code = exit_code(e)
+                report(e, code)
+                sys.exit(code)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -260,7 +297,21 @@ def emit_json(obj: Any) -> None:
     bidi mark and lone surrogate of a name written as a ``\\uXXXX`` escape, and
     ``json.loads`` gives back the exact strings.
     """
-    click.echo(json.dumps(obj, indent=2, sort_keys=False, default=str, ensure_ascii=True))
+    text = json.dumps(_redacted(obj), indent=2, sort_keys=False, default=str, ensure_ascii=True)
+    click.echo(text)
+
+
+def _redacted(obj: Any) -> Any:
+    """``obj`` with credentials masked in every string (:func:`safeshard.redact.redact`)."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {_redacted(k): _redacted(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_redacted(v) for v in obj]
+    if isinstance(obj, (int, float, bool)) or obj is None:
+        return obj
+    return redact(str(obj))
 
 
 def quiet_option(fn: F) -> F:

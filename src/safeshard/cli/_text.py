@@ -12,6 +12,8 @@ off, so ``[bold]`` or ``[/]`` in a name is shown as written rather than read as 
 
 from __future__ import annotations
 
+from ..redact import redact
+
 __all__ = ["safe"]
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -48,8 +50,11 @@ def safe(value: object) -> str:
     backslash followed by ``x1b`` must be told from an escaped ESC.
 
     ``value`` need not be a string: paths and numbers are converted with ``str()``.
+
+    Credentials are masked first (:func:`safeshard.redact.redact`): the userinfo and
+    credential query parameters of a URL, and the secrets the command line holds.
     """
-    text = value if isinstance(value, str) else str(value)
+    text = redact(value if isinstance(value, str) else str(value))
     if text.isprintable():  # the common case, at C speed
         return text
     return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
