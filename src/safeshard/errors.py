@@ -95,6 +95,7 @@ __all__ = [
     "StorageError",
     "SynthError",
     "TensorEntryError",
+    "TensorParallelError",
     "UnknownDtypeError",
     "UnsafeIndexPathError",
     "UnsupportedDtypeError",
@@ -362,3 +363,8 @@ class CheckpointClosedError(SafeshardError, ValueError):
 
 class SynthError(SafeshardError, ValueError):
     """A synthetic checkpoint cannot be made as asked (unknown preset, layers, dtype)."""
+
+
+class TensorParallelError(SafeshardError, ValueError):
+    """A tensor-parallel split cannot be made as planned (it would cut a GPTQ group, a
+    packed word or an attention head); the message names the compatible world sizes."""
