@@ -18,7 +18,8 @@ under one temporary folder removed at the end, it:
 
 3. reports per rank the medians of the time and of the bytes read (``/proc/self/io``
    ``rchar``: every byte the process's read calls returned), and the ratios tp / whole
-   against the targets (bytes <= 0.3x, cold time <= 0.5x).
+   against the targets (bytes <= 0.3x, cold time <= 0.5x); also the bytes fetched from
+   storage (``read_bytes``: whole pages, the readahead of dense strided slices included).
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ def evict(folder: Path) -> None:
                 os.close(fd)
 
 
-def rchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    return 0
+def io() -> tuple[int, int]:
+    """``rchar`` (bytes the read calls returned) and ``read_bytes`` (bytes fetched from
+    storage, readahead included) of this process."""
+    vals = dict(
+        line.split(": ") for line in Path("/proc/self/io").read_text().splitlines() if ": " in line
+    )
+    return int(vals.get("rchar", 0)), int(vals.get("read_bytes", 0))
 
 
 def slice_whole(tensors: dict[str, Any], plan: RankPlan) -> dict[str, Any]:
@@ -100,7 +103,7 @@ def run(folder: Path, world: int, rounds: int) -> dict[str, Any]:
     ckpt = safeshard.open_checkpoint(folder)
     tensors = {n: e.info for n, e in ckpt.entries.items()}
     total = sum(i.nbytes for i in tensors.values())
-    rows: dict[tuple[str, int], list[tuple[float, int]]] = {}
+    rows: dict[tuple[str, int], list[tuple[float, int, int]]] = {}
     check_done = False
     for rnd in range(rounds):
         for rank in range(world):
@@ -111,7 +114,7 @@ def run(folder: Path, world: int, rounds: int) -> dict[str, Any]:
             got: dict[str, dict[str, Any]] = {}
             for route in order:
                 evict(folder)
-                before, t0 = rchar(), time.perf_counter()
+                before, t0 = io(), time.perf_counter()
                 if route == "tp":
                     stats = ReadStats()
                     out = safeshard.load(
@@ -120,7 +123,10 @@ def run(folder: Path, world: int, rounds: int) -> dict[str, Any]:
                 else:
                     out = slice_whole(safeshard.load(folder), plan)
                 dt = time.perf_counter() - t0
-                rows.setdefault((route, rank), []).append((dt, rchar() - before))
+                after = io()
+                rows.setdefault((route, rank), []).append(
+                    (dt, after[0] - before[0], after[1] - before[1])
+                )
                 if not check_done:
                     got[route] = out
                 del out
@@ -134,10 +140,12 @@ def run(folder: Path, world: int, rounds: int) -> dict[str, Any]:
     report: dict[str, Any] = {"world_size": world, "rounds": rounds, "tensor_bytes": total}
     per_rank = []
     for rank in range(world):
-        tp_t = statistics.median(t for t, _ in rows[("tp", rank)])
-        wh_t = statistics.median(t for t, _ in rows[("whole", rank)])
-        tp_b = statistics.median(b for _, b in rows[("tp", rank)])
-        wh_b = statistics.median(b for _, b in rows[("whole", rank)])
+        tp_t = statistics.median(r[0] for r in rows[("tp", rank)])
+        wh_t = statistics.median(r[0] for r in rows[("whole", rank)])
+        tp_b = statistics.median(r[1] for r in rows[("tp", rank)])
+        wh_b = statistics.median(r[1] for r in rows[("whole", rank)])
+        tp_d = statistics.median(r[2] for r in rows[("tp", rank)])
+        wh_d = statistics.median(r[2] for r in rows[("whole", rank)])
         per_rank.append(
             {
                 "rank": rank,
@@ -147,6 +155,8 @@ def run(folder: Path, world: int, rounds: int) -> dict[str, Any]:
                 "whole_bytes": wh_b,
                 "time_ratio": round(tp_t / wh_t, 3),
                 "bytes_ratio": round(tp_b / wh_b, 3),
+                "tp_disk_bytes": tp_d,
+                "whole_disk_bytes": wh_d,
             }
         )
     report["ranks"] = per_rank
@@ -185,12 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         f"bf16 Llama, {gb:.2f} GB of tensors, world size {rep['world_size']}, "
         f"{rep['rounds']} rounds, cold, ranks one after the other; medians"
     )
-    head = ("rank", "tp s", "whole s", "time", "tp MB", "whole MB", "bytes")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (4, 8, 8, 6, 9, 9, 6), strict=True)))
+    head = ("rank", "tp s", "whole s", "time", "tp MB", "whole MB", "bytes", "disk MB tp/whole")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (4, 8, 8, 6, 9, 9, 6, 17), strict=True)))
     for r in rep["ranks"]:
+        disk = f"{r['tp_disk_bytes'] / 1e6:.0f}/{r['whole_disk_bytes'] / 1e6:.0f}"
         print(
             f"{r['rank']:>4} {r['tp_s']:>8.2f} {r['whole_s']:>8.2f} {r['time_ratio']:>5.2f}x "
-            f"{r['tp_bytes'] / 1e6:>9.0f} {r['whole_bytes'] / 1e6:>9.0f} {r['bytes_ratio']:>5.2f}x"
+            f"{r['tp_bytes'] / 1e6:>9.0f} {r['whole_bytes'] / 1e6:>9.0f} {r['bytes_ratio']:>5.2f}x "
+            f"{disk:>17}"
         )
     t, b = rep["median_time_ratio"], rep["median_bytes_ratio"]
     print(

@@ -558,3 +558,9 @@ def test_rankplan_unit() -> None:
     sl = rp.slice_of(infos["a.weight"])
     assert sl.dim == 1 and sl.intervals == ((6, 6),) and sl.shape == (10, 0) and sl.nbytes == 0
     assert byte_ranges(sl) == []
+
+
+def test_gptq_fused_styles_are_refused(models: dict[str, Path]) -> None:
+    plan = {"layers.*.mlp.up_proj": "packed_colwise"}
+    with pytest.raises(TensorParallelError, match="GPTQ module planned 'packed_colwise'"):
+        safeshard.load(models["gptq"], tp_plan=plan, rank=0, world_size=2)

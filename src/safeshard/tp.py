@@ -93,8 +93,9 @@ __all__ = [
 OVERREAD = 2.0
 """Most bytes read for one tensor's slice, as a multiple of the slice's bytes."""
 
-LOCAL_GAP = 64 * 1024
-"""Largest gap read through between two ranges of a local file (the gap floor)."""
+LOCAL_GAP = 1024
+"""Largest gap read through between two ranges of a local file (the gap floor): a read
+call costs about as much as copying a kilobyte, so bigger gaps are not worth reading."""
 
 REMOTE_GAP = 4 * 1024 * 1024
 """Largest gap read through between two ranges of an object in storage: a ranged GET
@@ -524,7 +525,13 @@ class RankPlan:
         n_in = gi.shape[0] if gi is not None else qw.shape[0] * pack
         groups = sc.shape[0] if sc is not None and len(sc.shape) == 2 else 1
         group = -(-n_in // groups) if groups else n_in
-        colwise = style in COLWISE or style in EMBEDDING or style in PACKED or style == QKV
+        if style not in COLWISE and style not in ROWWISE:
+            raise TensorParallelError(
+                f"{self.where}: tensor {info.name!r} belongs to a GPTQ module planned "
+                f"{style!r}; GPTQ modules split only colwise or rowwise (or are replicated): "
+                "plan the fused projection 'replicate' or split it before quantizing"
+            )
+        colwise = style in COLWISE
         kv = self._is_kv(module)
         if colwise:
             if member == "g_idx":
