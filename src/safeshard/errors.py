@@ -48,7 +48,8 @@ inherits the builtin exception a caller would naturally catch, so
     ├── UnsupportedDtypeError (TypeError)         a dtype the chosen framework cannot hold
     ├── DeviceError (RuntimeError)                the requested device is not available
     ├── CheckpointClosedError (ValueError)        a lazy checkpoint was used after close()
-    └── SynthError (ValueError)                   unknown synth preset, bad layer count or dtype
+    ├── SynthError (ValueError)                   unknown synth preset, bad layer count or dtype
+    └── TensorParallelError (ValueError)          a TP split would cut a GPTQ group or a head
 """
 
 from __future__ import annotations
