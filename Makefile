@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fast lint bench bench-scale bench-stream bench-s3 faults fuzz clean
+.PHONY: demo test test-fast lint bench bench-scale bench-stream bench-s3 bench-tp faults fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ bench-stream: $(TSTAMP)
 # split and load against a local S3 server (moto), beside local files and download-first
 bench-s3: $(TSTAMP)
 	$(PY) benchmarks/s3_bench.py $(BENCH_ARGS)
+
+# tensor-parallel ranks reading only their slices, against whole-checkpoint-then-slice
+bench-tp: $(TSTAMP)
+	$(PY) benchmarks/tp_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -53,7 +53,8 @@ inherits the builtin exception a caller would naturally catch, so
     ├── UnsupportedDtypeError (TypeError)         a dtype the chosen framework cannot hold
     ├── DeviceError (RuntimeError)                the requested device is not available
     ├── CheckpointClosedError (ValueError)        a lazy checkpoint was used after close()
-    └── SynthError (ValueError)                   unknown synth preset, bad layer count or dtype
+    ├── SynthError (ValueError)                   unknown synth preset, bad layer count or dtype
+    └── TensorParallelError (ValueError)          a TP split would cut a GPTQ group or a head
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ __all__ = [
     "StorageError",
     "SynthError",
     "TensorEntryError",
+    "TensorParallelError",
     "UnknownDtypeError",
     "UnsafeIndexPathError",
     "UnsupportedDtypeError",
@@ -405,3 +407,8 @@ class CheckpointClosedError(SafeshardError, ValueError):
 
 class SynthError(SafeshardError, ValueError):
     """A synthetic checkpoint cannot be made as asked (unknown preset, layers, dtype)."""
+
+
+class TensorParallelError(SafeshardError, ValueError):
+    """A tensor-parallel split cannot be made as planned (it would cut a GPTQ group, a
+    packed word or an attention head); the message names the compatible world sizes."""

@@ -71,6 +71,11 @@ class LazyCheckpoint(Mapping[str, Any]):
         workers: int | None = None,
         unsupported: Unsupported = "error",
         storage_options: Mapping[str, Any] | None = None,
+        tp_plan: Mapping[str, str] | str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        tp_config: Mapping[str, Any] | None = None,
+        tp_stats: Any = None,
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise UsageError(f"prefetch must be a non-negative integer, not {prefetch!r}")
@@ -94,6 +99,12 @@ class LazyCheckpoint(Mapping[str, Any]):
             if self.workers > 1
             else None
         )
+        self._tp: Any = None
+        self.tp_stats = tp_stats
+        if tp_plan is not None:
+            from .tpread import rank_plan
+
+            self._tp = rank_plan(self._ckpt, tp_plan, rank, world_size, tp_config)
         self._files = ShardFiles(self._ckpt)
 
     # ------------------------------------------------------------------ mapping
@@ -140,7 +151,34 @@ class LazyCheckpoint(Mapping[str, Any]):
 
     def nbytes(self, group: Group) -> int:
         """Tensor bytes of ``group``."""
-        return sum(self.info(t).nbytes for t in group.tensors)
+        return sum(self._size(self.info(t)) for t in group.tensors)
+
+    def _size(self, info: TensorInfo) -> int:
+        """Bytes held for ``info``: the rank's slice with a tp_plan, else the tensor."""
+        return int(self._tp.slice_of(info).nbytes) if self._tp is not None else info.nbytes
+
+    def _read(self, infos: Sequence[TensorInfo]) -> dict[str, Any]:
+        if self._tp is not None:
+            from .tpread import read_slices
+
+            return read_slices(
+                self._files,
+                self._backend,
+                self._tp,
+                infos,
+                workers=self.workers,
+                pool=self._pool,
+                unsupported=self.unsupported,
+                stats=self.tp_stats,
+            )
+        return read_tensors(
+            self._files,
+            self._backend,
+            infos,
+            workers=self.workers,
+            pool=self._pool,
+            unsupported=self.unsupported,
+        )
 
     @property
     def budget(self) -> int | None:
@@ -325,7 +363,7 @@ class LazyCheckpoint(Mapping[str, Any]):
                 for name in have:
                     res.pin(name)
             missing = [i for i in infos if i.name not in have]
-            need = sum(i.nbytes for i in missing)
+            need = sum(self._size(i) for i in missing)
             try:
                 hold = self._reserve(need, missing, wait=wait, stop=stop)
             except BaseException:
@@ -333,18 +371,7 @@ class LazyCheckpoint(Mapping[str, Any]):
                     self._unpin(list(have), locked=True)
                 raise
         try:
-            got = (
-                read_tensors(
-                    self._files,
-                    self._backend,
-                    missing,
-                    workers=self.workers,
-                    pool=self._pool,
-                    unsupported=self.unsupported,
-                )
-                if missing
-                else {}
-            )
+            got = self._read(missing) if missing else {}
         except BaseException:
             with self._cond:
                 if hold:
@@ -358,7 +385,7 @@ class LazyCheckpoint(Mapping[str, Any]):
                     fresh = i.name not in res
                     # the whole reservation goes back with the first add
                     got[i.name] = res.add(
-                        i.name, got[i.name], i.nbytes, reserved=need if k == 0 else 0
+                        i.name, got[i.name], self._size(i), reserved=need if k == 0 else 0
                     )
                     if fresh and added is not None:
                         added.append(i.name)
@@ -456,6 +483,11 @@ def open(
     workers: int | None = None,
     unsupported: Unsupported = "error",
     storage_options: Mapping[str, Any] | None = None,
+    tp_plan: Mapping[str, str] | str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    tp_config: Mapping[str, Any] | None = None,
+    tp_stats: Any = None,
 ) -> LazyCheckpoint:
     """Open the checkpoint at ``path`` (file, folder or index; local or a URL reached with
     ``storage_options``) lazily.
@@ -465,6 +497,10 @@ def open(
     many groups :meth:`~LazyCheckpoint.iter_layers` reads ahead (0: none);
     ``workers`` threads read each group. ``framework`` and ``unsupported`` are as for
     :func:`safeshard.load`. Use it as a context manager to close its files.
+
+    With ``tp_plan``, ``rank`` and ``world_size`` (as for :func:`safeshard.load`), each
+    tensor is the rank's slice and only its bytes are read; ``max_resident_bytes`` then
+    counts the slices' bytes, so a walk holds at most the budget of the rank's slices.
     """
     return LazyCheckpoint(
         path,
@@ -474,4 +510,9 @@ def open(
         workers=workers,
         unsupported=unsupported,
         storage_options=storage_options,
+        tp_plan=tp_plan,
+        rank=rank,
+        world_size=world_size,
+        tp_config=tp_config,
+        tp_stats=tp_stats,
     )

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .byteio import IOV_MAX, ByteSource, Extent, read_exact
 from .errors import (
@@ -54,6 +54,7 @@ from .source import Checkpoint, open_checkpoint
 from .storage import open_source, translate_errors
 
 Framework = Literal["torch", "numpy"]
+Job = TypeVar("Job")
 Unsupported = Literal["error", "raw"]
 
 CHUNK_BYTES = 16 * 1024 * 1024
@@ -358,8 +359,8 @@ class ShardFiles:
 
 
 def run_all(
-    fn: Callable[[ReadJob], None],
-    jobs: Sequence[ReadJob],
+    fn: Callable[[Job], None],
+    jobs: Sequence[Job],
     workers: int,
     pool: ThreadPoolExecutor | None = None,
 ) -> None:
@@ -422,6 +423,11 @@ def load(
     workers: int | None = None,
     unsupported: Unsupported = "error",
     storage_options: Mapping[str, Any] | None = None,
+    tp_plan: Mapping[str, str] | str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    tp_config: Mapping[str, Any] | None = None,
+    tp_stats: Any = None,
 ) -> dict[str, Any]:
     """Read every tensor of the checkpoint at ``path`` into owned memory, in parallel.
 
@@ -433,7 +439,30 @@ def load(
     byte-identical to what ``safetensors`` loads. ``workers`` threads read at once
     (default :func:`default_workers`; 1 reads sequentially in the calling thread).
     See the module docstring for dtypes, ``unsupported`` and ``device``.
+
+    With ``tp_plan`` (a mapping of name patterns to transformers' styles, or ``"auto"``),
+    each tensor is ``rank``'s slice of ``world_size`` (torch.distributed's when left out),
+    and only the slices' bytes are read: see :mod:`safeshard.tp` (``tp_config`` gives head
+    counts where no config.json is beside the weights; ``tp_stats``, a
+    :class:`safeshard.tp.ReadStats`, counts the bytes read).
     """
+    if tp_plan is not None:
+        from .tpread import load_rank
+
+        parse_device(backend_for(framework), device)
+        out = load_rank(
+            path,
+            tp_plan=tp_plan,
+            rank=rank,
+            world_size=world_size,
+            tp_config=tp_config,
+            tp_stats=tp_stats,
+            framework=framework,
+            workers=workers,
+            unsupported=unsupported,
+            storage_options=storage_options,
+        )
+        return out if device == "cpu" else {k: v.to(device) for k, v in out.items()}
     nworkers = check_workers(workers)
     backend = backend_for(framework)
     dev = parse_device(backend, device)

@@ -1,0 +1,566 @@
+"""Rank-local tensor-parallel loading (safeshard.tp, safeshard.tpread).
+
+References, said per test:
+- transformers' own TP sharding (``from_pretrained(tp_plan="auto")`` under gloo on the
+  CPU, spawned processes) for Llama (GQA, tied and untied) and Phi-3 (fused QKV), with a
+  forward pass of the TP model against the unsharded one;
+- ``torch.chunk`` where transformers' CPU TP has no equivalent: GPTQ modules (transformers
+  does not shard GPTQ on the CPU), key/value heads replicated over more ranks than heads
+  (transformers would cut a head), and safeshard's ``qkv_colwise`` sections.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import safeshard
+from safeshard import TensorParallelError, UsageError
+from safeshard.header import TensorInfo
+from safeshard.synth import Preset, synthesize
+from safeshard.tp import (
+    OVERREAD,
+    Plan,
+    RankPlan,
+    ReadStats,
+    TensorSlice,
+    byte_ranges,
+    chunk,
+    coalesce,
+)
+
+torch = pytest.importorskip("torch")
+
+LLAMA_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+    "embed_tokens": "embedding_rowwise",
+    "lm_head": "colwise_gather_output",
+}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _llama(folder: Path, *, tied: bool, heads: int = 8, kv: int = 4) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=128,
+        tie_word_embeddings=tied,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def _phi3(folder: Path) -> Path:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(2)
+    cfg = Phi3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=128,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    Phi3ForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+GPTQ_PRESET = Preset(
+    name="tp-gptq",
+    description="GPTQ Llama for TP tests",
+    arch="llama",
+    hidden=128,
+    intermediate=256,
+    layers=1,
+    heads=4,
+    kv_heads=2,
+    vocab=64,
+    gptq=True,
+    group_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-models")
+    out = {
+        "llama": _llama(root / "llama", tied=False),
+        "llama-tied": _llama(root / "llama-tied", tied=True),
+        "phi3": _phi3(root / "phi3"),
+        "gptq": synthesize(root / "gptq", GPTQ_PRESET, tokenizer=False),
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- references
+
+
+def chunk_ref(full: Any, ws: int, r: int, dim: int) -> Any:
+    parts = torch.chunk(full, ws, dim=dim)
+    return parts[r] if r < len(parts) else full.narrow(dim, 0, 0)
+
+
+def unpack(packed: Any, bits: int, dim: int) -> Any:
+    """int4 values packed 8 per int32 along ``dim`` (GPTQ v1), unpacked."""
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    p = packed.unsqueeze(dim + 1) if dim == 1 else packed.unsqueeze(1)
+    if dim == 0:
+        vals = (p >> shifts.view(1, per, 1)) & (2**bits - 1)
+        return vals.reshape(packed.shape[0] * per, packed.shape[1])
+    vals = (p >> shifts.view(1, 1, per)) & (2**bits - 1)
+    return vals.reshape(packed.shape[0], packed.shape[1] * per)
+
+
+def dequant(mod: dict[str, Any], bits: int = 4) -> Any:
+    """GPTQ v1 weight [in, out] from qweight, qzeros, scales and g_idx (group ids made
+    local to the slice: a rank's g_idx holds global ids)."""
+    q = unpack(mod["qweight"], bits, 0).float()
+    z = unpack(mod["qzeros"], bits, 1).float() + 1
+    g = mod["g_idx"].long()
+    g = g - g.min()
+    return (q - z[g]) * mod["scales"].float()[g]
+
+
+def expected_llama(full: dict[str, Any], name: str, ws: int, r: int, kv: int, hd: int) -> Any:
+    t = full[name]
+    if "norm" in name:
+        return t
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return chunk_ref(t, ws, r, 1)
+    if ("k_proj" in name or "v_proj" in name) and kv < ws:
+        head = r * kv // ws
+        return t[head * hd : (head + 1) * hd]
+    return chunk_ref(t, ws, r, 0)
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def test_chunk_is_dtensor_shard() -> None:
+    from torch.distributed.tensor import Shard
+
+    for size in range(0, 23):
+        for ws in range(1, 9):
+            for r in range(ws):
+                n, off = Shard.local_shard_size_and_offset(size, ws, r)
+                a, b = chunk(size, ws, r)
+                assert b - a == n
+                if n:
+                    assert a == off
+
+
+def test_plan_matching() -> None:
+    plan = Plan(LLAMA_PLAN | {"model.layers.1.mlp.up_proj.weight": "replicate"})
+    assert plan.match("model.layers.3.self_attn.q_proj.weight") == (
+        "layers.*.self_attn.q_proj",
+        "colwise",
+    )
+    assert plan.match("model.layers.3.self_attn.q_proj.bias") is not None
+    # a rule for the tensor itself wins over its module's
+    assert plan.match("model.layers.1.mlp.up_proj.weight") == (
+        "model.layers.1.mlp.up_proj.weight",
+        "replicate",
+    )
+    assert plan.match("model.norm.weight") is None
+    assert plan.match("model.layers.0.self_attn.q_proj_extra.weight") is None
+    with pytest.raises(UsageError, match="not a style"):
+        Plan({"x": "diagonal"})
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    item=st.sampled_from(["U8", "F16", "F32"]),
+    data=st.data(),
+)
+def test_byte_ranges_and_coalesce_match_numpy(shape: list[int], item: str, data: Any) -> None:
+    import numpy as np
+
+    width = {"U8": 1, "F16": 2, "F32": 4}[item]
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    n = shape[dim]
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), min_size=2, max_size=6)))
+    intervals = tuple((cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2))
+    sl = TensorSlice("t", item, tuple(shape), dim, intervals)
+    numel = int(np.prod(shape))
+    blob = np.arange(numel * width, dtype=np.uint64).astype(np.uint8)  # wraps: fine
+    arr = np.frombuffer(blob.tobytes(), dtype=np.dtype(f"V{width}")).reshape(shape)
+    want = np.concatenate(
+        [np.take(arr, range(a, b), axis=dim) for a, b in intervals] or [arr[:0]], axis=dim
+    ).tobytes()
+    raw = blob.tobytes()
+    got = b"".join(raw[o : o + k] for o, k in byte_ranges(sl))
+    assert got == want
+    assert len(got) == sl.nbytes
+    ranges = byte_ranges(sl)
+    gap = data.draw(st.integers(0, 64))
+    reads = coalesce(ranges, gap=gap)
+    assert [p for _, _, pieces in reads for p in pieces] == ranges
+    assert sum(r[1] for r in reads) <= OVERREAD * sum(k for _, k in ranges)
+    for off, length, pieces in reads:
+        assert pieces[0][0] == off and pieces[-1][0] + pieces[-1][1] == off + length
+        for a, b in itertools.pairwise(pieces):
+            assert b[0] - (a[0] + a[1]) <= gap
+
+
+def test_rank_defaults_need_torch_distributed_or_integers(models: dict[str, Path]) -> None:
+    with pytest.raises(UsageError, match="rank and world_size"):
+        safeshard.load(models["llama"], tp_plan=LLAMA_PLAN)
+    with pytest.raises(UsageError, match="rank must be in"):
+        safeshard.load(models["llama"], tp_plan=LLAMA_PLAN, rank=2, world_size=2)
+
+
+# --------------------------------------------------------------------------- slices
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_llama_slices_and_bytes(models: dict[str, Path], ws: int) -> None:
+    """Every rank's tensors are torch.chunk slices (transformers' Shard semantics; checked
+    against transformers itself in the spawned tests); bytes read: dim-0 slices exactly,
+    strided ones within the cap."""
+    full = safeshard.load(models["llama"])
+    for r in range(ws):
+        stats = ReadStats()
+        out = safeshard.load(models["llama"], tp_plan="auto", rank=r, world_size=ws, tp_stats=stats)
+        assert out.keys() == full.keys()
+        for name, t in out.items():
+            assert torch.equal(t, expected_llama(full, name, ws, r, 4, 8)), name
+        for name, (read, useful) in stats.tensors.items():
+            strided = name.endswith(("o_proj.weight", "down_proj.weight"))
+            assert read <= (OVERREAD if strided else 1.1) * useful, name
+            assert useful == out[name].numel() * out[name].element_size()
+
+
+def test_gqa_kv_heads_replicated_over_more_ranks(tmp_path: Path) -> None:
+    """2 kv heads over 4 ranks: each rank holds one whole head, each head on 2 ranks
+    (torch reference: transformers would cut the head in halves)."""
+    folder = _llama(tmp_path / "m", tied=False, heads=4, kv=2)
+    full = safeshard.load(folder)
+    for r in range(4):
+        out = safeshard.load(folder, tp_plan="auto", rank=r, world_size=4)
+        for name, t in out.items():
+            assert torch.equal(t, expected_llama(full, name, 4, r, 2, 16)), name
+    with pytest.raises(TensorParallelError, match="key/value heads"):
+        safeshard.load(folder, tp_plan="auto", rank=0, world_size=3)
+
+
+def test_phi3_fused_sections(models: dict[str, Path]) -> None:
+    """Phi-3's own plan (transformers: one block of the fused rows, output gathered), and
+    safeshard's sections: qkv by whole heads, gate/up by halves (torch references)."""
+    folder = models["phi3"]
+    full = safeshard.load(folder)
+    plan = {
+        "layers.*.self_attn.qkv_proj": "qkv_colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    hd, q, kv = 8, 64, 32
+    for r in range(2):
+        auto = safeshard.load(folder, tp_plan="auto", rank=r, world_size=2)
+        name = "model.layers.0.self_attn.qkv_proj.weight"
+        assert torch.equal(auto[name], chunk_ref(full[name], 2, r, 0))
+        out = safeshard.load(folder, tp_plan=plan, rank=r, world_size=2)
+        w = full[name]
+        qs, ks, vs = w[:q], w[q : q + kv], w[q + kv :]
+        want = torch.cat([chunk_ref(s, 2, r, 0) for s in (qs, ks, vs)])
+        assert torch.equal(out[name], want)
+        assert out[name].shape[0] == (q + 2 * kv) // 2 and hd
+        gu = "model.layers.1.mlp.gate_up_proj.weight"
+        gate, up = full[gu].chunk(2, 0)
+        assert torch.equal(out[gu], torch.cat([chunk_ref(gate, 2, r, 0), chunk_ref(up, 2, r, 0)]))
+
+
+def test_gptq_slices_consistent(models: dict[str, Path]) -> None:
+    """GPTQ modules (torch.chunk reference: transformers has no CPU TP for GPTQ): every
+    member sliced along its packed/grouped dim, and each rank's dequantized slice equals
+    the slice of the dequantized full weight."""
+    folder = models["gptq"]
+    full = safeshard.load(folder)
+    for ws in (2, 4):
+        for r in range(ws):
+            out = safeshard.load(folder, tp_plan="auto", rank=r, world_size=ws)
+            for proj, rowwise in (
+                ("self_attn.q_proj", False),
+                ("self_attn.k_proj", False),
+                ("self_attn.o_proj", True),
+                ("mlp.up_proj", False),
+                ("mlp.down_proj", True),
+            ):
+                p = f"model.layers.0.{proj}"
+                mod = {m: out[f"{p}.{m}"] for m in ("qweight", "qzeros", "scales", "g_idx")}
+                ref = {m: full[f"{p}.{m}"] for m in mod}
+                w_full, w = dequant(ref), dequant(mod)
+                if rowwise:
+                    assert torch.equal(mod["qweight"], chunk_ref(ref["qweight"], ws, r, 0))
+                    assert torch.equal(mod["scales"], chunk_ref(ref["scales"], ws, r, 0))
+                    assert torch.equal(mod["g_idx"], chunk_ref(ref["g_idx"], ws, r, 0))
+                    assert torch.equal(w, chunk_ref(w_full, ws, r, 0))
+                elif proj == "self_attn.k_proj" and ws == 4:  # 2 kv heads of 32 on 4 ranks
+                    head = r * 2 // 4
+                    assert torch.equal(w, w_full[:, head * 32 : (head + 1) * 32])
+                else:
+                    assert torch.equal(mod["qweight"], chunk_ref(ref["qweight"], ws, r, 1))
+                    assert torch.equal(mod["qzeros"], chunk_ref(ref["qzeros"], ws, r, 1))
+                    assert torch.equal(mod["g_idx"], ref["g_idx"])
+                    assert torch.equal(w, chunk_ref(w_full, ws, r, 1))
+
+
+def test_gptq_split_that_breaks_a_group_is_refused(tmp_path: Path) -> None:
+    folder = synthesize(tmp_path / "g", "tiny-gptq", tokenizer=False)  # group 128, hidden 256
+    with pytest.raises(TensorParallelError) as e:
+        safeshard.load(folder, tp_plan="auto", rank=0, world_size=4)
+    msg = str(e.value)
+    assert "o_proj" in msg and "GPTQ group of 128" in msg
+    assert "compatible world sizes: 1, 2" in msg and "smallest above 1: 2" in msg
+    out = safeshard.load(folder, tp_plan="auto", rank=1, world_size=2)
+    assert out["model.layers.0.self_attn.o_proj.scales"].shape == (1, 256)
+
+
+def test_plain_dict_plan_slices_nothing_unplanned(models: dict[str, Path]) -> None:
+    out = safeshard.load(
+        models["llama"], tp_plan={"layers.*.mlp.up_proj": "colwise"}, rank=0, world_size=2
+    )
+    assert out["model.layers.0.mlp.up_proj.weight"].shape == (48, 64)
+    assert out["model.layers.0.mlp.gate_proj.weight"].shape == (96, 64)
+    assert out["lm_head.weight"].shape == (128, 64)
+
+
+def test_numpy_and_rchar(models: dict[str, Path]) -> None:
+    """The process's own read counter (/proc/self/io rchar) agrees with the stats."""
+    io = Path("/proc/self/io")
+    if not io.exists():
+        pytest.skip("no /proc/self/io")
+
+    def rchar() -> int:
+        for line in io.read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+        raise AssertionError("no rchar")
+
+    folder = models["llama"]
+    full_size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    plan = {"layers.*.mlp.*_proj": "colwise", "lm_head": "colwise"}  # dim-0 slices only
+    stats = ReadStats()
+    before = rchar()
+    out = safeshard.load(
+        folder, tp_plan=plan, rank=1, world_size=4, framework="numpy", tp_stats=stats, workers=1
+    )
+    read = rchar() - before
+    assert stats.bytes_read <= read <= stats.bytes_read + 64 * 1024  # headers, config.json
+    assert read < 0.8 * full_size
+    assert out["lm_head.weight"].shape == (32, 64)
+
+
+# --------------------------------------------------------------------------- budget
+
+
+def test_open_walk_holds_at_most_the_budget_of_slices(models: dict[str, Path]) -> None:
+    folder = models["llama"]
+    with safeshard.open(folder) as ck:
+        biggest_full = max(ck.nbytes(g) for g in ck.layers())
+    budget = biggest_full // 2 + 4096  # below a full layer, above a rank's slice of one
+    stats = ReadStats()
+    full = safeshard.load(folder)
+    with safeshard.open(
+        folder,
+        tp_plan="auto",
+        rank=1,
+        world_size=2,
+        max_resident_bytes=budget,
+        prefetch=1,
+        tp_stats=stats,
+    ) as ck:
+        seen = 0
+        for _key, tensors in ck.iter_layers():
+            for name, t in tensors.items():
+                assert torch.equal(t, expected_llama(full, name, 2, 1, 4, 8)), name
+                seen += 1
+            assert ck.resident_bytes <= budget
+        assert ck.peak_resident_bytes <= budget
+        assert seen == len(full)
+        assert stats.slice_bytes < 0.6 * sum(t.nbytes for t in full.values())
+    with (
+        pytest.raises(safeshard.BudgetError),
+        safeshard.open(folder, max_resident_bytes=budget) as ck,
+    ):
+        next(iter(ck.iter_layers()))
+
+
+# --------------------------------------------------------------------------- S3
+
+
+def _upload(folder: Path, url: str, options: dict[str, Any]) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **options)
+    for f in folder.iterdir():
+        if f.is_file():
+            fs.put_file(str(f), f"{url[len('s3://') :]}/{f.name}")
+
+
+def test_s3_ranges_only(models: dict[str, Path], s3: tuple[str, dict[str, Any]]) -> None:
+    """From object storage the ranged GETs fetch only the rank's bytes (RemoteStats)."""
+    from safeshard.remote import DEFAULT_LIMITS
+
+    base, options = s3
+    url = f"{base}/llama"
+    _upload(models["llama"], url, options)
+    local = safeshard.load(models["llama"], tp_plan="auto", rank=1, world_size=4)
+    stats = ReadStats()
+    before = DEFAULT_LIMITS.stats.bytes
+    out = safeshard.load(
+        url, tp_plan="auto", rank=1, world_size=4, storage_options=options, tp_stats=stats
+    )
+    fetched = DEFAULT_LIMITS.stats.bytes - before
+    assert out.keys() == local.keys()
+    for k in out:
+        assert torch.equal(out[k], local[k]), k
+    assert stats.bytes_read <= fetched <= stats.bytes_read + 16 * 1024  # + the headers
+    assert stats.bytes_read <= OVERREAD * stats.slice_bytes
+    full = sum(t.nbytes for t in safeshard.load(models["llama"]).values())
+    assert fetched < 0.5 * full
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(rank: int, ws: int, port: int, paths: dict[str, str], s3json: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(ws), LOCAL_RANK=str(rank))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=ws)
+    try:
+        ids = torch.tensor([[1, 5, 9, 3, 7]])
+        for key in ("llama", "llama-tied", "phi3"):  # Llamas: GQA, 8 heads, 4 kv heads
+            path = paths[key]
+            mine = safeshard.load(path, tp_plan="auto")  # rank and world size from dist
+            tp_model = AutoModelForCausalLM.from_pretrained(path, tp_plan="auto")
+            params = dict(tp_model.named_parameters())
+            for name, t in mine.items():
+                p = params[name]
+                local = p.to_local() if isinstance(p, DTensor) else p
+                assert torch.equal(t, local.detach()), (key, name)
+            ref = AutoModelForCausalLM.from_pretrained(path)
+            with torch.no_grad():
+                got = tp_model(ids).logits
+                want = ref(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        # GPTQ: torch.chunk reference (transformers has no CPU TP for GPTQ)
+        full = safeshard.load(paths["gptq"])
+        mine = safeshard.load(paths["gptq"], tp_plan="auto")
+        q = "model.layers.0.mlp.down_proj.qweight"
+        assert torch.equal(mine[q], chunk_ref(full[q], ws, rank, 0))
+        if s3json:
+            from safeshard.remote import DEFAULT_LIMITS
+
+            s3 = json.loads(s3json)
+            stats = ReadStats()
+            before = DEFAULT_LIMITS.stats.bytes
+            remote = safeshard.load(
+                s3["url"], tp_plan="auto", storage_options=s3["options"], tp_stats=stats
+            )
+            fetched = DEFAULT_LIMITS.stats.bytes - before
+            local = safeshard.load(paths["llama"], tp_plan="auto")
+            for k in local:
+                assert torch.equal(remote[k], local[k]), k
+            assert stats.bytes_read <= fetched <= stats.bytes_read + 16 * 1024  # + headers
+            assert stats.bytes_read <= OVERREAD * stats.slice_bytes
+            Path(s3["report"]).joinpath(f"rank{rank}.json").write_text(
+                json.dumps({"fetched": fetched, "slice": stats.slice_bytes})
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn: Callable[..., None], ws: int, *args: Any) -> None:
+    """``ws`` processes running ``fn(rank, ws, port, *args)``, started from a fork server
+    that imported torch, transformers and safeshard once (2 cores, 4 ranks: each rank
+    importing them again took 13 s). A fork server, not a fork of the test process: its
+    thread pools and fsspec's event loop would not survive a fork."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        multiprocessing.set_forkserver_preload(["torch", "transformers", "safeshard", "test_tp"])
+    mp.start_processes(
+        fn, args=(ws, _free_port(), *args), nprocs=ws, join=True, start_method=method
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_torch_distributed_ranks_equal_transformers_tp(
+    models: dict[str, Path], ws: int, s3: tuple[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """gloo on the CPU, spawned processes: each rank's tensors equal the local shards of
+    transformers' own TP model, whose forward equals the unsharded model's; at world
+    size 2, each rank also loads from S3 (moto) and reports its RemoteStats bytes."""
+    paths = {k: str(v) for k, v in models.items()}
+    s3json = ""
+    if ws == 2:
+        base, options = s3
+        _upload(models["llama"], f"{base}/llama", options)
+        s3json = json.dumps({"url": f"{base}/llama", "options": options, "report": str(tmp_path)})
+    _spawn(_rank_main, ws, paths, s3json)
+    if ws == 2:
+        reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ws)]
+        full = sum(f.stat().st_size for f in models["llama"].glob("*.safetensors"))
+        for rep in reports:
+            assert 0 < rep["fetched"] < 0.75 * full
+
+
+def test_rankplan_unit() -> None:
+    infos = {
+        "a.weight": TensorInfo("a.weight", "F16", (10, 6), 0, 120),
+    }
+    rp = RankPlan(Plan({"a": "rowwise"}), 3, 4, tensors=infos)
+    sl = rp.slice_of(infos["a.weight"])
+    assert sl.dim == 1 and sl.intervals == ((6, 6),) and sl.shape == (10, 0) and sl.nbytes == 0
+    assert byte_ranges(sl) == []
+
+
+def test_gptq_fused_styles_are_refused(models: dict[str, Path]) -> None:
+    plan = {"layers.*.mlp.up_proj": "packed_colwise"}
+    with pytest.raises(TensorParallelError, match="GPTQ module planned 'packed_colwise'"):
+        safeshard.load(models["gptq"], tp_plan=plan, rank=0, world_size=2)
