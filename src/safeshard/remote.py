@@ -18,6 +18,7 @@ and the byte range.
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -364,11 +365,15 @@ async def _s3_get_into(
         got = 0
         it = iter(views)
         view = memoryview(b"")
+        stream = getattr(getattr(body, "_raw_stream", None), "content", None)
         while got < want:
-            chunk = await body.read(want - got)  # what the connection has, up to that
+            if stream is not None:  # aiohttp: the next chunk as received, not joined
+                chunk = await stream.readany()
+            else:
+                chunk = await body.read(want - got)
             if not chunk:
                 break
-            data = memoryview(chunk)
+            data = memoryview(chunk)[: want - got]
             while len(data):
                 if not len(view):
                     view = next(it)
@@ -484,6 +489,44 @@ class RemoteSink(Sink):
             self._file.closed = True  # never completed later by the file's finalizer
 
 
+class _PartBody(io.RawIOBase):
+    """A part's bytes as a seekable file: the HTTP client sends it in small pieces from
+    the part buffer, instead of copying the whole part into its socket buffer."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, min(len(self._view), base + offset))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), len(self._view) - self._pos)
+        memoryview(b).cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = (
+            len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        )
+        data = self._view[self._pos : end].tobytes()
+        self._pos = end
+        return data
+
+
 class _PartUploader:
     """A multipart upload to S3 whose parts upload in parallel (see :class:`RemoteSink`)."""
 
@@ -545,7 +588,7 @@ class _PartUploader:
         try:
             if self._error is not None or self._done:
                 return
-            body = buf if size == len(buf) else memoryview(buf)[:size].tobytes()
+            body = _PartBody(memoryview(buf)[:size])
             last: BaseException | None = None
             for attempt in range(self.limits.retries + 1):
                 if attempt:
@@ -553,6 +596,7 @@ class _PartUploader:
                     time.sleep(min(2.0, 0.05 * 2**attempt))
                 stats.begin(size)
                 try:
+                    body.seek(0)
                     out = self._call(
                         "upload_part", UploadId=self.upload_id, PartNumber=number, Body=body
                     )
