@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 PY = sys.executable
+CAP = ["300MB"]
+"""The S3 -> S3 split's cap (``--shard-size``)."""
 
 CHILD_PRELUDE = """
 import json, os, sys, time
@@ -58,8 +60,8 @@ CHILDREN = {
 import safeshard
 from safeshard.remote import DEFAULT_LIMITS
 t0 = time.perf_counter()
-r = safeshard.split(sys.argv[1], sys.argv[2], max_shard_size="300MB", storage_options=opts,
-                    force=True)
+r = safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=os.environ["BENCH_CAP"],
+                    storage_options=opts, force=True)
 print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(),
                   "stats": DEFAULT_LIMITS.stats.to_json(),
                   "puts": DEFAULT_LIMITS.upload_stats.to_json(), "files": len(r.files)}))
@@ -68,7 +70,8 @@ print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(),
     + """
 import safeshard
 t0 = time.perf_counter()
-r = safeshard.split(sys.argv[1], sys.argv[2], max_shard_size="300MB", force=True)
+r = safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=os.environ["BENCH_CAP"],
+                    force=True)
 print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(), "files": len(r.files)}))
 """,
     "split naive (download, then split)": CHILD_PRELUDE
@@ -77,7 +80,8 @@ import s3fs, safeshard
 t0 = time.perf_counter()
 fs = s3fs.S3FileSystem(**opts)
 fs.get(sys.argv[1].removeprefix("s3://") + "/", sys.argv[3] + "/", recursive=True)
-r = safeshard.split(sys.argv[3], sys.argv[2], max_shard_size="300MB", force=True)
+r = safeshard.split(sys.argv[3], sys.argv[2], max_shard_size=os.environ["BENCH_CAP"],
+                    force=True)
 print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(), "files": len(r.files)}))
 """,
     "load s3": CHILD_PRELUDE
@@ -271,7 +275,7 @@ def start_s3rver(work: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]] |
 
 
 def run_child(name: str, args: Sequence[str], opts: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "BENCH_OPTS": json.dumps(opts)}
+    env = {**os.environ, "BENCH_OPTS": json.dumps(opts), "BENCH_CAP": CAP[0]}
     proc = subprocess.run(
         [PY, "-c", CHILDREN[name], *args], env=env, capture_output=True, text=True, check=False
     )
@@ -351,6 +355,22 @@ def bench_server(
     return {"variants": summary, "ratios": ratios}
 
 
+def random_checkpoint(folder: Path, size_mb: int) -> None:
+    """``model.safetensors`` in ``folder``: random F16 tensors of 16 MiB, ``size_mb`` MB."""
+    from safeshard.header import TensorSpec, build_header
+
+    n = 8 * 2**20  # elements: 16 MiB
+    count = max(1, size_mb * 10**6 // (2 * n))
+    specs = [
+        TensorSpec(f"model.layers.{i}.mlp.up_proj.weight", "F16", (n,), 2 * n) for i in range(count)
+    ]
+    folder.mkdir(parents=True)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(build_header(specs, {"format": "pt"}))
+        for spec in specs:
+            f.write(os.urandom(spec.nbytes))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -359,30 +379,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["split", "load"], action="append")
     ap.add_argument("--server", choices=["moto", "s3rver"], action="append")
+    ap.add_argument(
+        "--size-mb",
+        type=int,
+        help="instead of the GPTQ preset, a checkpoint of random 16 MiB tensors this big",
+    )
+    ap.add_argument("--shard-size", default="300MB", help="the S3 -> S3 split's cap")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
     servers = args.server or ["moto", "s3rver"]
+    CAP[0] = args.shard_size
     work = Path(tempfile.mkdtemp(prefix="safeshard-s3-bench-"))
     results: dict[str, Any] = {"cpus": os.cpu_count(), "servers": {}}
     try:
         src = work / "src"
-        log(f"synthesizing llama-2-7b-gptq ({args.layers} layers) ...")
-        subprocess.run(
-            [
-                PY,
-                "-m",
-                "safeshard",
-                "synth",
-                str(src),
-                "--preset",
-                "llama-2-7b-gptq",
-                "--layers",
-                str(args.layers),
-                "--quiet",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        if args.size_mb:
+            log(f"writing a {args.size_mb} MB checkpoint of random 16 MiB F16 tensors ...")
+            random_checkpoint(src, args.size_mb)
+        else:
+            log(f"synthesizing llama-2-7b-gptq ({args.layers} layers) ...")
+            synth = ["synth", str(src), "--preset", "llama-2-7b-gptq", "--layers"]
+            subprocess.run(
+                [PY, "-m", "safeshard", *synth, str(args.layers), "--quiet"],
+                check=True,
+                capture_output=True,
+            )
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         results["size"] = size
         # a sharded copy to load from, on every side
@@ -395,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(src),
                 str(work / "shards"),
                 "-s",
-                "400MB",
+                CAP[0],
                 "--quiet",
             ],
             check=True,
