@@ -126,3 +126,36 @@ def test_cli_a_second_writer_is_refused_and_break_lock_takes_over(tiny: Path, s3
         assert "--break-lock" in res.output
         res = runner.invoke(main, ["split", str(tiny), url, "--break-lock", *flags])
         assert res.exit_code == 0, res.output
+
+
+@pytest.mark.slow
+def test_an_update_on_s3_killed_after_staging_is_resumed(
+    tiny: Path, s3: S3, tmp_path: Path
+) -> None:
+    from safeshard.header import read_header
+
+    base, opts = s3
+    url = f"{base}/u"
+    cap = weights(tiny).stat().st_size // 4
+    safeshard.split(tiny, url, max_shard_size=cap, storage_options=opts)
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in tiny.iterdir():
+        (new / f.name).write_bytes(f.read_bytes())
+    h = read_header(weights(new))
+    with open(weights(new), "r+b") as f:
+        for name in ("model.layers.0.mlp.down_proj.scales", "model.layers.3.mlp.down_proj.scales"):
+            t = h.by_name[name]
+            f.seek(h.data_start + t.begin)
+            f.write(b"\x00\x3c" * (t.nbytes // 2))  # fp16 1.0
+    plan = safeshard.update(new, url, storage_options=opts, dry_run=True)
+    dirty = [f.file for f in plan.files if f.status in ("rewritten", "added")]
+    assert len(dirty) == 2
+    killed = run_killed("update", f"journaled:{dirty[0]}", new, url, storage_options=opts)
+    assert killed.returncode < 0, killed.stderr[-2000:]
+    r = safeshard.update(new, url, storage_options=opts)
+    assert r.resumed == [dirty[0]]
+    assert safeshard.verify(url, against=new, storage_options=opts).ok
+    merged = tmp_path / "merged.safetensors"
+    safeshard.merge(url, merged, storage_options=opts)
+    assert sha(merged) == sha(weights(new))
