@@ -163,6 +163,7 @@ class RemoteLimits:
         self._put_slots = threading.BoundedSemaphore(uploads)
         self._pool: ThreadPoolExecutor | None = None
         self._put_pool: ThreadPoolExecutor | None = None
+        self._parts: list[bytearray] = []
         self._lock = threading.Lock()
 
     @property
@@ -174,6 +175,21 @@ class RemoteLimits:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.requests, thread_name_prefix="safeshard-get")
             return self._pool
+
+    def take_part(self, size: int) -> bytearray:
+        """A part buffer of ``size`` bytes, reused when one is free (so a copy of many
+        shards allocates its part buffers once, not once per shard)."""
+        with self._lock:
+            for i, b in enumerate(self._parts):
+                if len(b) == size:
+                    return self._parts.pop(i)
+        return bytearray(size)
+
+    def give_part(self, buf: bytearray) -> None:
+        """Return a part buffer for reuse (at most ``uploads + 1`` are kept)."""
+        with self._lock:
+            if len(self._parts) <= self.uploads:
+                self._parts.append(buf)
 
     def put_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -540,9 +556,8 @@ class _PartUploader:
         self.limits = limits or DEFAULT_LIMITS
         self.upload_id: str | None = None
         self.etags: dict[int, str] = {}
-        self._buf = bytearray(part)
+        self._buf = self.limits.take_part(part)
         self._fill = 0
-        self._free: list[bytearray] = []
         self._futures: list[Future[None]] = []
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -580,7 +595,7 @@ class _PartUploader:
             raise
         self._futures.append(fut)
         with self._lock:
-            self._buf = self._free.pop() if self._free else bytearray(self.part)
+            self._buf = self.limits.take_part(self.part)
         self._fill = 0
 
     def _put_part(self, number: int, buf: bytearray, size: int) -> None:
@@ -619,9 +634,7 @@ class _PartUploader:
             if self._error is None:
                 self._error = e
         finally:
-            with self._lock:
-                if len(self._free) < self.limits.uploads:
-                    self._free.append(buf)
+            self.limits.give_part(buf)
             self.limits._put_slots.release()
 
     def _wait(self) -> None:
@@ -638,6 +651,7 @@ class _PartUploader:
             finally:
                 stats.end(self._fill, self._fill)
             self._done = True
+            self.limits.give_part(self._buf)
             return
         if self._fill:
             self._send()
@@ -650,12 +664,14 @@ class _PartUploader:
             MultipartUpload={"Parts": parts},
         )
         self._done = True
+        self.limits.give_part(self._buf)
 
     def abort(self) -> None:
         if self._done:
             return
         self._done = True
         self._wait()
+        self.limits.give_part(self._buf)
         if self.upload_id is not None:
             with contextlib.suppress(Exception):
                 self._call("abort_multipart_upload", UploadId=self.upload_id)
