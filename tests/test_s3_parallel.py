@@ -45,6 +45,7 @@ class Proxy:
         self.peak = {"get": 0, "part": 0}
         self.count = {"get": 0, "part": 0}
         self.ignore_range = False
+        self.no_upload_listing = False
         self.delay = {"get": 0.0, "part": 0.0}
         """Seconds each such request is held (a slow link), so overlap shows."""
         proxy = self
@@ -58,6 +59,13 @@ class Proxy:
             def _any(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else None
+                if proxy.no_upload_listing and self.command == "GET" and "uploads" in self.path:
+                    self.send_response(501)  # like s3rver: no ListMultipartUploads
+                    msg = b"<Error><Code>NotImplemented</Code></Error>"
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
                 kind = None
                 if self.command == "GET" and "Range" in self.headers:
@@ -198,3 +206,17 @@ def test_a_server_that_ignores_range_is_refused_without_reading_the_object(
     with pytest.raises(ReadError, match="ignored the Range header"):
         src.readinto([memoryview(bytearray(16))], 1000)
     assert DEFAULT_LIMITS.stats.bytes - before <= 16  # the body was not read
+
+
+def test_a_server_that_cannot_list_uploads_is_named_once(
+    proxied: tuple[str, dict[str, Any], Proxy], tmp_path: Path
+) -> None:
+    """Issue 16.8: where incomplete uploads cannot be listed (s3rver), the notes say once
+    that a killed run's leftovers cannot be cleaned, instead of skipping silently."""
+    base, opts, proxy = proxied
+    src = source(tmp_path / "src", tensors=3, mib=1)
+    proxy.no_upload_listing = True
+    r = safeshard.split(src, f"{base}/out", max_shard_size="1.1MB", storage_options=opts)
+    assert len(r.files) == 3
+    said = [n for n in r.notes if "cannot list incomplete multipart uploads" in n]
+    assert len(said) == 1, r.notes
