@@ -10,9 +10,14 @@ are handed to fsspec and never printed, logged or written to a manifest.
 cut into ranged GETs of at most :attr:`RemoteLimits.request_bytes` (default 8 MiB),
 issued in parallel, at most :attr:`RemoteLimits.requests` (default 8) in flight across
 every reader sharing the limits, so at most ``requests × request_bytes`` (64 MiB) are in
-flight. A failed or short ranged read is retried :attr:`RemoteLimits.retries` times
-(default 3, with backoff), then is a :class:`~safeshard.errors.ReadError` naming the object
-and the byte range.
+flight. On S3 each body is streamed straight into the caller's buffers (one copy), reading
+stops after the bytes asked for, and a server that ignores ``Range`` is refused. A failed or
+short ranged read is retried :attr:`RemoteLimits.retries` times (default 3, with backoff),
+then is a :class:`~safeshard.errors.ReadError` naming the object and the byte range.
+
+:class:`RemoteSink` uploads a file's parts in parallel (:attr:`RemoteLimits.uploads`, default
+8, in flight) and :class:`RemoteFolder` is the output transaction on a prefix: a lock object,
+a journal object for ``--resume``, and multipart cleanup limited to the keys it writes.
 """
 
 from __future__ import annotations
