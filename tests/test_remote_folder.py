@@ -61,18 +61,34 @@ def test_a_failed_upload_is_aborted_and_leaves_nothing(s3: tuple[str, dict[str, 
     assert not fs.exists(f"{root}/big.safetensors")
 
 
-def test_an_upload_a_killed_run_left_is_aborted_by_the_next_writer(
-    s3: tuple[str, dict[str, Any]],
-) -> None:
-    base, options = s3
-    url = f"{base}/out"
-    fs, root = filesystem(url, options)
-    bucket, prefix = root.split("/", 1)
-    f = fs.open(f"{root}/half.safetensors", "wb", block_size=5 * 2**20)
+def _half_upload(fs: Any, key: str) -> None:
+    """A multipart upload with one part uploaded, then "killed": no complete, no abort."""
+    f = fs.open(key, "wb", block_size=5 * 2**20)
     f.write(b"x" * (6 * 2**20))
-    f.flush()  # a part is uploaded; then the process "dies": no complete, no abort
+    f.flush()
     f.closed = True  # (so this test's finalizer does not complete it either)
-    assert uploads(fs, bucket) == [f"{prefix}/half.safetensors"]
+
+
+@pytest.mark.parametrize("sub", ["out", "a/b/c", ""])
+def test_only_uploads_of_keys_this_run_writes_are_aborted(
+    s3: tuple[str, dict[str, Any]], sub: str
+) -> None:
+    """Issue 16.8: another tool's upload in progress under the prefix is left alone; a
+    killed run's upload of a key this run writes, and of safeshard's temporaries, are
+    aborted, at any depth including the bucket root."""
+    base, options = s3
+    url = f"{base}/{sub}" if sub else base
+    fs, root = filesystem(url, options)
+    bucket = root.split("/", 1)[0]
+    pre = f"{sub}/" if sub else ""
+    _half_upload(fs, f"{root}/model.safetensors")  # a killed run's
+    _half_upload(fs, f"{root}/.safeshard-tmp-stage-x.safetensors.part")  # a killed stage
+    _half_upload(fs, f"{root}/other-tool.bin")  # someone else's, in progress
     with RemoteFolder(url, storage_options=options) as tx:
-        assert any("aborted an incomplete upload" in r for r in tx.recovered)
-    assert uploads(fs, bucket) == []
+        assert sorted(uploads(fs, bucket)) == [f"{pre}model.safetensors", f"{pre}other-tool.bin"]
+        tx.start("split", "fp")
+        tx.write_bytes("model.safetensors", b"new")
+        assert uploads(fs, bucket) == [f"{pre}other-tool.bin"]
+        assert sum("aborted an incomplete upload" in r for r in tx.recovered) == 2
+        tx.commit()
+    assert fs.cat_file(f"{root}/model.safetensors") == b"new"

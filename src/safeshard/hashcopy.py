@@ -28,6 +28,7 @@ cache drop the bytes before they are read again.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import hashlib
@@ -37,8 +38,9 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from .byteio import ByteSource, Extent, LocalFile, Sink, read_exact, read_into
 from .errors import ReadError, read_error
@@ -49,7 +51,8 @@ COPY_CHUNK = 64 * 1024 * 1024
 """Largest run copied (and handed to the digest thread) at once."""
 
 BUFFERED_CHUNK = 8 * 1024 * 1024
-"""Run size on the buffered path (object storage): two such buffers are in use."""
+"""Run size on the buffered path (object storage): one ranged GET each; up to
+:func:`read_window` such buffers are in use."""
 
 MAX_LAG = 4
 """Runs the digest thread may fall behind the copier (so at most 256 MiB of source)."""
@@ -230,53 +233,69 @@ def _copy_buffered(
 ) -> None:
     """The buffered path (a source or the sink without a descriptor: object storage).
 
-    A reader thread reads each run into one of two buffers while this thread digests and
-    writes the other, so a remote source's GETs overlap the sink's uploads; memory stays
-    at two runs of :data:`BUFFERED_CHUNK`.
+    Up to :func:`read_window` runs are read at once, each into a buffer of its own, by
+    reader threads (so a remote source has that many ranged GETs in flight), while this
+    thread takes the runs in order, digests each and writes it to the sink (whose part
+    uploads run in parallel, out of order); memory stays at ``window`` runs of
+    :data:`BUFFERED_CHUNK`, plus what the sink holds.
     """
     if not runs:
         return
+    window = read_window(runs)
     size = max(r.nbytes for r in runs)
-    free: queue.Queue[memoryview] = queue.Queue()
-    for _ in range(2):
-        free.put(memoryview(bytearray(size)))
-    full: queue.Queue[tuple[_Run, memoryview, memoryview] | BaseException | None] = queue.Queue()
+    free: list[memoryview] = [memoryview(bytearray(size)) for _ in range(min(window, len(runs)))]
     stop = threading.Event()
 
-    def reader() -> None:
-        try:
-            for run in runs:
-                buf = free.get()
-                if stop.is_set():
-                    return
-                data = buf[: run.nbytes]
-                what = f"tensor {pieces[run.parts[0][0]].name!r}"
-                read_exact(run.source, [data], run.offset, what)
-                full.put((run, buf, data))
-            full.put(None)
-        except BaseException as e:  # handed to the writer
-            full.put(e)
+    def read(run: _Run, buf: memoryview) -> memoryview:
+        if stop.is_set():
+            raise ReadError("cancelled")
+        data = buf[: run.nbytes]
+        what = f"tensor {pieces[run.parts[0][0]].name!r}"
+        read_exact(run.source, [data], run.offset, what)
+        return data
 
-    thread = threading.Thread(target=reader, daemon=True, name="safeshard-read")
-    thread.start()
-    try:
-        while True:
-            item = full.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            run, buf, data = item
-            digests.feed(_Cursor(run), data)
-            if sha256 is not None:
-                sha256.update(data)
-            sink.write(data)
-            free.put(buf)
-            wrote(run.nbytes)
-    finally:
-        stop.set()
-        free.put(memoryview(bytearray(0)))  # wake a reader waiting for a buffer
-        thread.join()
+    pending: collections.deque[tuple[_Run, memoryview, Future[memoryview]]] = collections.deque()
+    todo = iter(runs)
+    with ThreadPoolExecutor(len(free), thread_name_prefix="safeshard-read") as pool:
+        try:
+            while True:
+                while free:
+                    run = next(todo, None)
+                    if run is None:
+                        break
+                    buf = free.pop()
+                    pending.append((run, buf, pool.submit(read, run, buf)))
+                if not pending:
+                    break
+                run, buf, fut = pending.popleft()
+                data = fut.result()
+                digests.feed(_Cursor(run), data)
+                if sha256 is not None:
+                    sha256.update(data)
+                sink.write(data)
+                free.append(buf)
+                wrote(run.nbytes)
+        finally:
+            stop.set()
+            for _, _, f in pending:
+                f.cancel()
+
+
+def read_window(runs: Sequence[_Run]) -> int:
+    """How many runs :func:`_copy_buffered` reads at once: as many as the remote sources
+    allow ranged GETs in flight (:class:`safeshard.remote.RemoteLimits`), else 2 (one
+    read overlapping one write)."""
+    window = 2
+    seen: set[int] = set()
+    for r in runs:
+        if id(r.source) in seen:
+            continue
+        seen.add(id(r.source))
+        limits = getattr(r.source, "limits", None)
+        requests = getattr(limits, "requests", None)
+        if isinstance(requests, int):
+            window = max(window, requests)
+    return window
 
 
 def _copy_local(
@@ -441,12 +460,15 @@ def digest_file(path: str | os.PathLike[str], *, progress: Progress | None = Non
     """The header digest and each tensor's digest of the safetensors file at ``path``,
     reading it once (what :func:`copy_pieces` computes while writing it)."""
     from .header import read_header
+    from .storage import open_source
 
     h = read_header(path)
     header = header_digest(struct.pack("<Q", h.header_len) + h.raw)
     view = memoryview(bytearray(CHUNK))
     result: dict[str, str] = {}
-    with LocalFile.open(path) as src:
+    with open_source(path) as src:
+        if src.fileno() is None:  # an object: few large ranged GETs, not one per tensor
+            return Hashes(header=header, tensors=_digest_source(src, h, progress))
         for t in h.tensors:
             d = tensor_hasher()
             pos, end = h.data_start + t.begin, h.data_start + t.end
@@ -459,6 +481,24 @@ def digest_file(path: str | os.PathLike[str], *, progress: Progress | None = Non
                     progress(n)
             result[t.name] = d.hexdigest()
     return Hashes(header=header, tensors=result)
+
+
+def _digest_source(src: ByteSource, h: Any, progress: Progress | None) -> dict[str, str]:
+    """Each tensor's digest, reading ``src`` in runs of :data:`BUFFERED_CHUNK`."""
+    pieces = [Extent(src, h.data_start + t.begin, t.nbytes, t.name) for t in h.tensors]
+    digests = _Digests(pieces)
+    runs = plan_runs(pieces, BUFFERED_CHUNK)
+    view = memoryview(bytearray(max((r.nbytes for r in runs), default=0)))
+    for run in runs:
+        data = view[: run.nbytes]
+        read_exact(src, [data], run.offset, f"tensor {pieces[run.parts[0][0]].name!r}")
+        digests.feed(_Cursor(run), data)
+        if progress is not None:
+            progress(run.nbytes)
+    for p in pieces:
+        if p.nbytes == 0:
+            digests.digests[p.name] = EMPTY_DIGEST
+    return digests.digests
 
 
 def hash_file(path: str | os.PathLike[str], *, progress: Progress | None = None) -> str:

@@ -184,6 +184,7 @@ def merge(
     on_step: StepHook | None = None,
     sha256: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> MergeResult:
     """Merge the checkpoint at ``src`` (a folder, an index or a file) into ``out_file``.
 
@@ -239,7 +240,12 @@ def merge(
     try:
         with (
             open_sources(ckpt) as sources,
-            output_folder(out.parent, on_step=on_step, storage_options=storage_options) as tx,
+            output_folder(
+                out.parent,
+                on_step=on_step,
+                storage_options=storage_options,
+                break_lock=break_lock,
+            ) as tx,
         ):
             warnings += tx.recovered
             hashes = tx.write(out.name, lambda sink: fill(sink, sources), size=size)

@@ -298,7 +298,12 @@ def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> 
     its header and tensor digests (or, for a record of an older safeshard with only a
     SHA-256, that)."""
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
+        if storage.is_remote(path):  # an object: its size, then its digests read back (ranged GETs)
+            fs: Any = getattr(path, "fs", None)
+            info = fs.info(getattr(path, "path", ""))
+            if info.get("type") == "directory" or int(info.get("size") or 0) != rec.size:
+                return False
+        elif path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
             return False
         if rec.header is None:
             return rec.sha256 is not None and hash_file(path, progress=progress) == rec.sha256

@@ -136,14 +136,16 @@ def split(
     on_step: StepHook | None = None,
     sha256: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> SplitResult:
     """Split (or reshard) the checkpoint at ``src`` into ``out_dir``; see the module docs.
 
     ``sha256`` also computes each shard's SHA-256 (the Hub's LFS id), in threads of their
     own, files in parallel; the default integrity record (header and tensor digests)
     does not need it. ``src`` and ``out_dir`` may be URLs (:mod:`safeshard.storage`),
-    reached with ``storage_options``; a split into object storage is not resumable (no
-    journal there) and does not lock the prefix.
+    reached with ``storage_options``; into object storage, a journal object makes it
+    resumable and a lock object refuses a second writer (``break_lock`` takes over a lock
+    whose writer died on another host).
 
     ``progress`` is called with a number of bytes each time that many are written
     or, for shards kept by ``resume``, re-hashed; the total is the sum of the
@@ -194,7 +196,9 @@ def split(
     _check_not_source(out, ckpt)
     if not is_remote(out):
         prepare_folder(out)
-    with output_folder(out, on_step=on_step, storage_options=storage_options) as tx:
+    with output_folder(
+        out, on_step=on_step, storage_options=storage_options, break_lock=break_lock
+    ) as tx:
         result.notes += tx.recovered
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names)
         kept = _resume(tx, result, names, fp, resume=resume, force=force, progress=progress)

@@ -86,13 +86,26 @@ def open_source(path: Any, limits: RemoteLimits | None = None) -> ByteSource:
     return LocalFile.open(path)
 
 
-def output_folder(path: Any, *, on_step: Any = None, storage_options: StorageOptions = None) -> Any:
-    """The output transaction for the folder at ``path``: local or in object storage."""
+def output_folder(
+    path: Any,
+    *,
+    on_step: Any = None,
+    storage_options: StorageOptions = None,
+    break_lock: bool = False,
+) -> Any:
+    """The output transaction for the folder at ``path``: local or in object storage.
+
+    ``break_lock`` takes over an object-storage prefix's lock object even when its writer
+    may be alive (a local folder's lock is the kernel's, released when its process dies).
+    """
     if is_remote(path):
         from .remote import RemoteFolder
 
         return RemoteFolder(
-            str(path), storage_options=_options_of(path, storage_options), on_step=on_step
+            str(path),
+            storage_options=_options_of(path, storage_options),
+            on_step=on_step,
+            break_lock=break_lock,
         )
     from .outdir import OutputFolder
 

@@ -443,6 +443,7 @@ def update(
     on_step: StepHook | None = None,
     sha256: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> UpdateResult:
     """Update the safeshard split in ``out_dir`` to the checkpoint at ``new_src``.
 
@@ -472,7 +473,9 @@ def update(
     )
     if dry_run or not out.is_dir():
         return _update(None, *args)
-    with output_folder(out, on_step=on_step, storage_options=storage_options) as tx:
+    with output_folder(
+        out, on_step=on_step, storage_options=storage_options, break_lock=break_lock
+    ) as tx:
         return _update(tx, *args)
 
 

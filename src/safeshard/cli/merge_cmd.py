@@ -31,6 +31,12 @@ from . import (
     is_flag=True,
     help="Also compute and print the output's SHA-256 (in a thread that follows the copy).",
 )
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Object storage: take over the prefix's lock object even if its writer may be alive "
+    "(only when you know it died).",
+)
 @storage_option
 @json_option
 @quiet_option
@@ -39,6 +45,7 @@ def merge_cmd(
     out_file: str,
     force: bool,
     sha256: bool,
+    break_lock: bool,
     storage_options: dict[str, Any] | None,
     as_json: bool,
     quiet: bool,
@@ -58,6 +65,7 @@ def merge_cmd(
             progress=advance,
             sha256=sha256,
             storage_options=storage_options,
+            break_lock=break_lock,
         )
     if as_json:
         emit_json(result.to_json())

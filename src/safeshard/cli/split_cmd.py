@@ -65,6 +65,12 @@ from .split_update import run_update
     help="Also record each shard's SHA-256 (the Hub's LFS id), hashed in parallel. The "
     "default integrity record (header and tensor digests) covers every byte without it.",
 )
+@click.option(
+    "--break-lock",
+    is_flag=True,
+    help="Object storage: take over the prefix's lock object even if its writer may be alive "
+    "(only when you know it died).",
+)
 @storage_option
 @json_option
 @quiet_opt
@@ -80,6 +86,7 @@ def split_cmd(
     force: bool,
     update: bool,
     sha256: bool,
+    break_lock: bool,
     storage_options: dict[str, Any] | None,
     as_json: bool,
     quiet: bool,
@@ -104,6 +111,7 @@ def split_cmd(
         force=force,
         sha256=sha256,
         storage_options=storage_options,
+        break_lock=break_lock,
     )
     if update:
         run_update(
@@ -118,6 +126,7 @@ def split_cmd(
             force=force,
             sha256=sha256,
             storage_options=storage_options,
+            break_lock=break_lock,
             as_json=as_json,
             quiet=quiet,
         )

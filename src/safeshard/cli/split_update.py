@@ -38,6 +38,7 @@ def run_update(
     sha256: bool,
     storage_options: dict[str, Any] | None,
     as_json: bool,
+    break_lock: bool = False,
     quiet: bool,
 ) -> None:
     """Run the update and print (or emit as JSON) what it did."""
@@ -60,6 +61,7 @@ def run_update(
         dry_run=dry_run,
         sha256=sha256,
         storage_options=storage_options,
+        break_lock=break_lock,
         progress=lambda label, total: byte_progress(total, label, quiet or as_json),
     )
     if as_json:
