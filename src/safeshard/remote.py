@@ -684,6 +684,7 @@ refreshes it after every file it finishes)."""
 @translating(
     {
         "__enter__": ("open the output prefix", lambda self, a: self.url),
+        "_read_lock": ("read the lock object", lambda self, a: f"{self.url}/{LOCK_NAME}"),
         "_names": ("list the prefix", lambda self, a: self.url + "/"),
         "checkpoint_files": ("list the prefix", lambda self, a: self.url + "/"),
         "exists": ("look up", lambda self, a: self.path(a[0])),
@@ -839,7 +840,7 @@ class RemoteFolder:
             text = f"{type(e).__name__} {e} {e.__cause__}".lower().replace("-", "")
             if "precondition" in text or "412" in text or "conditionalrequest" in text:
                 return False
-            raise _classify(self.url, "create the lock object", e) from None
+            raise _classify(f"{self.url}/{LOCK_NAME}", "create the lock object", e) from None
         return True
 
     def _read_lock(self) -> dict[str, Any] | None:
