@@ -463,6 +463,13 @@ class Engine:
                     self._failed[u.key] = e
                     self._cond.notify_all()
                     continue
+                if stop():
+                    # while the reservation waited for room, the caller read the unit
+                    # itself (or it is no longer wanted): a second read would hold bytes
+                    # counted nowhere once the caller's read ends (BudgetError at the
+                    # minimum budget with nothing in use)
+                    self.res.unreserve(u.nbytes)
+                    continue
                 self._reading[u.key] = u.nbytes
                 self._trace("load-start", u.key)
             try:

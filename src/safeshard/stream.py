@@ -40,6 +40,7 @@ holds the largest unit (:class:`BudgetError`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import weakref
@@ -191,6 +192,7 @@ class Streamer:
         self._installed: set[str] = set()
         self._post_inited: set[int] = set()
         self._rows_active: dict[int, int] = {}
+        self._rows_pad: dict[int, int] = {}  # an embedding's own padding_idx while renumbered
         total = sum(s.unit.nbytes for s in specs)
         drop = page_cache == "drop"
         if page_cache == "auto":
@@ -386,6 +388,10 @@ class Streamer:
                 raise
             t.slots[0].put(torch.nn.Parameter(x, requires_grad=t.placeholder.requires_grad))
             self._rows_active[id(module)] = nbytes
+            pad = getattr(module, "padding_idx", None)
+            if pad is not None:  # renumbered too: the table has only the rows read
+                self._rows_pad[id(module)] = pad
+                module.padding_idx = bisect.bisect_left(rows, pad) if pad in rows else None
             inverse = inverse.reshape(ids.shape).to(ids.device)
             if args:
                 return (inverse, *args[1:]), kwargs
@@ -399,6 +405,8 @@ class Streamer:
 
         def post(module: Any, args: Any, output: Any) -> None:
             nbytes = self._rows_active.pop(id(module), 0)
+            if id(module) in self._rows_pad:
+                module.padding_idx = self._rows_pad.pop(id(module))
             if nbytes < 0:
                 self.release(key)
                 return
