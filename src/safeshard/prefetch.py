@@ -170,8 +170,18 @@ class Engine:
                 used = sum(u.nbytes for u in self.units if u.pinned)
                 free = [u for u in self.units if not u.pinned]
                 window = sorted((u for u in free if not u.rows), key=lambda u: (-u.nbytes, u.index))
+                # once a pass is learned, units it did not use (an encoder, run once
+                # before the decoder's passes) come last: keeping them saves no reads
+                unused = set(range(len(self.units))) - set(last) if self.learned else set()
                 order = sorted(
-                    free, key=lambda u: (u.rows, -u.nbytes, -last.get(u.index, -1), -u.index)
+                    free,
+                    key=lambda u: (
+                        u.rows,
+                        u.index in unused,
+                        -u.nbytes,
+                        -last.get(u.index, -1),
+                        -u.index,
+                    ),
                 )
                 k = 1 + self.prefetch
                 for c in order:
@@ -225,6 +235,14 @@ class Engine:
             if self._depth > 1:
                 return
             self._check_open()
+            if not self.learned and self._pass:
+                # units used before the first pass, outside any (an encoder that generate
+                # runs once on its own) are not predicted for the passes that follow
+                before = set(self._pass)
+                rest = [i for i in self.schedule if i not in before]
+                if rest:
+                    self.schedule = rest
+                    self._cursor = -1
             self._pass = []
             self.stats.passes += 1
         self.refresh_budget()
@@ -236,9 +254,12 @@ class Engine:
             if self._depth:
                 return
             if self._pass:
+                replan = not self.learned or set(self._pass) != set(self.schedule)
                 self.schedule = list(self._pass)
                 self._cursor = len(self.schedule) - 1
                 self.learned = True
+                if replan:
+                    self.plan()
             self._cond.notify_all()
 
     def _note(self, u: Unit) -> None:
@@ -359,7 +380,9 @@ class Engine:
                 self._in_use[key] = left
                 return
             del self._in_use[key]
-            if key not in self._kept:
+            # a unit used again next (a tied embedding: lm_head, then the next token's
+            # embedding) stays until the prediction moves on, as if prefetched
+            if key not in self._kept and all(u.key != key for u in self._window()):
                 self.res.discard(key)
             self._cond.notify_all()
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import heads
 from .byteio import Extent
 from .errors import MissingExtraError, UsageError
 from .lazy import LazyCheckpoint
@@ -548,9 +549,15 @@ def empty_model(
     dtype: Any = None,
     gptq_backend: str = "gptq_torch",
     trust_remote_code: bool = False,
+    task: str | None = None,
 ) -> Any:
-    """A causal-LM model for the checkpoint at ``path``, built on the meta device from its
-    folder's ``config.json``, ready for :func:`stream`.
+    """A model for the checkpoint at ``path``, built on the meta device from its folder's
+    ``config.json``, ready for :func:`stream`.
+
+    ``task`` picks the head: ``"causal-lm"``, ``"seq2seq-lm"``, ``"image-text-to-text"``
+    or ``"sequence-classification"``; by default the one the config's ``architectures``
+    names (:mod:`safeshard.heads`). A config transformers rejects, or a model type with
+    none of these heads, is a :class:`~safeshard.errors.ModelConfigError`, before any read.
 
     GPTQ checkpoints (a ``quantization_config`` with ``quant_method: gptq``) get the
     quantized modules transformers' GPTQ integration would load them into, with
@@ -565,7 +572,9 @@ def empty_model(
             f"{folder}: no config.json here to build the model from; build it yourself under "
             "torch.device('meta') and pass it to safeshard.stream"
         )
-    cfg = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    where = str(folder / "config.json")
+    cfg = heads.load_config(folder, trust_remote_code=trust_remote_code)
+    task = heads.choose_task(cfg, task, where)
     qc = getattr(cfg, "quantization_config", None)
     quantizer = None
     if qc is not None:
@@ -595,8 +604,8 @@ def empty_model(
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype, torch.float32)
     with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(
-            cfg, dtype=dtype, trust_remote_code=trust_remote_code
+        model = heads.build(
+            cfg, task, dtype=dtype, trust_remote_code=trust_remote_code, where=where
         )
         if quantizer is not None:
             quantizer.preprocess_model(
