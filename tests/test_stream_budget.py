@@ -3,9 +3,16 @@ errors and ``safeshard inspect`` give (issue 17, items 6 and 7)."""
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Any
 
+import pytest
+from click.testing import CliRunner
+
+from safeshard.cli import main
+from safeshard.errors import BudgetError
 from safeshard.prefetch import Engine, Unit
 from safeshard.residency import Residency
 
@@ -79,3 +86,68 @@ def test_the_reader_does_not_read_again_a_unit_the_caller_is_reading() -> None:
     finally:
         engine.close()
     assert res.resident_bytes == 0
+
+
+# --------------------------------------------------------------------------- guidance
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("guidance")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=None,
+    )
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder, max_shard_size="60KB")
+    return folder
+
+
+def test_inspect_gives_the_budgets_stream_works_with(llama: Path) -> None:
+    import torch
+
+    import safeshard
+    from safeshard.stream import streamer_of
+
+    r = CliRunner().invoke(main, ["inspect", str(llama), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    least, whole = report["stream_min_budget"], report["stream_no_read_budget"]
+    assert report["stream_largest_unit"]["bytes"] == least
+    assert report["stream_largest_unit"]["name"].startswith("model.layers.")
+    s = streamer_of(safeshard.stream(safeshard.empty_model(llama), llama))
+    assert (least, whole) == (s.engine.minimum_budget()[0], s.model_bytes)
+    s.close()
+    ids = torch.tensor([[1, 5, 9]])
+    for budget, reads_per_token in ((least, None), (whole, 0), (whole - 1, None)):
+        m = safeshard.stream(safeshard.empty_model(llama), llama, max_resident_bytes=budget)
+        s = streamer_of(m)
+        marks: list[int] = []
+
+        def tick(input_ids: Any, scores: Any, s: Any = s, marks: list[int] = marks) -> Any:
+            marks.append(s.stats.bytes_read)
+            return scores
+
+        with torch.no_grad():
+            m.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=[tick])
+        decode = marks[-1] - marks[1]  # after the first token's pass
+        if reads_per_token == 0:
+            assert decode == 0  # at the whole model's size, nothing is read again
+        else:
+            assert decode > 0
+        s.close()
+    with pytest.raises(BudgetError) as e:
+        safeshard.stream(safeshard.empty_model(llama), llama, max_resident_bytes=least - 1)
+    assert f"{least:,} bytes" in str(e.value) and f"from {whole:,} bytes" in str(e.value)
+    text = CliRunner().invoke(main, ["inspect", str(llama)])
+    assert "Stream budget" in text.output and f"{least:,} B" in text.output
+    assert f"{whole:,} B" in text.output

@@ -153,6 +153,18 @@ class Engine:
         raise BudgetError(
             f"{self.label}: {what}: more than max_resident_bytes={budget:,} "
             f"({format_size(budget)}){source}; raise the budget to at least {need:,} bytes"
+            f"{self._guidance()}"
+        )
+
+    def _guidance(self) -> str:
+        """The two budgets worth knowing, for error messages."""
+        need, big = self.minimum_budget()
+        total = sum(u.nbytes for u in self.units)
+        unit = f", the largest unit {big.key!r}" if big is not None else ""
+        return (
+            f" (the smallest budget that runs is {need:,} bytes ({format_size(need)}){unit}; "
+            f"from {total:,} bytes ({format_size(total)}), the whole model, decoding reads "
+            "nothing; `safeshard inspect` shows both)"
         )
 
     def plan(self) -> None:
@@ -439,7 +451,7 @@ class Engine:
                     f"{self.label}: {what} needs {nbytes:,} bytes while units in use "
                     f"({', '.join(repr(k) for k in self._in_use)}) hold {busy:,}; together "
                     f"more than max_resident_bytes={budget:,} "
-                    f"({format_size(budget or 0)}); raise the budget"
+                    f"({format_size(budget or 0)}); raise the budget{self._guidance()}"
                 )
         finally:
             self._demand = False
