@@ -151,3 +151,27 @@ def test_inspect_gives_the_budgets_stream_works_with(llama: Path) -> None:
     text = CliRunner().invoke(main, ["inspect", str(llama)])
     assert "Stream budget" in text.output and f"{least:,} B" in text.output
     assert f"{whole:,} B" in text.output
+
+
+def test_runs_at_the_exact_minimum_budget_repeated(llama: Path) -> None:
+    """The race above showed once in 15 runs of a real model at the exact minimum budget:
+    repeat such runs (each with the reader racing the caller) and check the outputs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import safeshard
+    from safeshard.stream import streamer_of
+
+    full = AutoModelForCausalLM.from_pretrained(llama).eval()
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        want = full.generate(ids, max_new_tokens=4, do_sample=False)
+    s = streamer_of(safeshard.stream(safeshard.empty_model(llama), llama))
+    least = s.engine.minimum_budget()[0]
+    s.close()
+    for _ in range(8):
+        m = safeshard.stream(safeshard.empty_model(llama), llama, max_resident_bytes=least)
+        with torch.no_grad():
+            assert torch.equal(m.generate(ids, max_new_tokens=4, do_sample=False), want)
+        assert streamer_of(m).stats.peak_resident_bytes <= least
+        streamer_of(m).close()

@@ -7,6 +7,7 @@ Outputs are compared with ``torch.equal`` to the same model loaded whole.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -29,7 +31,7 @@ from transformers import (
 
 import safeshard
 from safeshard.cli import main
-from safeshard.errors import ModelConfigError, UsageError
+from safeshard.errors import ModelConfigError, ModelMismatchError, UsageError
 from safeshard.stream import streamer_of
 
 NEW = 5
@@ -158,6 +160,29 @@ def test_encoder_decoder_models_stream_the_encoder_once_and_the_decoder_per_toke
                     assert loads[k] >= new - 1, loads
             assert s.stats.peak_resident_bytes <= limit
         s.close()
+
+
+def test_a_seq2seq_checkpoint_built_as_another_head_is_told_why(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(_seq2seq("bart")).save_pretrained(tmp_path)
+    cfg = AutoConfig.from_pretrained(tmp_path)  # names BartForConditionalGeneration
+    with torch.device("meta"):
+        wrong = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"is a BartForCausalLM but the config names "
+        r"BartForConditionalGeneration.*empty_model",
+    ):
+        safeshard.stream(wrong, tmp_path)
+    # safeshard run on it: the encoder reads the prompt, the new tokens follow the start token
+    full = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        want = full.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    r = CliRunner().invoke(
+        main, ["run", str(tmp_path), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["new_token_ids"] == want[0, 1:].tolist()
 
 
 # --------------------------------------------------------------------------- classification

@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from . import heads
 from .byteio import Extent
-from .errors import MissingExtraError, UsageError
+from .errors import MissingExtraError, ModelMismatchError, UsageError
 from .lazy import LazyCheckpoint
 from .load import TorchBackend, import_torch, parse_device
 from .mapped import MappedShards
@@ -170,7 +170,10 @@ class Streamer:
         )
         self.label = self.lc.path
         try:
-            tensors = match(model, self.lc, self.device)
+            try:
+                tensors = match(model, self.lc, self.device)
+            except ModelMismatchError as e:
+                raise ModelMismatchError(f"{e}{_head_hint(model)}") from None
             gptq = gptq_support(model)
             specs = plan_units(model, tensors, gptq, rows=rows, granularity=granularity)
             self._setup(model, specs, gptq, prefetch, nworkers, page_cache)
@@ -465,6 +468,19 @@ class Streamer:
             f"<Streamer {self.label!r}: {len(self.specs)} units, "
             f"{format_size(self.model_bytes)}, {b}, {len(s.resident)} resident>"
         )
+
+
+def _head_hint(model: Any) -> str:
+    """When the model's class is not the one its config's ``architectures`` names (a BART
+    checkpoint built as ``BartForCausalLM``), say so: the usual cause of a mismatch."""
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    name = type(model).__name__
+    if not archs or name in archs:
+        return ""
+    return (
+        f"; the model is a {name} but the config names {', '.join(map(str, archs))}: build it "
+        "with safeshard.empty_model(path), which picks that head"
+    )
 
 
 def _close_resources(
