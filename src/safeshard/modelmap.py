@@ -258,13 +258,12 @@ def init_buffers(model: Any, device: Any) -> None:
         fn = getattr(m, "_init_weights", None)
         if callable(fn):
             inits[mname] = fn
-    owners: dict[int, tuple[Any, list[Any]]] = {}
+    owners: dict[int, tuple[Any, Any]] = {}
     for m, attr, name in todo:
         parts = name.split(".")[:-1]
-        chain = [
-            inits[p] for p in (".".join(parts[:k]) for k in range(len(parts), -1, -1)) if p in inits
-        ]
-        if not chain:
+        enclosing = (".".join(parts[:k]) for k in range(len(parts), -1, -1))
+        init = next((inits[p] for p in enclosing if p in inits), None)
+        if init is None:
             raise UsageError(
                 f"buffer {name} is on the meta device and this model has no _init_weights to "
                 "compute it; build the model with real buffers (accelerate's init_empty_weights "
@@ -273,10 +272,10 @@ def init_buffers(model: Any, device: Any) -> None:
         b = m._buffers[attr]
         fill = float("nan") if b.is_floating_point() else _SENTINEL_INT
         m._buffers[attr] = torch.full(b.shape, fill, dtype=b.dtype, device=target)
-        owners[id(m)] = (m, chain)
+        owners[id(m)] = (m, init)
     with torch.no_grad():
-        for m, chain in owners.values():
-            chain[0](m)
+        for m, init in owners.values():
+            init(m)
     for m, attr, name in todo:
         b = m._buffers[attr]
         bad = torch.isnan(b).any() if b.is_floating_point() else (b == _SENTINEL_INT).any()
