@@ -320,3 +320,19 @@ def test_a_config_transformers_rejects_or_a_head_stream_lacks_is_refused_by_name
     assert type(safeshard.empty_model(enc, task="sequence-classification")).__name__ == (
         "BertForSequenceClassification"
     )
+
+
+def test_the_head_follows_architectures_then_auto_map() -> None:
+    from safeshard.heads import choose_task
+
+    cfg = LlamaConfig(architectures=["LlamaForSequenceClassification"])
+    assert choose_task(cfg, None, "config.json") == "sequence-classification"
+    assert choose_task(cfg, "causal-lm", "config.json") == "causal-lm"
+    cfg = LlamaConfig()  # no architectures: a causal LM, as before
+    assert choose_task(cfg, None, "config.json") == "causal-lm"
+    custom = LlamaConfig(
+        architectures=["MyOwnLM"], auto_map={"AutoModelForCausalLM": "modeling_mine.MyOwnLM"}
+    )
+    assert choose_task(custom, None, "config.json") == "causal-lm"
+    with pytest.raises(ModelConfigError, match="'MyOwnLM'"):
+        choose_task(LlamaConfig(architectures=["MyOwnLM"]), None, "config.json")

@@ -11,8 +11,9 @@ stream runs four kinds of model heads (*tasks*), each built by its transformers 
 
 Without a ``task``, :func:`choose_task` takes the head the config's ``architectures``
 names (what ``save_pretrained`` wrote), looked up in transformers' own Auto mappings for
-the installed version; a config without ``architectures`` is taken as a causal LM, an
-encoder-decoder as seq2seq, where transformers has such a model for its type.
+the installed version, or the first of these Auto classes its ``auto_map`` maps (a model
+with its own code, ``trust_remote_code``); a config without ``architectures`` is taken as
+a causal LM, an encoder-decoder as seq2seq, where transformers has such a model for its type.
 
 Everything here reads only ``config.json``: a config transformers rejects, or a model
 type with none of these heads, is a :class:`~safeshard.errors.ModelConfigError` naming
@@ -85,10 +86,12 @@ def choose_task(cfg: Any, task: str | None, where: str) -> str:
     ``where`` (the config's path) starts the messages."""
     model_type = str(getattr(cfg, "model_type", "") or "")
     archs = [a for a in (getattr(cfg, "architectures", None) or []) if isinstance(a, str)]
+    auto_map = getattr(cfg, "auto_map", None) or {}
+    remote = [t for t in TASKS if isinstance(auto_map, dict) and AUTO_CLASSES[t][0] in auto_map]
     if task is not None:
         if task not in AUTO_CLASSES:
             raise UsageError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
-        if model_type not in _names(task):
+        if model_type not in _names(task) and task not in remote:
             raise ModelConfigError(
                 f"{where}: model type {model_type!r} has no {task} model in transformers"
                 f"{_offers(model_type)}"
@@ -98,6 +101,8 @@ def choose_task(cfg: Any, task: str | None, where: str) -> str:
         for t in TASKS:
             if any(arch in _classes(v) for v in _names(t).values()):
                 return t
+    if remote:  # the model's own code (trust_remote_code): the first head it maps
+        return remote[0]
     if not archs:
         if getattr(cfg, "is_encoder_decoder", False) and model_type in _names("seq2seq-lm"):
             return "seq2seq-lm"
