@@ -4,6 +4,7 @@ errors and ``safeshard inspect`` give (issue 17, items 6 and 7)."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,16 @@ def test_the_reader_does_not_read_again_a_unit_the_caller_is_reading() -> None:
         engine.begin_pass()
         engine.acquire("big0")  # the reader now wants 'small' but there is no room
         assert res.reader_waits.wait(5)
-        with res.cond:  # the reader waits inside reserve (it holds the lock until then)
-            engine.release("big0")
-        engine.acquire("small")
+        # the caller frees the room and starts its own read of 'small' before the reader
+        # (waiting inside reserve) runs again: no thread switch in between unless it blocks
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)
+        try:
+            with res.cond:  # the reader waits inside reserve (it held the lock until then)
+                engine.release("big0")
+            engine.acquire("small")
+        finally:
+            sys.setswitchinterval(interval)
         engine.release("small")
         try:
             assert engine.acquire("big1") == "big1"  # BudgetError before the fix
