@@ -443,6 +443,9 @@ JSON_KEYS = {
     "oversize_blocks",
     "exceeds",
     "warnings",
+    "stream_min_budget",
+    "stream_largest_unit",
+    "stream_no_read_budget",
 }
 
 

@@ -49,6 +49,7 @@ inherits the builtin exception a caller would naturally catch, so
     ├── QuantizationConfigError (ValueError)      GPTQ settings inconsistent
     ├── BudgetError (MemoryError)                 a block is larger than the memory budget
     ├── ModelMismatchError (ValueError)           a checkpoint lacks or misshapes a model's tensor
+    ├── ModelConfigError (ValueError)             config.json builds no model stream can run
     ├── MissingExtraError (ImportError)           torch/numpy needed but not installed
     ├── UnsupportedDtypeError (TypeError)         a dtype the chosen framework cannot hold
     ├── DeviceError (RuntimeError)                the requested device is not available
@@ -93,6 +94,7 @@ __all__ = [
     "MetadataError",
     "MisalignedTensorError",
     "MissingExtraError",
+    "ModelConfigError",
     "ModelMismatchError",
     "OutputExistsError",
     "OutputFolderMissingError",
@@ -387,6 +389,11 @@ class BudgetError(SafeshardError, MemoryError):
 class ModelMismatchError(SafeshardError, ValueError):
     """A checkpoint does not fit the model it is streamed into: a tensor the model needs
     is missing, has another shape or an incompatible dtype, or has no place in it."""
+
+
+class ModelConfigError(SafeshardError, ValueError):
+    """A model folder's ``config.json`` builds no model that stream can run: transformers
+    rejects it, or its model type has no head stream builds (the message names it)."""
 
 
 class MissingExtraError(SafeshardError, ImportError):

@@ -136,6 +136,14 @@ class InspectReport:
     oversize_blocks: tuple[SizedItem, ...]
     exceeds: tuple[str, ...]
     warnings: tuple[str, ...]
+    stream_largest_unit: SizedItem | None = None
+    stream_no_read_budget: int = 0
+
+    @property
+    def stream_min_budget(self) -> int | None:
+        """The smallest ``max_resident_bytes`` stream can run with: the largest unit."""
+        u = self.stream_largest_unit
+        return u.nbytes if u is not None else None
 
     @property
     def blocks(self) -> int:
@@ -172,6 +180,13 @@ class InspectReport:
             "oversize_blocks": [b.to_json() for b in self.oversize_blocks],
             "exceeds": list(self.exceeds),
             "warnings": list(self.warnings),
+            "stream_min_budget": self.stream_min_budget,
+            "stream_largest_unit": (
+                {"name": self.stream_largest_unit.name, "bytes": self.stream_largest_unit.nbytes}
+                if self.stream_largest_unit is not None
+                else None
+            ),
+            "stream_no_read_budget": self.stream_no_read_budget,
         }
 
 
@@ -198,6 +213,28 @@ def _families(groups: Sequence[Group], infos: Mapping[str, TensorInfo]) -> list[
             )
         )
     return out
+
+
+def stream_units(
+    groups: Sequence[Group], infos: Mapping[str, TensorInfo], *, gptq: bool = False
+) -> list[tuple[str, int]]:
+    """The units ``safeshard.stream`` holds or not as a whole, as the headers show them:
+    each block, and the tensors outside the blocks grouped by the module holding them
+    (``model.embed_tokens``, ``lm_head``); ``(name, bytes held)`` in model order. A GPTQ
+    v1 ``qzeros`` counts twice (stream converts a private copy after each read)."""
+
+    def held(n: str) -> int:
+        return infos[n].nbytes * (2 if gptq and n.endswith(".qzeros") else 1)
+
+    units: dict[str, int] = {}
+    for g in groups:
+        if g.kind == "block":
+            units[g.key] = sum(held(n) for n in g.tensors)
+            continue
+        for n in g.tensors:
+            module = n.rsplit(".", 1)[0] if "." in n else "(model)"
+            units[module] = units.get(module, 0) + held(n)
+    return list(units.items())
 
 
 @gcpause.pausing
@@ -295,6 +332,8 @@ def inspect(
             f"bytes ({format_size(smallest_cap)}) or split with --allow-oversize"
         )
     q = analyze(infos.values(), ckpt.folder, ckpt.metadata)
+    units = stream_units(groups, infos, gptq=q is not None and q.settings.method == "gptq")
+    largest_unit = max(units, key=lambda u: u[1], default=None)
     if q is not None and q.problems:
         warnings.append(f"GPTQ check: {len(q.problems)} problem(s), first: {q.problems[0].message}")
     return InspectReport(
@@ -319,4 +358,10 @@ def inspect(
         oversize_blocks=tuple(oversize_blocks),
         exceeds=tuple(exceeds),
         warnings=tuple(warnings),
+        stream_largest_unit=(
+            SizedItem(largest_unit[0], largest_unit[1], largest_unit[1])
+            if largest_unit is not None
+            else None
+        ),
+        stream_no_read_budget=sum(n for _, n in units),
     )

@@ -251,21 +251,30 @@ def init_buffers(model: Any, device: Any) -> None:
                 todo.append((m, attr, f"{mname}.{attr}" if mname else attr))
     if not todo:
         return
-    init = getattr(model, "_init_weights", None)
-    if init is None:
-        raise UsageError(
-            f"buffer {todo[0][2]} is on the meta device and this model has no _init_weights to "
-            "compute it; build the model with real buffers (accelerate's init_empty_weights "
-            "keeps them)"
-        )
-    owners: dict[int, Any] = {}
-    for m, attr, _ in todo:
+    # each module is initialized by the innermost enclosing model that has _init_weights
+    # (a composite model, e.g. LLaVA, holds sub-models with their own), as transformers does
+    inits: dict[str, Any] = {}
+    for mname, m in model.named_modules():
+        fn = getattr(m, "_init_weights", None)
+        if callable(fn):
+            inits[mname] = fn
+    owners: dict[int, tuple[Any, Any]] = {}
+    for m, attr, name in todo:
+        parts = name.split(".")[:-1]
+        enclosing = (".".join(parts[:k]) for k in range(len(parts), -1, -1))
+        init = next((inits[p] for p in enclosing if p in inits), None)
+        if init is None:
+            raise UsageError(
+                f"buffer {name} is on the meta device and this model has no _init_weights to "
+                "compute it; build the model with real buffers (accelerate's init_empty_weights "
+                "keeps them)"
+            )
         b = m._buffers[attr]
         fill = float("nan") if b.is_floating_point() else _SENTINEL_INT
         m._buffers[attr] = torch.full(b.shape, fill, dtype=b.dtype, device=target)
-        owners[id(m)] = m
+        owners[id(m)] = (m, init)
     with torch.no_grad():
-        for m in owners.values():
+        for m, init in owners.values():
             init(m)
     for m, attr, name in todo:
         b = m._buffers[attr]

@@ -153,6 +153,18 @@ class Engine:
         raise BudgetError(
             f"{self.label}: {what}: more than max_resident_bytes={budget:,} "
             f"({format_size(budget)}){source}; raise the budget to at least {need:,} bytes"
+            f"{self._guidance()}"
+        )
+
+    def _guidance(self) -> str:
+        """The two budgets worth knowing, for error messages."""
+        need, big = self.minimum_budget()
+        total = sum(u.nbytes for u in self.units)
+        unit = f", the largest unit {big.key!r}" if big is not None else ""
+        return (
+            f" (the smallest budget that runs is {need:,} bytes ({format_size(need)}){unit}; "
+            f"from {total:,} bytes ({format_size(total)}), the whole model, decoding reads "
+            "nothing; `safeshard inspect` shows both)"
         )
 
     def plan(self) -> None:
@@ -170,8 +182,18 @@ class Engine:
                 used = sum(u.nbytes for u in self.units if u.pinned)
                 free = [u for u in self.units if not u.pinned]
                 window = sorted((u for u in free if not u.rows), key=lambda u: (-u.nbytes, u.index))
+                # once a pass is learned, units it did not use (an encoder, run once
+                # before the decoder's passes) come last: keeping them saves no reads
+                unused = set(range(len(self.units))) - set(last) if self.learned else set()
                 order = sorted(
-                    free, key=lambda u: (u.rows, -u.nbytes, -last.get(u.index, -1), -u.index)
+                    free,
+                    key=lambda u: (
+                        u.rows,
+                        u.index in unused,
+                        -u.nbytes,
+                        -last.get(u.index, -1),
+                        -u.index,
+                    ),
                 )
                 k = 1 + self.prefetch
                 for c in order:
@@ -225,6 +247,14 @@ class Engine:
             if self._depth > 1:
                 return
             self._check_open()
+            if not self.learned and self._pass:
+                # units used before the first pass, outside any (an encoder that generate
+                # runs once on its own) are not predicted for the passes that follow
+                before = set(self._pass)
+                rest = [i for i in self.schedule if i not in before]
+                if rest:
+                    self.schedule = rest
+                    self._cursor = -1
             self._pass = []
             self.stats.passes += 1
         self.refresh_budget()
@@ -236,9 +266,12 @@ class Engine:
             if self._depth:
                 return
             if self._pass:
+                replan = not self.learned or set(self._pass) != set(self.schedule)
                 self.schedule = list(self._pass)
                 self._cursor = len(self.schedule) - 1
                 self.learned = True
+                if replan:
+                    self.plan()
             self._cond.notify_all()
 
     def _note(self, u: Unit) -> None:
@@ -359,7 +392,9 @@ class Engine:
                 self._in_use[key] = left
                 return
             del self._in_use[key]
-            if key not in self._kept:
+            # a unit used again next (a tied embedding: lm_head, then the next token's
+            # embedding) stays until the prediction moves on, as if prefetched
+            if key not in self._kept and all(u.key != key for u in self._window()):
                 self.res.discard(key)
             self._cond.notify_all()
 
@@ -416,7 +451,7 @@ class Engine:
                     f"{self.label}: {what} needs {nbytes:,} bytes while units in use "
                     f"({', '.join(repr(k) for k in self._in_use)}) hold {busy:,}; together "
                     f"more than max_resident_bytes={budget:,} "
-                    f"({format_size(budget or 0)}); raise the budget"
+                    f"({format_size(budget or 0)}); raise the budget{self._guidance()}"
                 )
         finally:
             self._demand = False
@@ -462,6 +497,13 @@ class Engine:
                 except BudgetError as e:
                     self._failed[u.key] = e
                     self._cond.notify_all()
+                    continue
+                if stop():
+                    # while the reservation waited for room, the caller read the unit
+                    # itself (or it is no longer wanted): a second read would hold bytes
+                    # counted nowhere once the caller's read ends (BudgetError at the
+                    # minimum budget with nothing in use)
+                    self.res.unreserve(u.nbytes)
                     continue
                 self._reading[u.key] = u.nbytes
                 self._trace("load-start", u.key)

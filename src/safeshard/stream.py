@@ -40,6 +40,7 @@ holds the largest unit (:class:`BudgetError`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import os
 import weakref
@@ -48,8 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from . import heads
 from .byteio import Extent
-from .errors import MissingExtraError, UsageError
+from .errors import MissingExtraError, ModelMismatchError, UsageError
 from .lazy import LazyCheckpoint
 from .load import TorchBackend, import_torch, parse_device
 from .mapped import MappedShards
@@ -168,7 +170,10 @@ class Streamer:
         )
         self.label = self.lc.path
         try:
-            tensors = match(model, self.lc, self.device)
+            try:
+                tensors = match(model, self.lc, self.device)
+            except ModelMismatchError as e:
+                raise ModelMismatchError(f"{e}{_head_hint(model)}") from None
             gptq = gptq_support(model)
             specs = plan_units(model, tensors, gptq, rows=rows, granularity=granularity)
             self._setup(model, specs, gptq, prefetch, nworkers, page_cache)
@@ -191,6 +196,7 @@ class Streamer:
         self._installed: set[str] = set()
         self._post_inited: set[int] = set()
         self._rows_active: dict[int, int] = {}
+        self._rows_pad: dict[int, int] = {}  # an embedding's own padding_idx while renumbered
         total = sum(s.unit.nbytes for s in specs)
         drop = page_cache == "drop"
         if page_cache == "auto":
@@ -386,6 +392,10 @@ class Streamer:
                 raise
             t.slots[0].put(torch.nn.Parameter(x, requires_grad=t.placeholder.requires_grad))
             self._rows_active[id(module)] = nbytes
+            pad = getattr(module, "padding_idx", None)
+            if pad is not None:  # renumbered too: the table has only the rows read
+                self._rows_pad[id(module)] = pad
+                module.padding_idx = bisect.bisect_left(rows, pad) if pad in rows else None
             inverse = inverse.reshape(ids.shape).to(ids.device)
             if args:
                 return (inverse, *args[1:]), kwargs
@@ -399,6 +409,8 @@ class Streamer:
 
         def post(module: Any, args: Any, output: Any) -> None:
             nbytes = self._rows_active.pop(id(module), 0)
+            if id(module) in self._rows_pad:
+                module.padding_idx = self._rows_pad.pop(id(module))
             if nbytes < 0:
                 self.release(key)
                 return
@@ -456,6 +468,19 @@ class Streamer:
             f"<Streamer {self.label!r}: {len(self.specs)} units, "
             f"{format_size(self.model_bytes)}, {b}, {len(s.resident)} resident>"
         )
+
+
+def _head_hint(model: Any) -> str:
+    """When the model's class is not the one its config's ``architectures`` names (a BART
+    checkpoint built as ``BartForCausalLM``), say so: the usual cause of a mismatch."""
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    name = type(model).__name__
+    if not archs or name in archs:
+        return ""
+    return (
+        f"; the model is a {name} but the config names {', '.join(map(str, archs))}: build it "
+        "with safeshard.empty_model(path), which picks that head"
+    )
 
 
 def _close_resources(
@@ -540,9 +565,15 @@ def empty_model(
     dtype: Any = None,
     gptq_backend: str = "gptq_torch",
     trust_remote_code: bool = False,
+    task: str | None = None,
 ) -> Any:
-    """A causal-LM model for the checkpoint at ``path``, built on the meta device from its
-    folder's ``config.json``, ready for :func:`stream`.
+    """A model for the checkpoint at ``path``, built on the meta device from its folder's
+    ``config.json``, ready for :func:`stream`.
+
+    ``task`` picks the head: ``"causal-lm"``, ``"seq2seq-lm"``, ``"image-text-to-text"``
+    or ``"sequence-classification"``; by default the one the config's ``architectures``
+    names (:mod:`safeshard.heads`). A config transformers rejects, or a model type with
+    none of these heads, is a :class:`~safeshard.errors.ModelConfigError`, before any read.
 
     GPTQ checkpoints (a ``quantization_config`` with ``quant_method: gptq``) get the
     quantized modules transformers' GPTQ integration would load them into, with
@@ -557,7 +588,9 @@ def empty_model(
             f"{folder}: no config.json here to build the model from; build it yourself under "
             "torch.device('meta') and pass it to safeshard.stream"
         )
-    cfg = tf.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    where = str(folder / "config.json")
+    cfg = heads.load_config(folder, trust_remote_code=trust_remote_code)
+    task = heads.choose_task(cfg, task, where)
     qc = getattr(cfg, "quantization_config", None)
     quantizer = None
     if qc is not None:
@@ -587,8 +620,8 @@ def empty_model(
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype, torch.float32)
     with torch.device("meta"):
-        model = tf.AutoModelForCausalLM.from_config(
-            cfg, dtype=dtype, trust_remote_code=trust_remote_code
+        model = heads.build(
+            cfg, task, dtype=dtype, trust_remote_code=trust_remote_code, where=where
         )
         if quantizer is not None:
             quantizer.preprocess_model(

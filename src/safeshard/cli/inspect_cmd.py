@@ -113,6 +113,14 @@ def render(r: InspectReport) -> None:
             *((", ", _more(rest)) if rest > 0 else ()),
         )
 
+    if r.stream_largest_unit is not None:
+        u = r.stream_largest_unit
+        say(
+            f"Stream budget (safeshard run --max-resident): at least {_size(u.nbytes)} "
+            f"(the largest unit, {u.name}); from {_size(r.stream_no_read_budget)} "
+            "(the whole model) decoding reads nothing"
+        )
+
     out.print()
     q = r.quant
     if q is None:

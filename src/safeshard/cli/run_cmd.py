@@ -11,7 +11,7 @@ import click
 from ..errors import UsageError
 from ..membudget import AutoBudget
 from ..sizes import format_size
-from . import SIZE, emit_json, json_option, main, out, quiet_option
+from . import SIZE, emit_json, json_option, main, out, quiet_option, safe
 
 
 class BudgetType(click.ParamType):  # type: ignore[type-arg]
@@ -43,14 +43,20 @@ def _ids(text: str) -> list[int]:
     "run",
     help="""Generate from the checkpoint at PATH with its weights streamed under a budget.
 
-    The model is built on the meta device from PATH's config.json (GPTQ checkpoints through
-    transformers' GPTQ integration), then each block is read from the shards just before it
-    runs and released after, while the next one is read ahead (safeshard.stream). Prints
-    the tokens generated greedily, the time per token, the bytes read per token and the most
-    memory held at once.
+    PROMPT is text, turned into tokens by the tokenizer saved in PATH's folder (through its
+    chat template, as one user message, when it has one); the new text is printed as it
+    is generated. Or give the prompt as token ids with --prompt-ids.
+
+    The model is built on the meta device from PATH's config.json (the head its
+    architectures name; GPTQ checkpoints through transformers' GPTQ integration), then
+    each block is read from the shards just before it runs and released after, while the
+    next one is read ahead (safeshard.stream). A last line gives tokens/s, the bytes read
+    per token and the most memory held at once. `safeshard inspect PATH` says which
+    budgets work.
 
     \b
     Examples:
+      safeshard run ./my-model "Write a haiku about disks" --max-new-tokens 40
       safeshard synth /tmp/tiny --preset tiny-llama
       safeshard run /tmp/tiny --prompt-ids 1,15,72,101 --max-resident 600KB
       safeshard demo --keep /tmp/demo
@@ -58,17 +64,25 @@ def _ids(text: str) -> list[int]:
     """,
 )
 @click.argument("path", type=click.Path(exists=True, path_type=str))
+@click.argument("prompt", required=False)
 @click.option(
-    "--prompt-ids", required=True, help="The prompt as comma-separated token ids, e.g. 1,15,72."
+    "--prompt-ids", default=None, help="The prompt as comma-separated token ids, e.g. 1,15,72."
 )
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--max-resident",
     "budget",
     type=BudgetType(),
-    default=None,
+    default="auto",
+    show_default=True,
     help="Most bytes of weights held at once (e.g. 500MB), or 'auto' to follow the memory "
-    "available. Default: no limit.",
+    "available.",
+)
+@click.option(
+    "--chat-template/--no-chat-template",
+    "chat",
+    default=None,
+    help="Wrap PROMPT in the tokenizer's chat template (default: when it has one).",
 )
 @click.option(
     "--prefetch",
@@ -95,9 +109,11 @@ def _ids(text: str) -> list[int]:
 @json_option
 def run_cmd(
     path: str,
-    prompt_ids: str,
+    prompt: str | None,
+    prompt_ids: str | None,
     max_new_tokens: int,
     budget: Any,
+    chat: bool | None,
     prefetch: int,
     granularity: str,
     dtype: str,
@@ -106,13 +122,23 @@ def run_cmd(
 ) -> None:
     from ..load import import_torch
     from ..stream import empty_model, stream, streamer_of
+    from ..textgen import TextStreamer, load_tokenizer
+    from ..textgen import prompt_ids as encode
 
     torch = import_torch()
-    ids = _ids(prompt_ids)
+    if (prompt is None) == (prompt_ids is None):
+        raise UsageError('give the prompt as text (safeshard run PATH "text") or --prompt-ids')
+    tokenizer = None
+    if prompt is not None:
+        tokenizer = load_tokenizer(path)
+        ids = encode(tokenizer, prompt, chat=chat)
+    else:
+        ids = _ids(prompt_ids or "")
     model = empty_model(path, dtype=None if dtype == "auto" else getattr(torch, dtype))
     vocab = model.get_input_embeddings().num_embeddings
     if max(ids) >= vocab:
-        raise UsageError(f"--prompt-ids: id {max(ids)} is not below the vocabulary size {vocab}")
+        what = "--prompt-ids" if tokenizer is None else "the tokenizer"
+        raise UsageError(f"{what}: id {max(ids)} is not below the vocabulary size {vocab}")
     model = stream(
         model,
         path,
@@ -131,6 +157,11 @@ def run_cmd(
 
     from transformers import LogitsProcessorList
 
+    text_out = TextStreamer(tokenizer, _show) if tokenizer is not None and not as_json else None
+    gen = model.generation_config
+    pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     started = time.perf_counter()
     try:
         with torch.no_grad():
@@ -139,12 +170,18 @@ def run_cmd(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 logits_processor=LogitsProcessorList([tick]),
-                pad_token_id=getattr(model.generation_config, "pad_token_id", None) or 0,
+                pad_token_id=pad if pad is not None else 0,
+                streamer=text_out,
             )
+        elapsed = time.perf_counter() - started
         stats = streamer.stats
     finally:
         streamer.close()
-    new = result[0, len(ids) :].tolist()
+    if text_out is not None:
+        out.print()
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    new = result[0, 1:].tolist() if encoder_decoder else result[0, len(ids) :].tolist()
+    tokens_per_second = len(new) / elapsed if elapsed > 0 else None
     prefill = stamps[0] - started if stamps else 0.0
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     per_token = sorted(steps)[len(steps) // 2] if steps else None
@@ -161,13 +198,18 @@ def run_cmd(
         "model_bytes": streamer.model_bytes,
         "budget": stats.budget,
         "peak_resident_bytes": stats.peak_resident_bytes,
+        "tokens_per_second": None if tokens_per_second is None else round(tokens_per_second, 3),
         "resident_units": stats.resident,
         "units": len(streamer.units),
     }
+    if tokenizer is not None:
+        report["prompt"] = prompt
+        report["text"] = tokenizer.decode(new, skip_special_tokens=True)
     if as_json:
         emit_json(report)
         return
-    out.print(" ".join(str(t) for t in new))
+    if tokenizer is None:
+        out.print(" ".join(str(t) for t in new))
     if quiet:
         return
     budget_text = "no limit" if stats.budget is None else format_size(stats.budget)
@@ -182,3 +224,14 @@ def run_cmd(
     )
     if bytes_per_token is not None:
         out.print(f"read per token: {format_size(bytes_per_token)}")
+    speed = f"{tokens_per_second:.2f} tokens/s" if tokens_per_second is not None else "-"
+    per = format_size(bytes_per_token) if bytes_per_token is not None else "-"
+    out.print(
+        f"{len(new)} tokens in {elapsed:.2f} s: {speed}; read per token {per}; "
+        f"peak held {format_size(stats.peak_resident_bytes)}"
+    )
+
+
+def _show(piece: str) -> None:
+    """Print generated text as it comes: escaped, line breaks kept as line breaks."""
+    out.print("\n".join(safe(part) for part in piece.split("\n")), end="")
