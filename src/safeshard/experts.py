@@ -213,8 +213,9 @@ class ExpertStore:
 
     @staticmethod
     def floor(layers: Sequence[ExpertLayer]) -> int:
-        """Bytes one call may need at most: every expert of a layer, mapped and copied."""
-        return max(((x.expert_bytes + x.copy_bytes) * x.num for x in layers), default=0)
+        """Bytes one call may need at most: the copy of every expert of a layer, and one
+        expert's pages."""
+        return max((x.copy_bytes * x.num + x.expert_bytes for x in layers), default=0)
 
     # ------------------------------------------------------------------ bytes
 
@@ -291,47 +292,39 @@ class ExpertStore:
         hit = [e for e in uniq.tolist() if 0 <= e < layer.num]
         if len(hit) != len(uniq):
             raise ValueError(f"{layer.key}: expert ids out of range: {uniq.tolist()}")
-        keys = [(layer.index, e) for e in hit]
-        protect = set(keys)
         copy_bytes = layer.copy_bytes * len(hit)
-        wait: list[_Entry] = []
-        fresh: list[_Entry] = []
         with self.lock:
             self.stats.calls += 1
             self.stats.used += len(hit)
             self.clock += 1
-            missing = [k for k in keys if k not in self.entries]
-            need = copy_bytes + layer.expert_bytes * len(missing)
-            self._room(need, protect, min_score=None)
-            self._take(copy_bytes, f"{len(hit)} expert(s) of {layer.key!r}")
-            self._copy_held += copy_bytes
-            for k in keys:
-                ent = self.entries.get(k)
-                if ent is None:
-                    self._take(layer.expert_bytes, f"expert {k[1]} of {layer.key!r}")
-                    ent = self._read(k, prefetched=False)
-                    fresh.append(ent)
-                else:
-                    self.stats.hits += 1
-                    if ent.prefetched:
-                        ent.prefetched = False
-                        self.stats.prefetch_used += 1
-                    if ent.future is not None:
-                        wait.append(ent)
-                ent.users += 1
-                ent.last = self.clock
             pop = self.popularity[layer.index]
             for e in hit:
                 pop[e] += 1.0
-        for ent in fresh:
-            self._populate(ent)
-        for ent in wait:
-            fut = ent.future
-            if fut is not None:
-                fut.result()
-        built = self._build(layer, hit)
+            self._room(copy_bytes, set(), min_score=None)
+            self._take(copy_bytes, f"{len(hit)} expert(s) of {layer.key!r}")
+            self._copy_held += copy_bytes
+        try:
+            out = {
+                t.name: torch.empty((len(hit), *t.placeholder.shape[1:]), dtype=t.dtype)
+                for t in layer.tensors
+            }
+            # expert by expert: at most one expert's pages beyond the cache at once
+            for j, e in enumerate(hit):
+                ent = self._hold(layer, e)
+                try:
+                    one = self._build(layer, [e])
+                    for name, x in one.items():
+                        out[name][j].copy_(x[0])
+                finally:
+                    with self.lock:
+                        ent.users -= 1
+        except BaseException:
+            with self.lock:
+                self._copy_held -= copy_bytes
+                self.engine.release_bytes(copy_bytes)
+            raise
         for t in layer.tensors:
-            x = built[t.name]
+            x = out[t.name]
             if self.device is not None:
                 x = x.to(self.device)
             for s in t.slots:
@@ -342,6 +335,38 @@ class ExpertStore:
         if len(args) >= 2:
             return (args[0], inverse, *args[2:]), kwargs
         return args, {**kwargs, "top_k_index": inverse}
+
+    def _hold(self, layer: ExpertLayer, e: int) -> _Entry:
+        """Expert ``e`` of ``layer`` mapped and populated, in use until ``users`` drops:
+        from the cache, from a read ahead in flight, or read now (into the cache, making
+        room by evicting the least popular experts not in use)."""
+        k = (layer.index, e)
+        fresh = False
+        with self.lock:
+            ent = self.entries.get(k)
+            if ent is None:
+                self._room(layer.expert_bytes, {k}, min_score=None)
+                self._take(layer.expert_bytes, f"expert {e} of {layer.key!r}")
+                ent = self._read(k, prefetched=False)
+                fresh = True
+            else:
+                self.stats.hits += 1
+                if ent.prefetched:
+                    ent.prefetched = False
+                    self.stats.prefetch_used += 1
+            ent.users += 1
+            ent.last = self.clock
+            fut = ent.future
+        try:
+            if fresh:
+                self._populate(ent)
+            elif fut is not None:
+                fut.result()
+        except BaseException:
+            with self.lock:
+                ent.users -= 1
+            raise
+        return ent
 
     def _build(self, layer: ExpertLayer, hit: list[int]) -> dict[str, Any]:
         """The layer's fused parameters for experts ``hit`` only (copies)."""
@@ -379,14 +404,10 @@ class ExpertStore:
         active = self._active.pop(id(module), None)
         if active is None:
             return
-        copy_bytes, hit = active
+        copy_bytes, _ = active
         with self.lock:
             self._copy_held -= copy_bytes
             self.engine.release_bytes(copy_bytes)
-            for e in hit:
-                ent = self.entries.get((layer.index, e))
-                if ent is not None:
-                    ent.users -= 1
         self._prefetch_after(layer)
 
     def begin_pass(self) -> None:
