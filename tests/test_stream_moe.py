@@ -137,6 +137,7 @@ def test_block_granular_reads_every_expert(mixtral: Ref) -> None:
     streamer_of(model).close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "fused"), [("qwen2_moe", False), ("mixtral", True)])
 def test_other_layouts_stream_equal(tmp_path: Path, family: str, fused: bool) -> None:
     """Qwen2-MoE (shared expert kept in its block), and experts stored fused ([E, ...]
@@ -154,3 +155,18 @@ def test_other_layouts_stream_equal(tmp_path: Path, family: str, fused: bool) ->
         if budget is not None:
             assert s.peak_resident_bytes <= budget
         streamer_of(model).close()
+
+
+def test_eager_experts_implementation_is_equal(mixtral: Ref) -> None:
+    """The per-expert loop (experts_implementation="eager") as well as the default."""
+    full = AutoModelForCausalLM.from_pretrained(
+        mixtral.folder, dtype=torch.float32, experts_implementation="eager"
+    ).eval()
+    model = safeshard.empty_model(mixtral.folder)
+    model.set_experts_implementation("eager")
+    budget, _ = streamer_of(mixtral.streamed()).engine.minimum_budget()
+    model = safeshard.stream(model, mixtral.folder, max_resident_bytes=budget)
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, full(IDS).logits)
+    assert streamer_of(model).stats.expert_bytes > 0
+    streamer_of(model).close()
