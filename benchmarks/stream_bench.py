@@ -23,8 +23,9 @@ run, under one temporary folder that is removed at the end, it:
      RSS is about the offload route's;
 
    each *warm* (the shards in the page cache after a first pass) and *out of RAM*
-   (``cold``: every shard evicted from the page cache with ``POSIX_FADV_DONTNEED`` before
-   the forward pass and before each generated token);
+   (``cold``: every shard, and every file the offload route wrote to its offload folder,
+   evicted from the page cache with ``POSIX_FADV_DONTNEED`` before the forward pass and
+   before each generated token);
 3. reports, as medians over the runs: the time of a 128-token forward pass, the decode
    time per token (greedy ``generate``), the bytes read from storage per token
    (``/proc/self/io`` ``read_bytes``; for ``stream`` also the bytes its units came to),
@@ -248,6 +249,9 @@ def child(args: argparse.Namespace) -> None:
         streamer = streamer_of(model)
     model.eval()
     load_s = time.perf_counter() - t0
+    offload_dir = Path(args.out).with_suffix(".offload")
+    if offload_dir.is_dir():  # what the offload route wrote there is read back too: cold too
+        files = files + sorted(p for p in offload_dir.rglob("*") if p.is_file())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 259, (1, args.prompt), generator=gen)
     with torch.no_grad():

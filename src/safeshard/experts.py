@@ -293,6 +293,10 @@ class ExpertStore:
         if len(hit) != len(uniq):
             raise ValueError(f"{layer.key}: expert ids out of range: {uniq.tolist()}")
         copy_bytes = layer.copy_bytes * len(hit)
+        with self.lock:  # reads ahead in flight cannot be evicted: let them finish
+            pending = [x.future for x in self.entries.values() if x.future is not None]
+        for fut in pending:
+            fut.result()
         with self.lock:
             self.stats.calls += 1
             self.stats.used += len(hit)
@@ -304,20 +308,32 @@ class ExpertStore:
             self._take(copy_bytes, f"{len(hit)} expert(s) of {layer.key!r}")
             self._copy_held += copy_bytes
         try:
-            out = {
-                t.name: torch.empty((len(hit), *t.placeholder.shape[1:]), dtype=t.dtype)
-                for t in layer.tensors
-            }
-            # expert by expert: at most one expert's pages beyond the cache at once
-            for j, e in enumerate(hit):
-                ent = self._hold(layer, e)
+            if self.reserve is None or copy_bytes + len(hit) * layer.expert_bytes <= self.reserve:
+                # all the picked experts fit at once: one conversion makes the rows
+                held: list[_Entry] = []
                 try:
-                    one = self._build(layer, [e])
-                    for name, x in one.items():
-                        out[name][j].copy_(x[0])
+                    for e in hit:
+                        held.append(self._hold(layer, e))
+                    out = self._build(layer, hit)
                 finally:
                     with self.lock:
-                        ent.users -= 1
+                        for ent in held:
+                            ent.users -= 1
+            else:
+                # expert by expert: at most one expert's pages beyond the cache at once
+                out = {
+                    t.name: torch.empty((len(hit), *t.placeholder.shape[1:]), dtype=t.dtype)
+                    for t in layer.tensors
+                }
+                for j, e in enumerate(hit):
+                    ent = self._hold(layer, e)
+                    try:
+                        one = self._build(layer, [e])
+                        for name, x in one.items():
+                            out[name][j].copy_(x[0])
+                    finally:
+                        with self.lock:
+                            ent.users -= 1
         except BaseException:
             with self.lock:
                 self._copy_held -= copy_bytes
