@@ -170,3 +170,27 @@ def test_eager_experts_implementation_is_equal(mixtral: Ref) -> None:
         assert torch.equal(model(IDS).logits, full(IDS).logits)
     assert streamer_of(model).stats.expert_bytes > 0
     streamer_of(model).close()
+
+
+def test_cache_keeps_the_hot_experts(mixtral: Ref) -> None:
+    """Within the budget, experts used again are not read again."""
+    probe = mixtral.streamed()
+    floor, _ = streamer_of(probe).engine.minimum_budget()
+    layer = streamer_of(probe).experts.layers[0]  # type: ignore[union-attr]
+    nonexpert = sum(u.nbytes for u in streamer_of(probe).units)
+    streamer_of(probe).close()
+    budget = nonexpert + floor + 2 * layer.expert_bytes
+    model = mixtral.streamed(max_resident_bytes=budget, prefetch=0)
+    one = IDS[:, :1]
+    with torch.no_grad():
+        model(IDS)  # a prompt: most experts, more than the cache holds
+        model(one)
+        before = streamer_of(model).stats
+        assert before.experts is not None
+        hits = before.experts.hits
+        model(one)  # the same token: the same experts, now cached
+        after = streamer_of(model).stats
+    assert after.expert_bytes == before.expert_bytes
+    assert after.experts is not None and after.experts.hits - hits == LAYERS * K
+    assert after.peak_resident_bytes <= budget
+    streamer_of(model).close()
