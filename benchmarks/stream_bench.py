@@ -23,13 +23,22 @@ run, under one temporary folder that is removed at the end, it:
      RSS is about the offload route's;
 
    each *warm* (the shards in the page cache after a first pass) and *out of RAM*
-   (``cold``: every shard evicted from the page cache with ``POSIX_FADV_DONTNEED`` before
-   the forward pass and before each generated token);
+   (``cold``: every shard, and every file the offload route wrote to its offload folder,
+   evicted from the page cache with ``POSIX_FADV_DONTNEED`` before the forward pass and
+   before each generated token);
 3. reports, as medians over the runs: the time of a 128-token forward pass, the decode
    time per token (greedy ``generate``), the bytes read from storage per token
    (``/proc/self/io`` ``read_bytes``; for ``stream`` also the bytes its units came to),
    the peak RSS (``VmHWM``) and the peak anonymous memory (``RssAnon``, sampled every
    5 ms), and whether the logits and tokens are ``torch.equal`` to the ``ram`` route's.
+
+A third model, ``mixtral-moe`` (``--moe-layers``, default 8, quick 4), is a Mixtral-style
+MoE (hidden 1024, 8 experts of intermediate 2048, top-2, 16 heads, 4 KV heads, vocab 32000,
+bf16: about 1 GB), written by ``save_pretrained`` (so under the Hub's per-expert names,
+which stream fuses with transformers' own conversion). It runs at ``--moe-budget`` (default
+30% of its size), out of RAM only: ``offload``, ``stream`` (experts read by expert, into
+the expert cache) and ``stream-block`` (``stream(..., experts=False)``: each block read
+whole, experts included), with ``ram`` as the reference.
 
 The machine's other load makes single numbers noisy: compare routes by the ratios of
 medians of runs made side by side. ``--quick`` makes smaller models (6 and 4 layers) and
@@ -204,7 +213,7 @@ def child(args: argparse.Namespace) -> None:
     cold = args.mode == "cold"
     gptq = "gptq" in folder.name
     dtype = torch.float16 if gptq else torch.bfloat16
-    budget = args.budget
+    budget: Any = int(args.budget) if args.budget.isdigit() else args.budget
     streamer: Any = None
     t0 = time.perf_counter()
     evict(files)  # every route starts from an empty page cache and warms it itself
@@ -235,10 +244,14 @@ def child(args: argparse.Namespace) -> None:
             folder,
             max_resident_bytes=budget,
             granularity=granularity,
+            experts=args.route != "stream-block",
         )
         streamer = streamer_of(model)
     model.eval()
     load_s = time.perf_counter() - t0
+    offload_dir = Path(args.out).with_suffix(".offload")
+    if offload_dir.is_dir():  # what the offload route wrote there is read back too: cold too
+        files = files + sorted(p for p in offload_dir.rglob("*") if p.is_file())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 259, (1, args.prompt), generator=gen)
     with torch.no_grad():
@@ -300,6 +313,13 @@ def child(args: argparse.Namespace) -> None:
             units=len(streamer.units),
             model_bytes=streamer.model_bytes,
         )
+        if st.experts is not None:
+            x = st.experts
+            result.update(
+                expert_hit_rate=x.hits / x.used if x.used else None,
+                expert_prefetched=x.prefetched,
+                expert_prefetch_used=x.prefetch_used,
+            )
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -377,19 +397,65 @@ ROUTES = {
     "stream": ("stream", None),
     "stream-module": ("stream-module", None),
     "stream-small": ("stream-module", "small"),
+    "stream-block": ("stream-block", None),
 }
 """Label -> (route run by the child, budget: None for --budget, "small" for --small-budget)."""
 
 
+def make_moe(work: Path, layers: int) -> Path:
+    """The Mixtral-style MoE, saved by ``save_pretrained`` (reused if in ``work``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    folder = work / "mixtral-moe"
+    if (folder / "config.json").is_file() and shards(folder):
+        return folder
+    t0 = time.perf_counter()
+    cfg = MixtralConfig(
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder, max_shard_size="500MB")
+    del model
+    size = sum(p.stat().st_size for p in shards(folder))
+    log(
+        f"made mixtral-moe: {size / 1e9:.2f} GB in {len(shards(folder))} shards "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    return folder
+
+
+def moe_budget(spec: str, folder: Path) -> str:
+    """``spec`` as bytes: a size, or a percentage of the model's shards."""
+    if spec.endswith("%"):
+        size = sum(p.stat().st_size for p in shards(folder))
+        return str(int(size * float(spec[:-1]) / 100))
+    return spec
+
+
 def bench_model(name: str, folder: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
     routes = [("ram", "warm")]
-    for r in ["offload", "stream", *a.extra]:
-        routes += [(r, "warm"), (r, "cold")]
+    if name == "mixtral-moe":  # out of RAM only
+        routes += [("offload", "cold"), ("stream", "cold"), ("stream-block", "cold")]
+    else:
+        for r in ["offload", "stream", *a.extra]:
+            routes += [(r, "warm"), (r, "cold")]
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {k: [] for k in routes}
     equal: dict[str, dict[str, bool | None]] = {}
+    shown = a.moe_budget_bytes if name == "mixtral-moe" else a.budget
     log(
         f"{name}: {len(routes)} routes x {a.repeats} runs, budget "
-        f"{a.gptq_budget if 'gptq' in name else a.budget}"
+        f"{a.gptq_budget if 'gptq' in name else shown}"
     )
     for rep in range(a.repeats):
         order = routes[rep % len(routes) :] + routes[: rep % len(routes)]
@@ -397,6 +463,8 @@ def bench_model(name: str, folder: Path, work: Path, a: argparse.Namespace) -> d
             out = work / f"{name}.{label}.{mode}.{rep}"
             route, which = ROUTES[label]
             budget = a.small_budget if which == "small" else a.budget
+            if name == "mixtral-moe":
+                budget = a.moe_budget_bytes
             if "gptq" in name:
                 budget = a.gptq_small_budget if which == "small" else a.gptq_budget
             r = run_child(route, mode, folder, out, a, budget, label)
@@ -438,6 +506,7 @@ def bench_model(name: str, folder: Path, work: Path, a: argparse.Namespace) -> d
                     "peak_anon",
                     "peak_held",
                     "load_s",
+                    "expert_hit_rate",
                 )
             }
             | {"runs": len(ok)}
@@ -459,6 +528,13 @@ def ratios(s: dict[str, Any]) -> dict[str, float]:
         ("forward cold: stream / offload", "stream/cold", "offload/cold", "forward_s"),
         ("peak RSS cold: stream / offload", "stream/cold", "offload/cold", "peak_rss"),
         ("decode cold: stream-module / offload", "stream-module/cold", "offload/cold", "decode_s"),
+        (
+            "read/token cold: stream / stream-block",
+            "stream/cold",
+            "stream-block/cold",
+            "read_per_token",
+        ),
+        ("decode cold: stream / stream-block", "stream/cold", "stream-block/cold", "decode_s"),
         (
             "peak RSS cold: stream-module / offload",
             "stream-module/cold",
@@ -512,7 +588,16 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=PROMPT, help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=None, help="runs per route (default 3)")
     ap.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 8)")
-    ap.add_argument("--models", default="llama-bf16,llama-gptq", help="which models to run")
+    ap.add_argument(
+        "--models", default="llama-bf16,llama-gptq,mixtral-moe", help="which models to run"
+    )
+    ap.add_argument("--moe-layers", type=int, default=None, help="MoE blocks (8, quick 4)")
+    ap.add_argument(
+        "--moe-budget",
+        default=None,
+        help="MoE budget: a size or a % of the model (default 30%%; quick 45%%, as the floor, "
+        "one layer's experts, is a larger share of a 4-layer model)",
+    )
     ap.add_argument(
         "--small-budget",
         default="300MB",
@@ -541,6 +626,8 @@ def main() -> int:
         return 0
     a.layers = a.layers or (6 if a.quick else 20)
     a.gptq_layers = a.gptq_layers or (4 if a.quick else 12)
+    a.moe_layers = a.moe_layers or (4 if a.quick else 8)
+    a.moe_budget = a.moe_budget or ("45%" if a.quick else "30%")
     a.repeats = a.repeats or (1 if a.quick else 3)
     a.new_tokens = a.new_tokens or (4 if a.quick else 8)
     a.extra = [x for x in a.extra.split(",") if x]
@@ -559,8 +646,17 @@ def main() -> int:
         "repeats": a.repeats,
     }
     try:
-        models = make_models(work, a.layers, a.gptq_layers, "500MB")
-        for name in a.models.split(","):
+        names = a.models.split(",")
+        models = (
+            make_models(work, a.layers, a.gptq_layers, "500MB")
+            if any(n != "mixtral-moe" for n in names)
+            else {}
+        )
+        if "mixtral-moe" in names:
+            models["mixtral-moe"] = make_moe(work, a.moe_layers)
+            a.moe_budget_bytes = moe_budget(a.moe_budget, models["mixtral-moe"])
+            results["moe_budget"] = int(a.moe_budget_bytes)
+        for name in names:
             results[name] = bench_model(name, models[name], work, a)
             print_table(name, results[name], a.gptq_prompt if "gptq" in name else PROMPT)
             results[name + " ratios"] = ratios(results[name])

@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .convert import Fused, plan_conversion
 from .errors import ModelMismatchError, UsageError
 from .header import TensorInfo
 from .layout import group_tensors, model_order
@@ -85,6 +86,16 @@ class ModelTensor:
     """Whether materializing it copies (a dtype conversion, a GPTQ zero-point fix)."""
     gptq_module: Any = None
     """The GPTQ module whose v1 ``qzeros`` this is (converted after each read)."""
+    fused: Fused | None = None
+    """For a tensor transformers makes from several checkpoint tensors when it loads them
+    (:mod:`safeshard.convert`): the conversion; ``name`` is then the model's name for it."""
+    sources: list[TensorInfo] = field(default_factory=list)
+    """The checkpoint tensors a fused tensor is made from (``info`` is the first)."""
+
+    @property
+    def reads(self) -> list[TensorInfo]:
+        """The checkpoint tensors read to materialize it."""
+        return self.sources or [self.info]
 
 
 @dataclass
@@ -172,13 +183,35 @@ def match(model: Any, lc: LazyCheckpoint, device: Any) -> dict[str, ModelTensor]
     torch = import_torch()
     backend = TorchBackend()
     entries = _persistent(model)
-    names = _name_map(list(entries), set(lc.keys()), getattr(model, "base_model_prefix", "") or "")
+    keys = list(lc.keys())
+    names = _name_map(list(entries), set(keys), getattr(model, "base_model_prefix", "") or "")
+    fused_of: dict[str, Fused] = {}
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for k in keys:
+        i = lc.info(k)
+        shapes[k] = (tuple(i.shape), backend.native_dtype(i.dtype) or torch.uint8)
+    conv = plan_conversion(model, shapes, entries, label=str(lc.path))
+    if conv is not None and (conv.fused or any(k != m for k, m in conv.renamed.items())):
+        # transformers renames or fuses this checkpoint's tensors when it loads them:
+        # follow it, and match directly only what it leaves alone
+        covered = set(conv.renamed.values())
+        for f in conv.fused:
+            for target in f.targets:
+                fused_of[target] = f
+                covered.add(target)
+        consumed = set(conv.renamed) | {k for f in conv.fused for k in f.keys}
+        names = {n: c for n, c in names.items() if n not in covered and c not in consumed}
+        names.update({m: k for k, m in conv.renamed.items()})
     by_obj: dict[int, list[str]] = {}
     for n, (_, _, _, t) in entries.items():
         by_obj.setdefault(id(t), []).append(n)
     out: dict[str, ModelTensor] = {}
     missing: list[str] = []
     for group in by_obj.values():
+        fusedp = [n for n in group if n in fused_of]
+        if fusedp:
+            out[fusedp[0]] = _fused_tensor(lc, fusedp[0], fused_of[fusedp[0]], group, entries)
+            continue
         present = [n for n in group if n in names]
         if not present:
             _, _, is_param, t = entries[group[0]]
@@ -226,7 +259,8 @@ def match(model: Any, lc: LazyCheckpoint, device: Any) -> dict[str, ModelTensor]
             "model, or incomplete. Check it with `safeshard verify`"
         )
     ignore = _ignored_unexpected(model)
-    unused = [n for n in lc if n not in out and not any(p.search(n) for p in ignore)]
+    used = {k for t in out.values() for k in (i.name for i in t.reads)}
+    unused = [n for n in lc if n not in used and not any(p.search(n) for p in ignore)]
     if unused:
         raise ModelMismatchError(
             f"{lc.path}: {len(unused)} checkpoint tensor(s) have no place in the model "
@@ -234,6 +268,51 @@ def match(model: Any, lc: LazyCheckpoint, device: Any) -> dict[str, ModelTensor]
             "another model or configuration"
         )
     return out
+
+
+def _fused_tensor(
+    lc: LazyCheckpoint,
+    name: str,
+    f: Fused,
+    group: list[str],
+    entries: dict[str, tuple[Any, str, bool, Any]],
+) -> ModelTensor:
+    """The :class:`ModelTensor` of a tensor transformers fuses from several (checked)."""
+    torch = import_torch()
+    _, _, is_param, t = entries[name]
+    shape, _ = f.targets[name]
+    if tuple(t.shape) != tuple(shape):
+        raise ModelMismatchError(
+            f"{lc.path}: transformers makes the model's {name!r} from "
+            f"{', '.join(repr(k) for k in f.keys[:3])}{' ...' if len(f.keys) > 3 else ''}, "
+            f"which gives shape {list(shape)}, but the model's has shape {list(t.shape)}; the "
+            "checkpoint is for another configuration. Build the model from the checkpoint's "
+            "config.json (safeshard.empty_model)"
+        )
+    sources = [lc.info(k) for k in f.keys]
+    for i in sources:
+        stored = TorchBackend().native_dtype(i.dtype)
+        if stored is None or not (
+            stored == t.dtype or (stored.is_floating_point and t.dtype.is_floating_point)
+        ):
+            raise ModelMismatchError(
+                f"{lc.path}: tensor {i.name!r} is {i.dtype} in the checkpoint, but the model's "
+                f"{name!r} made from it is {t.dtype}; only floating-point tensors are converted"
+            )
+    placeholder = t if t.device.type == "meta" else t.to("meta")
+    if is_param and not isinstance(placeholder, torch.nn.Parameter):
+        placeholder = torch.nn.Parameter(placeholder, requires_grad=t.requires_grad)
+    return ModelTensor(
+        name=name,
+        info=sources[0],
+        slots=[Slot(entries[n][0], entries[n][1], entries[n][2]) for n in group],
+        placeholder=placeholder,
+        dtype=t.dtype,
+        nbytes=sum(i.nbytes for i in sources) + t.numel() * t.element_size(),
+        copy=True,
+        fused=f,
+        sources=sources,
+    )
 
 
 def init_buffers(model: Any, device: Any) -> None:
@@ -327,6 +406,7 @@ def _row_embedding(spec_tensors: list[ModelTensor], users: list[Any], torch: Any
         and type(m).forward is torch.nn.Embedding.forward
         and m.max_norm is None
         and t.slots[0].attr == "weight"
+        and t.fused is None
         and len(t.info.shape) == 2
     ):
         return m

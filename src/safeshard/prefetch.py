@@ -69,6 +69,8 @@ class EngineStats:
     bytes_loaded: int = 0
     extra_bytes: int = 0
     """Bytes read outside whole units (embedding rows)."""
+    expert_bytes: int = 0
+    """Bytes of MoE experts read by expert (:mod:`safeshard.experts`)."""
     evictions: int = 0
     loads_by_unit: dict[str, int] = field(default_factory=dict)
 
@@ -86,6 +88,8 @@ class Engine:
         prefetch: int = 1,
         auto: AutoBudget | None = None,
         label: str = "",
+        reserve: int = 0,
+        share: int | None = None,
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise UsageError(f"prefetch must be a non-negative integer, not {prefetch!r}")
@@ -100,6 +104,11 @@ class Engine:
         self.prefetch = prefetch
         self.auto = auto
         self.label = label
+        self.reserve = reserve
+        """The least the holdings outside the units need at once (the experts of one MoE
+        layer read by expert): counted in the minimum budget."""
+        self.share = reserve if share is None else max(share, reserve)
+        """Bytes of the budget the plan leaves to holdings outside the units."""
         self._in_use: dict[str, int] = {}
         self._reading: dict[str, int] = {}
         self._failed: dict[str, BaseException] = {}
@@ -129,7 +138,7 @@ class Engine:
 
     def minimum_budget(self) -> tuple[int, Unit | None]:
         """Smallest budget that can run: the pinned units plus the largest other unit."""
-        pinned = sum(u.nbytes for u in self.units if u.pinned)
+        pinned = sum(u.nbytes for u in self.units if u.pinned) + self.reserve
         others = [u for u in self.units if not u.pinned and not u.rows]
         big = max(others, key=lambda u: u.nbytes, default=None)
         return pinned + (big.nbytes if big is not None else 0), big
@@ -148,6 +157,10 @@ class Engine:
             what += (", " if what else "") + (
                 f"and {', '.join(repr(u.key) for u in pinned)} must stay resident "
                 f"({sum(u.nbytes for u in pinned):,} bytes)"
+            )
+        if self.reserve:
+            what += (", " if what else "") + (
+                f"and the experts of one MoE layer take {self.reserve:,} bytes"
             )
         source = f" ({self.auto.describe()})" if self.auto is not None else ""
         raise BudgetError(
@@ -171,6 +184,8 @@ class Engine:
         """Choose the resident subset for the budget now and apply it."""
         with self._cond:
             budget = self.res.budget
+            if budget is not None:
+                budget = max(0, budget - self.share)
             keep: set[str]
             if budget is None or sum(u.nbytes for u in self.units) <= budget:
                 keep = {u.key for u in self.units}
@@ -398,13 +413,14 @@ class Engine:
                 self.res.discard(key)
             self._cond.notify_all()
 
-    def acquire_bytes(self, nbytes: int, what: str) -> None:
+    def acquire_bytes(self, nbytes: int, what: str, *, read: bool = True) -> None:
         """Reserve ``nbytes`` for a read outside whole units (give back with
-        :meth:`release_bytes`)."""
+        :meth:`release_bytes`); ``read``: count them as embedding rows read."""
         with self._cond:
             self._check_open()
             self._make_room(nbytes, what)
-            self.stats.extra_bytes += nbytes
+            if read:
+                self.stats.extra_bytes += nbytes
 
     def release_bytes(self, nbytes: int) -> None:
         self.res.unreserve(nbytes)

@@ -52,6 +52,8 @@ from typing import Any, Literal
 from . import heads
 from .byteio import Extent
 from .errors import MissingExtraError, ModelMismatchError, UsageError
+from .experts import ExpertLayer, ExpertStats, ExpertStore, find_expert_layers
+from .experts import install as install_expert_hooks
 from .lazy import LazyCheckpoint
 from .load import TorchBackend, import_torch, parse_device
 from .mapped import MappedShards
@@ -97,6 +99,10 @@ class StreamStats:
     budget: int | None
     resident: list[str] = field(default_factory=list)
     """The units chosen to stay resident, in model order."""
+    expert_bytes: int = 0
+    """Of ``bytes_read``, MoE experts read by expert."""
+    experts: ExpertStats | None = None
+    """The expert cache's counters (MoE models streamed by expert)."""
 
 
 class _Loaded:
@@ -140,6 +146,7 @@ class Streamer:
         page_cache: PageCache = "auto",
         rows: bool = True,
         granularity: Granularity = "block",
+        experts: bool = True,
     ) -> None:
         torch = import_torch()
         self.torch = torch
@@ -175,8 +182,9 @@ class Streamer:
             except ModelMismatchError as e:
                 raise ModelMismatchError(f"{e}{_head_hint(model)}") from None
             gptq = gptq_support(model)
+            layers = find_expert_layers(model, tensors) if experts and gptq is None else []
             specs = plan_units(model, tensors, gptq, rows=rows, granularity=granularity)
-            self._setup(model, specs, gptq, prefetch, nworkers, page_cache)
+            self._setup(model, specs, gptq, prefetch, nworkers, page_cache, layers)
         except BaseException:
             self.lc.close()
             raise
@@ -189,6 +197,7 @@ class Streamer:
         prefetch: int,
         workers: int,
         page_cache: PageCache,
+        layers: list[ExpertLayer],
     ) -> None:
         self.model_ref = weakref.ref(model)
         self.specs = {s.unit.key: s for s in specs}
@@ -198,6 +207,14 @@ class Streamer:
         self._rows_active: dict[int, int] = {}
         self._rows_pad: dict[int, int] = {}  # an embedding's own padding_idx while renumbered
         total = sum(s.unit.nbytes for s in specs)
+        # MoE experts read by expert: the least one call needs, and the share of the
+        # budget they get (all that the other units leave, when those can all stay)
+        floor = ExpertStore.floor(layers)
+        budget = self.lc.residency.budget
+        share: int | None = None
+        if layers and budget is not None:
+            share = budget - total if budget - total >= floor else floor
+        total += sum(x.expert_bytes * x.num for x in layers)
         drop = page_cache == "drop"
         if page_cache == "auto":
             with contextlib.suppress(Exception):
@@ -225,14 +242,27 @@ class Streamer:
             prefetch=prefetch,
             auto=self.lc._auto,
             label=self.label,
+            reserve=floor,
+            share=share,
         )
         self.engine.check()
         init_buffers(model, self.device)
         self.maps = MappedShards(self.lc._files, self.backend, workers=workers, drop_cache=drop)
+        self.experts: ExpertStore | None = None
+        if layers:
+            self.experts = ExpertStore(
+                model,
+                layers,
+                self.maps,
+                self.engine,
+                share,
+                device=self.device,
+                prefetch=prefetch > 0,
+            )
         self._hooks: list[Any] = []
         self._install_hooks(model)
         self._finalizer = weakref.finalize(
-            model, _close_resources, self.engine, self.maps, self.lc, self._hooks
+            model, _close_resources, self.engine, self.maps, self.lc, self._hooks, self.experts
         )
 
     # ------------------------------------------------------------------ hooks
@@ -240,7 +270,16 @@ class Streamer:
     def _install_hooks(self, model: Any) -> None:
         hooks = self._hooks
         engine = self.engine
-        hooks.append(model.register_forward_pre_hook(lambda m, a: engine.begin_pass()))
+        store = self.experts
+
+        def begin(m: Any, a: Any) -> None:
+            engine.begin_pass()
+            if store is not None:
+                store.begin_pass()
+
+        hooks.append(model.register_forward_pre_hook(begin))
+        if store is not None:
+            install_expert_hooks(store, hooks)
         hooks.append(
             model.register_forward_hook(lambda m, a, o: engine.end_pass(), always_call=True)
         )
@@ -285,14 +324,24 @@ class Streamer:
         """Read unit ``u`` (any thread): populate its pages, build its tensors."""
         spec = self.specs[u.key]
         maps = self.maps
-        extents = [maps.extent(t.info) for t in spec.tensors]
+        infos = {i.name: i for t in spec.tensors for i in t.reads}
+        extents = [maps.extent(i) for i in infos.values()]
         maps.hold(extents)
         try:
             maps.populate(extents)
             out: dict[str, Any] = {}
+            built: dict[int, dict[str, Any]] = {}
             for t in spec.tensors:
-                x = maps.tensor(t.info)
-                if t.copy:
+                if t.fused is not None:  # made by transformers' own conversion ops
+                    made = built.get(id(t.fused))
+                    if made is None:
+                        made = built[id(t.fused)] = t.fused.run(
+                            _converted_reader(maps, infos, t.dtype), self.model_ref()
+                        )
+                    x = made[t.name]
+                else:
+                    x = maps.tensor(t.info)
+                if t.copy and t.fused is None:
                     x = x.to(dtype=t.dtype) if x.dtype != t.dtype else x.clone()
                 if self.device is not None:
                     x = x.to(self.device)
@@ -429,7 +478,7 @@ class Streamer:
         keep = self.engine.keep
         return StreamStats(
             passes=e.passes,
-            bytes_read=e.bytes_loaded + e.extra_bytes,
+            bytes_read=e.bytes_loaded + e.extra_bytes + e.expert_bytes,
             row_bytes=e.extra_bytes,
             loads=e.loads,
             inline_loads=e.inline_loads,
@@ -437,6 +486,8 @@ class Streamer:
             resident_bytes=res.resident_bytes,
             budget=res.budget,
             resident=[u.key for u in self.engine.units if u.key in keep],
+            expert_bytes=e.expert_bytes,
+            experts=None if self.experts is None else self.experts.stats,
         )
 
     @property
@@ -446,8 +497,11 @@ class Streamer:
 
     @property
     def model_bytes(self) -> int:
-        """Bytes of all units: what holding the whole model takes."""
-        return sum(u.nbytes for u in self.engine.units)
+        """Bytes of all units and experts: what holding the whole model takes."""
+        layers = self.experts.layers if self.experts is not None else []
+        return sum(u.nbytes for u in self.engine.units) + sum(
+            x.expert_bytes * x.num for x in layers
+        )
 
     def refresh_budget(self) -> int | None:
         """Re-read the memory available now (``max_resident_bytes="auto"``) and plan again."""
@@ -483,12 +537,29 @@ def _head_hint(model: Any) -> str:
     )
 
 
+def _converted_reader(
+    maps: MappedShards, infos: dict[str, Any], dtype: Any
+) -> Callable[[str], Any]:
+    """Checkpoint key -> a view of it in the mapping, in ``dtype`` (a fused tensor's source)."""
+
+    def read(k: str) -> Any:
+        return maps.tensor(infos[k]).to(dtype=dtype)
+
+    return read
+
+
 def _close_resources(
-    engine: Engine, maps: MappedShards, lc: LazyCheckpoint, hooks: list[Any]
+    engine: Engine,
+    maps: MappedShards,
+    lc: LazyCheckpoint,
+    hooks: list[Any],
+    experts: ExpertStore | None = None,
 ) -> None:
     for h in hooks:
         h.remove()
     hooks.clear()
+    if experts is not None:
+        experts.close()
     engine.close()
     maps.close()
     lc.close()
@@ -508,6 +579,7 @@ def stream(
     page_cache: PageCache = "auto",
     rows: bool = True,
     granularity: Granularity = "block",
+    experts: bool = True,
 ) -> Any:
     """Stream ``model``'s weights from the checkpoint at ``path`` as it runs; returns ``model``.
 
@@ -527,6 +599,9 @@ def stream(
       than the memory available (where caching them would only evict other data).
     - ``rows``: read a streamed embedding row by row instead of whole.
     - ``granularity``: ``"block"`` or ``"module"`` units (see :mod:`safeshard.modelmap`).
+    - ``experts``: read a MoE model's experts one by one, only those the router picks,
+      into a frequency-aware cache (see :mod:`safeshard.experts`); False reads them with
+      their block.
 
     See the module docstring for what is checked before the first forward pass.
     :func:`streamer_of` gives statistics and ``close()``.
@@ -541,6 +616,7 @@ def stream(
         page_cache=page_cache,
         rows=rows,
         granularity=granularity,
+        experts=experts,
     )
     model.__dict__[_ATTR] = s
     return model
