@@ -168,7 +168,7 @@ def test_a_failing_upload_is_aborted_and_leaves_no_index(s3: S3, tmp_path: Path)
 KILL = """
 import sys, json, safeshard
 safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=100_000_000,
-                storage_options=json.loads(sys.argv[3]))
+                storage_options=json.loads(sys.argv[3]), force=True)
 """
 
 
@@ -180,12 +180,17 @@ def test_an_upload_killed_midway_leaves_no_index_and_the_next_run_cleans_up(
     base, opts = s3
     src = big_source(tmp_path / "src", layers=10)  # 150 MB: shards of many 16 MiB parts
     url = f"{base}/k"
-    proc = subprocess.Popen([sys.executable, "-c", KILL, str(src), url, json.dumps(opts)])
-    deadline = time.time() + 120
-    while not uploads(url, opts) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the upload finished before it could be killed"
+    # Parts upload in parallel, so an upload seen in flight may complete before the kill
+    # lands: try again (a later shard's upload is then the one cut short).
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", KILL, str(src), url, json.dumps(opts)])
+        deadline = time.time() + 120
+        while not uploads(url, opts) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the upload finished before it could be killed"
+        if uploads(url, opts):
+            break
     assert uploads(url, opts), "a multipart upload was in flight"
     if _exists(url, opts):
         assert "model.safetensors.index.json" not in objects(url, opts)
