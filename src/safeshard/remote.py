@@ -39,6 +39,7 @@ from .errors import (
     ReadError,
     SafeshardError,
     UsageError,
+    WriteError,
 )
 from .fsio import LOCK_NAME, TMP_PREFIX
 from .storerr import translating
@@ -624,7 +625,7 @@ class _PartUploader:
                     stats.end(size, 0)
                     last = e
             else:
-                raise ReadError(
+                raise WriteError(
                     f"{self.name}: uploading part {number} failed after "
                     f"{self.limits.retries + 1} attempts: {last}",
                     filename=self.name,
