@@ -166,7 +166,17 @@ def test_a_failing_upload_is_aborted_and_leaves_no_index(s3: S3, tmp_path: Path)
 
 
 KILL = """
-import sys, json, safeshard
+import os, sys, json, time, threading, safeshard
+real, lock, calls = os.preadv, threading.Lock(), [0]
+def stall(fd, bufs, offset):
+    with lock:
+        calls[0] += 1
+        n = calls[0]
+    if n > 12:  # part-way through the second shard: its upload begun, never finished
+        while True:
+            time.sleep(60)
+    return real(fd, bufs, offset)
+os.preadv = stall
 safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=100_000_000,
                 storage_options=json.loads(sys.argv[3]), force=True)
 """
@@ -180,17 +190,14 @@ def test_an_upload_killed_midway_leaves_no_index_and_the_next_run_cleans_up(
     base, opts = s3
     src = big_source(tmp_path / "src", layers=10)  # 150 MB: shards of many 16 MiB parts
     url = f"{base}/k"
-    # Parts upload in parallel, so an upload seen in flight may complete before the kill
-    # lands: try again (a later shard's upload is then the one cut short).
-    for _ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", KILL, str(src), url, json.dumps(opts)])
-        deadline = time.time() + 120
-        while not uploads(url, opts) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL, "the upload finished before it could be killed"
-        if uploads(url, opts):
-            break
+    # The child stalls its reads part-way through, so the upload it began stays in flight
+    # until the kill: no race between the upload finishing and the signal landing.
+    proc = subprocess.Popen([sys.executable, "-c", KILL, str(src), url, json.dumps(opts)])
+    deadline = time.time() + 120
+    while not uploads(url, opts) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the upload finished before it could be killed"
     assert uploads(url, opts), "a multipart upload was in flight"
     if _exists(url, opts):
         assert "model.safetensors.index.json" not in objects(url, opts)
