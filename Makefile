@@ -41,6 +41,7 @@ lint: $(TSTAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(TSTAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

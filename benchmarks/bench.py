@@ -326,7 +326,7 @@ def main() -> int:
         cmd = [
             PY,
             "-c",
-            "import sys; from safeshard.synth import expected_size as e; "
+            "import sys; from safeshard.ops.synth import expected_size as e; "
             "print(e(sys.argv[1], None if sys.argv[2] == '-' else int(sys.argv[2])))",
             args.preset,
             str(args.layers or "-"),

@@ -58,7 +58,7 @@ CHILDREN = {
     "split s3->s3": CHILD_PRELUDE
     + """
 import safeshard
-from safeshard.remote import DEFAULT_LIMITS
+from safeshard.io.remote import DEFAULT_LIMITS
 t0 = time.perf_counter()
 r = safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=os.environ["BENCH_CAP"],
                     storage_options=opts, force=True)
@@ -87,7 +87,7 @@ print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(), "files": len(r.f
     "load s3": CHILD_PRELUDE
     + """
 import safeshard
-from safeshard.remote import DEFAULT_LIMITS
+from safeshard.io.remote import DEFAULT_LIMITS
 t0 = time.perf_counter()
 sd = safeshard.load(sys.argv[1], framework="numpy", storage_options=opts)
 n = sum(a.nbytes for a in sd.values())
@@ -357,7 +357,7 @@ def bench_server(
 
 def random_checkpoint(folder: Path, size_mb: int) -> None:
     """``model.safetensors`` in ``folder``: random F16 tensors of 16 MiB, ``size_mb`` MB."""
-    from safeshard.header import TensorSpec, build_header
+    from safeshard.format.header import TensorSpec, build_header
 
     n = 8 * 2**20  # elements: 16 MiB
     count = max(1, size_mb * 10**6 // (2 * n))

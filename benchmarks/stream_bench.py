@@ -97,8 +97,8 @@ def evict(paths: Sequence[Path]) -> None:
 def make_models(work: Path, layers: int, gptq_layers: int, cap: str) -> dict[str, Path]:
     """The bf16 Llama and the GPTQ Llama, split into ``cap`` shards (reused if in ``work``)."""
     sys.path.insert(0, str(SRC))
-    from safeshard import split
-    from safeshard.synth import Preset, synthesize
+    from safeshard.ops import split
+    from safeshard.ops.synth import Preset, synthesize
 
     out: dict[str, Path] = {}
     for name, preset in (
@@ -236,7 +236,7 @@ def child(args: argparse.Namespace) -> None:
         )
     else:
         import safeshard
-        from safeshard.stream import streamer_of
+        from safeshard.runtime.stream import streamer_of
 
         granularity = "module" if args.route == "stream-module" else "block"
         model = safeshard.stream(

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safeshard.header import TensorSpec, build_header, read_header, tensor_nbytes
-from safeshard.synth import synthesize
+from safeshard.checkpoint import read_header
+from safeshard.format.header import TensorSpec, build_header, tensor_nbytes
+from safeshard.ops.synth import synthesize
 
 Decl = tuple[str, tuple[int, ...]]
 Edit = Callable[[dict[str, Decl], dict[str, bytes]], None]

@@ -38,7 +38,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from safeshard.source import locate
+from safeshard.checkpoint import locate
 
 INPUT_IDS: list[list[int]] = [
     [1, 15, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 2]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from safeshard.header import TensorSpec, build_header, tensor_nbytes
+from safeshard.format.header import TensorSpec, build_header, tensor_nbytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -66,11 +66,12 @@ import safetensors
 from hypothesis import strategies as st
 
 import safeshard
-from safeshard import errors, hashcopy
-from safeshard import header as header_mod
+from safeshard import errors
 from safeshard.errors import SafeshardError
-from safeshard.header import DTYPE_BITS
-from safeshard.load import NUMPY_DTYPES
+from safeshard.format import header as header_mod
+from safeshard.format.header import DTYPE_BITS
+from safeshard.io import copier as hashcopy
+from safeshard.runtime.load import NUMPY_DTYPES
 
 # --------------------------------------------------------------------------- JSON
 
@@ -1330,7 +1331,7 @@ def _safe_weight_name(value: object) -> bool:
 def reference(inp: Path) -> tuple[Ref | None, str]:
     """The checkpoint at ``inp`` as the official reader sees it, or None and why not."""
     try:
-        loc = safeshard.source.locate(inp)
+        loc = safeshard.checkpoint.locate(inp)
     except SafeshardError as e:
         return None, f"locate: {type(e).__name__}"
     except Exception as e:  # a bug in locate: reported by the commands that call it

@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safeshard.header import read_header, tensor_nbytes
+from safeshard.checkpoint import read_header
+from safeshard.format.header import tensor_nbytes
 
 Decl = tuple[str, tuple[int, ...]]
 """``(dtype, shape)``."""

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 import safeshard
-from safeshard.source import locate
+from safeshard.checkpoint import locate
 
-synth = pytest.importorskip("safeshard.synth")
+synth = pytest.importorskip("safeshard.ops.synth")
 
 
 def transformers_finds(folder: Path) -> str | None:

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 import safeshard
+from safeshard.checkpoint import read_header, read_index
 from safeshard.errors import HeaderError
-from safeshard.fsio import TMP_PREFIX
-from safeshard.hashcopy import digest_file
-from safeshard.header import TensorSpec, build_header, read_header
-from safeshard.index import read_index
-from safeshard.outdir import JOURNAL_NAME
+from safeshard.format.header import TensorSpec, build_header
+from safeshard.io.bytesrc import LocalFile
+from safeshard.io.copier import digest_file
+from safeshard.io.localfs import TMP_PREFIX
+from safeshard.io.transaction import JOURNAL_NAME
 from splitkit import llama, run_killed, sha256, write_custom
 
 CAP = 9_000
@@ -235,5 +236,6 @@ def test_journal_records_each_finished_shard(source: Path, tmp_path: Path) -> No
     files = dict(x["file"] for x in lines[1:])
     assert sorted(files) == [shard(0, n), shard(1, n)]
     for name, rec in files.items():
-        got = digest_file(out / name)
+        with LocalFile.open(out / name) as src:
+            got = digest_file(src)
         assert (got.header, got.tensors) == (rec["header"], rec["tensors"])

@@ -6,9 +6,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from safeshard.checkpoint import read_header, read_index
 from safeshard.cli import main
-from safeshard.header import read_header
-from safeshard.index import read_index
 
 
 def test_demo_runs_every_step_and_keeps_its_output(tmp_path: Path) -> None:

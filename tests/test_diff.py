@@ -11,11 +11,11 @@ import xxhash
 from click.testing import CliRunner
 
 from _ckpt import flip_byte, read_tensors, rewrite, shards, tiny_gptq, write_file
+from safeshard.checkpoint import read_header
 from safeshard.cli import main
-from safeshard.diff import diff
 from safeshard.errors import CheckpointNotFoundError, ReadError, SafeshardError, UsageError
-from safeshard.header import read_header
-from safeshard.split import split
+from safeshard.ops.diff import diff
+from safeshard.ops.split import split
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_a_file_that_cannot_be_read_to_its_end_is_a_read_error(
     """The file shrinks between reading its header and reading its data."""
     import importlib
 
-    diff_module = importlib.import_module("safeshard.diff")  # the function shadows it
+    diff_module = importlib.import_module("safeshard.ops.diff")  # the function shadows it
 
     other = copy_of(src, tmp_path / "b" / "model.safetensors")
     real = diff_module.open_checkpoint

@@ -28,11 +28,12 @@ from pathlib import Path
 import pytest
 
 import safeshard
+from safeshard.checkpoint import read_header, read_index
 from safeshard.errors import DiskFullError, HeaderError, ReadError
-from safeshard.fsio import TMP_PREFIX
-from safeshard.header import TensorSpec, build_header, read_header
-from safeshard.index import read_index
-from safeshard.outdir import JOURNAL_NAME
+from safeshard.format.header import TensorSpec, build_header
+from safeshard.io import localfs
+from safeshard.io.localfs import TMP_PREFIX
+from safeshard.io.transaction import JOURNAL_NAME
 
 TRIALS = int(os.environ.get("SAFESHARD_FAULT_TRIALS", "3"))
 MIB = 1024 * 1024
@@ -217,7 +218,7 @@ def test_split_onto_a_full_file_system(
     with small_tmpfs(tmp_path / "small", 30 * MIB) as disk:
         out = disk / "out"
         # the space check up front cannot know what else fills the disk meanwhile
-        monkeypatch.setattr(safeshard.fsio, "free_bytes", lambda folder: None)
+        monkeypatch.setattr(localfs, "free_bytes", lambda folder: None)
         with pytest.raises(DiskFullError, match="disk is full") as e:
             safeshard.split(src, out, max_shard_size=CAP)
         monkeypatch.undo()
@@ -235,13 +236,13 @@ def test_merge_onto_a_full_file_system(sources: tuple[Path, Path], tmp_path: Pat
     shards = tmp_path / "shards"
     safeshard.split(src, shards, max_shard_size=CAP)
     with small_tmpfs(tmp_path / "small", 40 * MIB) as disk:
-        real_free = safeshard.fsio.free_bytes
+        real_free = localfs.free_bytes
         try:  # let the up-front check pass, so the disk fills mid-copy
-            safeshard.fsio.free_bytes = lambda folder: None  # type: ignore[assignment]
+            localfs.free_bytes = lambda folder: None  # type: ignore[assignment]
             with pytest.raises(DiskFullError, match="disk is full"):
                 safeshard.merge(shards, disk / "merged.safetensors")
         finally:
-            safeshard.fsio.free_bytes = real_free  # type: ignore[assignment]
+            localfs.free_bytes = real_free  # type: ignore[assignment]
         # and with the check: refused before a byte is written
         with pytest.raises(DiskFullError, match="are free"):
             safeshard.merge(shards, disk / "merged.safetensors")

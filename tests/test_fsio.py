@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from safeshard import fsio
 from safeshard.errors import DiskFullError, OutputLockedError
+from safeshard.io import localfs as fsio
 
 
 def leftovers(folder: Path) -> list[str]:

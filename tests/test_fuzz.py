@@ -28,11 +28,15 @@ from hypothesis import strategies as st
 import fuzzkit
 import safeshard
 from fuzzkit import Base, Case, Obj, Raw, Tensor, cases, run_case
-from safeshard import errors, hashcopy, sidecar, source
-from safeshard.byteio import LocalFile
-from safeshard.index import check_shard_name
-from safeshard.manifest import Manifest, read_manifest
-from safeshard.output import check_base
+from safeshard import checkpoint as source
+from safeshard import errors
+from safeshard.checkpoint import read_manifest
+from safeshard.format.index import check_shard_name
+from safeshard.format.manifest import Manifest
+from safeshard.io import copier as hashcopy
+from safeshard.io.bytesrc import LocalFile
+from safeshard.ops import sidecar
+from safeshard.ops.writer import check_base
 
 FUZZ = {
     "deadline": None,

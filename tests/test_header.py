@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from safeshard import errors
+from safeshard.checkpoint import read_header
 from safeshard.errors import SafeshardError
-from safeshard.header import (
+from safeshard.format.header import (
     DTYPE_BITS,
     MAX_HEADER_SIZE,
     HeaderSizer,
@@ -31,7 +32,6 @@ from safeshard.header import (
     build_header,
     header_size,
     parse_header,
-    read_header,
 )
 
 # The official dtype list (safetensors README / tensor.rs), with the width of one
@@ -718,13 +718,18 @@ def test_reader_never_reads_tensor_data(tmp_path: Path, monkeypatch: pytest.Monk
             f.write(frame(body))
             f.truncate(8 + len(body) + size)
         requested: list[int] = []
-        real_pread = os.pread
+        real_pread, real_preadv = os.pread, os.preadv
 
         def counting_pread(fd: int, n: int, offset: int) -> bytes:
             requested.append(n)
             return real_pread(fd, n, offset)
 
+        def counting_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            requested.append(sum(len(b) for b in buffers))
+            return real_preadv(fd, buffers, offset)
+
         monkeypatch.setattr(os, "pread", counting_pread)
+        monkeypatch.setattr(os, "preadv", counting_preadv)
         start = time.perf_counter()
         h = read_header(p)
         elapsed = time.perf_counter() - start

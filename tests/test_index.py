@@ -10,20 +10,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from safeshard.checkpoint import read_index
 from safeshard.errors import (
     CheckpointNotFoundError,
     IndexFormatError,
     ReadError,
     UnsafeIndexPathError,
 )
-from safeshard.index import (
+from safeshard.format.index import (
     SHARD_RE,
     ShardIndex,
     check_shard_name,
     index_base,
     index_json,
     parse_index_bytes,
-    read_index,
     shard_name,
 )
 

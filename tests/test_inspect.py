@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from safeshard.cli import main
 from safeshard.errors import OversizeTensorError
-from safeshard.header import TensorSpec, build_header, header_size, tensor_nbytes
-from safeshard.index import index_json, shard_name
-from safeshard.inspect import DEFAULT_CAP, inspect
-from safeshard.layout import model_order
-from safeshard.plan import plan_shards, solo_size
+from safeshard.format.blocks import model_order
+from safeshard.format.header import TensorSpec, build_header, header_size, tensor_nbytes
+from safeshard.format.index import index_json, shard_name
+from safeshard.ops.inspect import DEFAULT_CAP, inspect
+from safeshard.ops.plan import plan_shards, solo_size
 from safeshard.sizes import FAT32_LIMIT
 
 # --------------------------------------------------------------------------- builders
@@ -293,7 +293,7 @@ def _mixed_metadata_checkpoint(folder: Path) -> tuple[Path, list[TensorSpec]]:
 def test_prediction_with_mixed_metadata_is_what_split_makes(tmp_path: Path, divisor: int) -> None:
     """inspect plans with the metadata split writes (what the shards share), not the
     first shard's: same shard count and sizes as split's dry run."""
-    from safeshard.split import split
+    from safeshard.ops.split import split
 
     index, specs = _mixed_metadata_checkpoint(tmp_path / "mixed")
     cap = sum(s.nbytes for s in specs) // divisor
@@ -310,7 +310,7 @@ def test_prediction_with_mixed_metadata_is_what_split_makes(tmp_path: Path, divi
 
 def test_prediction_for_a_checkpoint_without_tensors(tmp_path: Path) -> None:
     """split writes one header-only file; inspect predicts exactly that file."""
-    from safeshard.split import split
+    from safeshard.ops.split import split
 
     f = write_st(tmp_path / "model.safetensors", [], {"format": "pt"})
     r = inspect(f, 1000)
@@ -520,7 +520,7 @@ def test_cli_fat32_cap_name(tmp_path: Path) -> None:
 
 @pytest.fixture
 def synth() -> Any:
-    return pytest.importorskip("safeshard.synth")
+    return pytest.importorskip("safeshard.ops.synth")
 
 
 @pytest.mark.parametrize("preset", ["tiny-gptq", "tiny-llama"])

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from safeshard.layout import (
+from safeshard.format.blocks import (
     describe_blocks,
     families,
     group_tensors,
@@ -247,7 +247,7 @@ def _reference_key(name: str) -> tuple[tuple[int, int | str], ...]:
 def _reference_order(names: list[str]) -> list[str]:
     """Model order computed the plain way (every key of every full name, no shortcut),
     as layout computed it before it learned to reuse keys across blocks."""
-    from safeshard.layout import GPTQ_SUFFIXES, _family_rank, _tail_rank
+    from safeshard.format.blocks import GPTQ_SUFFIXES, _family_rank, _tail_rank
 
     def block(n: str) -> tuple[str, int] | None:
         parts = n.split(".")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import safeshard
 from conftest import write_st
-from safeshard.byteio import LocalFile
+from safeshard.checkpoint import read_header
 from safeshard.errors import (
     BudgetError,
     CheckpointClosedError,
@@ -26,12 +26,13 @@ from safeshard.errors import (
     SafeshardError,
     UsageError,
 )
-from safeshard.header import read_header, tensor_nbytes
-from safeshard.index import index_json, shard_name
-from safeshard.layout import group_tensors, model_order
-from safeshard.synth import PRESETS, synthesize
+from safeshard.format.blocks import group_tensors, model_order
+from safeshard.format.header import tensor_nbytes
+from safeshard.format.index import index_json, shard_name
+from safeshard.io.bytesrc import LocalFile
+from safeshard.ops.synth import PRESETS, synthesize
 
-L = importlib.import_module("safeshard.load")
+L = importlib.import_module("safeshard.runtime.load")
 
 
 def fill(name: str, n: int) -> bytes:

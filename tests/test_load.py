@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import safeshard
 from conftest import write_st
-from safeshard.byteio import Extent, LocalFile
+from safeshard.checkpoint import read_header
 from safeshard.errors import (
     DeviceError,
     MissingExtraError,
@@ -30,12 +30,13 @@ from safeshard.errors import (
     SafeshardError,
     UnsupportedDtypeError,
 )
-from safeshard.header import DTYPE_BITS, read_header, tensor_nbytes
-from safeshard.index import index_json, shard_name
-from safeshard.synth import PRESETS, synthesize
+from safeshard.format.header import DTYPE_BITS, tensor_nbytes
+from safeshard.format.index import index_json, shard_name
+from safeshard.io.bytesrc import Extent, LocalFile
+from safeshard.ops.synth import PRESETS, synthesize
 
 # `safeshard.load` is the function; the module is reached through sys.modules.
-L = importlib.import_module("safeshard.load")
+L = importlib.import_module("safeshard.runtime.load")
 
 TORCH_DTYPES = sorted(d for d, attr in L.TORCH_DTYPES.items() if hasattr(torch, attr))
 SUBBYTE = ("F4", "F6_E2M3", "F6_E3M2")

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 import safeshard
+from safeshard.checkpoint import read_header
 from safeshard.cli import main
-from safeshard.header import read_header
-from safeshard.synth import synthesize
+from safeshard.ops.synth import synthesize
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

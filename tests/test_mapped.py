@@ -10,9 +10,9 @@ import torch
 
 import safeshard
 from conftest import write_st
-from safeshard.load import ShardFiles, TorchBackend
-from safeshard.mapped import PAGE, MappedShards
-from safeshard.source import open_checkpoint
+from safeshard.checkpoint import open_checkpoint
+from safeshard.runtime.load import ShardFiles, TorchBackend
+from safeshard.runtime.mapped import PAGE, MappedShards
 
 
 def fill(name: str, n: int) -> bytes:

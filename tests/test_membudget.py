@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from safeshard.errors import UsageError
-from safeshard.membudget import AutoBudget, MemoryReading, read_memory, resolve_budget
+from safeshard.runtime.membudget import AutoBudget, MemoryReading, read_memory, resolve_budget
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

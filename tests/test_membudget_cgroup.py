@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeshard.membudget import AutoBudget, read_memory
+from safeshard.runtime.membudget import AutoBudget, read_memory
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -15,15 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safeshard
+from safeshard.checkpoint import read_header
 from safeshard.cli import main
 from safeshard.errors import (
     DiskFullError,
     OutputExistsError,
     ShardMismatchError,
 )
-from safeshard.fsio import TMP_PREFIX
-from safeshard.header import read_header
-from safeshard.layout import model_order
+from safeshard.format.blocks import model_order
+from safeshard.io.localfs import TMP_PREFIX
 from splitkit import (
     all_tensor_bytes,
     gptq_llama,
@@ -114,7 +114,7 @@ def test_round_trip_property(cap: int, balance: bool, layers: int, writer: str) 
 
 @pytest.mark.parametrize("preset", ["tiny-gptq", "tiny-llama", "tiny-llama-tied", "tiny-moe"])
 def test_round_trip_presets(tmp_path: Path, preset: str) -> None:
-    synth = pytest.importorskip("safeshard.synth")
+    synth = pytest.importorskip("safeshard.ops.synth")
     folder = synth.synthesize(tmp_path / "src", preset)
     source = next(folder.glob("*.safetensors"))
     size = source.stat().st_size

@@ -11,8 +11,8 @@ import pytest
 
 import safeshard
 from safeshard.errors import OutputLockedError
-from safeshard.fsio import TMP_PREFIX
-from safeshard.outdir import JOURNAL_NAME, STAGE_PREFIX, FileRecord, OutputFolder
+from safeshard.io.localfs import TMP_PREFIX
+from safeshard.io.transaction import JOURNAL_NAME, STAGE_PREFIX, FileRecord, OutputFolder
 from splitkit import llama, write_custom
 
 OLD = {

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 
 import safeshard
-from safeshard import fsio
+from safeshard.checkpoint import read_index
 from safeshard.errors import ReadError, SafeshardError, WriteError
-from safeshard.fsio import LOCK_NAME, MAX_SMALL_FILE, read_regular_file
-from safeshard.index import read_index
-from safeshard.outdir import JOURNAL_NAME, OutputFolder
+from safeshard.io import localfs as fsio
+from safeshard.io.localfs import LOCK_NAME, MAX_SMALL_FILE, read_regular_file
+from safeshard.io.transaction import JOURNAL_NAME, OutputFolder
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -85,7 +85,7 @@ def test_a_journal_linked_to_dev_zero_is_refused_without_reading_it(out: Path) -
     (out / JOURNAL_NAME).symlink_to("/dev/zero")
     proc = run_isolated(
         f"""
-        from safeshard.outdir import OutputFolder
+        from safeshard.io.transaction import OutputFolder
         try:
             with OutputFolder({str(out)!r}):
                 print("ENTERED")
@@ -165,7 +165,7 @@ def test_a_split_into_a_folder_with_a_planted_lock_is_a_clear_cli_error(
     from click.testing import CliRunner
 
     from safeshard.cli import main
-    from safeshard.synth import synthesize
+    from safeshard.ops.synth import synthesize
 
     src = synthesize(tmp_path / "src", "tiny-llama", layers=1, tokenizer=False)
     os.mkfifo(out / LOCK_NAME)
@@ -179,7 +179,7 @@ def test_a_split_into_a_folder_with_a_planted_lock_is_a_clear_cli_error(
 
 
 def test_a_manifest_in_out_dir_is_never_read_through_a_symlink(out: Path, tmp_path: Path) -> None:
-    from safeshard.synth import synthesize
+    from safeshard.ops.synth import synthesize
 
     src = synthesize(tmp_path / "src", "tiny-llama", layers=1, tokenizer=False)
     safeshard.split(src, out, max_shard_size="200KB")
@@ -189,7 +189,7 @@ def test_a_manifest_in_out_dir_is_never_read_through_a_symlink(out: Path, tmp_pa
     manifest.unlink()
     manifest.symlink_to(outside)
     # the manifest a resume or an update would trust links to a file outside OUT_DIR
-    from safeshard.split import read_manifest_quiet
+    from safeshard.ops.split import read_manifest_quiet
 
     assert read_manifest_quiet(out, "model") is None
     with pytest.raises(SafeshardError, match="not a manifest"):

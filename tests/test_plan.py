@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safeshard.errors import OversizeTensorError, PlanError
-from safeshard.header import MAX_HEADER_SIZE, TensorSpec, build_header, parse_header
-from safeshard.layout import group_tensors, model_order
-from safeshard.plan import Plan, plan_shards, shard_sizes, solo_size
+from safeshard.format.blocks import group_tensors, model_order
+from safeshard.format.header import MAX_HEADER_SIZE, TensorSpec, build_header, parse_header
+from safeshard.ops.plan import Plan, plan_shards, shard_sizes, solo_size
 
 META_CHOICES: list[dict[str, str] | None] = [
     None,

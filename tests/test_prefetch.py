@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safeshard.errors import BudgetError, CheckpointClosedError
-from safeshard.membudget import AutoBudget, MemoryReading
-from safeshard.prefetch import Engine, Unit
-from safeshard.residency import Residency
+from safeshard.runtime.membudget import AutoBudget, MemoryReading
+from safeshard.runtime.prefetch import Engine, Unit
+from safeshard.runtime.residency import Residency
 
 
 class Rig:

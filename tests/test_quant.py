@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeshard.header import TensorInfo, tensor_nbytes
-from safeshard.quant import (
+from safeshard.checkpoint import quant_configs
+from safeshard.format.header import TensorInfo, tensor_nbytes
+from safeshard.format.quant import (
     EXPECTED_DTYPES,
     QuantProblem,
     analyze,
@@ -247,7 +248,7 @@ QC = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "quant_metho
 
 def test_settings_from_quantize_config(tmp_path: Path) -> None:
     write_json(tmp_path / "quantize_config.json", QC)
-    (s,), problems = config_settings(tmp_path)
+    (s,), problems = config_settings(quant_configs(tmp_path))
     assert problems == []
     assert (s.method, s.bits, s.group_size, s.desc_act, s.sym, s.source) == (
         "gptq",
@@ -261,7 +262,7 @@ def test_settings_from_quantize_config(tmp_path: Path) -> None:
 
 def test_settings_from_config_json(tmp_path: Path) -> None:
     write_json(tmp_path / "config.json", {"model_type": "llama", "quantization_config": QC})
-    (s,), problems = config_settings(tmp_path)
+    (s,), problems = config_settings(quant_configs(tmp_path))
     assert problems == []
     assert (s.bits, s.group_size, s.source) == (4, 128, "config.json")
 
@@ -277,7 +278,7 @@ def test_quantize_config_wins_and_disagreement_is_reported(tmp_path: Path) -> No
     write_json(tmp_path / "quantize_config.json", QC)
     write_json(tmp_path / "config.json", {"quantization_config": {**QC, "group_size": 64}})
     tensors = gptq_members(MOD, 256, 128, 4, 128).values()
-    q = analyze(tensors, tmp_path)
+    q = analyze(tensors, quant_configs(tmp_path))
     assert q is not None
     assert q.settings.source == "quantize_config.json"
     assert q.settings.group_size == 128
@@ -287,7 +288,7 @@ def test_quantize_config_wins_and_disagreement_is_reported(tmp_path: Path) -> No
 
 def test_bad_config_values_are_problems_not_exceptions(tmp_path: Path) -> None:
     write_json(tmp_path / "quantize_config.json", {"bits": "four", "group_size": 128, "sym": 3})
-    q = analyze(gptq_members(MOD, 256, 128, 4, 128).values(), tmp_path)
+    q = analyze(gptq_members(MOD, 256, 128, 4, 128).values(), quant_configs(tmp_path))
     assert q is not None
     config = [p for p in q.problems if p.kind == "config"]
     assert {p.found for p in config} >= {"four", "3"}
@@ -300,7 +301,10 @@ def test_bad_config_values_are_problems_not_exceptions(tmp_path: Path) -> None:
 
 def test_unquantized_checkpoint_gives_none(tmp_path: Path) -> None:
     write_json(tmp_path / "config.json", {"model_type": "llama"})
-    assert analyze([info("model.layers.0.mlp.up_proj.weight", "F16", (4, 4))], tmp_path) is None
+    assert (
+        analyze([info("model.layers.0.mlp.up_proj.weight", "F16", (4, 4))], quant_configs(tmp_path))
+        is None
+    )
 
 
 def test_no_config_means_inferred_settings() -> None:
@@ -323,7 +327,7 @@ def test_config_bits_8_with_4_bit_tensors_is_reported(tmp_path: Path) -> None:
     write_json(tmp_path / "quantize_config.json", {**QC, "bits": 8})
     mods = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
     tensors = [t for m in mods for t in gptq_members(m, 512, 512, 4, 128).values()]
-    q = analyze(tensors, tmp_path)
+    q = analyze(tensors, quant_configs(tmp_path))
     assert q is not None
     assert q.settings.bits == 8
     assert q.inferred is not None and q.inferred.bits == 4
@@ -335,7 +339,7 @@ def test_config_bits_8_with_4_bit_tensors_is_reported(tmp_path: Path) -> None:
 
 def test_gptq_config_without_quantized_tensors_is_reported(tmp_path: Path) -> None:
     write_json(tmp_path / "config.json", {"quantization_config": QC})
-    q = analyze([info("model.layers.0.mlp.up_proj.weight", "F16", (4, 4))], tmp_path)
+    q = analyze([info("model.layers.0.mlp.up_proj.weight", "F16", (4, 4))], quant_configs(tmp_path))
     assert q is not None
     assert q.modules == ()
     assert [p.kind for p in q.problems] == ["config"]
@@ -351,7 +355,7 @@ def test_non_gptq_method_is_reported_but_not_checked_as_gptq(tmp_path: Path) -> 
         info(f"{MOD}.qzeros", "I32", (2, 16)),
         info(f"{MOD}.scales", "F16", (2, 128)),
     ]
-    q = analyze(tensors, tmp_path)
+    q = analyze(tensors, quant_configs(tmp_path))
     assert q is not None
     assert q.settings.method == "awq"
     assert q.problems == ()
@@ -359,7 +363,7 @@ def test_non_gptq_method_is_reported_but_not_checked_as_gptq(tmp_path: Path) -> 
 
 def test_missing_fields_are_filled_from_later_sources(tmp_path: Path) -> None:
     write_json(tmp_path / "quantize_config.json", {"bits": 4})
-    q = analyze(gptq_members(MOD, 512, 256, 4, 64).values(), tmp_path)
+    q = analyze(gptq_members(MOD, 512, 256, 4, 64).values(), quant_configs(tmp_path))
     assert q is not None
     assert (q.settings.bits, q.settings.group_size, q.settings.source) == (
         4,

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from safeshard.byteio import LocalFile, read_exact, read_into
 from safeshard.errors import CheckpointNotFoundError, MissingExtraError, ReadError, UsageError
-from safeshard.remote import RemoteFile, RemoteLimits, filesystem, is_url
+from safeshard.io.bytesrc import LocalFile, read_exact, read_into
+from safeshard.io.remote import RemoteFile, RemoteLimits, filesystem, is_url
 
 
 def test_is_url() -> None:

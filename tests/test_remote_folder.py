@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from safeshard.remote import RemoteFolder, filesystem, part_size
+from safeshard.io.remote import RemoteFolder, filesystem, part_size
 
 
 def uploads(fs: Any, bucket: str) -> list[str]:

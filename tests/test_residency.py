@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safeshard.errors import BudgetError
-from safeshard.residency import Residency, Stopped
+from safeshard.runtime.residency import Residency, Stopped
 
 
 def test_importing_the_accounting_needs_no_torch() -> None:

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from safeshard.cli import main
-from safeshard.textgen import TextStreamer, load_tokenizer, prompt_ids
+from safeshard.runtime.textgen import TextStreamer, load_tokenizer, prompt_ids
 
 CORPUS = [
     "the disk reads the model one block at a time",

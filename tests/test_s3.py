@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 import safeshard
-from safeshard import synth
+from safeshard.checkpoint import read_header
 from safeshard.errors import CheckpointNotFoundError, ReadError, SafeshardError
-from safeshard.header import TensorSpec, build_header, read_header
-from safeshard.remote import filesystem
+from safeshard.format.header import TensorSpec, build_header
+from safeshard.io.remote import filesystem
+from safeshard.ops import synth
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -326,7 +327,7 @@ def test_storage_option_parsing() -> None:
 def test_load_and_a_budgeted_walk_from_s3_equal_a_local_load(tiny: Path, s3: S3) -> None:
     import numpy as np
 
-    from safeshard.remote import DEFAULT_LIMITS
+    from safeshard.io.remote import DEFAULT_LIMITS
 
     base, opts = s3
     cap = weights(tiny).stat().st_size // 3
@@ -361,8 +362,8 @@ def test_streaming_needs_local_files(tiny: Path, s3: S3) -> None:
 
     base, opts = s3
     safeshard.split(tiny, f"{base}/st", max_shard_size="100MB", storage_options=opts)
-    from safeshard.load import ShardFiles, TorchBackend
-    from safeshard.mapped import MappedShards
+    from safeshard.runtime.load import ShardFiles, TorchBackend
+    from safeshard.runtime.mapped import MappedShards
 
     ckpt = safeshard.open_checkpoint(f"{base}/st", storage_options=opts)
     with ShardFiles(ckpt) as files, pytest.raises(UsageError, match="must be local files"):

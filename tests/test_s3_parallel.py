@@ -24,8 +24,8 @@ import pytest
 
 import safeshard
 from safeshard.errors import ReadError
-from safeshard.header import TensorSpec, build_header
-from safeshard.remote import DEFAULT_LIMITS, RemoteFile, filesystem
+from safeshard.format.header import TensorSpec, build_header
+from safeshard.io.remote import DEFAULT_LIMITS, RemoteFile, filesystem
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

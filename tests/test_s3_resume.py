@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 import safeshard
-from safeshard import synth
 from safeshard.errors import OutputExistsError, OutputLockedError
-from safeshard.remote import RemoteFolder, filesystem
+from safeshard.io.remote import RemoteFolder, filesystem
+from safeshard.ops import synth
 from splitkit import run_killed
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -132,7 +132,7 @@ def test_cli_a_second_writer_is_refused_and_break_lock_takes_over(tiny: Path, s3
 def test_an_update_on_s3_killed_after_staging_is_resumed(
     tiny: Path, s3: S3, tmp_path: Path
 ) -> None:
-    from safeshard.header import read_header
+    from safeshard.checkpoint import read_header
 
     base, opts = s3
     url = f"{base}/u"

@@ -11,8 +11,8 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import safeshard.scan as scan_mod
-from safeshard.scan import FileTask, Range, scan
+import safeshard.io.scan as scan_mod
+from safeshard.io.scan import FileTask, Range, scan
 
 
 def first_diff(a: bytes, b: bytes) -> int | None:

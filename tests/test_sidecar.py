@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from safeshard.remote import filesystem
-from safeshard.synth import synthesize
+from safeshard.io.remote import filesystem
+from safeshard.ops.synth import synthesize
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from safeshard.checkpoint import Found, find, locate, open_checkpoint, read_json_file
 from safeshard.errors import (
     AmbiguousCheckpointError,
     CheckpointNotFoundError,
@@ -16,8 +17,7 @@ from safeshard.errors import (
     ShardMismatchError,
     UnsafeIndexPathError,
 )
-from safeshard.index import index_json, shard_name
-from safeshard.source import Found, find, locate, open_checkpoint, read_json_file
+from safeshard.format.index import index_json, shard_name
 
 TensorDecl = tuple[str, list[int]]
 WriteST = Callable[..., Path]  # the st_file fixture (tests/conftest.py)

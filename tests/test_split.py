@@ -15,6 +15,7 @@ import xxhash
 from click.testing import CliRunner
 
 import safeshard
+from safeshard.checkpoint import read_header, read_index, read_manifest
 from safeshard.cli import main
 from safeshard.errors import (
     DiskFullError,
@@ -24,12 +25,12 @@ from safeshard.errors import (
     OversizeTensorError,
     UsageError,
 )
-from safeshard.fsio import TMP_PREFIX, DirLock
-from safeshard.header import TensorSpec, build_header, read_header
-from safeshard.index import SHARD_RE, read_index
-from safeshard.layout import model_order, split_block
-from safeshard.manifest import header_digest, read_manifest
-from safeshard.outdir import JOURNAL_NAME
+from safeshard.format.blocks import model_order, split_block
+from safeshard.format.header import TensorSpec, build_header
+from safeshard.format.index import SHARD_RE
+from safeshard.format.manifest import header_digest
+from safeshard.io.localfs import TMP_PREFIX, DirLock
+from safeshard.io.transaction import JOURNAL_NAME
 from splitkit import (
     all_tensor_bytes,
     folder_hashes,
@@ -41,7 +42,7 @@ from splitkit import (
     write_official,
 )
 
-split_mod = importlib.import_module("safeshard.split")
+split_mod = importlib.import_module("safeshard.ops.split")
 GPTQ_META = {"format": "pt", "gptq_bits": "4", "gptq_group_size": "32"}
 
 
@@ -363,7 +364,7 @@ def test_concurrent_writer_in_another_process_refused(src: Path, tmp_path: Path)
         [
             sys.executable,
             "-c",
-            "import sys, time; from safeshard.fsio import DirLock\n"
+            "import sys, time; from safeshard.io.localfs import DirLock\n"
             f"with DirLock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -449,7 +450,7 @@ def test_full_disk_removes_partial_and_resume_finishes(
 def test_not_enough_space_refused_before_writing(
     src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("safeshard.fsio.free_bytes", lambda folder: 1000)
+    monkeypatch.setattr("safeshard.io.localfs.free_bytes", lambda folder: 1000)
     out = tmp_path / "out"
     with pytest.raises(DiskFullError, match="are free"):
         safeshard.split(src, out, max_shard_size=30_000)
@@ -597,7 +598,7 @@ def test_cli_json_and_exit_codes(src: Path, tmp_path: Path) -> None:
 
 def test_split_module_has_no_torch_or_numpy() -> None:
     code = (
-        "import sys, safeshard.split, safeshard.merge, safeshard.cli.split_cmd;"
+        "import sys, safeshard.ops.split, safeshard.ops.merge, safeshard.cli.split_cmd;"
         "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; print(bad)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,8 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConf
 import safeshard
 from safeshard.cli import main
 from safeshard.errors import BudgetError, DeviceError, ModelMismatchError, UsageError
-from safeshard.membudget import AutoBudget, MemoryReading
-from safeshard.stream import streamer_of
+from safeshard.runtime.membudget import AutoBudget, MemoryReading
+from safeshard.runtime.stream import streamer_of
 
 IDS = torch.tensor([[1, 15, 72, 101, 108, 108, 111, 44, 32, 119]])
 NEW = 6

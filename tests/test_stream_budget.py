@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from safeshard.cli import main
 from safeshard.errors import BudgetError
-from safeshard.prefetch import Engine, Unit
-from safeshard.residency import Residency
+from safeshard.runtime.prefetch import Engine, Unit
+from safeshard.runtime.residency import Residency
 
 
 class WatchedResidency(Residency):
@@ -124,7 +124,7 @@ def test_inspect_gives_the_budgets_stream_works_with(llama: Path) -> None:
     import torch
 
     import safeshard
-    from safeshard.stream import streamer_of
+    from safeshard.runtime.stream import streamer_of
 
     r = CliRunner().invoke(main, ["inspect", str(llama), "--json"])
     assert r.exit_code == 0, r.output
@@ -168,7 +168,7 @@ def test_runs_at_the_exact_minimum_budget_repeated(llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     import safeshard
-    from safeshard.stream import streamer_of
+    from safeshard.runtime.stream import streamer_of
 
     full = AutoModelForCausalLM.from_pretrained(llama).eval()
     ids = torch.tensor([[1, 5, 9, 14]])

@@ -29,7 +29,7 @@ from transformers import (
 
 import safeshard
 from safeshard.errors import ModelMismatchError
-from safeshard.stream import streamer_of
+from safeshard.runtime.stream import streamer_of
 
 IDS = torch.tensor([[1, 15, 72, 61, 18, 8, 11, 44, 32, 19]])
 NEW = 5

@@ -25,8 +25,8 @@ CHILD = textwrap.dedent(
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
     import safeshard
-    from safeshard.stream import streamer_of
-    from safeshard.synth import synthesize
+    from safeshard.runtime.stream import streamer_of
+    from safeshard.ops.synth import synthesize
 
     args = json.loads(sys.argv[1])
     work = args["work"]

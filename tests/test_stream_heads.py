@@ -32,7 +32,7 @@ from transformers import (
 import safeshard
 from safeshard.cli import main
 from safeshard.errors import ModelConfigError, ModelMismatchError, UsageError
-from safeshard.stream import streamer_of
+from safeshard.runtime.stream import streamer_of
 
 NEW = 5
 
@@ -323,7 +323,7 @@ def test_a_config_transformers_rejects_or_a_head_stream_lacks_is_refused_by_name
 
 
 def test_the_head_follows_architectures_then_auto_map() -> None:
-    from safeshard.heads import choose_task
+    from safeshard.runtime.heads import choose_task
 
     cfg = LlamaConfig(architectures=["LlamaForSequenceClassification"])
     assert choose_task(cfg, None, "config.json") == "sequence-classification"

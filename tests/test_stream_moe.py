@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
 import safeshard
-from safeshard.stream import streamer_of
+from safeshard.runtime.stream import streamer_of
 
 IDS = torch.tensor([[1, 15, 72, 61, 18, 8, 11, 44, 32, 19]])
 NEW = 6

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from safeshard.checkpoint import read_header
 from safeshard.cli import main
 from safeshard.errors import OutputExistsError, SynthError
-from safeshard.header import read_header
-from safeshard.synth import (
+from safeshard.ops.synth import (
     PRESETS,
     _apply_masks,
     _float_masks,
@@ -459,7 +459,7 @@ _RSS_CHILD = textwrap.dedent(
     """
     # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss across fork and exec.
     import json, re, sys, time
-    from safeshard.synth import synthesize
+    from safeshard.ops.synth import synthesize
 
     def hwm_kib():
         with open("/proc/self/status") as f:

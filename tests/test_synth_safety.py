@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from safeshard import fsio
-from safeshard.synth import synthesize
+from safeshard.io import localfs as fsio
+from safeshard.ops.synth import synthesize
 
 OUTPUTS = (
     "model.safetensors",

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 
 import safeshard
 from safeshard import TensorParallelError, UsageError
-from safeshard.header import TensorInfo
-from safeshard.synth import Preset, synthesize
-from safeshard.tp import (
+from safeshard.format.header import TensorInfo
+from safeshard.ops.synth import Preset, synthesize
+from safeshard.runtime.tp import (
     OVERREAD,
     Plan,
     RankPlan,
@@ -428,7 +428,7 @@ def _upload(folder: Path, url: str, options: dict[str, Any]) -> None:
 
 def test_s3_ranges_only(models: dict[str, Path], s3: tuple[str, dict[str, Any]]) -> None:
     """From object storage the ranged GETs fetch only the rank's bytes (RemoteStats)."""
-    from safeshard.remote import DEFAULT_LIMITS
+    from safeshard.io.remote import DEFAULT_LIMITS
 
     base, options = s3
     url = f"{base}/llama"
@@ -490,7 +490,7 @@ def _rank_main(rank: int, ws: int, port: int, paths: dict[str, str], s3json: str
         q = "model.layers.0.mlp.down_proj.qweight"
         assert torch.equal(mine[q], chunk_ref(full[q], ws, rank, 0))
         if s3json:
-            from safeshard.remote import DEFAULT_LIMITS
+            from safeshard.io.remote import DEFAULT_LIMITS
 
             s3 = json.loads(s3json)
             stats = ReadStats()

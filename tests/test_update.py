@@ -18,14 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safeshard
-from safeshard import synth
+from safeshard.checkpoint import read_header, read_index, read_manifest
 from safeshard.cli import main
 from safeshard.errors import OutputLockedError, OversizeTensorError, UpdateError, UsageError
-from safeshard.fsio import TMP_PREFIX, DirLock
-from safeshard.header import TensorSpec, build_header, read_header, tensor_nbytes
-from safeshard.index import read_index
-from safeshard.layout import model_order
-from safeshard.manifest import read_manifest
+from safeshard.format.blocks import model_order
+from safeshard.format.header import TensorSpec, build_header, tensor_nbytes
+from safeshard.io.localfs import TMP_PREFIX, DirLock
+from safeshard.ops import synth
 from splitkit import Decl, gptq_llama, run_killed
 
 PAST_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: no file written by a test is this old
@@ -588,7 +587,7 @@ def test_source_changing_during_the_update_changes_nothing(
     out = tmp_path / "out"
     split_old(gptq_old, out)
     before = {p.name: sha(p) for p in out.iterdir() if p.is_file()}
-    upd = sys.modules["safeshard.update"]
+    upd = sys.modules["safeshard.ops.update"]
     real = upd._hash_source
 
     def stale(*args: object, **kw: object) -> tuple[dict[str, str], int]:
@@ -706,7 +705,7 @@ def test_cli_update_text_and_refusals(gptq_old: Path, tmp_path: Path) -> None:
 
 def test_update_module_has_no_torch_or_numpy() -> None:
     code = (
-        "import sys, safeshard.update; assert 'torch' not in sys.modules; "
+        "import sys, safeshard.ops.update; assert 'torch' not in sys.modules; "
         "assert 'numpy' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -16,8 +16,9 @@ import safeshard
 from conftest import write_st
 from faultproxy import FolderServer
 from safeshard import errors
+from safeshard.checkpoint import read_index
 from safeshard.cli import main
-from safeshard.index import check_shard_name, read_index
+from safeshard.format.index import check_shard_name
 
 RULES = [
     # (weight_map value, the error class of the rule it breaks)

@@ -29,6 +29,7 @@ from _ckpt import (
     tiny_gptq,
     write_file,
 )
+from safeshard.checkpoint import locate, read_header
 from safeshard.cli import main
 from safeshard.errors import (
     AmbiguousCheckpointError,
@@ -37,10 +38,8 @@ from safeshard.errors import (
     SizeParseError,
     UsageError,
 )
-from safeshard.header import read_header
-from safeshard.source import locate
-from safeshard.split import split
-from safeshard.verify import CODES, VerifyReport, discover, verify
+from safeshard.ops.split import split
+from safeshard.ops.verify import CODES, VerifyReport, discover, verify
 
 
 @dataclass

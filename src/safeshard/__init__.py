@@ -7,22 +7,22 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import errors
-from .diff import DiffReport, diff
-from .errors import *  # noqa: F403
-from .header import Header, TensorInfo, read_header
-from .index import ShardIndex, read_index
-from .inspect import InspectReport, inspect
-from .lazy import LazyCheckpoint
-from .lazy import open as open  # torch/numpy are imported only when used
-from .load import load
-from .merge import MergeResult, merge
-from .sizes import FAT32_LIMIT, parse_size
-from .source import Checkpoint, locate, open_checkpoint
-from .split import SplitResult, split
-from .stream import empty_model, stream, streamer_of
-from .update import UpdateResult, update
-from .verify import Finding, VerifyReport, verify
+from safeshard import errors
+from safeshard.checkpoint import Checkpoint, locate, open_checkpoint, read_header, read_index
+from safeshard.errors import *  # noqa: F403
+from safeshard.format.header import Header, TensorInfo
+from safeshard.format.index import ShardIndex
+from safeshard.ops.diff import DiffReport, diff
+from safeshard.ops.inspect import InspectReport, inspect
+from safeshard.ops.merge import MergeResult, merge
+from safeshard.ops.split import SplitResult, split
+from safeshard.ops.update import UpdateResult, update
+from safeshard.ops.verify import Finding, VerifyReport, verify
+from safeshard.runtime.lazy import LazyCheckpoint
+from safeshard.runtime.lazy import open as open  # torch/numpy are imported only when used
+from safeshard.runtime.load import load
+from safeshard.runtime.stream import empty_model, stream, streamer_of
+from safeshard.sizes import FAT32_LIMIT, parse_size
 
 # `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.
 __all__ = [

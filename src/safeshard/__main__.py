@@ -1,5 +1,5 @@
 """``python -m safeshard``."""
 
-from .cli import main
+from safeshard.cli import main
 
 main(prog_name="safeshard")

@@ -63,7 +63,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from .redact import redact
+from safeshard.redact import redact
 
 __all__ = [
     "AmbiguousCheckpointError",

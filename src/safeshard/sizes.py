@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from .errors import SizeParseError
+from safeshard.errors import SizeParseError
 
 FAT32_LIMIT = 4 * 1024**3 - 1
 """FAT32's largest file: 4 GiB − 1 byte (4,294,967,295)."""

@@ -51,20 +51,20 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .. import __version__
-from ..errors import (
+from safeshard import __version__
+from safeshard.cli._text import safe
+from safeshard.errors import (
     OutputLockedError,
     SafeshardError,
     SizeParseError,
     StorageError,
     UsageError,
 )
-from ..redact import redact, secrets_of_options, secrets_of_url, secrets_shown_never
-from ..remote import is_url
-from ..sizes import parse_size
-from ..storage import storage_error
-from ..storerr import from_client
-from ._text import safe
+from safeshard.io.remote import is_url
+from safeshard.io.store import storage_error
+from safeshard.io.storerr import from_client
+from safeshard.redact import redact, secrets_of_options, secrets_of_url, secrets_shown_never
+from safeshard.sizes import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -406,7 +406,7 @@ def main() -> None:
 
 
 # Commands register themselves on `main` when imported, one module per command.
-from . import (  # noqa: E402
+from safeshard.cli import (  # noqa: E402
     demo_cmd,
     diff_cmd,
     inspect_cmd,

@@ -1,3 +1,3 @@
-from . import main
+from safeshard.cli import main
 
 main()

@@ -12,7 +12,7 @@ off, so ``[bold]`` or ``[/]`` in a name is shown as written rather than read as 
 
 from __future__ import annotations
 
-from ..redact import redact
+from safeshard.redact import redact
 
 __all__ = ["safe"]
 

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import click
 
-from ..hashcopy import hash_file
-from ..merge import merge
-from ..sizes import format_size
-from ..split import split
-from ..synth import synthesize
-from ..verify import verify
-from . import SIZE, line, main, out, say
-from .inspect_cmd import render as render_inspect
-from .split_cmd import render as render_split
-from .verify_cmd import render as render_verify
+from safeshard.cli import SIZE, line, main, out, say
+from safeshard.cli.inspect_cmd import render as render_inspect
+from safeshard.cli.split_cmd import render as render_split
+from safeshard.cli.verify_cmd import render as render_verify
+from safeshard.io.copier import hash_file
+from safeshard.ops.merge import merge
+from safeshard.ops.split import split
+from safeshard.ops.synth import synthesize
+from safeshard.ops.verify import verify
+from safeshard.sizes import format_size
 
 
 def _step(n: int, title: str) -> None:
@@ -62,7 +62,7 @@ def _run(work: Path, cap: int) -> None:
     weights = next(src_dir.glob("*.safetensors"))
 
     _step(2, f"safeshard inspect {src_dir.name} --max-shard-size {format_size(cap)}")
-    from ..inspect import inspect
+    from safeshard.ops.inspect import inspect
 
     render_inspect(inspect(src_dir, cap=cap))
 
@@ -91,8 +91,8 @@ def _run(work: Path, cap: int) -> None:
 
 
 def _load(out_dir: Path) -> None:
-    from ..lazy import open as lazy_open
-    from ..load import load
+    from safeshard.runtime.lazy import open as lazy_open
+    from safeshard.runtime.load import load
 
     try:
         import torch  # noqa: F401

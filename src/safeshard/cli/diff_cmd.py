@@ -11,8 +11,7 @@ from typing import Any
 
 import click
 
-from ..diff import DiffReport, diff
-from . import (
+from safeshard.cli import (
     EXIT_FINDINGS,
     EXIT_OK,
     LOCATION,
@@ -24,6 +23,7 @@ from . import (
     say,
     storage_option,
 )
+from safeshard.ops.diff import DiffReport, diff
 
 
 @main.command("diff")

@@ -7,9 +7,20 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ..inspect import DEFAULT_CAP, InspectReport, inspect
-from ..sizes import format_size
-from . import LOCATION, SIZE, emit_json, json_option, line, main, out, safe, say, storage_option
+from safeshard.cli import (
+    LOCATION,
+    SIZE,
+    emit_json,
+    json_option,
+    line,
+    main,
+    out,
+    safe,
+    say,
+    storage_option,
+)
+from safeshard.ops.inspect import DEFAULT_CAP, InspectReport, inspect
+from safeshard.sizes import format_size
 
 MAX_ROWS = 8
 """Rows shown per list in the human output before ``... and N more``."""

@@ -43,12 +43,8 @@ from typing import Any
 
 import click
 
-from ..errors import MissingExtraError, SafeshardError, UsageError
-from ..load import default_workers
-from ..sizes import format_size
-from ..source import open_checkpoint
-from ..storage import is_remote
-from . import (
+from safeshard.checkpoint import open_checkpoint
+from safeshard.cli import (
     LOCATION,
     SIZE,
     emit_json,
@@ -61,6 +57,10 @@ from . import (
     say,
     storage_option,
 )
+from safeshard.errors import MissingExtraError, SafeshardError, UsageError
+from safeshard.io.store import is_remote
+from safeshard.runtime.load import default_workers
+from safeshard.sizes import format_size
 
 LOAD_VARIANTS = ("sequential", "parallel", "walk", "baseline")
 WARM_ONLY = ("fault",)
@@ -430,7 +430,7 @@ def _v_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     fsspec and loaded from those bytes with ``safetensors.torch.load``."""
     from safetensors.torch import load, load_file
 
-    from ..storage import as_path
+    from safeshard.io.store import as_path
 
     kept: dict[str, Any] = {}
     for f in spec["files"]:
@@ -448,7 +448,7 @@ def _v_fault(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from ..load import CHUNK_BYTES
+    from safeshard.runtime.load import CHUNK_BYTES
 
     ckpt = open_checkpoint(spec["path"], storage_options=spec.get("storage_options"))
     bufs = [torch.empty(e.info.nbytes, dtype=torch.uint8) for e in ckpt.entries.values()]

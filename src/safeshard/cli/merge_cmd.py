@@ -6,10 +6,8 @@ from typing import Any
 
 import click
 
-from ..merge import merge
-from ..sizes import format_size
-from ..source import open_checkpoint
-from . import (
+from safeshard.checkpoint import open_checkpoint
+from safeshard.cli import (
     LOCATION,
     byte_progress,
     emit_json,
@@ -20,6 +18,8 @@ from . import (
     storage_option,
     warn,
 )
+from safeshard.ops.merge import merge
+from safeshard.sizes import format_size
 
 
 @main.command("merge")

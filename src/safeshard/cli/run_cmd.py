@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from ..errors import UsageError
-from ..membudget import AutoBudget
-from ..sizes import format_size
-from . import SIZE, emit_json, json_option, main, out, quiet_option, safe
+from safeshard.cli import SIZE, emit_json, json_option, main, out, quiet_option, safe
+from safeshard.errors import UsageError
+from safeshard.runtime.membudget import AutoBudget
+from safeshard.sizes import format_size
 
 
 class BudgetType(click.ParamType):  # type: ignore[type-arg]
@@ -120,10 +120,10 @@ def run_cmd(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    from ..load import import_torch
-    from ..stream import empty_model, stream, streamer_of
-    from ..textgen import TextStreamer, load_tokenizer
-    from ..textgen import prompt_ids as encode
+    from safeshard.runtime.load import import_torch
+    from safeshard.runtime.stream import empty_model, stream, streamer_of
+    from safeshard.runtime.textgen import TextStreamer, load_tokenizer
+    from safeshard.runtime.textgen import prompt_ids as encode
 
     torch = import_torch()
     if (prompt is None) == (prompt_ids is None):

@@ -7,9 +7,7 @@ from typing import Any
 
 import click
 
-from ..sizes import format_size
-from ..split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
-from . import (
+from safeshard.cli import (
     LOCATION,
     SIZE,
     byte_progress,
@@ -21,8 +19,10 @@ from . import (
     storage_option,
     warn,
 )
-from . import quiet_option as quiet_opt
-from .split_update import run_update
+from safeshard.cli import quiet_option as quiet_opt
+from safeshard.cli.split_update import run_update
+from safeshard.ops.split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
+from safeshard.sizes import format_size
 
 
 @main.command("split")

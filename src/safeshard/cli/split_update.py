@@ -10,10 +10,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..errors import UsageError
-from ..sizes import format_size
-from ..update import UpdateResult, describe, update
-from . import byte_progress, emit_json, safe, say, warn
+from safeshard.cli import byte_progress, emit_json, safe, say, warn
+from safeshard.errors import UsageError
+from safeshard.ops.update import UpdateResult, describe, update
+from safeshard.sizes import format_size
 
 
 def _given(param: str) -> bool:

@@ -12,9 +12,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ..sizes import format_size
-from ..verify import VerifyReport, verify
-from . import (
+from safeshard.cli import (
     EXIT_FINDINGS,
     EXIT_OK,
     LOCATION,
@@ -30,6 +28,8 @@ from . import (
     say,
     storage_option,
 )
+from safeshard.ops.verify import VerifyReport, verify
+from safeshard.sizes import format_size
 
 
 @main.command("verify")

@@ -1,0 +1,166 @@
+"""Where checkpoints live: local paths and fsspec URLs behind one path type.
+
+Every path safeshard takes may be a local path or a URL. :func:`as_path` turns either
+into a path object with the :class:`pathlib.Path` interface: a :class:`pathlib.Path` for
+local paths (and ``file://`` URLs), a ``upath.UPath`` over fsspec for the others
+(``s3://``, ``memory://``, ``hf://``, ...), which carries its file system and the
+``storage_options`` it was made with. Finding a checkpoint, reading indexes, manifests
+and sidecar files then work the same way on both; tensor bytes are read through
+:func:`open_source` (a :class:`~safeshard.byteio.LocalFile` or a
+:class:`~safeshard.remote.RemoteFile`), and outputs are written through
+:func:`output_folder` (a :class:`~safeshard.outdir.OutputFolder` or a
+:class:`~safeshard.remote.RemoteFolder`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from safeshard.errors import MissingExtraError, SafeshardError
+from safeshard.io.bytesrc import ByteSource, LocalFile
+from safeshard.io.remote import RemoteFile, RemoteLimits, filesystem, is_url
+from safeshard.io.storerr import classify, from_client
+from safeshard.redact import redact
+
+__all__ = [
+    "as_path",
+    "is_remote",
+    "open_source",
+    "output_folder",
+    "storage_error",
+    "translate_errors",
+    "url_of",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+StorageOptions = Mapping[str, Any] | None
+
+
+def as_path(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Path:
+    """A local :class:`~pathlib.Path`, or a ``UPath`` for a URL (see the module docs)."""
+    if not isinstance(path, str) and is_remote(path):
+        return path  # type: ignore[return-value]  # already a remote path object
+    text = os.fspath(path) if not isinstance(path, str) else path
+    if not is_url(text):
+        return Path(text)
+    if text.startswith("file://"):
+        return Path(text[len("file://") :])
+    filesystem(text, storage_options)  # a clear MissingExtraError / UsageError first
+    try:
+        from upath import UPath
+    except ImportError:
+        raise MissingExtraError(
+            f"{text}: reading URLs needs universal-pathlib, which is not installed; run: "
+            "pip install 'safeshard[s3]'"
+        ) from None
+    return UPath(text, **dict(storage_options or {}))  # type: ignore[no-any-return]
+
+
+def is_remote(path: object) -> bool:
+    """Whether ``path`` is a path object over a non-local fsspec file system."""
+    fs = getattr(path, "fs", None)
+    if fs is None or (isinstance(path, Path) and type(path).__module__.startswith("pathlib")):
+        return False
+    protocol = getattr(fs, "protocol", "file")
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return not any(p in ("file", "local") for p in protocols)
+
+
+def url_of(path: object) -> str:
+    """How ``path`` is shown in messages and results: the URL or the local path, its
+    credentials redacted (:func:`safeshard.redact.redact`; never the storage options,
+    which may hold credentials)."""
+    return redact(str(path))
+
+
+def open_source(path: Any, limits: RemoteLimits | None = None) -> ByteSource:
+    """A byte source for the file at ``path`` (from :func:`as_path`)."""
+    if is_remote(path):
+        return RemoteFile(path.fs, path.path, name=url_of(path), limits=limits)
+    return LocalFile.open(path)
+
+
+def output_folder(
+    path: Any,
+    *,
+    on_step: Any = None,
+    storage_options: StorageOptions = None,
+    break_lock: bool = False,
+) -> Any:
+    """The output transaction for the folder at ``path``: local or in object storage.
+
+    ``break_lock`` takes over an object-storage prefix's lock object even when its writer
+    may be alive (a local folder's lock is the kernel's, released when its process dies).
+    """
+    if is_remote(path):
+        from safeshard.io.remote import RemoteFolder
+
+        return RemoteFolder(
+            str(path),
+            storage_options=_options_of(path, storage_options),
+            on_step=on_step,
+            break_lock=break_lock,
+        )
+    from safeshard.io.transaction import OutputFolder
+
+    return OutputFolder(path, on_step=on_step)
+
+
+def _options_of(path: Any, given: StorageOptions) -> dict[str, Any]:
+    opts = getattr(path, "storage_options", None)
+    return dict(opts) if opts else dict(given or {})
+
+
+def identity(path: Any) -> list[Any]:
+    """What tells one version of a file from another: the real path, size and
+    modification time of a local file; the URL, size and ETag (or modification time)
+    of an object."""
+    if is_remote(path):
+        info = path.fs.info(path.path)
+        tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+        return [url_of(path), int(info.get("size") or 0), str(tag)]
+    st = os.stat(path)
+    return [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+
+
+def remote_fs(url: str, storage_options: StorageOptions = None) -> Any:
+    """The fsspec file system for ``url`` (for callers that need it directly)."""
+    return filesystem(url, storage_options)[0]
+
+
+def translate_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the errors an fsspec back end raises (botocore, aiohttp, ...) into
+    :class:`~safeshard.errors.SafeshardError` subclasses with a clear message, so a
+    command on object storage fails like one on local files. Errors of other origins
+    pass through unchanged. The client's exception is not chained (its text may quote
+    credentials); what it said is in the message, redacted."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except SafeshardError:
+            raise
+        except Exception as e:
+            if not from_client(e):
+                raise
+            urls = [a for a in (*args, *kwargs.values()) if isinstance(a, str) and is_url(a)]
+            raise storage_error(e, url=" or ".join(urls) or None) from None
+
+    return wrapper
+
+
+def storage_error(
+    e: BaseException, url: object = None, operation: str = "complete a storage request"
+) -> SafeshardError:
+    """A :class:`~safeshard.errors.SafeshardError` for an error of a storage client (see
+    :func:`safeshard.storerr.classify`); ``url`` defaults to the file the error names."""
+    if url is None:
+        url = getattr(e, "filename", None) or "storage"
+    return classify(url, operation, e)

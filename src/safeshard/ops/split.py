@@ -1,0 +1,368 @@
+"""Split a checkpoint into layer-aligned shards, or reshard a sharded one.
+
+``split(SRC, OUT_DIR)`` plans shards with :func:`plan.plan_shards` over the
+source's tensors (SRC is a file, a folder or an index; an index means a reshard)
+and writes each shard as its exact planned header followed by its tensors in model
+order, copied by byte ranges from the source (``copy_file_range``), never through
+Python objects the size of a tensor. SHA-256 of each file and an XXH3-128 digest of each tensor are
+computed on the side (:mod:`safeshard.hashcopy`).
+
+Output, in OUT_DIR:
+
+- ``{BASE}-{i:05d}-of-{n:05d}.safetensors`` and ``{BASE}.safetensors.index.json``,
+  or ``{BASE}.safetensors`` alone (no index) when everything fits in one file;
+- ``{BASE}.safeshard.json``, the manifest: shard sizes and SHA-256, per-tensor
+  digests (XXH3-128), and the original file's header so that ``merge`` restores it byte for
+  byte (carried forward through reshards of safeshard output);
+- the source folder's other files (:mod:`safeshard.sidecar`).
+
+Crash safety is the output transaction's (:mod:`safeshard.outdir`): an exclusive
+lock on OUT_DIR; old checkpoint files removed first (indexes, then manifests); each
+shard written under a temporary name, fsynced and renamed; sidecars; then the
+manifest and, last, the index. A folder with an index is complete. The journal
+(``.safeshard-journal.json``) records each finished shard's size and hashes with a
+fingerprint of the plan and the source (paths, sizes, modification times, headers);
+``resume`` keeps the shards it vouches for after re-hashing them (a finished split's
+manifest keeps the fingerprint, so resuming a finished split keeps everything). The
+source is only ever opened read-only.
+
+``force`` and ``resume`` both let safeshard replace OUT_DIR's checkpoint files:
+every ``*.safetensors``, ``*.safetensors.index.json`` and ``*.safeshard.json`` in
+it, whatever their base name, because a leftover weights file of another base would
+be found by some loaders instead of the new shards. Other files are left alone,
+except those the sidecar copy overwrites.
+
+So the code reads as plan (:func:`plan.plan_shards`), stage (:func:`output.write_shard`
+for each shard) and commit (:meth:`outdir.OutputFolder.commit`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from safeshard import gcpause
+from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
+from safeshard.errors import IndexFormatError, OutputExistsError, UsageError
+from safeshard.format.blocks import describe_blocks
+from safeshard.format.header import TensorSpec, build_header
+from safeshard.format.index import INDEX_SUFFIX
+from safeshard.format.manifest import MANIFEST_SUFFIX, manifest_path
+from safeshard.io.copier import Progress, Sha256Pool, hash_file
+from safeshard.io.localfs import require_space
+from safeshard.io.store import as_path, is_remote, output_folder, translate_errors
+from safeshard.io.transaction import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
+from safeshard.ops.plan import Plan, ShardPlan, plan_shards
+from safeshard.ops.sidecar import copy_sidecars
+from safeshard.ops.writer import (
+    CHECKPOINT_SUFFIXES,
+    DEFAULT_MAX_SHARD_SIZE,
+    FileStatus,
+    OutputFile,
+    OutputResult,
+    Written,
+    check_base,
+    describe_checkpoint,
+    fingerprint,
+    intact,
+    open_sources,
+    output_names,
+    source_record,
+    tensor_extents,
+    with_sha256,
+    write_shard,
+)
+from safeshard.redact import redact_url
+from safeshard.sizes import format_size, parse_size
+
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "JOURNAL_NAME", "SplitResult", "describe", "split"]
+
+
+@dataclass
+class SplitResult(OutputResult):
+    """What ``split`` planned or did; ``plan`` is the shard plan."""
+
+    plan: Plan = field(default_factory=lambda: Plan((), 0, None))
+
+    @property
+    def kept(self) -> list[str]:
+        """Shards of an interrupted run kept by ``resume``."""
+        return self.with_status("kept")
+
+    @property
+    def written(self) -> list[str]:
+        return self.with_status("written")
+
+    def to_json(self) -> dict[str, Any]:
+        obj = super().to_json()
+        obj["split_groups"] = list(self.plan.split_groups)
+        obj["kept"] = self.kept
+        obj["written"] = self.written
+        return obj
+
+
+def _file(name: str, shard: ShardPlan, sha: str | None, status: FileStatus) -> OutputFile:
+    return OutputFile(
+        file=name,
+        size=shard.file_size,
+        sha256=sha,
+        tensors=len(shard.tensors),
+        blocks=describe_blocks(shard.groups),
+        status=status,
+        oversize=shard.oversize,
+    )
+
+
+# --------------------------------------------------------------------------- split
+
+
+@gcpause.pausing
+@translate_errors
+def split(
+    src: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    balance: bool = False,
+    allow_oversize: bool = False,
+    name: str = "model",
+    dry_run: bool = False,
+    resume: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    on_step: StepHook | None = None,
+    sha256: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
+) -> SplitResult:
+    """Split (or reshard) the checkpoint at ``src`` into ``out_dir``; see the module docs.
+
+    ``sha256`` also computes each shard's SHA-256 (the Hub's LFS id), in threads of their
+    own, files in parallel; the default integrity record (header and tensor digests)
+    does not need it. ``src`` and ``out_dir`` may be URLs (:mod:`safeshard.storage`),
+    reached with ``storage_options``; into object storage, a journal object makes it
+    resumable and a lock object refuses a second writer (``break_lock`` takes over a lock
+    whose writer died on another host).
+
+    ``progress`` is called with a number of bytes each time that many are written
+    or, for shards kept by ``resume``, re-hashed; the total is the sum of the
+    planned file sizes (``SplitResult.files`` of a dry run). ``on_step`` is called with
+    each step of the output transaction (:data:`outdir.STEPS`).
+    """
+    cap = parse_size(max_shard_size)
+    base = check_base(name)
+    if resume and force:
+        raise UsageError("--resume keeps finished shards and --force replaces them: pick one")
+    ckpt = open_checkpoint(src, storage_options=storage_options)
+    metadata, warnings = common_metadata(ckpt)
+    specs = [TensorSpec.of(t) for t in ckpt.tensors()]
+    plan = plan_shards(specs, cap, metadata, balance=balance, allow_oversize=allow_oversize)
+    if not plan.shards:  # no tensors at all: one file holding only the header
+        empty = ShardPlan(tensors=(), header=build_header([], metadata), groups=())
+        plan = Plan((empty,), plan.cap, plan.metadata, plan.warnings, plan.split_groups)
+    warnings += list(plan.warnings)
+    names = output_names(base, len(plan.shards))
+    record, more = source_record(ckpt)
+    warnings += more
+    notes: list[str] = []
+    if len(names) == 1:
+        notes.append(f"everything fits in one file: {names[0]}, with no index")
+    if base != "model":
+        notes.append(
+            f"transformers looks only for model.safetensors(.index.json); {base!r} is found by "
+            "AutoGPTQ and GPTQModel through quantize_config.json"
+        )
+    out = as_path(out_dir, storage_options)
+    result = SplitResult(
+        source=redact_url(src),
+        out_dir=out,
+        base=base,
+        cap=plan.cap,
+        dry_run=dry_run,
+        files=[_file(n, s, None, "planned") for n, s in zip(names, plan.shards, strict=True)],
+        index=None if len(names) == 1 else out / f"{base}{INDEX_SUFFIX}",
+        manifest=manifest_path(out, base),
+        lossless=record is not None,
+        data_size=plan.total_size,
+        warnings=warnings,
+        notes=notes,
+        plan=plan,
+    )
+    if dry_run:
+        return result
+    _check_not_source(out, ckpt)
+    if not is_remote(out):
+        prepare_folder(out)
+    with output_folder(
+        out, on_step=on_step, storage_options=storage_options, break_lock=break_lock
+    ) as tx:
+        result.notes += tx.recovered
+        fp = fingerprint(ckpt, [s.header for s in plan.shards], names)
+        kept = _resume(tx, result, names, fp, resume=resume, force=force, progress=progress)
+        tx.start("split", fp, keep=kept)
+        existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
+        removed = tx.remove(n for n in existing if n not in kept)
+        finals = {*names, f"{base}{INDEX_SUFFIX}", f"{base}{MANIFEST_SUFFIX}"}
+        result.removed = [n for n in removed if n not in finals]
+        todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
+        if not is_remote(out):
+            require_space(out, sum(s.file_size for _, s in todo), "the shards")
+        done = dict(kept)
+        pool = Sha256Pool() if sha256 else None
+        written: dict[str, Written] = {}
+        with open_sources(ckpt) as sources:
+            for fname, shard in todo:
+                w = write_shard(
+                    tx,
+                    fname,
+                    shard.header,
+                    tensor_extents(ckpt, [t.name for t in shard.tensors], sources),
+                    progress=progress,
+                    sha256=pool,
+                )
+                written[fname], done[fname] = w, w.record
+        with_sha256(done, written)
+        if sha256:  # kept shards of a run that did not compute it
+            for n in kept:
+                if done[n].sha256 is None:
+                    done[n] = replace(done[n], sha256=hash_file(out / n))
+        result.files = [
+            _file(n, s, done[n].sha256, "kept" if n in kept else "written")
+            for n, s in zip(names, plan.shards, strict=True)
+        ]
+        side = copy_sidecars(
+            ckpt.folder, tx, base=base, only_known=Path(src).name.endswith(".safetensors")
+        )
+        result.copied, result.skipped = side.copied, side.skipped
+        result.notes += side.notes
+        index_meta: dict[str, Any] = {}
+        if ckpt.index is not None:
+            index_meta.update({k: v for k, v in ckpt.index.metadata.items() if k != "total_size"})
+        tx.commit(
+            finals=describe_checkpoint(
+                out,
+                base,
+                names,
+                [s.tensors for s in plan.shards],
+                done,
+                cap=plan.cap,
+                source=record,
+                fingerprint=fp,
+                index_metadata=index_meta,
+            )
+        )
+    return result
+
+
+def _check_not_source(out: Path, ckpt: Checkpoint) -> None:
+    if is_remote(out) or is_remote(ckpt.folder):
+        same = str(out).rstrip("/") == str(ckpt.folder).rstrip("/")
+    else:
+        same = out.is_dir() and os.path.samefile(out, ckpt.folder)
+    if same:
+        raise OutputExistsError(
+            f"{out}: OUT_DIR is the source's own folder; write the shards to another folder "
+            "(the source is never modified)"
+        )
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _resume(
+    tx: OutputStore,
+    result: SplitResult,
+    names: Sequence[str],
+    fp: str,
+    *,
+    resume: bool,
+    force: bool,
+    progress: Progress | None,
+) -> dict[str, FileRecord]:
+    """Refuse a folder that holds a checkpoint unless asked; the shards ``resume`` keeps."""
+    existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
+    if existing and not (resume or force):
+        listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+        raise OutputExistsError(
+            f"{tx.folder}: already holds a checkpoint ({listed}); pass --force to replace it or "
+            "--resume to finish an interrupted split"
+        )
+    if not resume:
+        return {}
+    vouched = tx.resumable("split", fp)
+    if not vouched:
+        vouched = _finished(tx.folder, result.base, fp, names, result.plan)
+    if not vouched and existing:
+        why = (
+            "no journal of an earlier run was found"
+            if tx.earlier_run is None and read_manifest_quiet(tx.folder, result.base) is None
+            else "the earlier run planned other shards or read a source that has changed since"
+        )
+        result.notes.append(f"resume: {why}: every shard is written")
+    return _check_kept(tx.folder, names, result.plan, vouched, progress)
+
+
+def read_manifest_quiet(folder: Path, base: str) -> object | None:
+    try:
+        return read_manifest(folder, base, follow_symlinks=False)
+    except (IndexFormatError, OSError):
+        return None
+
+
+def _finished(
+    out: Path, base: str, fp: str, names: Sequence[str], plan: Plan
+) -> dict[str, FileRecord]:
+    """Shards a finished split with the same fingerprint vouches for through its manifest."""
+    try:
+        man = read_manifest(out, base, follow_symlinks=False)
+    except (IndexFormatError, OSError):
+        return {}
+    if man is None or man.fingerprint != fp:
+        return {}
+    by_file = {s.file: s for s in man.shards}
+    vouched: dict[str, FileRecord] = {}
+    for name, shard in zip(names, plan.shards, strict=True):
+        rec = by_file.get(name)
+        tensors = {t.name: man.tensors.get(t.name) for t in shard.tensors}
+        if rec is None or any(r is None for r in tensors.values()):
+            continue
+        vouched[name] = FileRecord(
+            rec.size,
+            rec.header,
+            {n: r.digest for n, r in tensors.items() if r is not None},
+            sha256=rec.sha256,
+        )
+    return vouched
+
+
+def _check_kept(
+    out: Path,
+    names: Sequence[str],
+    plan: Plan,
+    vouched: Mapping[str, FileRecord],
+    progress: Progress | None,
+) -> dict[str, FileRecord]:
+    """Vouched shards on disk whose bytes still match the plan and the record."""
+    kept: dict[str, FileRecord] = {}
+    for name, shard in zip(names, plan.shards, strict=True):
+        d = vouched.get(name)
+        if d is None or d.staged is not None or d.size != shard.file_size:
+            continue
+        if set(d.tensors) != {t.name for t in shard.tensors}:
+            continue
+        if intact(out / name, d, progress=progress):
+            kept[name] = d
+    return kept
+
+
+def describe(result: SplitResult) -> str:
+    """One line: how many files, the largest, and the cap."""
+    largest = result.largest
+    return (
+        f"{len(result.files)} file{'s' if len(result.files) != 1 else ''}, largest "
+        f"{largest} bytes ({format_size(largest)}), cap {result.cap} bytes "
+        f"({format_size(result.cap)})"
+    )

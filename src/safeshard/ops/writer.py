@@ -1,0 +1,430 @@
+"""What split and update write, and what they report: one family for both writers.
+
+- names: :func:`check_base`, :func:`output_names`;
+- one shard: :func:`write_shard` copies a header and source byte ranges into a file of an
+  output transaction (:class:`outdir.OutputFolder`), hashing on the way;
+- the records that describe a finished checkpoint: :func:`describe_checkpoint` builds the
+  manifest and index bytes, written last by the transaction's commit;
+- provenance: :func:`source_record` (the original single file the manifest keeps, so merge
+  restores it) and :func:`fingerprint` (what an interrupted run must match to be resumed);
+- results: :class:`OutputFile` and :class:`OutputResult`, the base of
+  :class:`~safeshard.split.SplitResult` and :class:`~safeshard.update.UpdateResult`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from safeshard.checkpoint import Checkpoint, read_manifest
+from safeshard.errors import HeaderError, IndexFormatError, SafeshardError, UsageError
+from safeshard.format.header import TensorSpec
+from safeshard.format.index import INDEX_SUFFIX, index_json, shard_name
+from safeshard.format.manifest import (
+    MANIFEST_SUFFIX,
+    Manifest,
+    ShardRecord,
+    SourceRecord,
+    TensorRecord,
+    manifest_path,
+)
+from safeshard.io import store as storage
+from safeshard.io.bytesrc import Extent, Sink, Sources
+from safeshard.io.copier import (
+    Hashes,
+    Progress,
+    Sha256Follower,
+    Sha256Pool,
+    copy_pieces,
+    digest_file,
+    hash_file,
+)
+from safeshard.io.transaction import FileRecord, OutputStore
+from safeshard.redact import redact_url
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "FileStatus",
+    "OutputFile",
+    "OutputResult",
+    "check_base",
+    "describe_checkpoint",
+    "fingerprint",
+    "intact",
+    "open_sources",
+    "output_names",
+    "source_record",
+    "tensor_extents",
+    "with_sha256",
+    "write_shard",
+]
+
+DEFAULT_MAX_SHARD_SIZE = "4GB"
+
+CHECKPOINT_SUFFIXES = (".safetensors", INDEX_SUFFIX, MANIFEST_SUFFIX)
+"""Files of a checkpoint in an output folder: weights, indexes, manifests."""
+
+FileStatus = Literal["planned", "written", "kept", "renamed", "rewritten", "added"]
+"""``planned`` (dry run); ``written`` (split); ``kept`` (not touched); ``renamed`` (same
+bytes, new ``-of-N`` name); ``rewritten`` (new bytes for an old shard); ``added`` (new)."""
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """One file of the output: name, exact size, SHA-256 (None for bytes not yet written),
+    tensor count, the blocks it holds, what happened to it, and the old name it replaces."""
+
+    file: str
+    size: int
+    sha256: str | None
+    tensors: int
+    blocks: str
+    status: FileStatus
+    oversize: bool = False
+    previous: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "size": self.size,
+            "sha256": self.sha256,
+            "tensors": self.tensors,
+            "blocks": self.blocks,
+            "oversize": self.oversize,
+            "status": self.status,
+            "previous": self.previous,
+        }
+
+
+@dataclass
+class OutputResult:
+    """What a writer planned or did in ``out_dir``; see the subclasses."""
+
+    source: str
+    out_dir: Path
+    base: str
+    cap: int
+    dry_run: bool
+    files: list[OutputFile]
+    index: Path | None
+    manifest: Path | None
+    lossless: bool
+    """True when the manifest records the original file's header (merge restores it)."""
+    data_size: int = 0
+    """Sum of tensor data bytes (the index's ``total_size``)."""
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def total_size(self) -> int:
+        return self.data_size
+
+    @property
+    def single_file(self) -> bool:
+        return len(self.files) == 1
+
+    @property
+    def largest(self) -> int:
+        return max((f.size for f in self.files), default=0)
+
+    def with_status(self, *status: FileStatus) -> list[str]:
+        return [f.file for f in self.files if f.status in status]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "out_dir": redact_url(self.out_dir),
+            "dry_run": self.dry_run,
+            "base": self.base,
+            "cap": self.cap,
+            "single_file": self.single_file,
+            "shards": [f.to_json() for f in self.files],
+            "index": None if self.index is None else self.index.name,
+            "manifest": None if self.manifest is None else self.manifest.name,
+            "total_size": self.total_size,
+            "largest": self.largest,
+            "lossless": self.lossless,
+            "removed": list(self.removed),
+            "copied": list(self.copied),
+            "skipped": list(self.skipped),
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- names
+
+
+def check_base(base: str) -> str:
+    """``base`` if it is a usable plain base name; else :class:`UsageError`.
+
+    It must also be text (no lone surrogate, such as the ``\\udcff`` a byte that is not
+    UTF-8 becomes in a command-line argument): the index, manifest and journal record
+    file names as JSON text.
+    """
+    bad = (
+        not base
+        or base in (".", "..")
+        or base.startswith(".")
+        or any(c in base for c in "/\\\x00")
+        or base.endswith((".safetensors", ".json"))
+        or not _is_text(base)
+    )
+    if bad:
+        raise UsageError(
+            f"--name {base!r} is not a usable base name: give a plain name (UTF-8 text) "
+            "without a path, a leading dot or an extension, e.g. model or gptq_model-4bit-128g"
+        )
+    return base
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def output_names(base: str, n: int) -> list[str]:
+    """``{base}.safetensors`` for one shard, else ``{base}-{i:05d}-of-{n:05d}.safetensors``."""
+    if n == 1:
+        return [f"{base}.safetensors"]
+    return [shard_name(base, i + 1, n) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- one shard
+
+
+def open_sources(ckpt: Checkpoint) -> Sources:
+    """The checkpoint's shards as byte sources (local files or objects in storage), each
+    checked against its header's size."""
+    files = {h.path: f for h, f in zip(ckpt.headers, ckpt.located.files, strict=True)}
+    return Sources(
+        {h.path: h.file_size for h in ckpt.headers},
+        lambda path: storage.open_source(files.get(path, path)),
+    )
+
+
+def tensor_extents(ckpt: Checkpoint, names: Sequence[str], sources: Sources) -> list[Extent]:
+    """Where each named tensor's bytes lie, in the given order."""
+    opened: dict[int, tuple[Any, int]] = {}  # shard -> (source, data start)
+    entries = ckpt.entries
+    out = []
+    for n in names:
+        e = entries[n]
+        src = opened.get(e.shard)
+        if src is None:
+            h = ckpt.headers[e.shard]
+            src = opened[e.shard] = (sources.get(h.path), h.data_start)
+        info = e.info
+        out.append(Extent(src[0], src[1] + info.begin, info.end - info.begin, n))
+    return out
+
+
+@dataclass
+class Written:
+    """A shard just written: its journal record, and the SHA-256 still being computed."""
+
+    record: FileRecord
+    hashes: Hashes
+    sha256: Sha256Follower | None = None
+
+
+def write_shard(
+    tx: OutputStore,
+    name: str,
+    header: bytes,
+    pieces: Sequence[Extent],
+    *,
+    progress: Progress | None = None,
+    stage: bool = False,
+    sha256: Sha256Pool | None = None,
+) -> Written:
+    """Write ``header`` then ``pieces`` as the file ``name`` of ``tx`` and journal it.
+
+    With ``stage`` the file waits under its temporary name for the commit. With a
+    ``sha256`` pool, the file's SHA-256 is computed by a thread of its own that may finish
+    later (:func:`with_sha256` waits for it).
+    """
+    size = len(header) + sum(p.nbytes for p in pieces)
+    follower: Sha256Follower | None = None
+
+    def fill(sink: Sink) -> Hashes:
+        nonlocal follower
+        fd = sink.fileno()
+        if sha256 is not None and fd is not None:
+            follower = Sha256Follower(fd, size, sha256, name=str(tx.folder / name))
+        return copy_pieces(
+            sink,
+            header,
+            pieces,
+            progress=progress,
+            on_written=follower.advance if follower is not None else None,
+        )
+
+    try:
+        if stage:
+            tmp, hashes = tx.stage(name, fill, size=size)
+        else:
+            tmp, hashes = None, tx.write(name, fill, size=size)
+    except BaseException:
+        if follower is not None:
+            follower.cancel()
+        raise
+    rec = FileRecord(size, hashes.header, hashes.tensors, staged=tmp)
+    tx.record(name, rec)
+    return Written(rec, hashes, follower)
+
+
+def with_sha256(records: dict[str, FileRecord], written: Mapping[str, Written]) -> None:
+    """Wait for the SHA-256 of each written file and put it in its record."""
+    for name, w in written.items():
+        if w.sha256 is not None:
+            records[name] = replace(records[name], sha256=w.sha256.result())
+
+
+def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> bool:
+    """Whether the file at ``path`` still has the bytes ``rec`` describes: its size, then
+    its header and tensor digests (or, for a record of an older safeshard with only a
+    SHA-256, that)."""
+    try:
+        if storage.is_remote(path):  # an object: its size, then its digests read back (ranged GETs)
+            fs: Any = getattr(path, "fs", None)
+            info = fs.info(getattr(path, "path", ""))
+            if info.get("type") == "directory" or int(info.get("size") or 0) != rec.size:
+                return False
+        elif path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
+            return False
+        if rec.header is None:
+            return rec.sha256 is not None and hash_file(path, progress=progress) == rec.sha256
+        with storage.open_source(path) as src:
+            got = digest_file(src, progress=progress)
+    except (SafeshardError, OSError):
+        return False
+    return got.header == rec.header and got.tensors == rec.tensors
+
+
+# --------------------------------------------------------------------------- records
+
+
+def describe_checkpoint(
+    out: Path,
+    base: str,
+    names: Sequence[str],
+    shards: Sequence[Sequence[TensorSpec]],
+    records: Mapping[str, FileRecord],
+    *,
+    cap: int | None,
+    source: SourceRecord | None,
+    fingerprint: str | None,
+    index_metadata: Mapping[str, Any] | None = None,
+) -> dict[str, bytes | None]:
+    """The manifest and index of a finished checkpoint, in the order they are written
+    (index last; None: a single file has no index). ``records[name]`` is each file's."""
+    manifest = Manifest(
+        base=base,
+        cap=cap,
+        shards=[
+            ShardRecord(n, records[n].size, records[n].sha256, records[n].header) for n in names
+        ],
+        tensors={
+            t.name: TensorRecord(records[n].tensors[t.name], t.nbytes)
+            for n, tensors in zip(names, shards, strict=True)
+            for t in tensors
+        },
+        source=source,
+        fingerprint=fingerprint,
+    )
+    index: bytes | None = None
+    if len(names) > 1:
+        meta = dict(index_metadata or {})
+        meta["total_size"] = sum(t.nbytes for tensors in shards for t in tensors)
+        weight_map = {t.name: n for n, tensors in zip(names, shards, strict=True) for t in tensors}
+        index = index_json(weight_map, meta)
+    return {
+        manifest_path(out, base).name: manifest.to_json(),
+        f"{base}{INDEX_SUFFIX}": index,
+    }
+
+
+def _same_tensors(header_tensors: Any, ckpt: Checkpoint) -> str | None:
+    """Why the recorded source does not describe ``ckpt``'s tensors, or None if it does."""
+    recorded = {t.name: (t.dtype, t.shape, t.nbytes) for t in header_tensors}
+    actual = {t.name: (t.dtype, t.shape, t.nbytes) for t in ckpt.tensors()}
+    if recorded == actual:
+        return None
+    missing = sorted(set(recorded) - set(actual))
+    extra = sorted(set(actual) - set(recorded))
+    changed = sorted(n for n in set(recorded) & set(actual) if recorded[n] != actual[n])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors gone (e.g. {missing[0]!r})")
+    if extra:
+        parts.append(f"{len(extra)} new tensors (e.g. {extra[0]!r})")
+    if changed:
+        parts.append(f"{len(changed)} changed in dtype or shape (e.g. {changed[0]!r})")
+    return "; ".join(parts)
+
+
+def source_record(ckpt: Checkpoint) -> tuple[SourceRecord | None, list[str]]:
+    """The original single file to record in the manifest, and warnings.
+
+    A single file is its own source. A safeshard output whose manifest matches its
+    shards carries that manifest's source forward (split, reshard, merge gives the
+    original back). Foreign shards have none: their merge is canonical.
+    """
+    folder, base = ckpt.folder, ckpt.located.base
+    warnings: list[str] = []
+    try:
+        man = read_manifest(folder, base)
+    except IndexFormatError as e:
+        man = None
+        warnings.append(f"ignoring an unreadable manifest: {e}")
+    if man is not None:
+        recorded = {s.file: s.size for s in man.shards}
+        actual = {Path(h.path).name: h.file_size for h in ckpt.headers}
+        why: str | None
+        if recorded != actual:
+            why = "its shard names or sizes differ from the files present"
+        elif man.source is None:
+            why = None
+        else:
+            try:
+                why = _same_tensors(man.source.parse().tensors, ckpt)
+            except HeaderError as e:
+                why = f"its source header is invalid ({e})"
+        if why is None:
+            if man.source is not None:
+                return man.source, warnings
+        else:
+            warnings.append(
+                f"{manifest_path(folder, base)} does not describe these shards ({why}); "
+                "it is not carried forward"
+            )
+    if len(ckpt.headers) == 1:
+        h = ckpt.headers[0]
+        return SourceRecord(Path(h.path).name, h.file_size, h.raw.decode("utf-8")), warnings
+    return None, warnings
+
+
+def fingerprint(
+    ckpt: Checkpoint, headers: Sequence[bytes], names: Sequence[str], *extra: str
+) -> str:
+    """Identity of a write: the planned headers and names, the source files' identity
+    (path, size, modification time, header), and ``extra`` (e.g. the old manifest)."""
+    sources = [
+        [*storage.identity(f), hashlib.sha256(hd.raw).hexdigest()]
+        for hd, f in zip(ckpt.headers, ckpt.located.files, strict=True)
+    ]
+    shards = [[n, hashlib.sha256(h).hexdigest()] for n, h in zip(names, headers, strict=True)]
+    obj = {"sources": sources, "shards": shards, "extra": list(extra)}
+    return hashlib.sha256(json.dumps(obj).encode("utf-8")).hexdigest()

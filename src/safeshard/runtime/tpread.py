@@ -1,0 +1,219 @@
+"""Reading a rank's tensor-parallel slices: only their bytes, scattered into the tensors.
+
+The slices come from :mod:`safeshard.tp`. Each slice's byte ranges are grouped into
+reads by :func:`safeshard.tp.coalesce`; a read is one scatter read (``os.preadv`` for a
+local file, parallel ranged GETs for an object in storage) whose buffers are the pieces
+of the destination tensor and, for a gap read through, a scratch buffer whose bytes are
+dropped. Reads are cut into jobs of at most :data:`safeshard.load.CHUNK_BYTES` and run on
+the same thread pool as :func:`safeshard.load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from safeshard.checkpoint import Checkpoint, open_checkpoint
+from safeshard.format.header import TensorInfo
+from safeshard.io.bytesrc import read_exact
+from safeshard.io.store import translate_errors
+from safeshard.runtime.load import (
+    CHUNK_BYTES,
+    Backend,
+    ShardFiles,
+    backend_for,
+    check_dtype,
+    check_workers,
+    gc_paused,
+    run_all,
+)
+from safeshard.runtime.tp import (
+    LOCAL_GAP,
+    OVERREAD,
+    REMOTE_GAP,
+    RankPlan,
+    ReadStats,
+    byte_ranges,
+    coalesce,
+)
+
+__all__ = ["load_rank", "rank_plan", "read_slices"]
+
+
+@dataclass
+class _Job:
+    source: Any
+    offset: int
+    length: int = 0
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    """``(tensor index or -1 for a gap, start in that tensor's slice, length)``."""
+
+
+def rank_plan(
+    ckpt: Checkpoint,
+    tp_plan: Mapping[str, str] | str,
+    rank: int | None,
+    world_size: int | None,
+    tp_config: Mapping[str, Any] | None = None,
+) -> RankPlan:
+    """``tp_plan`` resolved for ``ckpt`` and one rank (see :meth:`RankPlan.build`)."""
+    where = str(ckpt.index.path) if ckpt.index is not None else ckpt.headers[0].path
+    return RankPlan.build(
+        tp_plan,
+        rank,
+        world_size,
+        folder=ckpt.folder,
+        tensors={n: e.info for n, e in ckpt.entries.items()},
+        metadata=ckpt.metadata,
+        tp_config=tp_config,
+        where=where,
+    )
+
+
+def read_slices(
+    files: ShardFiles,
+    backend: Backend,
+    plan: RankPlan,
+    infos: Sequence[TensorInfo],
+    *,
+    workers: int,
+    pool: Any = None,
+    unsupported: str = "error",
+    stats: ReadStats | None = None,
+    overread: float = OVERREAD,
+) -> dict[str, Any]:
+    """Read the rank's slice of each of ``infos``; returns name -> tensor of the slice's
+    shape. ``stats`` (if given) counts the bytes read and the slices' bytes."""
+    slices = [plan.slice_of(i) for i in infos]
+    raw = [check_dtype(backend, i, files.ckpt.path_of(i.name), unsupported) for i in infos]
+    bufs: list[Any] = []
+    views: list[memoryview] = []
+    reads_all: list[_Job] = []
+    batches: list[list[_Job]] = []
+    biggest_gap = 0
+    for k, (info, sl) in enumerate(zip(infos, slices, strict=True)):
+        buf, view = backend.empty(sl.nbytes)
+        bufs.append(buf)
+        views.append(view)
+        span = files.span(info)
+        gap = LOCAL_GAP if span.source.fileno() is not None else REMOTE_GAP
+        reads = coalesce(byte_ranges(sl), gap=gap, overread=overread)
+        if stats is not None:
+            stats.note(info.name, sum(r[1] for r in reads), sl.nbytes, len(reads))
+        fd = span.source.fileno()
+        if fd is not None and len(reads) > 1:
+            _prefetch_dense(fd, span.offset, reads)
+        first_read = len(reads_all)
+        dest = 0
+        for off, _length, pieces in reads:
+            pos = off
+            segs: list[tuple[int, int, int]] = []
+            for p_off, p_len in pieces:
+                if p_off > pos:
+                    segs.append((-1, 0, p_off - pos))
+                    biggest_gap = max(biggest_gap, p_off - pos)
+                segs.append((k, dest, p_len))
+                dest += p_len
+                pos = p_off + p_len
+            _cut(reads_all, span.source, span.offset + off, segs)
+        # one job per CHUNK_BYTES of the tensor's reads, run in file order by one thread
+        # (the kernel's readahead sees the strided rows go forward)
+        batch: list[_Job] = []
+        size = 0
+        for rd in reads_all[first_read:]:
+            if batch and size + rd.length > CHUNK_BYTES:
+                batches.append(batch)
+                batch, size = [], 0
+            batch.append(rd)
+            size += rd.length
+        if batch:
+            batches.append(batch)
+    junk = memoryview(bytearray(biggest_gap)) if biggest_gap else memoryview(b"")
+
+    def run(batch: list[_Job]) -> None:
+        for job in batch:
+            buffers = [
+                junk[:n] if k < 0 else views[k][start : start + n] for k, start, n in job.segments
+            ]
+            first = next((k for k, _, _ in job.segments if k >= 0), 0)
+            read_exact(job.source, buffers, job.offset, f"tensor {infos[first].name!r}")
+
+    run_all(run, batches, workers, pool)
+    out: dict[str, Any] = {}
+    for info, sl, buf, r in zip(infos, slices, bufs, raw, strict=True):
+        shaped = TensorInfo(info.name, info.dtype, sl.shape, 0, sl.nbytes)
+        out[info.name] = backend.finish(buf, shaped, r)
+    return out
+
+
+PAGE = 4096
+
+DENSE = 0.75
+"""A strided local slice whose reads touch at least this share of the pages between its
+first and last byte has those pages read ahead in one go (``POSIX_FADV_WILLNEED``): the
+disk reads them at sequential speed instead of page by page. Only the slice's bytes are
+copied out; the others stay in the page cache, reclaimable."""
+
+
+def _prefetch_dense(fd: int, base: int, reads: Sequence[tuple[int, int, Any]]) -> None:
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # pragma: no cover - not Linux
+        return
+    first, last = base + reads[0][0], base + reads[-1][0] + reads[-1][1]
+    span_pages = (last - 1) // PAGE - first // PAGE + 1
+    touched = 0
+    prev = -1
+    for off, length, _ in reads:
+        a, b = (base + off) // PAGE, (base + off + length - 1) // PAGE
+        a = max(a, prev + 1)
+        if b >= a:
+            touched += b - a + 1
+            prev = b
+    if touched >= DENSE * span_pages:
+        with contextlib.suppress(OSError):  # advice only
+            advise(fd, first, last - first, os.POSIX_FADV_WILLNEED)
+
+
+def _cut(jobs: list[_Job], source: Any, offset: int, segs: Sequence[tuple[int, int, int]]) -> None:
+    """Append jobs reading ``segs`` from ``offset`` on, each at most CHUNK_BYTES."""
+    cur = _Job(source, offset)
+    jobs.append(cur)
+    for k, start, n in segs:
+        done = 0
+        while done < n:
+            if cur.length >= CHUNK_BYTES:
+                cur = _Job(source, cur.offset + cur.length)
+                jobs.append(cur)
+            take = min(n - done, CHUNK_BYTES - cur.length)
+            cur.segments.append((k, start + done if k >= 0 else 0, take))
+            cur.length += take
+            done += take
+
+
+@translate_errors
+def load_rank(
+    path: str | os.PathLike[str],
+    *,
+    tp_plan: Mapping[str, str] | str,
+    rank: int | None = None,
+    world_size: int | None = None,
+    tp_config: Mapping[str, Any] | None = None,
+    tp_stats: ReadStats | None = None,
+    framework: str = "torch",
+    workers: int | None = None,
+    unsupported: str = "error",
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`safeshard.load` for one tensor-parallel rank (see :mod:`safeshard.tp`)."""
+    nworkers = check_workers(workers)
+    backend = backend_for(framework)
+    ckpt = open_checkpoint(path, storage_options=storage_options)
+    plan = rank_plan(ckpt, tp_plan, rank, world_size, tp_config)
+    infos = [e.info for e in ckpt.entries.values()]
+    with ShardFiles(ckpt) as files, gc_paused():
+        return read_slices(
+            files, backend, plan, infos, workers=nworkers, unsupported=unsupported, stats=tp_stats
+        )
