@@ -48,13 +48,13 @@ bench: $(TSTAMP)
 
 # kill -9, full-disk and read-error trials: 20 kills each of split, merge and update
 faults: $(TSTAMP)
-	SAFESHARD_FAULT_TRIALS=$${SAFESHARD_FAULT_TRIALS:-20} $(PY) -m pytest -q tests/test_faults.py tests/test_crash.py tests/test_outdir.py
+	SAFESHARD_FAULT_TRIALS=$${SAFESHARD_FAULT_TRIALS:-20} $(PY) -m pytest -q tests/system/test_faults.py tests/system/test_crash.py tests/io/test_transaction.py
 
 # 10 minutes of fuzzing (SAFESHARD_FUZZ_SECONDS=600): mutated checkpoints and indexes through
 # every command, from a random seed it prints (SAFESHARD_FUZZ_SEED=N replays a run); prints
 # the cases tried and each command's outcomes. A short fixed run is part of `make test`.
 fuzz: $(TSTAMP)
-	SAFESHARD_FUZZ_SECONDS=$${SAFESHARD_FUZZ_SECONDS:-600} $(PY) -m pytest -q -s tests/test_fuzz.py -k campaign
+	SAFESHARD_FUZZ_SECONDS=$${SAFESHARD_FUZZ_SECONDS:-600} $(PY) -m pytest -q -s tests/system/test_fuzz.py -k campaign
 
 # 1,000,000 zero-size tensors, and a header at the 100 MB limit, through every command
 # (SCALE_ARGS="--tensors 200000" for a quicker run).

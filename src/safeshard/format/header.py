@@ -41,7 +41,7 @@ accepts are refused, each with its own error class:
   writer produces these, and huggingface_hub's header parser cannot read them.
 
 Every other file the official reader refuses is refused here too, and every file
-accepted here loads there with the same tensors (``tests/test_header.py`` checks both
+accepted here loads there with the same tensors (``tests/format/test_header.py`` checks both
 directions against the installed ``safetensors``). Each rule has its own error
 class; when a file breaks several, which one is reported follows the order of the
 checks in :func:`parse_header`, not the official reader's.

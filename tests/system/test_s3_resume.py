@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 import safeshard
+from helpers.splitkit import run_killed
 from safeshard.errors import OutputExistsError, OutputLockedError
 from safeshard.io.remote import RemoteFolder, filesystem
 from safeshard.ops import synth
-from splitkit import run_killed
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -111,9 +111,9 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tiny: Path, s3: S3) -> None:
 
 def test_cli_a_second_writer_is_refused_and_break_lock_takes_over(tiny: Path, s3: S3) -> None:
     from click.testing import CliRunner
+    from test_s3 import cli_options
 
     from safeshard.cli import main
-    from test_s3 import cli_options
 
     base, opts = s3
     url = f"{base}/cli-locked"

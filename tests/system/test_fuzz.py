@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-import fuzzkit
 import safeshard
-from fuzzkit import Base, Case, Obj, Raw, Tensor, cases, run_case
+from helpers import fuzzkit
+from helpers.fuzzkit import Base, Case, Obj, Raw, Tensor, cases, run_case
 from safeshard import checkpoint as source
 from safeshard import errors
 from safeshard.checkpoint import read_manifest
@@ -431,7 +431,7 @@ def test_nothing_in_the_library_can_run_code_from_a_file() -> None:
 def url_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("aiohttp")
     pytest.importorskip("upath")
-    from faultproxy import FolderServer
+    from helpers.faultproxy import FolderServer
 
     root = tmp_path_factory.mktemp("served")
     with FolderServer(root) as srv:

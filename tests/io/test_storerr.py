@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from conftest import write_st
-from faultproxy import FaultProxy, Rule
+from helpers.faultproxy import FaultProxy, Rule
 from safeshard.cli import main
 
 S3 = tuple[str, dict[str, Any]]

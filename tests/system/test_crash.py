@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import safeshard
+from helpers.splitkit import llama, run_killed, sha256, write_custom
 from safeshard.checkpoint import read_header, read_index
 from safeshard.errors import HeaderError
 from safeshard.format.header import TensorSpec, build_header
@@ -26,7 +27,6 @@ from safeshard.io.bytesrc import LocalFile
 from safeshard.io.copier import digest_file
 from safeshard.io.localfs import TMP_PREFIX
 from safeshard.io.transaction import JOURNAL_NAME
-from splitkit import llama, run_killed, sha256, write_custom
 
 CAP = 9_000
 SPLIT = (

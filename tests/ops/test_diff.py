@@ -10,7 +10,7 @@ import pytest
 import xxhash
 from click.testing import CliRunner
 
-from _ckpt import flip_byte, read_tensors, rewrite, shards, tiny_gptq, write_file
+from helpers.ckpt import flip_byte, read_tensors, rewrite, shards, tiny_gptq, write_file
 from safeshard.checkpoint import read_header
 from safeshard.cli import main
 from safeshard.errors import CheckpointNotFoundError, ReadError, SafeshardError, UsageError

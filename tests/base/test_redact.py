@@ -194,7 +194,7 @@ def test_emit_json_redacts_every_string(capsys: pytest.CaptureFixture[str]) -> N
 def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     pytest.importorskip("aiohttp")
     pytest.importorskip("upath")
-    from faultproxy import FolderServer
+    from helpers.faultproxy import FolderServer
 
     root = tmp_path / "srv"
     write_st(

@@ -336,7 +336,7 @@ def test_tokenizer_loads_offline(tiny: dict[str, Path]) -> None:
 def test_tiny_dense_presets_load_in_transformers(tiny: dict[str, Path], name: str) -> None:
     import torch
 
-    from clients import INPUT_IDS, hf_load, hf_logits
+    from helpers.clients import INPUT_IDS, hf_load, hf_logits
 
     logits = hf_logits(tiny[name], native=True)  # transformers finds model.safetensors itself
     assert logits.shape == (1, len(INPUT_IDS[0]), PRESETS[name].vocab)
@@ -351,7 +351,7 @@ def test_tiny_dense_presets_load_in_transformers(tiny: dict[str, Path], name: st
 def test_hf_logits_rejects_a_missing_tensor(tiny: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from clients import ClientLoadError, hf_logits
+    from helpers.clients import ClientLoadError, hf_logits
 
     src = tiny["tiny-llama"]
     for f in src.iterdir():
@@ -367,7 +367,7 @@ def test_hf_logits_rejects_a_missing_tensor(tiny: dict[str, Path], tmp_path: Pat
 def test_hub_load_strict(tiny: dict[str, Path], name: str) -> None:
     import torch
 
-    from clients import hf_load, hub_load_strict
+    from helpers.clients import hf_load, hub_load_strict
 
     hub = hub_load_strict(tiny[name])
     ref = hf_load(tiny[name])
@@ -378,7 +378,7 @@ def test_hub_load_strict(tiny: dict[str, Path], name: str) -> None:
 
 
 def test_hub_load_strict_refuses_fused_moe(tiny: dict[str, Path]) -> None:
-    from clients import ClientLoadError, hub_load_strict
+    from helpers.clients import ClientLoadError, hub_load_strict
 
     with pytest.raises(ClientLoadError, match="Missing key"):
         hub_load_strict(tiny["tiny-moe"])
@@ -422,7 +422,7 @@ def test_tiny_gptq_loads_in_gptqmodel_and_matches_dequantized(
     """GPTQModel's logits equal (to fp16 precision) a dense model built from our packing."""
     import torch
 
-    from clients import gptq_logits, hf_logits
+    from helpers.clients import gptq_logits, hf_logits
 
     logits = gptq_logits(tiny["tiny-gptq"])
     assert torch.isfinite(logits).all()
@@ -439,7 +439,7 @@ def test_tiny_gptq_loads_in_gptqmodel_and_matches_dequantized(
 def test_gptq_logits_reports_missing_scales(tiny: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from clients import ClientLoadError, gptq_logits
+    from helpers.clients import ClientLoadError, gptq_logits
 
     src = tiny["tiny-gptq"]
     for f in src.iterdir():
@@ -530,7 +530,7 @@ def test_clients_load_sharded_folders_under_any_base(
 ) -> None:
     import torch
 
-    from clients import ClientLoadError, hf_logits, hub_load_strict
+    from helpers.clients import ClientLoadError, hf_logits, hub_load_strict
 
     src = tiny["tiny-llama"]
     _hand_split(src, tmp_path, base)

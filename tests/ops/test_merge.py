@@ -15,6 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safeshard
+from helpers.splitkit import (
+    all_tensor_bytes,
+    gptq_llama,
+    llama,
+    sha256,
+    tensor_bytes,
+    write_custom,
+    write_official,
+)
 from safeshard.checkpoint import read_header
 from safeshard.cli import main
 from safeshard.errors import (
@@ -24,15 +33,6 @@ from safeshard.errors import (
 )
 from safeshard.format.blocks import model_order
 from safeshard.io.localfs import TMP_PREFIX
-from splitkit import (
-    all_tensor_bytes,
-    gptq_llama,
-    llama,
-    sha256,
-    tensor_bytes,
-    write_custom,
-    write_official,
-)
 
 META = {"format": "pt", "quantizer": "test"}
 

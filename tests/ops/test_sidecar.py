@@ -35,7 +35,7 @@ SIDECAR = 256 * MiB
 it (46 MiB measured local -> S3, 37 MiB S3 -> local, the same for sidecars of 8 to 160 MiB;
 before streaming: 270 and 141 MiB for this 64 MiB file)."""
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 CHILD = textwrap.dedent(
     """

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import safeshard
+from helpers.splitkit import llama, write_custom
 from safeshard.errors import OutputLockedError
 from safeshard.io.localfs import TMP_PREFIX
 from safeshard.io.transaction import JOURNAL_NAME, STAGE_PREFIX, FileRecord, OutputFolder
-from splitkit import llama, write_custom
 
 OLD = {
     "a.safetensors": b"A" * 10,

@@ -15,6 +15,16 @@ import xxhash
 from click.testing import CliRunner
 
 import safeshard
+from helpers.splitkit import (
+    all_tensor_bytes,
+    folder_hashes,
+    gptq_llama,
+    llama,
+    sha256,
+    tensor_bytes,
+    write_custom,
+    write_official,
+)
 from safeshard.checkpoint import read_header, read_index, read_manifest
 from safeshard.cli import main
 from safeshard.errors import (
@@ -31,16 +41,6 @@ from safeshard.format.index import SHARD_RE
 from safeshard.format.manifest import header_digest
 from safeshard.io.localfs import TMP_PREFIX, DirLock
 from safeshard.io.transaction import JOURNAL_NAME
-from splitkit import (
-    all_tensor_bytes,
-    folder_hashes,
-    gptq_llama,
-    llama,
-    sha256,
-    tensor_bytes,
-    write_custom,
-    write_official,
-)
 
 split_mod = importlib.import_module("safeshard.ops.split")
 GPTQ_META = {"format": "pt", "gptq_bits": "4", "gptq_group_size": "32"}

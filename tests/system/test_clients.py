@@ -105,7 +105,7 @@ def test_source_lookup_works_before_split(gptq_src: Path) -> None:
 @pytest.mark.parametrize("parts", [1, 4])
 def test_tiny_llama_split_loads_with_equal_logits(tmp_path: Path, preset: str, parts: int) -> None:
     torch = pytest.importorskip("torch")
-    from clients import hf_load, hf_logits, hub_load_strict
+    from helpers.clients import hf_load, hf_logits, hub_load_strict
 
     src = synth.synthesize(tmp_path / "src", preset)
     out = tmp_path / "out"
@@ -132,7 +132,7 @@ def test_tiny_llama_split_loads_with_equal_logits(tmp_path: Path, preset: str, p
 def test_tiny_gptq_split_loads_through_gptqmodel(gptq_src: Path, tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("gptqmodel")
-    from clients import gptq_logits
+    from helpers.clients import gptq_logits
 
     before = gptq_logits(gptq_src)
     out = tmp_path / "out"

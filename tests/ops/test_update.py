@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safeshard
+from helpers.splitkit import Decl, gptq_llama, run_killed
 from safeshard.checkpoint import read_header, read_index, read_manifest
 from safeshard.cli import main
 from safeshard.errors import OutputLockedError, OversizeTensorError, UpdateError, UsageError
@@ -25,7 +26,6 @@ from safeshard.format.blocks import model_order
 from safeshard.format.header import TensorSpec, build_header, tensor_nbytes
 from safeshard.io.localfs import TMP_PREFIX, DirLock
 from safeshard.ops import synth
-from splitkit import Decl, gptq_llama, run_killed
 
 PAST_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: no file written by a test is this old
 
@@ -198,7 +198,7 @@ def test_block_split_across_shards_rewrites_both(
 @pytest.mark.slow
 def test_updated_tiny_llama_loads_with_the_new_logits(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from clients import hf_logits
+    from helpers.clients import hf_logits
 
     old = synth.synthesize(tmp_path / "old", "tiny-llama")
     new = tmp_path / "new"
@@ -219,7 +219,7 @@ def test_updated_tiny_gptq_loads_through_gptqmodel_with_the_new_logits(
 ) -> None:
     torch = pytest.importorskip("torch")
     pytest.importorskip("gptqmodel")
-    from clients import gptq_logits
+    from helpers.clients import gptq_logits
 
     new, _ = gptq_new
     out = tmp_path / "out"

@@ -28,7 +28,7 @@ from safeshard.io import localfs as fsio
 from safeshard.io.localfs import LOCK_NAME, MAX_SMALL_FILE, read_regular_file
 from safeshard.io.transaction import JOURNAL_NAME, OutputFolder
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def run_isolated(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -14,11 +14,11 @@ prefetching layer walk) and ``load``, and checks:
   :class:`Hang`, which no ``except Exception`` can swallow);
 - **no read past the end of a file.** :class:`ReadGuard` wraps ``os.preadv``, ``os.pread``
   and ``os.copy_file_range``, the three calls through which safeshard reads file bytes
-  by offset (``byteio.LocalFile.readinto``, ``scan``, ``fsio``
+  by offset (``io.bytesrc.LocalFile.readinto``, ``io.scan``, ``io.localfs``
   and the header reader all end there), and records every read of a regular file that
-  asks for bytes beyond its size. Two readers may ask past the end on purpose: the
-  header reader's 8-byte length probe at offset 0, and ``hashcopy.hash_file``, which
-  reads a whole file to its end in fixed-size chunks (it must not *start* past the end);
+  asks for bytes beyond its size. One reader may ask past the end on purpose:
+  ``io.copier.hash_file``, which reads a whole file to its end in fixed-size chunks (it
+  must not *start* past the end); the header reader never asks past the end;
 - **no write outside OUT_DIR or the merge target's folder.** :class:`WriteWatch`, an
   audit hook, sees every path-based write of the process, in every thread, wherever it
   lands; and everything else under the case's folder (the source, the unmutated copy,
@@ -68,7 +68,6 @@ from hypothesis import strategies as st
 import safeshard
 from safeshard import errors
 from safeshard.errors import SafeshardError
-from safeshard.format import header as header_mod
 from safeshard.format.header import DTYPE_BITS
 from safeshard.io import copier as hashcopy
 from safeshard.runtime.load import NUMPY_DTYPES
@@ -1421,7 +1420,6 @@ def time_limit(seconds: float, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-_EXEMPT_PROBE = header_mod.read_header_from.__code__
 _EXEMPT_TO_EOF = hashcopy.hash_file.__code__
 
 
@@ -1438,7 +1436,7 @@ class ReadGuard:
     """Records every positional read that asks for bytes past the end of a regular file.
 
     Wraps ``os.preadv``, ``os.pread`` and ``os.copy_file_range`` while active (see the
-    module docs for the two readers allowed to ask past the end, and how far).
+    module docs for the one reader allowed to ask past the end, and how far).
     """
 
     def __init__(self) -> None:
@@ -1455,8 +1453,6 @@ class ReadGuard:
         if not stat.S_ISREG(st_.st_mode) or offset + length <= st_.st_size:
             return
         codes = _caller_codes()
-        if _EXEMPT_PROBE in codes and (offset, length) == (0, 8):
-            return
         if _EXEMPT_TO_EOF in codes and offset <= st_.st_size:
             return
         try:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _ckpt import (
+from helpers.ckpt import (
     Decl,
     Edit,
     edit_index,
@@ -799,7 +799,7 @@ def test_cli_json_on_clean(clean: Split) -> None:
 
 
 def test_every_code_and_json_key_is_documented(clean: Split) -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "verify.md").read_text()
+    doc = (Path(__file__).parents[2] / "docs" / "verify.md").read_text()
     for code in CODES:
         assert f"| `{code}` |" in doc, code
     for key in full(clean).to_json():

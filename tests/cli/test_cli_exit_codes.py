@@ -22,6 +22,7 @@ from click.testing import CliRunner, Result
 import safeshard
 import safeshard.cli as cli
 from conftest import write_st
+from helpers.splitkit import llama
 from safeshard.cli import main
 from safeshard.errors import (
     DiskFullError,
@@ -29,7 +30,6 @@ from safeshard.errors import (
     ReadError,
     UnwritableOutputError,
 )
-from splitkit import llama
 
 MP = pytest.MonkeyPatch
 Setup = Callable[[Path, MP], list[str]]
@@ -353,7 +353,7 @@ def _codes(text: str) -> set[int]:
 
 
 def test_codes_are_documented_in_the_readme_and_the_package() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     codes = {v for k, v in vars(cli).items() if k.startswith("EXIT_")}
     assert codes == {0, 1, 2, 3, 4, 70, 130}

@@ -467,7 +467,7 @@ def test_cli_json_keys_and_values(tmp_path: Path) -> None:
 
 
 def test_docs_list_every_json_key() -> None:
-    doc = (Path(__file__).parent.parent / "docs" / "inspect-json.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).parents[2] / "docs" / "inspect-json.md").read_text(encoding="utf-8")
     missing = [k for k in JSON_KEYS if f"`{k}`" not in doc]
     assert missing == []
 

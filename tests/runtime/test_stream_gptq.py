@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import GPTQ_CONFIG, INPUT_IDS
+from helpers.clients import GPTQ_CONFIG, INPUT_IDS
 
 pytestmark = pytest.mark.gptq
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import safeshard
 from conftest import write_st
-from faultproxy import FolderServer
+from helpers.faultproxy import FolderServer
 from safeshard import errors
 from safeshard.checkpoint import read_index
 from safeshard.cli import main

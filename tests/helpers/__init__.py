@@ -1,0 +1,1 @@
+"""Shared test helpers: checkpoints built here, real clients, fault proxies, fuzzing."""
