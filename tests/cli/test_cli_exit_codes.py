@@ -271,7 +271,7 @@ def test_exit_code_map(tmp_path: Path, family: str) -> None:
 
 def test_ctrl_c_anywhere_exits_130(tmp_path: Path, monkeypatch: MP) -> None:
     # while click converts an option (before the command runs: click alone exits 1)
-    raising(monkeypatch, "safeshard.cli.parse_size", KeyboardInterrupt())
+    raising(monkeypatch, "safeshard.cli.app.parse_size", KeyboardInterrupt())
     res = invoke(["inspect", src(tmp_path), "--max-shard-size", "1GB"])
     assert res.exit_code == 130 and "interrupted" in res.stderr
     # inside the command

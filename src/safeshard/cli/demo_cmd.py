@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from safeshard.cli import SIZE, line, main, out, say
+from safeshard.cli.app import SIZE, line, main, out, say
 from safeshard.cli.inspect_cmd import render as render_inspect
 from safeshard.cli.split_cmd import render as render_split
 from safeshard.cli.verify_cmd import render as render_verify

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from safeshard.cli import (
+from safeshard.cli.app import (
     EXIT_FINDINGS,
     EXIT_OK,
     LOCATION,

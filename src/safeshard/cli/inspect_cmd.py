@@ -7,7 +7,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from safeshard.cli import (
+from safeshard.cli._text import safe
+from safeshard.cli.app import (
     LOCATION,
     SIZE,
     emit_json,
@@ -15,7 +16,6 @@ from safeshard.cli import (
     line,
     main,
     out,
-    safe,
     say,
     storage_option,
 )

@@ -44,7 +44,8 @@ from typing import Any
 import click
 
 from safeshard.checkpoint import open_checkpoint
-from safeshard.cli import (
+from safeshard.cli._text import safe
+from safeshard.cli.app import (
     LOCATION,
     SIZE,
     emit_json,
@@ -53,7 +54,6 @@ from safeshard.cli import (
     line,
     main,
     out,
-    safe,
     say,
     storage_option,
 )

@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from safeshard.checkpoint import open_checkpoint
-from safeshard.cli import (
+from safeshard.cli.app import (
     LOCATION,
     byte_progress,
     emit_json,

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from safeshard.cli import SIZE, emit_json, json_option, main, out, quiet_option, safe
+from safeshard.cli._text import safe
+from safeshard.cli.app import SIZE, emit_json, json_option, main, out, quiet_option
 from safeshard.errors import UsageError
 from safeshard.runtime.membudget import AutoBudget
 from safeshard.sizes import format_size

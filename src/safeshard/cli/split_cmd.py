@@ -7,19 +7,19 @@ from typing import Any
 
 import click
 
-from safeshard.cli import (
+from safeshard.cli._text import safe
+from safeshard.cli.app import (
     LOCATION,
     SIZE,
     byte_progress,
     emit_json,
     json_option,
     main,
-    safe,
     say,
     storage_option,
     warn,
 )
-from safeshard.cli import quiet_option as quiet_opt
+from safeshard.cli.app import quiet_option as quiet_opt
 from safeshard.cli.split_update import run_update
 from safeshard.ops.split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
 from safeshard.sizes import format_size

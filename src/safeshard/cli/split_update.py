@@ -10,7 +10,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from safeshard.cli import byte_progress, emit_json, safe, say, warn
+from safeshard.cli._text import safe
+from safeshard.cli.app import byte_progress, emit_json, say, warn
 from safeshard.errors import UsageError
 from safeshard.ops.update import UpdateResult, describe, update
 from safeshard.sizes import format_size

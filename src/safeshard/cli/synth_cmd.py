@@ -7,7 +7,7 @@ import time
 
 import click
 
-from safeshard.cli import byte_progress, emit_json, json_option, main, quiet_option, say
+from safeshard.cli.app import byte_progress, emit_json, json_option, main, quiet_option, say
 from safeshard.ops.synth import FLOAT_DTYPES, PRESETS, expected_size, synthesize, weights_name
 
 _PRESET_HELP = "\n".join(f"  {name:<18} {p.description}" for name, p in PRESETS.items())

@@ -12,7 +12,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from safeshard.cli import (
+from safeshard.cli._text import safe
+from safeshard.cli.app import (
     EXIT_FINDINGS,
     EXIT_OK,
     LOCATION,
@@ -24,7 +25,6 @@ from safeshard.cli import (
     main,
     out,
     quiet_option,
-    safe,
     say,
     storage_option,
 )
