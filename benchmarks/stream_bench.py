@@ -97,7 +97,7 @@ def evict(paths: Sequence[Path]) -> None:
 def make_models(work: Path, layers: int, gptq_layers: int, cap: str) -> dict[str, Path]:
     """The bf16 Llama and the GPTQ Llama, split into ``cap`` shards (reused if in ``work``)."""
     sys.path.insert(0, str(SRC))
-    from safeshard.ops import split
+    from safeshard import split
     from safeshard.ops.synth import Preset, synthesize
 
     out: dict[str, Path] = {}

@@ -1,6 +1,9 @@
 """safeshard: split, merge, verify and load large safetensors checkpoints.
 
-The core (header, plan, split, merge, verify) needs neither torch nor numpy.
+The public API is this module and :mod:`safeshard.errors`; every other module (the wings
+``format``, ``io``, ``ops``, ``runtime``, ``cli`` and the door ``checkpoint``) is internal
+and may change (docs/architecture.md maps them). The core (header, plan, split, merge,
+verify) needs neither torch nor numpy.
 """
 
 from __future__ import annotations
@@ -12,21 +15,35 @@ from safeshard.checkpoint import Checkpoint, locate, open_checkpoint, read_heade
 from safeshard.errors import *  # noqa: F403
 from safeshard.format.header import Header, TensorInfo
 from safeshard.format.index import ShardIndex
+from safeshard.io.remote import DEFAULT_LIMITS as DEFAULT_REMOTE_LIMITS
+from safeshard.io.remote import RemoteLimits, RemoteStats
 from safeshard.ops.diff import DiffReport, diff
 from safeshard.ops.inspect import InspectReport, inspect
 from safeshard.ops.merge import MergeResult, merge
 from safeshard.ops.split import SplitResult, split
+from safeshard.ops.synth import synthesize
 from safeshard.ops.update import UpdateResult, update
 from safeshard.ops.verify import Finding, VerifyReport, verify
 from safeshard.runtime.lazy import LazyCheckpoint
 from safeshard.runtime.lazy import open as open  # torch/numpy are imported only when used
 from safeshard.runtime.load import load
+from safeshard.runtime.membudget import AutoBudget, MemoryReading
 from safeshard.runtime.stream import empty_model, stream, streamer_of
+from safeshard.runtime.textgen import TextStreamer
+from safeshard.runtime.tp import ReadStats
 from safeshard.sizes import FAT32_LIMIT, parse_size
 
 # `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.
 __all__ = [
+    "DEFAULT_REMOTE_LIMITS",
     "FAT32_LIMIT",
+    "AutoBudget",
+    "MemoryReading",
+    "ReadStats",
+    "RemoteLimits",
+    "RemoteStats",
+    "TextStreamer",
+    "synthesize",
     "Checkpoint",
     "DiffReport",
     "Finding",
