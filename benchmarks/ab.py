@@ -7,6 +7,7 @@ each operation with the two trees alternately (A/B, B/A, ... ``--pairs`` rounds)
 fresh process with ``PYTHONPATH`` pointing at that tree's ``src``:
 
 - ``split`` to 500MB shards (+ ``sync``), ``merge`` of those shards (+ ``sync``);
+- ``verify`` of the shards ``--against`` the source, cold (both evicted first);
 - ``load``: ``safeshard.load`` of the shards with numpy, warm (page cache) and cold
   (evicted with ``posix_fadvise`` first).
 
@@ -32,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 SPLIT = "import sys, safeshard; safeshard.split(sys.argv[1], sys.argv[2], max_shard_size='500MB')"
 MERGE = "import sys, safeshard; safeshard.merge(sys.argv[1], sys.argv[2])"
 LOAD = "import sys, safeshard; safeshard.load(sys.argv[1], framework='numpy')"
+VERIFY = "import sys, safeshard; assert safeshard.verify(sys.argv[1], against=sys.argv[2]).ok"
 
 
 def evict(folder: Path) -> None:
@@ -99,6 +101,7 @@ def main() -> int:
         ops = {
             "split": lambda t: timed(t, SPLIT, str(src), str(work / "out"), sync=True),
             "merge": lambda t: timed(t, MERGE, str(shards), str(work / "m.safetensors"), sync=True),
+            "verify": lambda t: (evict(shards), evict(src), timed(t, VERIFY, str(shards), str(src)))[2],
             "load warm": lambda t: timed(t, LOAD, str(shards)),
             "load cold": lambda t: (evict(shards), timed(t, LOAD, str(shards)))[1],
         }
