@@ -158,7 +158,8 @@ class Found:
         """``model`` for ``model.safetensors`` or ``model.safetensors.index.json``."""
         if self.index is not None:
             return index_base(self.index.name)
-        assert self.file is not None
+        if self.file is None:  # find() sets exactly one of index and file
+            raise CheckpointNotFoundError(f"{self.folder}: no safetensors file or index")
         return self.file.name[: -len(SAFETENSORS)]
 
 
@@ -193,7 +194,8 @@ def locate(path: str | os.PathLike[str], storage_options: StorageOptions = None)
     found = find(path, storage_options)
     if found.index is not None:
         return _from_index(found.index)
-    assert found.file is not None
+    if found.file is None:  # find() sets exactly one of index and file
+        raise CheckpointNotFoundError(f"{path}: no safetensors file or index")
     return Located(folder=found.folder, files=(found.file,))
 
 

@@ -340,7 +340,11 @@ def _packing(
             "it gets an oversized shard of its own"
         )
     packed = _pack(units, cap, sizer, allow_oversize, max_header)
-    assert packed is not None
+    if packed is None:  # a unit over the cap that the check above let through
+        raise PlanError(
+            f"a group of tensors does not fit a file of {cap} bytes ({format_size(cap)}) on "
+            "its own; choose a larger cap, or pass --allow-oversize"
+        )
     if balance and len(packed) > 1 and not oversize:
         packed = _balance(units, packed, sizer, max_header)
     return _Packing(packed, tuple(warnings), tuple(split), sizer)

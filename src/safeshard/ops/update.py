@@ -698,8 +698,9 @@ def _describe(
             status: FileStatus = "added" if s.old is None else "rewritten"
             size = len(headers[fname]) + sum(planner.specs[n].nbytes for n in s.names)
             sha = records[fname].sha256 if records is not None else None
+        elif s.old is None:  # a clean slot always comes from an old shard
+            raise UpdateError(f"{fname}: kept unchanged, but no old shard is recorded for it")
         else:
-            assert s.old is not None
             status = "kept" if s.old == fname else "renamed"
             if records is not None:
                 sha, size = records[fname].sha256, records[fname].size

@@ -291,7 +291,8 @@ def discover(
     """
     found = find(path, storage_options)
     if found.index is None:
-        assert found.file is not None
+        if found.file is None:  # find() sets exactly one of index and file
+            raise CheckpointNotFoundError(f"{path}: no safetensors file or index")
         return Target(found.folder, found.base, None, None, (found.file.name,)), []
     index, findings = _read_index_leniently(found.index)
     if index is not None:
