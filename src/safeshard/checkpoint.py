@@ -30,13 +30,13 @@ from safeshard.errors import (
     ShardMismatchError,
     read_error,
 )
+from safeshard.format.filenames import ANY_INDEX_SUFFIX, INDEX_SUFFIX, SHARD_RE
 from safeshard.format.header import Header, TensorInfo
-from safeshard.format.index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, parse_index_bytes
+from safeshard.format.index import ShardIndex, index_base, parse_index_bytes
 from safeshard.format.manifest import Manifest, manifest_path
 from safeshard.format.quant import QuantConfigs
 from safeshard.io.bytesrc import header_of
-from safeshard.io.localfs import read_regular_file
-from safeshard.io.store import StorageOptions, as_path, is_remote, open_source, url_of
+from safeshard.io.store import StorageOptions, as_path, open_source, read_small_file, url_of
 from safeshard.io.storerr import storage_op
 
 SAFETENSORS = ".safetensors"
@@ -68,7 +68,7 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     regular file, unreadable or not a JSON object (nested too deeply for Python's parser
     included)."""
     try:
-        data = path.read_bytes() if is_remote(path) else read_regular_file(path)
+        data = read_small_file(path)
         obj = json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
@@ -101,11 +101,8 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     :class:`~safeshard.errors.ReadError`.
     """
     try:
-        if is_remote(path):
-            with storage_op(path, "read the index"):
-                data = path.read_bytes()  # type: ignore[union-attr]
-        else:  # a regular file (never a FIFO, which would hang), of a bounded size
-            data = read_regular_file(path)
+        # locally a regular file (never a FIFO, which would hang), of a bounded size
+        data = read_small_file(path, operation="read the index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such index") from None
     except OSError as e:
@@ -124,7 +121,7 @@ def read_manifest(folder: Path, base: str, *, follow_symlinks: bool = True) -> M
     """
     p = manifest_path(folder, base)
     try:
-        data = read_regular_file(p, follow_symlinks=follow_symlinks)
+        data = read_small_file(p, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -177,7 +174,7 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
     if not exists:
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if is_file:
-        if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(".index.json"):
+        if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(ANY_INDEX_SUFFIX):
             return Found(folder=p.parent, index=p)
         if p.name.endswith(SAFETENSORS):
             return Found(folder=p.parent, file=p)

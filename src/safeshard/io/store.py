@@ -20,17 +20,21 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from safeshard.errors import MissingExtraError, SafeshardError
+from safeshard.errors import SafeshardError
 from safeshard.io.bytesrc import ByteSource, LocalFile
-from safeshard.io.remote import RemoteFile, RemoteLimits, filesystem, is_url
-from safeshard.io.storerr import classify, from_client
+from safeshard.io.localfs import MAX_SMALL_FILE, read_regular_file
+from safeshard.io.remote import RemoteFile, RemoteFolder, RemoteLimits, filesystem, is_url, url_path
+from safeshard.io.storerr import classify, from_client, storage_op
+from safeshard.io.transaction import OutputFolder, OutputStore, StepHook
 from safeshard.redact import redact
 
 __all__ = [
     "as_path",
     "is_remote",
+    "local_folder",
     "open_source",
     "output_folder",
+    "read_small_file",
     "storage_error",
     "translate_errors",
     "url_of",
@@ -51,15 +55,7 @@ def as_path(path: str | os.PathLike[str], storage_options: StorageOptions = None
         return Path(text)
     if text.startswith("file://"):
         return Path(text[len("file://") :])
-    filesystem(text, storage_options)  # a clear MissingExtraError / UsageError first
-    try:
-        from upath import UPath
-    except ImportError:
-        raise MissingExtraError(
-            f"{text}: reading URLs needs universal-pathlib, which is not installed; run: "
-            "pip install 'safeshard[s3]'"
-        ) from None
-    return UPath(text, **dict(storage_options or {}))  # type: ignore[no-any-return]
+    return url_path(text, storage_options)  # type: ignore[no-any-return]
 
 
 def is_remote(path: object) -> bool:
@@ -70,6 +66,35 @@ def is_remote(path: object) -> bool:
     protocol = getattr(fs, "protocol", "file")
     protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
     return not any(p in ("file", "local") for p in protocols)
+
+
+def local_folder(path: str | os.PathLike[str]) -> Path | None:
+    """``path`` as a local :class:`~pathlib.Path` when it is on this machine's file system
+    (what kernel copies, ``statvfs``, ``os.path.samefile`` and locks need), else None (an
+    object in storage)."""
+    if is_remote(path):
+        return None
+    return path if isinstance(path, Path) else Path(os.fspath(path))
+
+
+def read_small_file(
+    path: Any,
+    *,
+    follow_symlinks: bool = True,
+    limit: int = MAX_SMALL_FILE,
+    operation: str | None = None,
+) -> bytes:
+    """The bytes of a small file beside a checkpoint (an index, a manifest, a config):
+    a local one through :func:`~safeshard.io.localfs.read_regular_file` (a regular file
+    only, at most ``limit`` bytes: never a FIFO, a device or a folder), an object read
+    whole (an object is always a regular file). With ``operation``, a storage client's
+    error is :func:`~safeshard.io.storerr.storage_op`'s error."""
+    if not is_remote(path):
+        return read_regular_file(path, follow_symlinks=follow_symlinks, limit=limit)
+    if operation is None:
+        return bytes(path.read_bytes())
+    with storage_op(path, operation):
+        return bytes(path.read_bytes())
 
 
 def url_of(path: object) -> str:
@@ -89,26 +114,22 @@ def open_source(path: Any, limits: RemoteLimits | None = None) -> ByteSource:
 def output_folder(
     path: Any,
     *,
-    on_step: Any = None,
+    on_step: StepHook | None = None,
     storage_options: StorageOptions = None,
     break_lock: bool = False,
-) -> Any:
+) -> OutputStore:
     """The output transaction for the folder at ``path``: local or in object storage.
 
     ``break_lock`` takes over an object-storage prefix's lock object even when its writer
     may be alive (a local folder's lock is the kernel's, released when its process dies).
     """
     if is_remote(path):
-        from safeshard.io.remote import RemoteFolder
-
         return RemoteFolder(
             str(path),
             storage_options=_options_of(path, storage_options),
             on_step=on_step,
             break_lock=break_lock,
         )
-    from safeshard.io.transaction import OutputFolder
-
     return OutputFolder(path, on_step=on_step)
 
 

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from safeshard.errors import StorageError, read_error
+from safeshard.format.filenames import ANY_INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.io.bytesrc import read_exact
+from safeshard.io.store import open_source
 from safeshard.io.transaction import OutputStore
 
 WEIGHT_SUFFIXES = (
@@ -53,7 +55,7 @@ WEIGHT_SUFFIXES = (
 )
 """File endings of model weights: never copied beside new shards."""
 
-SKIPPED_SUFFIXES = (*WEIGHT_SUFFIXES, ".index.json", ".safeshard.json")
+SKIPPED_SUFFIXES = (*WEIGHT_SUFFIXES, ANY_INDEX_SUFFIX, MANIFEST_SUFFIX)
 
 KNOWN_SIDECARS = frozenset(
     {
@@ -187,8 +189,6 @@ a larger one is copied unchanged, streamed like any other file."""
 def _read_config(src: Path) -> bytes | None:
     """The bytes of ``quantize_config.json`` (None: larger than :data:`MAX_CONFIG_BYTES`).
     Never more than that many bytes are held, local or in object storage."""
-    from safeshard.io.store import open_source
-
     try:
         with open_source(src) as source:
             if source.size > MAX_CONFIG_BYTES:
@@ -221,6 +221,7 @@ def copy_sidecars(folder: Path, tx: OutputStore, *, base: str, only_known: bool)
                 tx.write_bytes(src.name, new)
                 result.copied.append(src.name)
                 continue
-        tx.copy_in(src, src.name)
+        with open_source(src) as source:  # a local file or an object: decided there
+            tx.copy_in(source, src.name)
         result.copied.append(src.name)
     return result

@@ -48,9 +48,9 @@ from safeshard import gcpause
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
 from safeshard.errors import IndexFormatError, OutputExistsError, UsageError
 from safeshard.format.blocks import describe_blocks
+from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
-from safeshard.format.index import INDEX_SUFFIX
-from safeshard.format.manifest import MANIFEST_SUFFIX, manifest_path
+from safeshard.format.manifest import manifest_path
 from safeshard.io.copier import Progress, Sha256Pool, hash_file
 from safeshard.io.localfs import require_space
 from safeshard.io.store import as_path, is_remote, output_folder, translate_errors

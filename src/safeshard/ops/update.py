@@ -53,9 +53,9 @@ from safeshard import gcpause
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
 from safeshard.errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
 from safeshard.format.blocks import describe_blocks, group_tensors, model_order
+from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
-from safeshard.format.index import INDEX_SUFFIX
-from safeshard.format.manifest import MANIFEST_SUFFIX, Manifest, header_digest, manifest_path
+from safeshard.format.manifest import Manifest, header_digest, manifest_path
 from safeshard.io.bytesrc import read_exact
 from safeshard.io.copier import Sha256Pool, hash_file
 from safeshard.io.localfs import require_space

@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from safeshard.checkpoint import Checkpoint, read_manifest
 from safeshard.errors import HeaderError, IndexFormatError, SafeshardError, UsageError
+from safeshard.format.filenames import INDEX_SUFFIX, shard_name
 from safeshard.format.header import TensorSpec
-from safeshard.format.index import INDEX_SUFFIX, index_json, shard_name
+from safeshard.format.index import index_json
 from safeshard.format.manifest import (
     MANIFEST_SUFFIX,
     Manifest,
