@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,16 @@ from safeshard.format.header import Header, TensorInfo
 from safeshard.format.index import ShardIndex, index_base, parse_index_bytes
 from safeshard.format.manifest import Manifest, manifest_path
 from safeshard.format.quant import QuantConfigs
-from safeshard.io.bytesrc import header_of
-from safeshard.io.store import StorageOptions, as_path, open_source, read_small_file, url_of
+from safeshard.io.bytesrc import ByteSource, header_of
+from safeshard.io.store import (
+    Place,
+    StorageOptions,
+    as_path,
+    open_source,
+    place_of,
+    read_small_file,
+    url_of,
+)
 from safeshard.io.storerr import storage_op
 
 SAFETENSORS = ".safetensors"
@@ -84,8 +92,12 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     from :func:`safeshard.io.store.as_path`): then two ranged reads, the length and the
     header.
     """
+    return _header_at(path, open_source)
+
+
+def _header_at(path: Any, open_file: Callable[[Any], ByteSource]) -> Header:
     try:
-        src = open_source(path)
+        src = open_file(path)
     except ReadError as e:
         if e.errno == errno.ENOENT:
             raise CheckpointNotFoundError(f"{path}: no such file") from None
@@ -270,6 +282,9 @@ class Checkpoint:
 
     located: Located
     headers: list[Header]
+    place: Place
+    """Where its files live (decided once, when it was opened): opens its shards and
+    sidecar files, and says whether its folder is on this machine."""
     entries: dict[str, Entry] = field(default_factory=dict)
 
     @property
@@ -327,7 +342,8 @@ def open_checkpoint(
             f"{loc.index.path if loc.index else loc.folder}: shard "
             f"{', '.join(m.name for m in missing)} listed in the index does not exist"
         )
-    headers = [read_header(f) for f in loc.files]
+    place = place_of(loc.folder)  # local or in object storage: decided here, once
+    headers = [_header_at(f, place.open) for f in loc.files]
     entries: dict[str, Entry] = {}
     problems: list[str] = []
     new, setattr_ = object.__new__, object.__setattr__
@@ -362,7 +378,7 @@ def open_checkpoint(
             f"{where}: index and shards disagree: {'; '.join(problems[:5])}{more}. "
             "Run `safeshard verify` for the full list."
         )
-    return Checkpoint(located=loc, headers=headers, entries=entries)
+    return Checkpoint(located=loc, headers=headers, place=place, entries=entries)
 
 
 def common_metadata(ckpt: Checkpoint) -> tuple[dict[str, str] | None, list[str]]:

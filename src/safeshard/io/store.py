@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,12 +30,17 @@ from safeshard.io.transaction import OutputFolder, OutputStore, StepHook
 from safeshard.redact import redact
 
 __all__ = [
+    "Place",
     "as_path",
     "is_remote",
-    "local_folder",
+    "local_path",
     "open_source",
     "output_folder",
+    "place_of",
     "read_small_file",
+    "regular_size",
+    "same_file",
+    "same_folder",
     "storage_error",
     "translate_errors",
     "url_of",
@@ -68,10 +74,10 @@ def is_remote(path: object) -> bool:
     return not any(p in ("file", "local") for p in protocols)
 
 
-def local_folder(path: str | os.PathLike[str]) -> Path | None:
+def local_path(path: str | os.PathLike[str]) -> Path | None:
     """``path`` as a local :class:`~pathlib.Path` when it is on this machine's file system
-    (what kernel copies, ``statvfs``, ``os.path.samefile`` and locks need), else None (an
-    object in storage)."""
+    (what kernel copies, ``statvfs``, ``os.path.samefile`` and folder locks need), else
+    None (an object, or a prefix, in storage)."""
     if is_remote(path):
         return None
     return path if isinstance(path, Path) else Path(os.fspath(path))
@@ -104,11 +110,60 @@ def url_of(path: object) -> str:
     return redact(str(path))
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a folder's files live, decided once (:func:`place_of`) and carried by the
+    caller: on this machine's file system (``local`` is the folder) or in object storage
+    (``local`` is None)."""
+
+    local: Path | None
+    limits: RemoteLimits | None = None
+
+    def open(self, path: Any) -> ByteSource:
+        """A byte source for the file at ``path`` (a path of this place)."""
+        if self.local is not None:
+            return LocalFile.open(path)
+        return RemoteFile(path.fs, path.path, name=url_of(path), limits=self.limits)
+
+
+def place_of(path: Any, limits: RemoteLimits | None = None) -> Place:
+    """The :class:`Place` of ``path`` (from :func:`as_path`) and of the files beside it."""
+    return Place(local_path(path), limits)
+
+
 def open_source(path: Any, limits: RemoteLimits | None = None) -> ByteSource:
     """A byte source for the file at ``path`` (from :func:`as_path`)."""
-    if is_remote(path):
-        return RemoteFile(path.fs, path.path, name=url_of(path), limits=limits)
-    return LocalFile.open(path)
+    return place_of(path, limits).open(path)
+
+
+def same_file(a: Any, b: Any) -> bool:
+    """Whether the existing files ``a`` and ``b`` are one: by the kernel on this machine,
+    by URL in storage."""
+    la, lb = local_path(a), local_path(b)
+    if la is None or lb is None:
+        return str(a) == str(b)
+    return os.path.samefile(la, lb)
+
+
+def regular_size(path: Any) -> int | None:
+    """The size of the regular file (or object) at ``path``; None for a symlink, a
+    folder or nothing there (an object's absence is :class:`FileNotFoundError`)."""
+    local = local_path(path)
+    if local is None:
+        info = path.fs.info(path.path)
+        return None if info.get("type") == "directory" else int(info.get("size") or 0)
+    if local.is_symlink() or not local.is_file():
+        return None
+    return local.stat().st_size
+
+
+def same_folder(a: Any, b: Any) -> bool:
+    """Whether the folders ``a`` and ``b`` are one: the same folder on this machine (an
+    existing ``a``), or the same URL."""
+    la, lb = local_path(a), local_path(b)
+    if la is None or lb is None:
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return la.is_dir() and os.path.samefile(la, lb)
 
 
 def output_folder(
