@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,21 @@ from safeshard.errors import (
     ShardMismatchError,
     read_error,
 )
+from safeshard.format.filenames import ANY_INDEX_SUFFIX, INDEX_SUFFIX, SHARD_RE
 from safeshard.format.header import Header, TensorInfo
-from safeshard.format.index import INDEX_SUFFIX, SHARD_RE, ShardIndex, index_base, parse_index_bytes
+from safeshard.format.index import ShardIndex, index_base, parse_index_bytes
 from safeshard.format.manifest import Manifest, manifest_path
 from safeshard.format.quant import QuantConfigs
-from safeshard.io.bytesrc import header_of
-from safeshard.io.localfs import read_regular_file
-from safeshard.io.store import StorageOptions, as_path, is_remote, open_source, url_of
+from safeshard.io.bytesrc import ByteSource, header_of
+from safeshard.io.store import (
+    Place,
+    StorageOptions,
+    as_path,
+    open_source,
+    place_of,
+    read_small_file,
+    url_of,
+)
 from safeshard.io.storerr import storage_op
 
 SAFETENSORS = ".safetensors"
@@ -68,7 +76,7 @@ def read_json_file(path: Path) -> dict[str, Any] | None:
     regular file, unreadable or not a JSON object (nested too deeply for Python's parser
     included)."""
     try:
-        data = path.read_bytes() if is_remote(path) else read_regular_file(path)
+        data = read_small_file(path)
         obj = json.loads(data.decode("utf-8"))
     except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None
@@ -84,8 +92,12 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     from :func:`safeshard.io.store.as_path`): then two ranged reads, the length and the
     header.
     """
+    return _header_at(path, open_source)
+
+
+def _header_at(path: Any, open_file: Callable[[Any], ByteSource]) -> Header:
     try:
-        src = open_source(path)
+        src = open_file(path)
     except ReadError as e:
         if e.errno == errno.ENOENT:
             raise CheckpointNotFoundError(f"{path}: no such file") from None
@@ -101,11 +113,8 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     :class:`~safeshard.errors.ReadError`.
     """
     try:
-        if is_remote(path):
-            with storage_op(path, "read the index"):
-                data = path.read_bytes()  # type: ignore[union-attr]
-        else:  # a regular file (never a FIFO, which would hang), of a bounded size
-            data = read_regular_file(path)
+        # locally a regular file (never a FIFO, which would hang), of a bounded size
+        data = read_small_file(path, operation="read the index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such index") from None
     except OSError as e:
@@ -124,7 +133,7 @@ def read_manifest(folder: Path, base: str, *, follow_symlinks: bool = True) -> M
     """
     p = manifest_path(folder, base)
     try:
-        data = read_regular_file(p, follow_symlinks=follow_symlinks)
+        data = read_small_file(p, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -178,7 +187,7 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
     if not exists:
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if is_file:
-        if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(".index.json"):
+        if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(ANY_INDEX_SUFFIX):
             return Found(folder=p.parent, index=p)
         if p.name.endswith(SAFETENSORS):
             return Found(folder=p.parent, file=p)
@@ -275,6 +284,9 @@ class Checkpoint:
 
     located: Located
     headers: list[Header]
+    place: Place
+    """Where its files live (decided once, when it was opened): opens its shards and
+    sidecar files, and says whether its folder is on this machine."""
     entries: dict[str, Entry] = field(default_factory=dict)
 
     @property
@@ -332,7 +344,8 @@ def open_checkpoint(
             f"{loc.index.path if loc.index else loc.folder}: shard "
             f"{', '.join(m.name for m in missing)} listed in the index does not exist"
         )
-    headers = [read_header(f) for f in loc.files]
+    place = place_of(loc.folder)  # local or in object storage: decided here, once
+    headers = [_header_at(f, place.open) for f in loc.files]
     entries: dict[str, Entry] = {}
     problems: list[str] = []
     new, setattr_ = object.__new__, object.__setattr__
@@ -367,7 +380,7 @@ def open_checkpoint(
             f"{where}: index and shards disagree: {'; '.join(problems[:5])}{more}. "
             "Run `safeshard verify` for the full list."
         )
-    return Checkpoint(located=loc, headers=headers, entries=entries)
+    return Checkpoint(located=loc, headers=headers, place=place, entries=entries)
 
 
 def common_metadata(ckpt: Checkpoint) -> tuple[dict[str, str] | None, list[str]]:

@@ -26,10 +26,9 @@ from safeshard.errors import (
     IndexPathTraversalError,
     UnsafeIndexPathError,
 )
-
-INDEX_SUFFIX = ".safetensors.index.json"
-SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
-"""``{base}-{i:05d}-of-{n:05d}.safetensors``"""
+from safeshard.format.filenames import ANY_INDEX_SUFFIX, INDEX_SUFFIX
+from safeshard.format.filenames import SHARD_RE as SHARD_RE  # importable here too
+from safeshard.format.filenames import shard_name as shard_name  # importable here too
 
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
@@ -76,7 +75,7 @@ class ShardIndex:
 
 def index_base(filename: str) -> str:
     """``model`` for ``model.safetensors.index.json`` (or a bare ``model.index.json``)."""
-    for suffix in (INDEX_SUFFIX, ".index.json"):
+    for suffix in (INDEX_SUFFIX, ANY_INDEX_SUFFIX):
         if filename.endswith(suffix):
             return filename[: -len(suffix)]
     return filename
@@ -230,8 +229,3 @@ _encode_string: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) o
     json.encoder.py_encode_basestring_ascii
 )
 """``json.dumps`` of a string with ``ensure_ascii``: the C function where Python has it."""
-
-
-def shard_name(base: str, i: int, n: int) -> str:
-    """``{base}-{i:05d}-of-{n:05d}.safetensors`` with ``i`` counted from 1."""
-    return f"{base}-{i:05d}-of-{n:05d}.safetensors"

@@ -48,9 +48,9 @@ from typing import Any, Protocol
 import xxhash
 
 from safeshard.errors import IndexFormatError
+from safeshard.format.filenames import MANIFEST_SUFFIX as MANIFEST_SUFFIX  # importable here too
 from safeshard.format.header import Header, parse_header
 
-MANIFEST_SUFFIX = ".safeshard.json"
 FORMAT = "safeshard-manifest"
 VERSION = 2
 READS = (1, 2)

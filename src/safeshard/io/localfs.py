@@ -21,9 +21,9 @@ import os
 import stat
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from safeshard.errors import DiskFullError, OutputLockedError, WriteError, write_error
+from safeshard.format.filenames import LOCK_NAME, TMP_PREFIX
 from safeshard.sizes import format_size
 
 CHUNK = 8 * 1024 * 1024
@@ -32,8 +32,6 @@ CHUNK = 8 * 1024 * 1024
 MAX_COPY = 1 << 30
 """Largest single copy_file_range request (the kernel caps one at ~2 GiB)."""
 
-TMP_PREFIX = ".safeshard-tmp-"
-LOCK_NAME = ".safeshard.lock"
 
 _HAS_CFR = hasattr(os, "copy_file_range")
 
@@ -137,14 +135,10 @@ def read_regular_file(
     FIFO cannot hang a command and a device (a symlink to ``/dev/zero``) cannot fill
     memory. A folder or a device is ``EINVAL``; a symlink, when not followed, ``ELOOP``;
     a missing file ``FileNotFoundError``; a file of more than ``limit`` bytes ``EFBIG``
-    (at most ``limit + 1`` bytes are read, even from a file that grows). A path in object
-    storage is read whole (an object is always a regular file).
+    (at most ``limit + 1`` bytes are read, even from a file that grows). A local path
+    only: a path that may be in object storage is read through
+    :func:`safeshard.io.store.read_small_file`.
     """
-    from safeshard.io.store import is_remote
-
-    if is_remote(path):
-        remote: Any = path
-        return bytes(remote.read_bytes())
     fd = open_regular(path, follow_symlinks=follow_symlinks)
     with os.fdopen(fd, "rb") as f:
         if os.fstat(fd).st_size > limit:

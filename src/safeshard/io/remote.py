@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,9 +44,10 @@ from safeshard.errors import (
     UsageError,
     WriteError,
 )
-from safeshard.io.bytesrc import ByteSource, Sink
-from safeshard.io.localfs import LOCK_NAME, TMP_PREFIX
-from safeshard.io.storerr import translating
+from safeshard.format.filenames import JOURNAL_NAME, LOCK_NAME, TMP_PREFIX, temp_name
+from safeshard.io.bytesrc import ByteSource, Sink, copy_source
+from safeshard.io.journal import FileRecord, Journal, commit_plan, removal_order
+from safeshard.io.storerr import classify, translating
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -53,6 +58,7 @@ __all__ = [
     "RemoteStats",
     "filesystem",
     "is_url",
+    "url_path",
 ]
 
 MIB = 1024 * 1024
@@ -97,6 +103,21 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
             raise UsageError(f"{scheme}:// is not a protocol fsspec knows ({e})") from None
         raise UsageError(f"{url}: {e}") from None
     return fs, str(path)
+
+
+def url_path(url: str, storage_options: Mapping[str, Any] | None = None) -> Any:
+    """A ``upath.UPath`` for ``url``: the :class:`pathlib.Path` interface over fsspec,
+    carrying its file system and ``storage_options``. Raises :class:`MissingExtraError`
+    when fsspec, a protocol's package or universal-pathlib is not installed."""
+    filesystem(url, storage_options)  # a clear MissingExtraError / UsageError first
+    try:
+        from upath import UPath  # an optional extra: imported when a URL is used
+    except ImportError:
+        raise MissingExtraError(
+            f"{url}: reading URLs needs universal-pathlib, which is not installed; run: "
+            "pip install 'safeshard[s3]'"
+        ) from None
+    return UPath(url, **dict(storage_options or {}))
 
 
 @dataclass
@@ -422,15 +443,9 @@ def _when(t: object) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
-JOURNAL_NAME = ".safeshard-journal.json"
-"""The journal object under the prefix (the local journal's name and format)."""
-
-
 def _classify(name: str, operation: str, e: BaseException, *, attempts: int = 1) -> SafeshardError:
     """A SafeshardError for an fsspec/botocore error (never with credentials in it):
     see :func:`safeshard.storerr.classify`."""
-    from safeshard.io.storerr import classify
-
     return classify(name, operation, e, attempts=attempts)
 
 
@@ -730,12 +745,10 @@ class RemoteFolder:
         on_step: Any = None,
         break_lock: bool = False,
     ) -> None:
-        from safeshard.io.store import as_path
-
         self.url = url.rstrip("/")
         self.fs, self.root = filesystem(self.url, storage_options)
         self.root = self.root.rstrip("/")
-        self.folder: Any = as_path(self.url, storage_options)
+        self.folder: Any = url_path(self.url, storage_options)
         self.on_step = on_step
         self.break_lock = break_lock
         self.recovered: list[str] = []
@@ -790,10 +803,6 @@ class RemoteFolder:
         """Create the lock object, or refuse: see the class docs."""
         if not _is_s3(self.fs):
             return  # memory:// and other file systems: no conditional writes to use
-        import json
-        import os
-        import socket
-        import uuid
 
         key = self._key(LOCK_NAME)
         body = json.dumps(
@@ -845,7 +854,6 @@ class RemoteFolder:
         return True
 
     def _read_lock(self) -> dict[str, Any] | None:
-        import json
 
         try:
             data = self.fs.cat_file(self._key(LOCK_NAME))
@@ -859,8 +867,6 @@ class RemoteFolder:
 
     def _stale(self, held: Mapping[str, Any]) -> str | None:
         """Why the lock ``held`` is stale, or None when its writer may be alive."""
-        import os
-        import socket
 
         when = held.get("time")
         if isinstance(when, (int, float)) and time.time() - when > LOCK_STALE_AFTER:
@@ -876,7 +882,6 @@ class RemoteFolder:
         return None
 
     def _refresh_lock(self) -> None:
-        import json
 
         if self._lock_body is None:
             return
@@ -888,7 +893,6 @@ class RemoteFolder:
             self._lock_body = body
 
     def _unlock(self) -> None:
-        import json
 
         if self._lock_body is None:
             return
@@ -936,14 +940,12 @@ class RemoteFolder:
     def _recover(self) -> None:
         """Read an interrupted run's journal; abort the multipart uploads of safeshard's
         temporaries under this prefix and remove the temporaries it does not vouch for."""
-        from safeshard.io.transaction import _Journal
-
         key_prefix = self._key(TMP_PREFIX).partition("/")[2]
         self._abort_uploads(
             key_prefix, keep=lambda k: "/" not in k[len(key_prefix) - len(TMP_PREFIX) :]
         )
         data = self.read(JOURNAL_NAME)
-        found = _Journal.parse(data) if data is not None else None
+        found = Journal.parse(data) if data is not None else None
         if data is not None and found is None:
             self.recovered.append("ignored an unreadable journal of an earlier run")
             self._rm(JOURNAL_NAME)
@@ -955,9 +957,9 @@ class RemoteFolder:
 
     # ------------------------------------------------------------------ journal
 
-    def start(self, kind: str, fingerprint: str, keep: Any = None) -> None:
-        from safeshard.io.transaction import _Journal
-
+    def start(
+        self, kind: str, fingerprint: str, keep: Mapping[str, FileRecord] | None = None
+    ) -> None:
         keep = dict(keep or {})
         old = self._found
         if old is not None:
@@ -965,24 +967,15 @@ class RemoteFolder:
                 if r.staged and (n not in keep or keep[n].staged != r.staged):
                     self._rm(r.staged)
         self._found = None
-        self._journal = _Journal(kind, fingerprint, keep)
+        self._journal = Journal(kind, fingerprint, keep)
         self._save_journal()
         self.step("started")
 
     def _save_journal(self) -> None:
-        from safeshard.io.transaction import JOURNAL_FORMAT, JOURNAL_VERSION, _line
-
-        j = self._journal
-        start = {
-            "format": JOURNAL_FORMAT,
-            "version": JOURNAL_VERSION,
-            "kind": j.kind,
-            "fingerprint": j.fingerprint,
-        }
-        lines = [_line({"start": start})]
-        lines += [_line({"file": [n, r.to_json()]}) for n, r in j.files.items()]
+        if self._journal is None:
+            return
         try:
-            self.fs.pipe_file(self._key(JOURNAL_NAME), b"".join(lines))
+            self.fs.pipe_file(self._key(JOURNAL_NAME), self._journal.encode())
         except Exception as e:
             raise _classify(self.path(JOURNAL_NAME), "write the journal", e) from None
 
@@ -1037,10 +1030,7 @@ class RemoteFolder:
         self._mine.discard(name)
 
     def remove(self, names: Iterable[str]) -> list[str]:
-        order = sorted(
-            names,
-            key=lambda n: (not n.endswith(".index.json"), not n.endswith(".safeshard.json"), n),
-        )
+        order = removal_order(names)
         gone = [n for n in order if self.exists(n)]
         for n in order:
             self._rm(n)
@@ -1074,32 +1064,24 @@ class RemoteFolder:
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write(name, lambda sink: sink.write(data), size=len(data))
 
-    def copy_in(self, src: Any, name: str) -> None:
-        """Copy a file (a local path, or a storage path) to ``name``: on the server when it
-        lies on this storage, else streamed through a bounded buffer (never whole)."""
-        fs = getattr(src, "fs", None)
-        if fs is not None and type(fs) is type(self.fs) and hasattr(src, "path"):
-            self.fs.copy(src.path, self._key(name))
+    def copy_in(self, source: ByteSource, name: str) -> None:
+        """Copy all of ``source`` (a local file, or an object) to ``name``: on the server
+        when it is an object on this storage, else streamed through a bounded buffer (never
+        whole)."""
+        if isinstance(source, RemoteFile) and type(source.fs) is type(self.fs):
+            self.fs.copy(source.path, self._key(name))
             self.step(f"written:{name}")
             return
-        from safeshard.io.bytesrc import copy_source
-        from safeshard.io.store import open_source
-
-        with open_source(src) as source:
-            self.write(name, lambda sink: copy_source(source, sink), size=source.size)
+        self.write(name, lambda sink: copy_source(source, sink), size=source.size)
 
     def stage(self, name: str, fill: Any, *, size: int | None = None) -> tuple[str, Any]:
-        from safeshard.io.transaction import STAGE_PREFIX
-
-        tmp = f"{STAGE_PREFIX}{name}.part"
+        tmp = temp_name(name, stage=True)
         result = self._upload(name, tmp, fill, size)
         self.step(f"staged:{name}")
         return tmp, result
 
     def stage_link(self, old: str, name: str) -> str:
-        from safeshard.io.transaction import STAGE_PREFIX
-
-        tmp = f"{STAGE_PREFIX}{name}.part"
+        tmp = temp_name(name, stage=True)
         self.fs.copy(self._key(old), self._key(tmp))
         self._mine.add(tmp)
         self.step(f"staged:{name}")
@@ -1112,25 +1094,23 @@ class RemoteFolder:
         *,
         finals: Mapping[str, bytes | None] | None = None,
     ) -> None:
-        finals = dict(finals or {})
-        changing = bool(moves or remove)
+        # removing a missing object costs nothing, and the file system's listing cache
+        # may miss objects this run uploaded: every final is removed without asking
+        plan = commit_plan(
+            moves, remove, dict(finals or {}), exists=lambda name: True, current=self.read
+        )
         self._committing = True
         self.step("committing")
-        if changing:
-            for n in reversed(list(finals)):
-                self._rm(n)
-        for tmp, name in moves:
-            self.fs.copy(self._key(tmp), self._key(name))
-            self._rm(tmp)
-            self.step(f"moved:{name}")
-        for n in remove:
-            self._rm(n)
-        for n, data in finals.items():
-            if data is None:
-                self._rm(n)
-            elif changing or self.read(n) != data:
-                self.write_bytes(n, data)
-                self.step(f"moved:{n}")
+        for step in plan:
+            if step.op == "rm":
+                self._rm(step.name)
+                continue
+            if step.op == "mv":  # object storage cannot rename: a copy on the server
+                self.fs.copy(self._key(step.tmp), self._key(step.name))
+                self._rm(step.tmp)
+            else:
+                self.write_bytes(step.name, step.data)
+            self.step(f"moved:{step.name}")
         self._rm(JOURNAL_NAME)
         self._committing = False
         self.step("committed")

@@ -17,20 +17,30 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from safeshard.errors import MissingExtraError, SafeshardError
+from safeshard.errors import SafeshardError
 from safeshard.io.bytesrc import ByteSource, LocalFile
-from safeshard.io.remote import RemoteFile, RemoteLimits, filesystem, is_url
-from safeshard.io.storerr import classify, from_client
+from safeshard.io.localfs import MAX_SMALL_FILE, read_regular_file
+from safeshard.io.remote import RemoteFile, RemoteFolder, RemoteLimits, filesystem, is_url, url_path
+from safeshard.io.storerr import classify, from_client, storage_op
+from safeshard.io.transaction import OutputFolder, OutputStore, StepHook
 from safeshard.redact import redact
 
 __all__ = [
+    "Place",
     "as_path",
     "is_remote",
+    "local_path",
     "open_source",
     "output_folder",
+    "place_of",
+    "read_small_file",
+    "regular_size",
+    "same_file",
+    "same_folder",
     "storage_error",
     "translate_errors",
     "url_of",
@@ -51,15 +61,7 @@ def as_path(path: str | os.PathLike[str], storage_options: StorageOptions = None
         return Path(text)
     if text.startswith("file://"):
         return Path(text[len("file://") :])
-    filesystem(text, storage_options)  # a clear MissingExtraError / UsageError first
-    try:
-        from upath import UPath
-    except ImportError:
-        raise MissingExtraError(
-            f"{text}: reading URLs needs universal-pathlib, which is not installed; run: "
-            "pip install 'safeshard[s3]'"
-        ) from None
-    return UPath(text, **dict(storage_options or {}))  # type: ignore[no-any-return]
+    return url_path(text, storage_options)  # type: ignore[no-any-return]
 
 
 def is_remote(path: object) -> bool:
@@ -72,6 +74,35 @@ def is_remote(path: object) -> bool:
     return not any(p in ("file", "local") for p in protocols)
 
 
+def local_path(path: str | os.PathLike[str]) -> Path | None:
+    """``path`` as a local :class:`~pathlib.Path` when it is on this machine's file system
+    (what kernel copies, ``statvfs``, ``os.path.samefile`` and folder locks need), else
+    None (an object, or a prefix, in storage)."""
+    if is_remote(path):
+        return None
+    return path if isinstance(path, Path) else Path(os.fspath(path))
+
+
+def read_small_file(
+    path: Any,
+    *,
+    follow_symlinks: bool = True,
+    limit: int = MAX_SMALL_FILE,
+    operation: str | None = None,
+) -> bytes:
+    """The bytes of a small file beside a checkpoint (an index, a manifest, a config):
+    a local one through :func:`~safeshard.io.localfs.read_regular_file` (a regular file
+    only, at most ``limit`` bytes: never a FIFO, a device or a folder), an object read
+    whole (an object is always a regular file). With ``operation``, a storage client's
+    error is :func:`~safeshard.io.storerr.storage_op`'s error."""
+    if not is_remote(path):
+        return read_regular_file(path, follow_symlinks=follow_symlinks, limit=limit)
+    if operation is None:
+        return bytes(path.read_bytes())
+    with storage_op(path, operation):
+        return bytes(path.read_bytes())
+
+
 def url_of(path: object) -> str:
     """How ``path`` is shown in messages and results: the URL or the local path, its
     credentials redacted (:func:`safeshard.redact.redact`; never the storage options,
@@ -79,36 +110,81 @@ def url_of(path: object) -> str:
     return redact(str(path))
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a folder's files live, decided once (:func:`place_of`) and carried by the
+    caller: on this machine's file system (``local`` is the folder) or in object storage
+    (``local`` is None)."""
+
+    local: Path | None
+    limits: RemoteLimits | None = None
+
+    def open(self, path: Any) -> ByteSource:
+        """A byte source for the file at ``path`` (a path of this place)."""
+        if self.local is not None:
+            return LocalFile.open(path)
+        return RemoteFile(path.fs, path.path, name=url_of(path), limits=self.limits)
+
+
+def place_of(path: Any, limits: RemoteLimits | None = None) -> Place:
+    """The :class:`Place` of ``path`` (from :func:`as_path`) and of the files beside it."""
+    return Place(local_path(path), limits)
+
+
 def open_source(path: Any, limits: RemoteLimits | None = None) -> ByteSource:
     """A byte source for the file at ``path`` (from :func:`as_path`)."""
-    if is_remote(path):
-        return RemoteFile(path.fs, path.path, name=url_of(path), limits=limits)
-    return LocalFile.open(path)
+    return place_of(path, limits).open(path)
+
+
+def same_file(a: Any, b: Any) -> bool:
+    """Whether the existing files ``a`` and ``b`` are one: by the kernel on this machine,
+    by URL in storage."""
+    la, lb = local_path(a), local_path(b)
+    if la is None or lb is None:
+        return str(a) == str(b)
+    return os.path.samefile(la, lb)
+
+
+def regular_size(path: Any) -> int | None:
+    """The size of the regular file (or object) at ``path``; None for a symlink, a
+    folder or nothing there (an object's absence is :class:`FileNotFoundError`)."""
+    local = local_path(path)
+    if local is None:
+        info = path.fs.info(path.path)
+        return None if info.get("type") == "directory" else int(info.get("size") or 0)
+    if local.is_symlink() or not local.is_file():
+        return None
+    return local.stat().st_size
+
+
+def same_folder(a: Any, b: Any) -> bool:
+    """Whether the folders ``a`` and ``b`` are one: the same folder on this machine (an
+    existing ``a``), or the same URL."""
+    la, lb = local_path(a), local_path(b)
+    if la is None or lb is None:
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return la.is_dir() and os.path.samefile(la, lb)
 
 
 def output_folder(
     path: Any,
     *,
-    on_step: Any = None,
+    on_step: StepHook | None = None,
     storage_options: StorageOptions = None,
     break_lock: bool = False,
-) -> Any:
+) -> OutputStore:
     """The output transaction for the folder at ``path``: local or in object storage.
 
     ``break_lock`` takes over an object-storage prefix's lock object even when its writer
     may be alive (a local folder's lock is the kernel's, released when its process dies).
     """
     if is_remote(path):
-        from safeshard.io.remote import RemoteFolder
-
         return RemoteFolder(
             str(path),
             storage_options=_options_of(path, storage_options),
             on_step=on_step,
             break_lock=break_lock,
         )
-    from safeshard.io.transaction import OutputFolder
-
     return OutputFolder(path, on_step=on_step)
 
 

@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -50,13 +48,27 @@ from safeshard.errors import (
     StorageError,
     UpdateError,
     WriteError,
-    read_error,
     write_error,
 )
-from safeshard.io.bytesrc import LocalSink, Sink, copy_source
+from safeshard.format.filenames import (
+    JOURNAL_NAME,
+    STAGE_PREFIX,
+    TMP_PREFIX,
+    is_plain_name,
+    temp_name,
+)
+from safeshard.io.bytesrc import ByteSource, LocalSink, Sink, copy_source
+from safeshard.io.journal import (
+    STEPS,
+    FileRecord,
+    Journal,
+    StepHook,
+    commit_plan,
+    journal_line,
+    removal_order,
+)
 from safeshard.io.localfs import (
     MAX_SMALL_FILE,
-    TMP_PREFIX,
     DirLock,
     copy_range,
     create_temporary,
@@ -72,6 +84,7 @@ __all__ = [
     "JOURNAL_NAME",
     "STAGE_PREFIX",
     "STEPS",
+    "TMP_PREFIX",
     "FileRecord",
     "OutputFolder",
     "OutputStore",
@@ -79,153 +92,7 @@ __all__ = [
     "prepare_folder",
 ]
 
-StepHook = Callable[[str], None]
-"""Called with the name of each step an output transaction reaches (tests kill there)."""
-
-STEPS = (
-    "locked",
-    "started",
-    "removed",
-    "writing:NAME",
-    "written:NAME",
-    "staged:NAME",
-    "journaled:NAME",
-    "committing",
-    "moved:NAME",
-    "committed",
-)
-"""The steps :class:`OutputFolder` reports to ``on_step``, in the order they can happen;
-``NAME`` is the final file name concerned."""
-
-JOURNAL_NAME = ".safeshard-journal.json"
-JOURNAL_FORMAT = "safeshard-journal"
-JOURNAL_VERSION = 2
-STAGE_PREFIX = f"{TMP_PREFIX}stage-"
-"""Temporary name of a file waiting for its rename: ``.safeshard-tmp-stage-{name}.part``."""
-
-
-def _temp(name: str, *, stage: bool = False) -> str:
-    """The temporary name of ``name``: hidden, and never ending in ``.safetensors`` or
-    ``.json``, so no loader that globs a folder can mistake it for a checkpoint file."""
-    return f"{STAGE_PREFIX if stage else TMP_PREFIX}{name}.part"
-
-
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """What the journal knows of a finished file: size, the digest of its header bytes,
-    each tensor's digest, its SHA-256 when computed, and, while it waits for the commit,
-    its temporary name."""
-
-    size: int
-    header: str | None
-    tensors: dict[str, str] = field(default_factory=dict)
-    sha256: str | None = None
-    staged: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "header": self.header,
-            "sha256": self.sha256,
-            "tensors": self.tensors,
-            "staged": self.staged,
-        }
-
-    @classmethod
-    def from_json(cls, obj: Any) -> FileRecord:
-        staged = obj.get("staged")
-        if staged is not None and not (
-            isinstance(staged, str) and staged.startswith(STAGE_PREFIX) and _plain(staged)
-        ):
-            raise ValueError(f"bad staged name {staged!r}")
-        tensors = obj.get("tensors", {})
-        if not isinstance(tensors, dict):
-            raise ValueError("tensors must be an object")
-        header, sha = obj.get("header"), obj.get("sha256")
-        return cls(
-            size=int(obj["size"]),
-            header=None if header is None else str(header),
-            tensors={str(k): str(v) for k, v in tensors.items()},
-            sha256=None if sha is None else str(sha),
-            staged=staged,
-        )
-
-
-def _plain(name: str) -> bool:
-    """Whether ``name`` is a plain file name (no folder part, not ``.``/``..``, no NUL)."""
-    return (
-        bool(name)
-        and name not in (".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\x00" not in name
-    )
-
-
-# --------------------------------------------------------------------------- journal
-
-
-@dataclass
-class _Journal:
-    """The journal: one JSON object per line, appended and fsynced as work finishes.
-
-    Line kinds: ``{"start": {...}}`` (format, kind, fingerprint), ``{"file": [name, record]}``
-    and ``{"commit": [[op, ...], ...]}``. A torn last line (a kill mid-append) is ignored.
-    """
-
-    kind: str
-    fingerprint: str
-    files: dict[str, FileRecord] = field(default_factory=dict)
-    commit: list[tuple[str, ...]] | None = None
-
-    @classmethod
-    def parse(cls, data: bytes) -> _Journal | None:
-        lines = data.split(b"\n")
-        journal: _Journal | None = None
-        for i, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if journal is None:
-                    start = obj["start"]
-                    if start.get("format") != JOURNAL_FORMAT:
-                        return None
-                    if start.get("version") != JOURNAL_VERSION:
-                        return None
-                    journal = cls(str(start["kind"]), str(start["fingerprint"]))
-                elif "file" in obj:
-                    name, rec = obj["file"]
-                    if not isinstance(name, str) or not _plain(name):
-                        return None
-                    journal.files[name] = FileRecord.from_json(rec)
-                elif "commit" in obj:
-                    journal.commit = [_op(x) for x in obj["commit"]]
-                else:
-                    return None
-            except (ValueError, KeyError, TypeError, AttributeError):
-                if i == len(lines) - 1:
-                    break  # a last line without its newline: an append cut short by a kill
-                return None
-        return journal
-
-
-def _op(x: Any) -> tuple[str, ...]:
-    """A commit operation, checked: ``("rm", name)`` or ``("mv", staged name, final name)``."""
-    if not isinstance(x, list) or not all(isinstance(p, str) and _plain(p) for p in x[1:]):
-        raise ValueError(f"bad commit operation {x!r}")
-    if x[:1] == ["rm"] and len(x) == 2:
-        return ("rm", x[1])
-    if x[:1] == ["mv"] and len(x) == 3 and x[1].startswith(TMP_PREFIX):
-        return ("mv", x[1], x[2])
-    raise ValueError(f"bad commit operation {x!r}")
-
-
-def _line(obj: Any) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 # --------------------------------------------------------------------------- the interface
@@ -254,7 +121,7 @@ class OutputStore(Protocol):
     def remove(self, names: Iterable[str]) -> list[str]: ...
     def write(self, name: str, fill: Callable[[Sink], T], *, size: int | None = None) -> T: ...
     def write_bytes(self, name: str, data: bytes) -> None: ...
-    def copy_in(self, src: Any, name: str) -> None: ...
+    def copy_in(self, source: ByteSource, name: str) -> None: ...
     def stage(
         self, name: str, fill: Callable[[Sink], T], *, size: int | None = None
     ) -> tuple[str, T]: ...
@@ -292,8 +159,8 @@ class OutputFolder:
         self.recovered: list[str] = []
         """What entering did to a killed run's leftovers (for the caller's notes)."""
         self._lock = DirLock(self.folder)
-        self._journal: _Journal | None = None
-        self._found: _Journal | None = None
+        self._journal: Journal | None = None
+        self._found: Journal | None = None
         self._fd = -1
         self._mine: set[str] = set()  # temporaries this run created and has not moved
         self._committing = False
@@ -338,7 +205,7 @@ class OutputFolder:
             self.on_step(name)
 
     def path(self, name: str) -> Path:
-        if not _plain(name):
+        if not is_plain_name(name):
             raise ValueError(f"not a plain file name: {name!r}")
         return self.folder / name
 
@@ -363,7 +230,7 @@ class OutputFolder:
                     err=errno.EFBIG,
                 ) from None
             raise write_error(jpath, "read the journal of an earlier run", e) from None
-        found = _Journal.parse(data) if data is not None else None
+        found = Journal.parse(data) if data is not None else None
         if data is not None and found is None:
             self.recovered.append("ignored an unreadable journal of an earlier run")
         if found is not None and found.commit is not None:
@@ -414,21 +281,8 @@ class OutputFolder:
             ]
             self._unlink(dropped)
         self._found = None
-        self._journal = _Journal(kind, fingerprint, keep)
-        lines = [
-            _line(
-                {
-                    "start": {
-                        "format": JOURNAL_FORMAT,
-                        "version": JOURNAL_VERSION,
-                        "kind": kind,
-                        "fingerprint": fingerprint,
-                    }
-                }
-            )
-        ]
-        lines += [_line({"file": [n, r.to_json()]}) for n, r in keep.items()]
-        self._write_now(JOURNAL_NAME, b"".join(lines))
+        self._journal = Journal(kind, fingerprint, keep)
+        self._write_now(JOURNAL_NAME, self._journal.encode())
         self._fd = self._open_append(self.folder / JOURNAL_NAME)
         self.step("started")
 
@@ -441,7 +295,7 @@ class OutputFolder:
     def _append(self, obj: Any) -> None:
         if self._fd < 0:
             raise RuntimeError("OutputFolder.start() must come first")
-        data = _line(obj)
+        data = journal_line(obj)
         try:
             done = 0
             while done < len(data):
@@ -485,10 +339,7 @@ class OutputFolder:
     def remove(self, names: Iterable[str]) -> list[str]:
         """Remove ``names`` now: indexes first, then manifests, then the rest. Returns
         those that existed."""
-        order = sorted(
-            names,
-            key=lambda n: (not n.endswith(".index.json"), not n.endswith(".safeshard.json"), n),
-        )
+        order = removal_order(names)
         gone = [n for n in order if self.exists(n)]
         self._unlink(order)
         if gone:
@@ -546,7 +397,7 @@ class OutputFolder:
     def write(self, name: str, fill: Callable[[Sink], T], *, size: int | None = None) -> T:
         """Write ``name`` atomically: ``fill(fd)`` writes a temporary file, which is fsynced
         and renamed over ``name``. On any error the temporary file is removed."""
-        tmp = _temp(name)
+        tmp = temp_name(name)
         result = self._fill(name, tmp, fill)
         self._move(tmp, name)
         fsync_dir(self.folder)
@@ -556,24 +407,15 @@ class OutputFolder:
     def write_bytes(self, name: str, data: bytes) -> None:
         self.write(name, lambda sink: sink.write(data))
 
-    def copy_in(self, src: Any, name: str) -> None:
-        """Copy the file ``src`` (outside the folder; a local path, or a storage path) to
-        ``name`` atomically."""
-        from safeshard.io.store import is_remote, open_source
-
-        if is_remote(src):  # an object in storage: streamed through a bounded buffer
-            with open_source(src) as source:
-                self.write(name, lambda sink: copy_source(source, sink), size=source.size)
+    def copy_in(self, source: ByteSource, name: str) -> None:
+        """Copy all of ``source`` (a file outside the folder, local or in object storage)
+        to ``name`` atomically: by the kernel where it has a descriptor, else streamed
+        through a bounded buffer."""
+        fd = source.fileno()
+        if fd is None:  # an object in storage
+            self.write(name, lambda sink: copy_source(source, sink), size=source.size)
             return
-        try:
-            sfd = open_regular(src)
-        except OSError as e:
-            raise read_error(src, "open", e) from None
-        try:
-            size = os.fstat(sfd).st_size
-            self.write(name, lambda sink: _copy_whole(sfd, sink, size))
-        finally:
-            os.close(sfd)
+        self.write(name, lambda sink: _copy_whole(fd, sink, source.size))
 
     def stage(
         self, name: str, fill: Callable[[Sink], T], *, size: int | None = None
@@ -581,14 +423,14 @@ class OutputFolder:
         """Write ``name``'s new bytes under a temporary name that waits for :meth:`commit`.
 
         Returns the temporary name and what ``fill`` returned."""
-        tmp = _temp(name, stage=True)
+        tmp = temp_name(name, stage=True)
         result = self._fill(name, tmp, fill)
         self.step(f"staged:{name}")
         return tmp, result
 
     def stage_link(self, old: str, name: str) -> str:
         """Stage ``old``'s bytes to become ``name`` (a hard link; a copy where links fail)."""
-        tmp = _temp(name, stage=True)
+        tmp = temp_name(name, stage=True)
         self._unlink([tmp])
         try:
             os.link(self.path(old), self.path(tmp), follow_symlinks=False)
@@ -626,20 +468,16 @@ class OutputFolder:
         no index ever lists a file being replaced; otherwise a final is rewritten only
         when its bytes change.
         """
-        finals = dict(finals or {})
+        plan = commit_plan(moves, remove, dict(finals or {}), exists=self.exists, current=self.read)
         ops: list[tuple[str, ...]] = []
-        changing = bool(moves or remove)
-        if changing:
-            ops += [("rm", n) for n in reversed(list(finals)) if self.exists(n)]
-        ops += [("mv", tmp, n) for tmp, n in moves]
-        ops += [("rm", n) for n in remove]
-        for n, data in finals.items():
-            if data is None:
-                if self.exists(n):
-                    ops.append(("rm", n))
-            elif changing or self.read(n) != data:
-                tmp, _ = self.stage(n, lambda sink, d=data: sink.write(d))  # type: ignore[misc]
-                ops.append(("mv", tmp, n))
+        for step in plan:
+            if step.op == "put":  # a final: staged now, renamed in its turn
+                tmp, _ = self.stage(step.name, lambda sink, d=step.data: sink.write(d))  # type: ignore[misc]
+                ops.append(("mv", tmp, step.name))
+            elif step.op == "mv":
+                ops.append(("mv", step.tmp, step.name))
+            else:
+                ops.append(("rm", step.name))
         if ops:
             self._append({"commit": [list(op) for op in ops]})
             self._committing = True
@@ -691,7 +529,7 @@ class OutputFolder:
 
     def _write_now(self, name: str, data: bytes) -> None:
         """Replace ``name`` atomically with ``data`` (no step reported)."""
-        tmp = _temp(name)
+        tmp = temp_name(name)
         fd = self._create(tmp)
         try:
             _write_all(fd, data)

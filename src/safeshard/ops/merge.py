@@ -46,7 +46,14 @@ from safeshard.format.manifest import Manifest, manifest_path
 from safeshard.io.bytesrc import Sink, Sources
 from safeshard.io.copier import Hashes, Progress, Sha256Follower, Sha256Pool, copy_pieces
 from safeshard.io.localfs import require_space
-from safeshard.io.store import as_path, is_remote, output_folder, translate_errors, url_of
+from safeshard.io.store import (
+    as_path,
+    local_path,
+    output_folder,
+    same_file,
+    translate_errors,
+    url_of,
+)
 from safeshard.io.storerr import storage_op
 from safeshard.io.transaction import StepHook
 from safeshard.ops.writer import open_sources, tensor_extents
@@ -202,12 +209,13 @@ def merge(
     manifest = _read_manifest(ckpt, warnings)
     layout = merge_layout(ckpt, manifest)
     size = layout.header_len + ckpt.total_tensor_bytes
-    if not is_remote(out):
-        require_space(out.parent, size, f"{out.name}: the merged file would")
+    local = local_path(out)  # None: an object in storage
+    if local is not None:
+        require_space(local.parent, size, f"{out.name}: the merged file would")
     recorded = manifest.tensors if manifest is not None else {}
 
     follower: list[Sha256Follower] = []
-    inline = hashlib.sha256() if sha256 and is_remote(out) else None  # no descriptor to follow
+    inline = hashlib.sha256() if sha256 and local is None else None  # no descriptor to follow
 
     def fill(sink: Sink, sources: Sources) -> Hashes:
         pieces = tensor_extents(ckpt, layout.order, sources)
@@ -273,10 +281,10 @@ def merge(
 
 
 def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
-    remote = is_remote(out)
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a folder; give the path of the file to write")
-    if not remote and not out.parent.is_dir():  # object storage has no folders to create
+    # (object storage has no folders to create)
+    if local_path(out) is not None and not out.parent.is_dir():
         raise OutputFolderMissingError(
             f"{out.parent}: the folder for {out.name} does not exist (or is a file); "
             "create it first",
@@ -285,7 +293,7 @@ def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
         )
     if out.exists():
         for p in ckpt.located.paths:
-            if (str(out) == str(p)) if remote or is_remote(p) else os.path.samefile(out, p):
+            if same_file(out, p):
                 raise OutputExistsError(
                     f"{out}: is one of the checkpoint's own files; write the merged file "
                     "elsewhere (the source is never modified)"

@@ -25,12 +25,15 @@ default (``gptq_model-{bits}bit-{group}g`` or ``model``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safeshard.errors import StorageError, read_error
-from safeshard.io.bytesrc import read_exact
+from safeshard.format.filenames import ANY_INDEX_SUFFIX, MANIFEST_SUFFIX
+from safeshard.io.bytesrc import ByteSource, read_exact
+from safeshard.io.store import open_source
 from safeshard.io.transaction import OutputStore
 
 WEIGHT_SUFFIXES = (
@@ -53,7 +56,7 @@ WEIGHT_SUFFIXES = (
 )
 """File endings of model weights: never copied beside new shards."""
 
-SKIPPED_SUFFIXES = (*WEIGHT_SUFFIXES, ".index.json", ".safeshard.json")
+SKIPPED_SUFFIXES = (*WEIGHT_SUFFIXES, ANY_INDEX_SUFFIX, MANIFEST_SUFFIX)
 
 KNOWN_SIDECARS = frozenset(
     {
@@ -184,13 +187,11 @@ MAX_CONFIG_BYTES = 1024 * 1024
 a larger one is copied unchanged, streamed like any other file."""
 
 
-def _read_config(src: Path) -> bytes | None:
+def _read_config(src: Path, open_file: Callable[[Path], ByteSource]) -> bytes | None:
     """The bytes of ``quantize_config.json`` (None: larger than :data:`MAX_CONFIG_BYTES`).
     Never more than that many bytes are held, local or in object storage."""
-    from safeshard.io.store import open_source
-
     try:
-        with open_source(src) as source:
+        with open_file(src) as source:
             if source.size > MAX_CONFIG_BYTES:
                 return None
             buf = memoryview(bytearray(source.size))
@@ -202,13 +203,23 @@ def _read_config(src: Path) -> bytes | None:
         raise read_error(src, "read", e) from None
 
 
-def copy_sidecars(folder: Path, tx: OutputStore, *, base: str, only_known: bool) -> SidecarResult:
-    """Copy ``folder``'s other files into the output transaction ``tx`` (see the module docs)."""
+def copy_sidecars(
+    folder: Path,
+    tx: OutputStore,
+    *,
+    base: str,
+    only_known: bool,
+    open_file: Callable[[Path], ByteSource] = open_source,
+) -> SidecarResult:
+    """Copy ``folder``'s other files into the output transaction ``tx`` (see the module docs).
+
+    ``open_file`` opens one of them (a checkpoint's :attr:`~safeshard.checkpoint.Checkpoint.place`
+    knows whether they are local files or objects)."""
     result = SidecarResult()
     files, result.skipped = plan_sidecars(folder, only_known=only_known)
     for src in files:
         if src.name == QUANTIZE_CONFIG:
-            data = _read_config(src)
+            data = _read_config(src, open_file)
             new, note = (None, None) if data is None else rewrite_quantize_config(data, base)
             if data is None:
                 result.notes.append(
@@ -221,6 +232,7 @@ def copy_sidecars(folder: Path, tx: OutputStore, *, base: str, only_known: bool)
                 tx.write_bytes(src.name, new)
                 result.copied.append(src.name)
                 continue
-        tx.copy_in(src, src.name)
+        with open_file(src) as source:
+            tx.copy_in(source, src.name)
         result.copied.append(src.name)
     return result

@@ -48,12 +48,12 @@ from safeshard import gcpause
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
 from safeshard.errors import IndexFormatError, OutputExistsError, UsageError
 from safeshard.format.blocks import describe_blocks
+from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
-from safeshard.format.index import INDEX_SUFFIX
-from safeshard.format.manifest import MANIFEST_SUFFIX, manifest_path
+from safeshard.format.manifest import manifest_path
 from safeshard.io.copier import Progress, Sha256Pool, hash_file
 from safeshard.io.localfs import require_space
-from safeshard.io.store import as_path, is_remote, output_folder, translate_errors
+from safeshard.io.store import as_path, local_path, output_folder, same_folder, translate_errors
 from safeshard.io.transaction import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
 from safeshard.ops.sidecar import copy_sidecars
@@ -194,8 +194,9 @@ def split(
     if dry_run:
         return result
     _check_not_source(out, ckpt)
-    if not is_remote(out):
-        prepare_folder(out)
+    local = local_path(out)  # None: a prefix in object storage (nothing to create there)
+    if local is not None:
+        prepare_folder(local)
     with output_folder(
         out, on_step=on_step, storage_options=storage_options, break_lock=break_lock
     ) as tx:
@@ -208,8 +209,8 @@ def split(
         finals = {*names, f"{base}{INDEX_SUFFIX}", f"{base}{MANIFEST_SUFFIX}"}
         result.removed = [n for n in removed if n not in finals]
         todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
-        if not is_remote(out):
-            require_space(out, sum(s.file_size for _, s in todo), "the shards")
+        if local is not None:
+            require_space(local, sum(s.file_size for _, s in todo), "the shards")
         done = dict(kept)
         pool = Sha256Pool() if sha256 else None
         written: dict[str, Written] = {}
@@ -234,7 +235,11 @@ def split(
             for n, s in zip(names, plan.shards, strict=True)
         ]
         side = copy_sidecars(
-            ckpt.folder, tx, base=base, only_known=Path(src).name.endswith(".safetensors")
+            ckpt.folder,
+            tx,
+            base=base,
+            only_known=Path(src).name.endswith(".safetensors"),
+            open_file=ckpt.place.open,
         )
         result.copied, result.skipped = side.copied, side.skipped
         result.notes += side.notes
@@ -258,11 +263,7 @@ def split(
 
 
 def _check_not_source(out: Path, ckpt: Checkpoint) -> None:
-    if is_remote(out) or is_remote(ckpt.folder):
-        same = str(out).rstrip("/") == str(ckpt.folder).rstrip("/")
-    else:
-        same = out.is_dir() and os.path.samefile(out, ckpt.folder)
-    if same:
+    if same_folder(out, ckpt.folder):
         raise OutputExistsError(
             f"{out}: OUT_DIR is the source's own folder; write the shards to another folder "
             "(the source is never modified)"

@@ -53,14 +53,21 @@ from safeshard import gcpause
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
 from safeshard.errors import IndexFormatError, SafeshardError, UpdateError, UsageError, read_error
 from safeshard.format.blocks import describe_blocks, group_tensors, model_order
+from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
-from safeshard.format.index import INDEX_SUFFIX
-from safeshard.format.manifest import MANIFEST_SUFFIX, Manifest, header_digest, manifest_path
+from safeshard.format.manifest import Manifest, header_digest, manifest_path
 from safeshard.io.bytesrc import read_exact
 from safeshard.io.copier import Sha256Pool, hash_file
 from safeshard.io.localfs import require_space
 from safeshard.io.scan import FileTask, Range, scan
-from safeshard.io.store import as_path, is_remote, open_source, output_folder, translate_errors
+from safeshard.io.store import (
+    as_path,
+    local_path,
+    open_source,
+    output_folder,
+    same_folder,
+    translate_errors,
+)
 from safeshard.io.transaction import FileRecord, OutputStore, StepHook
 from safeshard.ops.plan import plan_shards
 from safeshard.ops.sidecar import copy_sidecars
@@ -501,11 +508,7 @@ def _update(
     )
     new = open_checkpoint(new_src, storage_options=storage_options)
     for f in new.located.files:
-        if is_remote(f) or is_remote(out):
-            inside = str(f.parent).rstrip("/") == str(out).rstrip("/")
-        else:
-            inside = os.path.samefile(f.parent, out)
-        if inside:
+        if same_folder(out, f.parent):
             raise UsageError(
                 f"{f}: NEW_SRC lies in OUT_DIR {out}, whose files the update replaces; "
                 "give the new version from another folder"
@@ -602,8 +605,9 @@ def _write(
     written: dict[str, Written] = {}
     if not result.up_to_date:
         write = [(f, s) for f, s in todo if f not in staged]
-        if not is_remote(out):
-            require_space(out, sum(sizes[f] for f, _ in write), "the new shards")
+        local = local_path(out)  # None: a prefix in object storage
+        if local is not None:
+            require_space(local, sum(sizes[f] for f, _ in write), "the new shards")
         ctx: AbstractContextManager[Callable[[int], None] | None] = (
             progress("writing", sum(sizes[f] for f, _ in write))
             if progress is not None and write
@@ -628,7 +632,11 @@ def _write(
             (tx.stage_link(s.old, f), f) for f, s in finals if not s.dirty and s.old and s.old != f
         ]
     side = copy_sidecars(
-        new.folder, tx, base=base, only_known=Path(result.source).name.endswith(".safetensors")
+        new.folder,
+        tx,
+        base=base,
+        only_known=Path(result.source).name.endswith(".safetensors"),
+        open_file=new.place.open,
     )
     result.copied, result.skipped = side.copied, side.skipped
     result.notes += side.notes

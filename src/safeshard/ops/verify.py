@@ -77,8 +77,9 @@ from safeshard.errors import (
     UsageError,
 )
 from safeshard.format import quant
+from safeshard.format.filenames import SHARD_RE
 from safeshard.format.header import Header, TensorInfo, build_header
-from safeshard.format.index import SHARD_RE, ShardIndex, check_shard_name
+from safeshard.format.index import ShardIndex, check_shard_name
 from safeshard.format.manifest import Manifest, ShardRecord, header_digest, manifest_path
 from safeshard.io.localfs import stale_temporaries
 from safeshard.io.scan import FileResult, FileTask, Range, scan

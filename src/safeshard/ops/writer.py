@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from safeshard.checkpoint import Checkpoint, read_manifest
 from safeshard.errors import HeaderError, IndexFormatError, SafeshardError, UsageError
+from safeshard.format.filenames import INDEX_SUFFIX, shard_name
 from safeshard.format.header import TensorSpec
-from safeshard.format.index import INDEX_SUFFIX, index_json, shard_name
+from safeshard.format.index import index_json
 from safeshard.format.manifest import (
     MANIFEST_SUFFIX,
     Manifest,
@@ -210,7 +211,7 @@ def open_sources(ckpt: Checkpoint) -> Sources:
     files = {h.path: f for h, f in zip(ckpt.headers, ckpt.located.files, strict=True)}
     return Sources(
         {h.path: h.file_size for h in ckpt.headers},
-        lambda path: storage.open_source(files.get(path, path)),
+        lambda path: ckpt.place.open(files.get(path, path)),
     )
 
 
@@ -297,12 +298,8 @@ def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> 
     its header and tensor digests (or, for a record of an older safeshard with only a
     SHA-256, that)."""
     try:
-        if storage.is_remote(path):  # an object: its size, then its digests read back (ranged GETs)
-            fs: Any = getattr(path, "fs", None)
-            info = fs.info(getattr(path, "path", ""))
-            if info.get("type") == "directory" or int(info.get("size") or 0) != rec.size:
-                return False
-        elif path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
+        # its size, then its digests read back (ranged GETs for an object)
+        if storage.regular_size(path) != rec.size:
             return False
         if rec.header is None:
             return rec.sha256 is not None and hash_file(path, progress=progress) == rec.sha256
