@@ -37,12 +37,12 @@ from safeshard.format.manifest import Manifest, manifest_path
 from safeshard.format.quant import QuantConfigs
 from safeshard.io.bytesrc import ByteSource, header_of
 from safeshard.io.store import (
+    LOCAL,
     Place,
     StorageOptions,
-    as_path,
     open_source,
-    place_of,
     read_small_file,
+    resolve,
     url_of,
 )
 from safeshard.io.storerr import storage_op
@@ -57,6 +57,8 @@ class Located:
     folder: Path
     files: tuple[Path, ...]
     index: ShardIndex | None = None
+    place: Place = field(default=LOCAL, compare=False)
+    """Where its files live, as :func:`find` decided."""
 
     @property
     def base(self) -> str:
@@ -106,7 +108,7 @@ def _header_at(path: Any, open_file: Callable[[Any], ByteSource]) -> Header:
         return header_of(src)
 
 
-def read_index(path: str | os.PathLike[str]) -> ShardIndex:
+def read_index(path: str | os.PathLike[str], place: Place | None = None) -> ShardIndex:
     """Read and validate the index at ``path`` (local or in storage).
 
     A missing file is a :class:`CheckpointNotFoundError`, another I/O failure a
@@ -114,7 +116,10 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     """
     try:
         # locally a regular file (never a FIFO, which would hang), of a bounded size
-        data = read_small_file(path, operation="read the index")
+        if place is not None:  # where the path lives, already decided by the caller
+            data = place.read_small(path, operation="read the index")
+        else:
+            data = read_small_file(path, operation="read the index")
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such index") from None
     except OSError as e:
@@ -122,18 +127,24 @@ def read_index(path: str | os.PathLike[str]) -> ShardIndex:
     return parse_index_bytes(data, path)
 
 
-def read_manifest(folder: Path, base: str, *, follow_symlinks: bool = True) -> Manifest | None:
+def read_manifest(
+    folder: Path, base: str, *, follow_symlinks: bool = True, place: Place | None = None
+) -> Manifest | None:
     """The manifest for ``base`` in ``folder``, or None if there is none.
 
     Something by that name that is not a regular file (a folder, a FIFO, a device, a
     symlink loop; a symlink at all with ``follow_symlinks=False``, as in an output
     folder) or larger than :data:`~safeshard.io.localfs.MAX_SMALL_FILE` is an
     :class:`~safeshard.errors.IndexFormatError`, like a malformed manifest; a file that
-    cannot be read is a :class:`~safeshard.errors.ReadError`.
+    cannot be read is a :class:`~safeshard.errors.ReadError`. ``place``: where ``folder``
+    lives, if the caller has decided it already.
     """
     p = manifest_path(folder, base)
     try:
-        data = read_small_file(p, follow_symlinks=follow_symlinks)
+        if place is not None:
+            data = place.read_small(p, follow_symlinks=follow_symlinks)
+        else:
+            data = read_small_file(p, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -161,6 +172,8 @@ class Found:
     folder: Path
     index: Path | None = None
     file: Path | None = None
+    place: Place = field(default=LOCAL, compare=False)
+    """Where its files live (local or object storage), decided once by :func:`find`."""
 
     @property
     def base(self) -> str:
@@ -180,7 +193,11 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
     :class:`AmbiguousCheckpointError` when two could be meant. ``path`` may be a URL
     (:mod:`safeshard.storage`), read with ``storage_options``.
     """
-    p = as_path(path, storage_options)
+    p, place = resolve(path, storage_options)
+    return _find(p, place)
+
+
+def _find(p: Path, place: Place) -> Found:
     with storage_op(p, "look up"):
         exists = p.exists()
         is_file = exists and p.is_file()
@@ -188,30 +205,30 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if is_file:
         if p.name.endswith(INDEX_SUFFIX) or p.name.endswith(ANY_INDEX_SUFFIX):
-            return Found(folder=p.parent, index=p)
+            return Found(folder=p.parent, index=p, place=place)
         if p.name.endswith(SAFETENSORS):
-            return Found(folder=p.parent, file=p)
+            return Found(folder=p.parent, file=p, place=place)
         raise CheckpointNotFoundError(
             f"{p}: not a .safetensors file or a *.safetensors.index.json index"
         )
     with storage_op(f"{url_of(p).rstrip('/')}/", "list the prefix"):
-        return _find_in_folder(p)
+        return _find_in_folder(p, place)
 
 
 def locate(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Located:
     """Find the checkpoint at ``path`` (see :func:`find`) and read its index strictly."""
     found = find(path, storage_options)
     if found.index is not None:
-        return _from_index(found.index)
+        return _from_index(found.index, found.place)
     if found.file is None:  # find() sets exactly one of index and file
         raise CheckpointNotFoundError(f"{path}: no safetensors file or index")
-    return Located(folder=found.folder, files=(found.file,))
+    return Located(folder=found.folder, files=(found.file,), place=found.place)
 
 
-def _from_index(p: Path) -> Located:
-    idx = read_index(p)
+def _from_index(p: Path, place: Place) -> Located:
+    idx = read_index(p, place)
     files = tuple(p.parent / f for f in idx.shard_files())
-    return Located(folder=p.parent, files=files, index=idx)
+    return Located(folder=p.parent, files=files, index=idx, place=place)
 
 
 def _base_of(filename: str) -> str:
@@ -219,7 +236,7 @@ def _base_of(filename: str) -> str:
     return filename[: -len(suffix)]
 
 
-def _find_in_folder(folder: Path) -> Found:
+def _find_in_folder(folder: Path, place: Place) -> Found:
     indexes = sorted(p for p in folder.glob("*" + INDEX_SUFFIX) if p.is_file())
     shards_of_indexes: set[str] = set()
     for ip in indexes:
@@ -250,7 +267,7 @@ def _find_in_folder(folder: Path) -> Found:
             f"{folder}: no *.safetensors file or *.safetensors.index.json index in this folder"
         )
     if len(candidates) == 1:
-        return find(candidates[0])
+        return _find(candidates[0], place)
     # Several. One base name with both an index and a single file: every loader tries
     # {base}.safetensors.index.json before {base}.safetensors, so the index is meant.
     # Two base names: transformers looks for `model`, AutoGPTQ and GPTQModel for
@@ -258,7 +275,7 @@ def _find_in_folder(folder: Path) -> Found:
     # different loaders would load different weights: refuse rather than guess.
     bases = {_base_of(c.name) for c in candidates}
     if len(bases) == 1 and indexes:
-        return find(indexes[0])
+        return _find(indexes[0], place)
     listed = ", ".join(c.name for c in candidates)
     raise AmbiguousCheckpointError(
         f"{folder}: more than one checkpoint could be meant ({listed}); "
@@ -344,7 +361,7 @@ def open_checkpoint(
             f"{loc.index.path if loc.index else loc.folder}: shard "
             f"{', '.join(m.name for m in missing)} listed in the index does not exist"
         )
-    place = place_of(loc.folder)  # local or in object storage: decided here, once
+    place = loc.place  # local or in object storage: decided once, by find()
     headers = [_header_at(f, place.open) for f in loc.files]
     entries: dict[str, Entry] = {}
     problems: list[str] = []

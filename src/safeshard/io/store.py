@@ -119,11 +119,51 @@ class Place:
     local: Path | None
     limits: RemoteLimits | None = None
 
+    def local_of(self, path: Any) -> Path | None:
+        """``path`` (a path of this place) as a local :class:`~pathlib.Path`, or None in
+        object storage."""
+        if self.local is None:
+            return None
+        return path if isinstance(path, Path) else Path(os.fspath(path))
+
+    def read_small(
+        self, path: Any, *, follow_symlinks: bool = True, operation: str | None = None
+    ) -> bytes:
+        """:func:`read_small_file` of ``path``, a path of this place, without asking again."""
+        if self.local is not None:
+            return read_regular_file(path, follow_symlinks=follow_symlinks)
+        if operation is None:
+            return bytes(path.read_bytes())
+        with storage_op(path, operation):
+            return bytes(path.read_bytes())
+
     def open(self, path: Any) -> ByteSource:
         """A byte source for the file at ``path`` (a path of this place)."""
         if self.local is not None:
             return LocalFile.open(path)
         return RemoteFile(path.fs, path.path, name=url_of(path), limits=self.limits)
+
+
+LOCAL = Place(Path("."))
+"""The place of local files (its folder is not used to open them)."""
+
+
+def resolve(
+    path: str | os.PathLike[str], storage_options: StorageOptions = None
+) -> tuple[Path, Place]:
+    """``path`` as :func:`as_path` gives it, with its :class:`Place`: the local-or-remote
+    decision made once, for a caller to carry (the checkpoint door does, from its first
+    look at a path to the copier)."""
+    if not isinstance(path, str):  # a path object: local, or already a remote path
+        if is_remote(path):
+            return path, Place(None)  # type: ignore[return-value]  # a UPath
+        return Path(os.fspath(path)), LOCAL
+    if not is_url(path):
+        return Path(path), LOCAL
+    for scheme in ("file://", "local://"):  # fsspec's local file system
+        if path.startswith(scheme):
+            return Path(path[len(scheme) :]), LOCAL
+    return url_path(path, storage_options), Place(None)
 
 
 def place_of(path: Any, limits: RemoteLimits | None = None) -> Place:
@@ -157,10 +197,11 @@ def regular_size(path: Any) -> int | None:
     return local.stat().st_size
 
 
-def same_folder(a: Any, b: Any) -> bool:
+def same_folder(a: Any, b: Any, b_place: Place | None = None) -> bool:
     """Whether the folders ``a`` and ``b`` are one: the same folder on this machine (an
-    existing ``a``), or the same URL."""
-    la, lb = local_path(a), local_path(b)
+    existing ``a``), or the same URL. ``b_place``: where ``b`` lives, if already decided."""
+    la = local_path(a)
+    lb = b_place.local_of(b) if b_place is not None else local_path(b)
     if la is None or lb is None:
         return str(a).rstrip("/") == str(b).rstrip("/")
     return la.is_dir() and os.path.samefile(la, lb)
@@ -193,11 +234,11 @@ def _options_of(path: Any, given: StorageOptions) -> dict[str, Any]:
     return dict(opts) if opts else dict(given or {})
 
 
-def identity(path: Any) -> list[Any]:
+def identity(path: Any, place: Place | None = None) -> list[Any]:
     """What tells one version of a file from another: the real path, size and
     modification time of a local file; the URL, size and ETag (or modification time)
-    of an object."""
-    if is_remote(path):
+    of an object. ``place``: where ``path`` lives, if already decided."""
+    if (place.local is None) if place is not None else is_remote(path):
         info = path.fs.info(path.path)
         tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
         return [url_of(path), int(info.get("size") or 0), str(tag)]

@@ -263,7 +263,7 @@ def split(
 
 
 def _check_not_source(out: Path, ckpt: Checkpoint) -> None:
-    if same_folder(out, ckpt.folder):
+    if same_folder(out, ckpt.folder, ckpt.place):
         raise OutputExistsError(
             f"{out}: OUT_DIR is the source's own folder; write the shards to another folder "
             "(the source is never modified)"

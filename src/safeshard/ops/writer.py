@@ -382,7 +382,7 @@ def source_record(ckpt: Checkpoint) -> tuple[SourceRecord | None, list[str]]:
     folder, base = ckpt.folder, ckpt.located.base
     warnings: list[str] = []
     try:
-        man = read_manifest(folder, base)
+        man = read_manifest(folder, base, place=ckpt.place)
     except IndexFormatError as e:
         man = None
         warnings.append(f"ignoring an unreadable manifest: {e}")
@@ -419,7 +419,7 @@ def fingerprint(
     """Identity of a write: the planned headers and names, the source files' identity
     (path, size, modification time, header), and ``extra`` (e.g. the old manifest)."""
     sources = [
-        [*storage.identity(f), hashlib.sha256(hd.raw).hexdigest()]
+        [*storage.identity(f, ckpt.place), hashlib.sha256(hd.raw).hexdigest()]
         for hd, f in zip(ckpt.headers, ckpt.located.files, strict=True)
     ]
     shards = [[n, hashlib.sha256(h).hexdigest()] for n, h in zip(names, headers, strict=True)]
