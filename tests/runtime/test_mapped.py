@@ -11,8 +11,8 @@ import torch
 import safeshard
 from conftest import write_st
 from safeshard.checkpoint import open_checkpoint
-from safeshard.runtime.load import ShardFiles, TorchBackend
 from safeshard.runtime.mapped import PAGE, MappedShards
+from safeshard.runtime.readers import ShardFiles, TorchBackend
 
 
 def fill(name: str, n: int) -> bytes:

@@ -43,7 +43,8 @@ from safeshard.checkpoint import open_checkpoint
 from safeshard.errors import BudgetError, CheckpointClosedError, UsageError
 from safeshard.format.blocks import Group, group_tensors, model_order
 from safeshard.format.header import TensorInfo
-from safeshard.runtime.load import (
+from safeshard.runtime.membudget import BudgetSpec, resolve_budget
+from safeshard.runtime.readers import (
     Framework,
     ShardFiles,
     Unsupported,
@@ -51,8 +52,8 @@ from safeshard.runtime.load import (
     check_workers,
     read_tensors,
 )
-from safeshard.runtime.membudget import BudgetSpec, resolve_budget
 from safeshard.runtime.residency import Residency, Stopped
+from safeshard.runtime.tpread import rank_plan, read_slices
 from safeshard.sizes import format_size
 
 __all__ = ["LazyCheckpoint", "open"]
@@ -102,8 +103,6 @@ class LazyCheckpoint(Mapping[str, Any]):
         self._tp: Any = None
         self.tp_stats = tp_stats
         if tp_plan is not None:
-            from safeshard.runtime.tpread import rank_plan
-
             self._tp = rank_plan(self._ckpt, tp_plan, rank, world_size, tp_config)
         self._files = ShardFiles(self._ckpt)
 
@@ -159,8 +158,6 @@ class LazyCheckpoint(Mapping[str, Any]):
 
     def _read(self, infos: Sequence[TensorInfo]) -> dict[str, Any]:
         if self._tp is not None:
-            from safeshard.runtime.tpread import read_slices
-
             return read_slices(
                 self._files,
                 self._backend,

@@ -44,7 +44,7 @@ from typing import Any
 from safeshard.errors import UsageError, read_error
 from safeshard.format.header import TensorInfo
 from safeshard.io.bytesrc import Extent
-from safeshard.runtime.load import ShardFiles, TorchBackend, check_dtype, plan_jobs, run_all
+from safeshard.runtime.readers import ShardFiles, TorchBackend, check_dtype, plan_jobs, run_all
 
 __all__ = ["POPULATE_CHUNK", "Extent", "MappedShards"]
 
