@@ -625,23 +625,23 @@ def _merge(parts: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 def byte_ranges(sl: TensorSlice) -> list[tuple[int, int]]:
     """``(offset, length)`` of the slice's bytes inside the tensor's bytes, in order; the
     slice is their concatenation. Adjacent ranges are merged."""
-    if sl.whole:
+    dim = sl.dim
+    if dim is None or sl.whole:
         return [(0, sl.nbytes)] if sl.nbytes else []
     if sl.dtype not in DTYPE_BITS or DTYPE_BITS[sl.dtype] % 8:
         raise TensorParallelError(
             f"tensor {sl.name!r} has dtype {sl.dtype}, whose elements are not whole bytes; "
             "it can only be replicated (plan it 'replicate')"
         )
-    assert sl.dim is not None  # whole covers None
     shape = sl.full_shape
     item = DTYPE_BITS[sl.dtype] // 8
     inner = item
-    for d in shape[sl.dim + 1 :]:
+    for d in shape[dim + 1 :]:
         inner *= d
     outer = 1
-    for d in shape[: sl.dim]:
+    for d in shape[:dim]:
         outer *= d
-    row = shape[sl.dim] * inner
+    row = shape[dim] * inner
     out: list[tuple[int, int]] = []
     for o in range(outer):
         base = o * row
