@@ -50,6 +50,7 @@ from safeshard.errors import (
 )
 from safeshard.format.header import TensorInfo
 from safeshard.io.bytesrc import IOV_MAX, ByteSource, Extent, read_exact
+from safeshard.io.ranges import coalesce
 from safeshard.io.store import open_source
 
 Framework = Literal["torch", "numpy"]
@@ -271,26 +272,21 @@ def plan_jobs(spans: Sequence[Span], chunk: int | None = None) -> list[ReadJob]:
     if chunk < 1:
         raise UsageError(f"chunk must be at least 1 byte, not {chunk}")
     order = sorted(range(len(spans)), key=lambda k: (spans[k].source.name, spans[k].offset))
-    jobs: list[ReadJob] = []
-    cur: ReadJob | None = None
-    for k in order:
-        s = spans[k]
-        pos = 0
-        while pos < s.nbytes:
-            if (
-                cur is None
-                or cur.source is not s.source
-                or cur.offset + cur.length != s.offset + pos
-                or cur.length >= chunk
-                or len(cur.parts) >= IOV_MAX
-            ):
-                cur = ReadJob(source=s.source, offset=s.offset + pos)
-                jobs.append(cur)
-            n = min(s.nbytes - pos, chunk - cur.length)
-            cur.parts.append((k, pos, n))
-            cur.length += n
-            pos += n
-    return jobs
+    runs = coalesce(
+        [(spans[k].offset, spans[k].nbytes) for k in order],
+        max_run=chunk,
+        max_parts=IOV_MAX,
+        streams=[spans[k].source for k in order],
+    )
+    return [
+        ReadJob(
+            spans[order[r.parts[0][0]]].source,
+            r.offset,
+            r.length,
+            [(order[i], start, n) for i, start, n in r.parts],
+        )
+        for r in runs
+    ]
 
 
 def job_size(total: int, workers: int) -> int:

@@ -75,6 +75,7 @@ from safeshard.checkpoint import quant_configs, read_json_file
 from safeshard.errors import TensorParallelError, UsageError
 from safeshard.format.header import DTYPE_BITS, TensorInfo
 from safeshard.format.quant import config_settings
+from safeshard.io.ranges import coalesce as ranges_coalesce
 
 __all__ = [
     "LOCAL_GAP",
@@ -665,26 +666,6 @@ def coalesce(
     ranges it covers. A gap is read through when it is at most ``gap`` bytes, smallest
     gaps first, as long as all reads together stay within ``overread ×`` the ranges'
     bytes."""
-    if not ranges:
-        return []
     useful = sum(n for _, n in ranges)
-    allowance = int((overread - 1.0) * useful)
-    gaps = [(ranges[i + 1][0] - (ranges[i][0] + ranges[i][1]), i) for i in range(len(ranges) - 1)]
-    bridge = [False] * len(gaps)
-    for g, i in sorted(gaps):
-        if g > gap or g > allowance:
-            break
-        allowance -= g
-        bridge[i] = True
-    reads: list[tuple[int, int, list[tuple[int, int]]]] = []
-    cur_off, cur_pieces = ranges[0][0], [ranges[0]]
-    for i in range(1, len(ranges)):
-        if bridge[i - 1]:
-            cur_pieces.append(ranges[i])
-        else:
-            last = cur_pieces[-1]
-            reads.append((cur_off, last[0] + last[1] - cur_off, cur_pieces))
-            cur_off, cur_pieces = ranges[i][0], [ranges[i]]
-    last = cur_pieces[-1]
-    reads.append((cur_off, last[0] + last[1] - cur_off, cur_pieces))
-    return reads
+    runs = ranges_coalesce(ranges, gap=gap, allowance=int((overread - 1.0) * useful))
+    return [(r.offset, r.length, [ranges[i] for i, _, _ in r.parts]) for r in runs]
