@@ -240,14 +240,13 @@ class Streamer:
             load,
             unload,
             prefetch=prefetch,
-            auto=self.lc._auto,
             label=self.label,
             reserve=floor,
             share=share,
         )
         self.engine.check()
         init_buffers(model, self.device)
-        self.maps = MappedShards(self.lc._files, self.backend, workers=workers, drop_cache=drop)
+        self.maps = MappedShards(self.lc.files, self.backend, workers=workers, drop_cache=drop)
         self.experts: ExpertStore | None = None
         if layers:
             self.experts = ExpertStore(
