@@ -91,7 +91,8 @@ class _Run:
 
 
 def plan_runs(pieces: Sequence[Extent], chunk: int | None = None) -> list[_Run]:
-    """Join ``pieces`` (skipping empty ones) into runs of at most ``chunk`` bytes."""
+    """Join ``pieces`` (skipping empty ones) into runs of at most ``chunk`` bytes: contiguous
+    pieces of one source, in order (:func:`safeshard.io.ranges.coalesce`)."""
     limit = COPY_CHUNK if chunk is None else chunk
     runs = coalesce(
         [(p.offset, p.nbytes) for p in pieces], max_run=limit, streams=[p.source for p in pieces]

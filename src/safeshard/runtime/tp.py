@@ -665,7 +665,7 @@ def coalesce(
     Each read is ``(offset, length, pieces)`` where ``pieces`` are the ``(offset, length)``
     ranges it covers. A gap is read through when it is at most ``gap`` bytes, smallest
     gaps first, as long as all reads together stay within ``overread ×`` the ranges'
-    bytes."""
+    bytes (the one coalescer, :func:`safeshard.io.ranges.coalesce`)."""
     useful = sum(n for _, n in ranges)
     runs = ranges_coalesce(ranges, gap=gap, allowance=int((overread - 1.0) * useful))
     return [(r.offset, r.length, [ranges[i] for i, _, _ in r.parts]) for r in runs]

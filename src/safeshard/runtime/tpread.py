@@ -1,7 +1,7 @@
 """Reading a rank's tensor-parallel slices: only their bytes, scattered into the tensors.
 
 The slices come from :mod:`safeshard.tp`. Each slice's byte ranges are grouped into
-reads by :func:`safeshard.tp.coalesce`; a read is one scatter read (``os.preadv`` for a
+reads by :func:`safeshard.runtime.tp.coalesce`; a read is one scatter read (``os.preadv`` for a
 local file, parallel ranged GETs for an object in storage) whose buffers are the pieces
 of the destination tensor and, for a gap read through, a scratch buffer whose bytes are
 dropped. Reads are cut into jobs of at most :data:`safeshard.runtime.readers.CHUNK_BYTES` and run on
