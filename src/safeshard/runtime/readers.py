@@ -1,10 +1,11 @@
 """Reading a checkpoint's tensors: parallel positional reads into owned tensors.
 
-:func:`read_tensors` (behind :func:`safeshard.load`) reads tensors of a file, a folder
-or an index into freshly allocated tensor memory. The work is cut into *read jobs*: each job is one
-contiguous byte range of one shard, at most :data:`CHUNK_BYTES` long, scattered
-with a single ``os.preadv`` straight into the destination tensors (a big tensor
-is split over several jobs, adjacent small tensors share one). A thread pool runs
+:func:`read_tensors` (behind :func:`safeshard.load`) reads tensors of a file, a
+folder or an index into freshly allocated tensor memory. The work is cut into *read
+jobs* (:func:`plan_jobs`): each job is one contiguous byte range of one shard, at most
+:data:`CHUNK_BYTES` long, scattered with a single ``os.preadv`` straight into the
+destination tensors (a big tensor is split over several jobs, adjacent small tensors
+share one). A thread pool runs
 the jobs; large reads release the GIL, so threads overlap disk reads, page faults
 and copies.
 
