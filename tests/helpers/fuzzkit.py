@@ -70,7 +70,7 @@ from safeshard import errors
 from safeshard.errors import SafeshardError
 from safeshard.format.header import DTYPE_BITS
 from safeshard.io import copier as hashcopy
-from safeshard.runtime.load import NUMPY_DTYPES
+from safeshard.runtime.readers import NUMPY_DTYPES
 
 # --------------------------------------------------------------------------- JSON
 

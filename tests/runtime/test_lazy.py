@@ -32,7 +32,7 @@ from safeshard.format.index import index_json, shard_name
 from safeshard.io.bytesrc import LocalFile
 from safeshard.ops.synth import PRESETS, synthesize
 
-L = importlib.import_module("safeshard.runtime.load")
+L = importlib.import_module("safeshard.runtime.readers")
 
 
 def fill(name: str, n: int) -> bytes:

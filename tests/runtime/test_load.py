@@ -36,7 +36,7 @@ from safeshard.io.bytesrc import Extent, LocalFile
 from safeshard.ops.synth import PRESETS, synthesize
 
 # `safeshard.load` is the function; the module is reached through sys.modules.
-L = importlib.import_module("safeshard.runtime.load")
+L = importlib.import_module("safeshard.runtime.readers")
 
 TORCH_DTYPES = sorted(d for d, attr in L.TORCH_DTYPES.items() if hasattr(torch, attr))
 SUBBYTE = ("F4", "F6_E2M3", "F6_E3M2")

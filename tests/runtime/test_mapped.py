@@ -11,8 +11,8 @@ import torch
 import safeshard
 from conftest import write_st
 from safeshard.checkpoint import open_checkpoint
-from safeshard.runtime.load import ShardFiles, TorchBackend
 from safeshard.runtime.mapped import PAGE, MappedShards
+from safeshard.runtime.readers import ShardFiles, TorchBackend
 
 
 def fill(name: str, n: int) -> bytes:
@@ -104,6 +104,32 @@ def test_released_tensors_stay_readable(shard: Path) -> None:
         before = raw(t)
         maps.release([e])
         assert raw(t) == before  # the pages are read again on touch
+    finally:
+        maps.close()
+        files.close()
+
+
+def test_unsupported_raw_gives_the_stored_bytes_flat(tmp_path: Path) -> None:
+    # F4 has no torch dtype: with unsupported="raw" a view is its stored bytes, as load gives
+    f = write_st(tmp_path / "m.safetensors", {"f4": ("F4", [4, 8]), "none": ("F4", [0])}, fill=fill)
+    want = safeshard.load(f, unsupported="raw")
+    files = ShardFiles(open_checkpoint(f))
+    maps = MappedShards(files, TorchBackend(), workers=1, unsupported="raw")
+    try:
+        info = files.ckpt.entries["f4"].info
+        t = maps.tensor(info)
+        assert t.dtype == torch.uint8 and raw(t) == raw(want["f4"])
+        rows = maps.read_rows(info, [3, 1])
+        assert (
+            tuple(rows.shape) == (2, 4)
+            and raw(rows) == raw(want["f4"])[12:16] + raw(want["f4"])[4:8]
+        )
+        empty = maps.tensor(files.ckpt.entries["none"].info)
+        assert empty.dtype == torch.uint8 and empty.numel() == 0
+        strict = MappedShards(files, TorchBackend(), workers=1)
+        with pytest.raises(safeshard.UnsupportedDtypeError):
+            strict.tensor(info)
+        strict.close()
     finally:
         maps.close()
         files.close()

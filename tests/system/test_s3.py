@@ -362,8 +362,8 @@ def test_streaming_needs_local_files(tiny: Path, s3: S3) -> None:
 
     base, opts = s3
     safeshard.split(tiny, f"{base}/st", max_shard_size="100MB", storage_options=opts)
-    from safeshard.runtime.load import ShardFiles, TorchBackend
     from safeshard.runtime.mapped import MappedShards
+    from safeshard.runtime.readers import ShardFiles, TorchBackend
 
     ckpt = safeshard.open_checkpoint(f"{base}/st", storage_options=opts)
     with ShardFiles(ckpt) as files, pytest.raises(UsageError, match="must be local files"):

@@ -59,7 +59,7 @@ from safeshard.cli.app import (
 )
 from safeshard.errors import MissingExtraError, SafeshardError, UsageError
 from safeshard.io.store import is_remote
-from safeshard.runtime.load import default_workers
+from safeshard.runtime.readers import default_workers
 from safeshard.sizes import format_size
 
 LOAD_VARIANTS = ("sequential", "parallel", "walk", "baseline")
@@ -448,7 +448,7 @@ def _v_fault(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from safeshard.runtime.load import CHUNK_BYTES
+    from safeshard.runtime.readers import CHUNK_BYTES
 
     ckpt = open_checkpoint(spec["path"], storage_options=spec.get("storage_options"))
     bufs = [torch.empty(e.info.nbytes, dtype=torch.uint8) for e in ckpt.entries.values()]

@@ -121,7 +121,7 @@ def run_cmd(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    from safeshard.runtime.load import import_torch
+    from safeshard.runtime.readers import import_torch
     from safeshard.runtime.stream import empty_model, stream, streamer_of
     from safeshard.runtime.textgen import TextStreamer, load_tokenizer
     from safeshard.runtime.textgen import prompt_ids as encode

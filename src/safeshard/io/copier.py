@@ -54,6 +54,7 @@ from safeshard.io.bytesrc import (
     read_into,
 )
 from safeshard.io.localfs import CHUNK, advise_sequential, copy_range
+from safeshard.io.ranges import coalesce
 
 COPY_CHUNK = 64 * 1024 * 1024
 """Largest run copied (and handed to the digest thread) at once."""
@@ -90,26 +91,13 @@ class _Run:
 
 
 def plan_runs(pieces: Sequence[Extent], chunk: int | None = None) -> list[_Run]:
-    """Join ``pieces`` (skipping empty ones) into runs of at most ``chunk`` bytes."""
+    """Join ``pieces`` (skipping empty ones) into runs of at most ``chunk`` bytes: contiguous
+    pieces of one source, in order (:func:`safeshard.io.ranges.coalesce`)."""
     limit = COPY_CHUNK if chunk is None else chunk
-    runs: list[_Run] = []
-    cur: _Run | None = None
-    for i, p in enumerate(pieces):
-        pos = 0
-        while pos < p.nbytes:
-            if (
-                cur is None
-                or cur.source is not p.source
-                or cur.offset + cur.nbytes != p.offset + pos
-                or cur.nbytes >= limit
-            ):
-                cur = _Run(p.source, p.offset + pos)
-                runs.append(cur)
-            n = min(p.nbytes - pos, limit - cur.nbytes)
-            cur.parts.append((i, pos, n))
-            cur.nbytes += n
-            pos += n
-    return runs
+    runs = coalesce(
+        [(p.offset, p.nbytes) for p in pieces], max_run=limit, streams=[p.source for p in pieces]
+    )
+    return [_Run(pieces[r.parts[0][0]].source, r.offset, r.length, r.parts) for r in runs]
 
 
 class _Digests:

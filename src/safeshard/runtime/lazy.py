@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
 import weakref
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,9 @@ from safeshard.checkpoint import open_checkpoint
 from safeshard.errors import BudgetError, CheckpointClosedError, UsageError
 from safeshard.format.blocks import Group, group_tensors, model_order
 from safeshard.format.header import TensorInfo
-from safeshard.runtime.load import (
+from safeshard.runtime.budgeted import BudgetedReads
+from safeshard.runtime.membudget import BudgetSpec, resolve_budget
+from safeshard.runtime.readers import (
     Framework,
     ShardFiles,
     Unsupported,
@@ -51,8 +52,8 @@ from safeshard.runtime.load import (
     check_workers,
     read_tensors,
 )
-from safeshard.runtime.membudget import BudgetSpec, resolve_budget
 from safeshard.runtime.residency import Residency, Stopped
+from safeshard.runtime.tpread import rank_plan, read_slices
 from safeshard.sizes import format_size
 
 __all__ = ["LazyCheckpoint", "open"]
@@ -79,7 +80,7 @@ class LazyCheckpoint(Mapping[str, Any]):
     ) -> None:
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise UsageError(f"prefetch must be a non-negative integer, not {prefetch!r}")
-        fixed, self._auto = resolve_budget(max_resident_bytes)
+        fixed, auto = resolve_budget(max_resident_bytes)
         self.prefetch = prefetch
         self.workers = check_workers(workers)
         self.unsupported = unsupported
@@ -87,13 +88,12 @@ class LazyCheckpoint(Mapping[str, Any]):
         self._ckpt = open_checkpoint(path, storage_options=storage_options)
         self._order = model_order(list(self._ckpt.entries))
         self._groups = group_tensors(self._order)
-        self._res = Residency(fixed, label=self.path)
+        self._res = Residency(fixed, auto=auto, label=self.path)
         self._cond = self._res.cond
-        if self._auto is not None:
-            self._res.set_budget(self._auto.budget(0))
-        self._walkers: set[threading.Thread] = set()
+        self._life = BudgetedReads(
+            self._res, closed_message=f"{self.path}: this lazy checkpoint is closed"
+        )
         self._walks: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
-        self._closed = False
         self._pool = (
             ThreadPoolExecutor(self.workers, thread_name_prefix="safeshard-lazy")
             if self.workers > 1
@@ -102,8 +102,6 @@ class LazyCheckpoint(Mapping[str, Any]):
         self._tp: Any = None
         self.tp_stats = tp_stats
         if tp_plan is not None:
-            from safeshard.runtime.tpread import rank_plan
-
             self._tp = rank_plan(self._ckpt, tp_plan, rank, world_size, tp_config)
         self._files = ShardFiles(self._ckpt)
 
@@ -159,8 +157,6 @@ class LazyCheckpoint(Mapping[str, Any]):
 
     def _read(self, infos: Sequence[TensorInfo]) -> dict[str, Any]:
         if self._tp is not None:
-            from safeshard.runtime.tpread import read_slices
-
             return read_slices(
                 self._files,
                 self._backend,
@@ -179,6 +175,11 @@ class LazyCheckpoint(Mapping[str, Any]):
             pool=self._pool,
             unsupported=self.unsupported,
         )
+
+    @property
+    def files(self) -> ShardFiles:
+        """The open shards (for readers that share them, such as memory maps)."""
+        return self._files
 
     @property
     def budget(self) -> int | None:
@@ -214,16 +215,12 @@ class LazyCheckpoint(Mapping[str, Any]):
     def refresh_budget(self) -> int | None:
         """Re-read the memory available now (``max_resident_bytes="auto"`` only) and
         return the budget; a fixed budget is returned unchanged."""
-        if self._auto is not None:
-            with self._cond:
-                self._res.set_budget(self._auto.budget(self._res.resident_bytes, force=True))
+        self._life.follow_memory(force=True)
         return self._res.budget
 
     def _follow_memory(self) -> None:
         """With an automatic budget, re-read the memory available if it is time to."""
-        if self._auto is not None and self._auto.due():
-            with self._cond:
-                self._res.set_budget(self._auto.budget(self._res.resident_bytes))
+        self._life.follow_memory()
 
     # ------------------------------------------------------------------ walking
 
@@ -280,7 +277,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         failed: dict[int, BaseException] = {}
 
         def stopped() -> bool:
-            return bool(state["stop"]) or self._closed
+            return bool(state["stop"]) or self._life.closed
 
         def reader() -> None:
             i = 0
@@ -304,17 +301,14 @@ class LazyCheckpoint(Mapping[str, Any]):
                     failed[i] = e
                     self._cond.notify_all()
 
-        thread = threading.Thread(target=reader, name="safeshard-prefetch", daemon=True)
-        with self._cond:
-            self._walkers.add(thread)
-        thread.start()
+        thread = self._life.start(reader, "safeshard-prefetch")
         try:
             for i, g in enumerate(groups):
                 with self._cond:
                     state["pos"] = i
                     self._cond.notify_all()
                     while i not in ready and i not in failed:
-                        if self._closed:
+                        if self._life.closed:
                             raise CheckpointClosedError(f"{self.path}: closed during a layer walk")
                         self._cond.wait()
                     if i in failed:
@@ -330,8 +324,8 @@ class LazyCheckpoint(Mapping[str, Any]):
                 state["stop"] = True
                 self._cond.notify_all()
             thread.join()
+            self._life.finished(thread)
             with self._cond:
-                self._walkers.discard(thread)
                 for i, (_, added) in ready.items():  # prefetched but never yielded
                     self._unpin(groups[i].tensors, drop=added, locked=True)
                 ready.clear()
@@ -370,24 +364,23 @@ class LazyCheckpoint(Mapping[str, Any]):
                 if pin:
                     self._unpin(list(have), locked=True)
                 raise
-        try:
-            got = self._read(missing) if missing else {}
-        except BaseException:
-            with self._cond:
-                if hold:
-                    res.unreserve(need)
-                if pin:
-                    self._unpin(list(have), locked=True)
-            raise
+
+        def failed(_: BaseException) -> None:
+            if pin:
+                self._unpin(list(have), locked=True)
+
+        got = self._life.read(
+            need if hold else 0, lambda: self._read(missing) if missing else {}, failed=failed
+        )
         with self._cond:
             if hold:
-                for k, i in enumerate(missing):
-                    fresh = i.name not in res
-                    # the whole reservation goes back with the first add
-                    got[i.name] = res.add(
-                        i.name, got[i.name], self._size(i), reserved=need if k == 0 else 0
-                    )
-                    if fresh and added is not None:
+                fresh = [i.name not in res for i in missing]
+                held = self._life.hold(
+                    [(i.name, got[i.name], self._size(i)) for i in missing], reserved=need
+                )
+                for i, value, new in zip(missing, held, fresh, strict=True):
+                    got[i.name] = value
+                    if new and added is not None:
                         added.append(i.name)
                     if pin:
                         res.pin(i.name)
@@ -406,14 +399,8 @@ class LazyCheckpoint(Mapping[str, Any]):
                 " raise the budget"
             )
 
-        def stopped() -> bool:
-            if stop is not None and stop():
-                return True
-            self._check_open()
-            return False
-
-        return self._res.reserve(
-            need, wait=wait, stop=stopped, what=f"reading {len(missing)} tensor(s)"
+        return self._life.reserve(
+            need, wait=wait, stop=stop, what=f"reading {len(missing)} tensor(s)"
         )
 
     def _unpin(
@@ -430,24 +417,17 @@ class LazyCheckpoint(Mapping[str, Any]):
     # ------------------------------------------------------------------ lifetime
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise CheckpointClosedError(f"{self.path}: this lazy checkpoint is closed")
+        self._life.check_open()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._life.closed
 
     def close(self) -> None:
         """Stop walks, release holdings, close the shard files. Safe to call twice."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-            walkers = list(self._walkers)
-        for t in walkers:
-            if t is not threading.current_thread():
-                t.join()
+        self._life.close(self._release_all)
+
+    def _release_all(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._res.clear()
@@ -465,12 +445,13 @@ class LazyCheckpoint(Mapping[str, Any]):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        life = getattr(self, "_life", None)
+        if life is not None and not life.closed:
             with contextlib.suppress(Exception):  # best effort at interpreter exit
                 self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._res)} held"
+        state = "closed" if self.closed else f"{len(self._res)} held"
         return f"<LazyCheckpoint {self.path!r}: {len(self)} tensors, {state}>"
 
 

@@ -44,7 +44,7 @@ from typing import Any
 from safeshard.errors import UsageError, read_error
 from safeshard.format.header import TensorInfo
 from safeshard.io.bytesrc import Extent
-from safeshard.runtime.load import ShardFiles, TorchBackend, check_dtype, plan_jobs, run_all
+from safeshard.runtime.readers import ShardFiles, TorchBackend, check_dtype, plan_jobs, run_all
 
 __all__ = ["POPULATE_CHUNK", "Extent", "MappedShards"]
 
@@ -143,8 +143,9 @@ class MappedShards:
         check_dtype(self.backend, info, self.files.ckpt.path_of(info.name), self.unsupported)
         dtype = self.backend.native_dtype(info.dtype)
         span = self.files.span(info)
-        assert dtype is not None  # check_dtype refused the others
         if info.nbytes == 0:
+            if dtype is None:  # unsupported="raw": no stored bytes
+                return torch.empty(0, dtype=torch.uint8)
             return torch.empty(info.shape, dtype=dtype)
         raw = torch.frombuffer(
             self._maps[span.source.name].mm,
@@ -152,6 +153,8 @@ class MappedShards:
             count=span.nbytes,
             offset=span.offset,
         )
+        if dtype is None:  # unsupported="raw": the stored bytes, flat, as load gives them
+            return raw
         if span.offset % dtype.itemsize:
             raw = raw.clone()
         return raw.view(dtype).reshape(info.shape)
@@ -180,6 +183,8 @@ class MappedShards:
             ]
             jobs = plan_jobs(spans)
             run_all(lambda j: self.files.run(j, spans, views), jobs, 1)
+        if dtype is None:  # unsupported="raw": each row's stored bytes
+            return out.reshape((len(rows), row_bytes))
         return out.view(dtype).reshape((len(rows), *info.shape[1:]))
 
     # ------------------------------------------------------------------ pages

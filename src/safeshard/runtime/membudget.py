@@ -266,13 +266,11 @@ class AutoBudget:
         """The budget now, for a caller that holds ``held`` bytes."""
         if force or self.due() or not self.readings:
             self.refresh()
-        best: int | None = None
-        for r in self.readings:
+        allowed: list[int] = []
+        for r in self.readings:  # never empty: refresh() refuses no readings
             total = r.available + (0 if r.counts_cache else held)
-            allowed = max(0, total - max(self.min_margin, int(total * self.margin)))
-            best = allowed if best is None else min(best, allowed)
-        assert best is not None
-        return best
+            allowed.append(max(0, total - max(self.min_margin, int(total * self.margin))))
+        return min(allowed)
 
     def describe(self) -> str:
         """Which reading limits the budget, for messages."""

@@ -35,8 +35,8 @@ from safeshard.format.blocks import group_tensors, model_order
 from safeshard.format.header import TensorInfo
 from safeshard.runtime.convert import Fused, plan_conversion
 from safeshard.runtime.lazy import LazyCheckpoint
-from safeshard.runtime.load import TorchBackend, import_torch
 from safeshard.runtime.prefetch import Unit
+from safeshard.runtime.readers import TorchBackend, import_torch
 
 __all__ = [
     "GPTQ",

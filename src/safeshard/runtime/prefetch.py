@@ -29,12 +29,14 @@ memory available and plans again: a smaller budget releases resident units at on
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from safeshard.errors import BudgetError, CheckpointClosedError, UsageError
+from safeshard.errors import BudgetError, UsageError
+from safeshard.runtime.budgeted import BudgetedReads
 from safeshard.runtime.membudget import AutoBudget
 from safeshard.runtime.residency import Residency, Stopped
 from safeshard.sizes import format_size
@@ -102,7 +104,6 @@ class Engine:
         self._load = load
         self._unload = unload
         self.prefetch = prefetch
-        self.auto = auto
         self.label = label
         self.reserve = reserve
         """The least the holdings outside the units need at once (the experts of one MoE
@@ -122,17 +123,27 @@ class Engine:
         self._depth = 0
         self._demand = False
         self._wanted: dict[str, int] = {}  # units the caller waits for
-        self._closed = False
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
         self.trace: list[tuple[str, str]] | None = None
         """Set to a list to record ``(event, unit key)``: acquire, release, load-start,
         load-done (by the reader), load-inline, evict."""
-        residency.on_evict_hooks.append(self._evicted)
+        self._life = BudgetedReads(
+            residency,
+            closed_message=f"{label}: the streamed model was closed",
+            on_evict=self._evicted,
+        )
         with self._cond:
             if auto is not None:
-                residency.set_budget(auto.budget(residency.resident_bytes, force=True))
+                residency.follow(auto)
+            else:
+                residency.follow_memory(force=True)
             self.plan()
+
+    @property
+    def auto(self) -> AutoBudget | None:
+        """The automatic budget the residency follows, if any."""
+        return self.res.auto
 
     # ------------------------------------------------------------------ planning
 
@@ -246,11 +257,8 @@ class Engine:
         """With an automatic budget, re-read the memory available (if due, or ``force``)
         and plan again; returns the budget."""
         with self._cond:
-            if self.auto is not None and (force or self.auto.due()):
-                before = self.res.budget
-                self.res.set_budget(self.auto.budget(self.res.resident_bytes, force=True))
-                if self.res.budget != before:
-                    self.plan()
+            if self._life.follow_memory(force=force):
+                self.plan()
             return self.res.budget
 
     # ------------------------------------------------------------------ passes
@@ -380,16 +388,14 @@ class Engine:
                 if left:
                     self._wanted[key] = left
             self._start_reader()
-        try:
-            value = self._load(u)
-        except BaseException:
-            with self._cond:
-                self._reading.pop(key, None)
-                self.res.unreserve(u.nbytes)
-            raise
+
+        def failed(_: BaseException) -> None:
+            self._reading.pop(key, None)
+
+        value = self._life.read(u.nbytes, lambda: self._load(u), failed=failed)
         with self._cond:
             self._reading.pop(key, None)
-            value = self.res.add(key, value, u.nbytes, reserved=u.nbytes)
+            (value,) = self._life.hold([(key, value, u.nbytes)], reserved=u.nbytes)
             self.res.pin(key)
             self._in_use[key] = self._in_use.get(key, 0) + 1
             self._loaded(u, inline=True)
@@ -476,11 +482,8 @@ class Engine:
     # ------------------------------------------------------------------ reader
 
     def _start_reader(self) -> None:
-        if self.prefetch and self._thread is None and not self._closed:
-            self._thread = threading.Thread(
-                target=self._run, name="safeshard-stream-prefetch", daemon=True
-            )
-            self._thread.start()
+        if self.prefetch and self._thread is None and not self._life.closed:
+            self._thread = self._life.start(self._run, "safeshard-stream-prefetch")
 
     def _targets(self) -> list[Unit]:
         return [
@@ -493,7 +496,7 @@ class Engine:
         while True:
             with self._cond:
                 while True:
-                    if self._closed:
+                    if self._life.closed:
                         return
                     targets = [] if self._demand else self._targets()
                     if targets:
@@ -503,11 +506,15 @@ class Engine:
 
                 def stop(key: str = u.key) -> bool:
                     return (
-                        self._closed or self._demand or key not in {t.key for t in self._targets()}
+                        self._life.closed
+                        or self._demand
+                        or key not in {t.key for t in self._targets()}
                     )
 
                 try:
-                    self.res.reserve(u.nbytes, wait=True, evict=False, stop=stop, what=repr(u.key))
+                    self._life.reserve(
+                        u.nbytes, wait=True, evict=False, stop=stop, what=repr(u.key)
+                    )
                 except Stopped:
                     continue
                 except BudgetError as e:
@@ -523,14 +530,15 @@ class Engine:
                     continue
                 self._reading[u.key] = u.nbytes
                 self._trace("load-start", u.key)
+
+            def failed(e: BaseException, key: str = u.key) -> None:
+                self._reading.pop(key, None)
+                self._failed[key] = e
+                self._cond.notify_all()
+
             try:
-                value = self._load(u)
-            except BaseException as e:
-                with self._cond:
-                    self._reading.pop(u.key, None)
-                    self.res.unreserve(u.nbytes)
-                    self._failed[u.key] = e
-                    self._cond.notify_all()
+                value = self._life.read(u.nbytes, functools.partial(self._load, u), failed=failed)
+            except BaseException:
                 continue
             with self._cond:
                 self._reading.pop(u.key, None)
@@ -539,7 +547,7 @@ class Engine:
                     self._unload(u, value)
                     self._cond.notify_all()
                     return
-                self.res.add(u.key, value, u.nbytes, reserved=u.nbytes)
+                self._life.hold([(u.key, value, u.nbytes)], reserved=u.nbytes)
                 self._loaded(u, inline=False)
                 self._drop_stale()
 
@@ -571,27 +579,19 @@ class Engine:
     # ------------------------------------------------------------------ lifetime
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise CheckpointClosedError(f"{self.label}: the streamed model was closed")
+        self._life.check_open()
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._life.closed
 
     def close(self) -> None:
         """Stop the reader and release everything held. Safe to call twice."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self._life.close(self._release_all)
+
+    def _release_all(self) -> None:
         with self._cond:
             self._kept.clear()
             self._in_use.clear()
             for key in [k for k in self.res if k in self.by_key]:
                 self.res.discard(key, force=True)
-            if self._evicted in self.res.on_evict_hooks:
-                self.res.on_evict_hooks.remove(self._evicted)

@@ -13,6 +13,13 @@ values are opaque, sizes are what the caller says they are.
 - *The budget*: ``held + reserved <= budget`` at all times, except that lowering the
   budget with :meth:`Residency.set_budget` does not take back what is held; the
   owner releases it (the streaming runner does so at once for what is not in use).
+  The residency owns it: a fixed number, none, or an automatic budget
+  (:class:`~safeshard.runtime.membudget.AutoBudget`, ``max_resident_bytes="auto"``)
+  that :meth:`Residency.follow_memory` re-reads.
+
+The lifecycle of a reader under the budget (reserve, read, hold, evict, stop and
+close) is :class:`safeshard.runtime.budgeted.BudgetedReads`, shared by the lazy
+checkpoint and the streaming engine.
 
 Every method takes the lock itself. The lock is re-entrant, so an owner can hold
 ``residency.cond`` around several calls that must happen together, and wait on it.
@@ -26,6 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from safeshard.errors import BudgetError
+from safeshard.runtime.membudget import AutoBudget
 from safeshard.sizes import format_size
 
 __all__ = ["Residency", "Stopped"]
@@ -41,6 +49,8 @@ class Residency:
     Each function in :attr:`on_evict_hooks` (``on_evict`` to start with) is called as
     ``hook(key, value)``, lock held, whenever an entry leaves, by eviction,
     :meth:`discard` or :meth:`clear`. ``label`` starts error messages (a path, usually).
+    With ``auto``, the budget follows the memory available (``budget`` is then ignored):
+    it is read now and again by :meth:`follow_memory`.
     """
 
     def __init__(
@@ -49,10 +59,13 @@ class Residency:
         *,
         label: str = "",
         on_evict: Callable[[str, Any], None] | None = None,
+        auto: AutoBudget | None = None,
     ) -> None:
         self.cond = threading.Condition(threading.RLock())
         self.label = label
-        self._budget = budget
+        self.auto = auto
+        """The automatic budget the budget follows, or None for a fixed one."""
+        self._budget = auto.budget(0) if auto is not None else budget
         self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._pins: dict[str, int] = {}
         self._held = 0
@@ -74,6 +87,23 @@ class Residency:
         with self.cond:
             self._budget = budget
             self.cond.notify_all()
+
+    def follow(self, auto: AutoBudget) -> None:
+        """Make the budget follow ``auto`` from now on (read at once)."""
+        with self.cond:
+            self.auto = auto
+            self.follow_memory(force=True)
+
+    def follow_memory(self, *, force: bool = False) -> bool:
+        """With an automatic budget, re-read the memory available if it is time to (or
+        ``force``) and set the budget from it; True if the budget changed."""
+        with self.cond:
+            auto = self.auto
+            if auto is None or not (force or auto.due()):
+                return False
+            before = self._budget
+            self.set_budget(auto.budget(self._held + self._reserved, force=True))
+            return self._budget != before
 
     def fits(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more would stay within the budget now."""

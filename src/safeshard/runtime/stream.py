@@ -55,7 +55,6 @@ from safeshard.runtime import heads
 from safeshard.runtime.experts import ExpertLayer, ExpertStats, ExpertStore, find_expert_layers
 from safeshard.runtime.experts import install as install_expert_hooks
 from safeshard.runtime.lazy import LazyCheckpoint
-from safeshard.runtime.load import TorchBackend, import_torch, parse_device
 from safeshard.runtime.mapped import MappedShards
 from safeshard.runtime.membudget import BudgetSpec, read_memory
 from safeshard.runtime.modelmap import (
@@ -69,6 +68,7 @@ from safeshard.runtime.modelmap import (
     plan_units,
 )
 from safeshard.runtime.prefetch import Engine, Unit
+from safeshard.runtime.readers import TorchBackend, import_torch, parse_device
 from safeshard.sizes import format_size
 
 __all__ = ["STREAM_WORKERS", "StreamStats", "Streamer", "empty_model", "stream", "streamer_of"]
@@ -240,14 +240,13 @@ class Streamer:
             load,
             unload,
             prefetch=prefetch,
-            auto=self.lc._auto,
             label=self.label,
             reserve=floor,
             share=share,
         )
         self.engine.check()
         init_buffers(model, self.device)
-        self.maps = MappedShards(self.lc._files, self.backend, workers=workers, drop_cache=drop)
+        self.maps = MappedShards(self.lc.files, self.backend, workers=workers, drop_cache=drop)
         self.experts: ExpertStore | None = None
         if layers:
             self.experts = ExpertStore(

@@ -75,6 +75,7 @@ from safeshard.checkpoint import quant_configs, read_json_file
 from safeshard.errors import TensorParallelError, UsageError
 from safeshard.format.header import DTYPE_BITS, TensorInfo
 from safeshard.format.quant import config_settings
+from safeshard.io.ranges import coalesce as ranges_coalesce
 
 __all__ = [
     "LOCAL_GAP",
@@ -625,23 +626,23 @@ def _merge(parts: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 def byte_ranges(sl: TensorSlice) -> list[tuple[int, int]]:
     """``(offset, length)`` of the slice's bytes inside the tensor's bytes, in order; the
     slice is their concatenation. Adjacent ranges are merged."""
-    if sl.whole:
+    dim = sl.dim
+    if dim is None or sl.whole:
         return [(0, sl.nbytes)] if sl.nbytes else []
     if sl.dtype not in DTYPE_BITS or DTYPE_BITS[sl.dtype] % 8:
         raise TensorParallelError(
             f"tensor {sl.name!r} has dtype {sl.dtype}, whose elements are not whole bytes; "
             "it can only be replicated (plan it 'replicate')"
         )
-    assert sl.dim is not None  # whole covers None
     shape = sl.full_shape
     item = DTYPE_BITS[sl.dtype] // 8
     inner = item
-    for d in shape[sl.dim + 1 :]:
+    for d in shape[dim + 1 :]:
         inner *= d
     outer = 1
-    for d in shape[: sl.dim]:
+    for d in shape[:dim]:
         outer *= d
-    row = shape[sl.dim] * inner
+    row = shape[dim] * inner
     out: list[tuple[int, int]] = []
     for o in range(outer):
         base = o * row
@@ -664,27 +665,7 @@ def coalesce(
     Each read is ``(offset, length, pieces)`` where ``pieces`` are the ``(offset, length)``
     ranges it covers. A gap is read through when it is at most ``gap`` bytes, smallest
     gaps first, as long as all reads together stay within ``overread ×`` the ranges'
-    bytes."""
-    if not ranges:
-        return []
+    bytes (the one coalescer, :func:`safeshard.io.ranges.coalesce`)."""
     useful = sum(n for _, n in ranges)
-    allowance = int((overread - 1.0) * useful)
-    gaps = [(ranges[i + 1][0] - (ranges[i][0] + ranges[i][1]), i) for i in range(len(ranges) - 1)]
-    bridge = [False] * len(gaps)
-    for g, i in sorted(gaps):
-        if g > gap or g > allowance:
-            break
-        allowance -= g
-        bridge[i] = True
-    reads: list[tuple[int, int, list[tuple[int, int]]]] = []
-    cur_off, cur_pieces = ranges[0][0], [ranges[0]]
-    for i in range(1, len(ranges)):
-        if bridge[i - 1]:
-            cur_pieces.append(ranges[i])
-        else:
-            last = cur_pieces[-1]
-            reads.append((cur_off, last[0] + last[1] - cur_off, cur_pieces))
-            cur_off, cur_pieces = ranges[i][0], [ranges[i]]
-    last = cur_pieces[-1]
-    reads.append((cur_off, last[0] + last[1] - cur_off, cur_pieces))
-    return reads
+    runs = ranges_coalesce(ranges, gap=gap, allowance=int((overread - 1.0) * useful))
+    return [(r.offset, r.length, [ranges[i] for i, _, _ in r.parts]) for r in runs]

@@ -1,10 +1,10 @@
 """Reading a rank's tensor-parallel slices: only their bytes, scattered into the tensors.
 
 The slices come from :mod:`safeshard.tp`. Each slice's byte ranges are grouped into
-reads by :func:`safeshard.tp.coalesce`; a read is one scatter read (``os.preadv`` for a
+reads by :func:`safeshard.runtime.tp.coalesce`; a read is one scatter read (``os.preadv`` for a
 local file, parallel ranged GETs for an object in storage) whose buffers are the pieces
 of the destination tensor and, for a gap read through, a scratch buffer whose bytes are
-dropped. Reads are cut into jobs of at most :data:`safeshard.load.CHUNK_BYTES` and run on
+dropped. Reads are cut into jobs of at most :data:`safeshard.runtime.readers.CHUNK_BYTES` and run on
 the same thread pool as :func:`safeshard.load`.
 """
 
@@ -18,16 +18,16 @@ from typing import Any
 
 from safeshard.checkpoint import Checkpoint, open_checkpoint
 from safeshard.format.header import TensorInfo
+from safeshard.gcpause import paused
 from safeshard.io.bytesrc import read_exact
 from safeshard.io.store import translate_errors
-from safeshard.runtime.load import (
+from safeshard.runtime.readers import (
     CHUNK_BYTES,
     Backend,
     ShardFiles,
     backend_for,
     check_dtype,
     check_workers,
-    gc_paused,
     run_all,
 )
 from safeshard.runtime.tp import (
@@ -213,7 +213,7 @@ def load_rank(
     ckpt = open_checkpoint(path, storage_options=storage_options)
     plan = rank_plan(ckpt, tp_plan, rank, world_size, tp_config)
     infos = [e.info for e in ckpt.entries.values()]
-    with ShardFiles(ckpt) as files, gc_paused():
+    with ShardFiles(ckpt) as files, paused():
         return read_slices(
             files, backend, plan, infos, workers=nworkers, unsupported=unsupported, stats=tp_stats
         )
