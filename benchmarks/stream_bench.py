@@ -60,7 +60,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
@@ -97,7 +97,7 @@ def evict(paths: Sequence[Path]) -> None:
 def make_models(work: Path, layers: int, gptq_layers: int, cap: str) -> dict[str, Path]:
     """The bf16 Llama and the GPTQ Llama, split into ``cap`` shards (reused if in ``work``)."""
     sys.path.insert(0, str(SRC))
-    from safeshard.ops import split
+    from safeshard.ops.split import split
     from safeshard.ops.synth import Preset, synthesize
 
     out: dict[str, Path] = {}
@@ -238,7 +238,9 @@ def child(args: argparse.Namespace) -> None:
         import safeshard
         from safeshard.runtime.stream import streamer_of
 
-        granularity = "module" if args.route == "stream-module" else "block"
+        granularity: Literal["block", "module"] = (
+            "module" if args.route == "stream-module" else "block"
+        )
         model = safeshard.stream(
             safeshard.empty_model(folder, dtype=dtype),
             folder,

@@ -45,7 +45,7 @@ def test_interrupt_or_error_during_fsync_removes_the_temp(
     def fail(fd: int) -> None:
         raise exc
 
-    monkeypatch.setattr(fsio.os, "fsync", fail)
+    monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(type(exc)), fsio.AtomicWriter(target) as w:
         w.write(b"data", 0)
     assert not target.exists()
@@ -58,7 +58,7 @@ def test_full_disk_during_fsync_is_disk_full_error(
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsio.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with (
         pytest.raises(DiskFullError, match="disk is full") as e,
         fsio.AtomicWriter(tmp_path / "f.bin") as w,
@@ -149,7 +149,7 @@ def test_a_failed_copy_file_range_falls_back_for_that_copy_only(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(*args)
 
-    monkeypatch.setattr(fsio.os, "copy_file_range", flaky)
+    monkeypatch.setattr(os, "copy_file_range", flaky)
     for i in range(2):
         dst = tmp_path / f"dst{i}.bin"
         sfd = os.open(src, os.O_RDONLY)

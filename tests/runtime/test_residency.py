@@ -18,7 +18,8 @@ from safeshard.runtime.residency import Residency, Stopped
 
 def test_importing_the_accounting_needs_no_torch() -> None:
     code = (
-        "import sys; import safeshard.residency, safeshard.prefetch, safeshard.membudget; "
+        "import sys; import safeshard.runtime.residency, safeshard.runtime.prefetch, "
+        "safeshard.runtime.membudget; "
         "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -238,11 +238,11 @@ def test_merge_onto_a_full_file_system(sources: tuple[Path, Path], tmp_path: Pat
     with small_tmpfs(tmp_path / "small", 40 * MIB) as disk:
         real_free = localfs.free_bytes
         try:  # let the up-front check pass, so the disk fills mid-copy
-            localfs.free_bytes = lambda folder: None  # type: ignore[assignment]
+            localfs.free_bytes = lambda folder: None
             with pytest.raises(DiskFullError, match="disk is full"):
                 safeshard.merge(shards, disk / "merged.safetensors")
         finally:
-            localfs.free_bytes = real_free  # type: ignore[assignment]
+            localfs.free_bytes = real_free
         # and with the check: refused before a byte is written
         with pytest.raises(DiskFullError, match="are free"):
             safeshard.merge(shards, disk / "merged.safetensors")
