@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PY = sys.executable
@@ -43,6 +44,11 @@ def evict(folder: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def evict_then(folder: Path, run: Callable[[], float]) -> float:
+    evict(folder)
+    return run()
 
 
 def timed(src: Path, code: str, *args: str, sync: bool = False) -> float:
@@ -105,12 +111,12 @@ def main() -> int:
         )
         shards = work / "shards"
         timed(trees["after"], SPLIT, str(src), str(shards))
-        ops = {
+        ops: dict[str, Callable[[Path], float]] = {
             "split": lambda t: timed(t, SPLIT, str(src), str(work / "out"), sync=True),
             "merge": lambda t: timed(t, MERGE, str(shards), str(work / "m.safetensors"), sync=True),
             "verify": lambda t: cold(t, VERIFY, shards, src),
             "load warm": lambda t: timed(t, LOAD, str(shards)),
-            "load cold": lambda t: (evict(shards), timed(t, LOAD, str(shards)))[1],
+            "load cold": lambda t: evict_then(shards, lambda: timed(t, LOAD, str(shards))),
         }
         print(f"{'operation':<10} | before s | after s | after/before: median (min, max)")
         for name, op in ops.items():

@@ -60,7 +60,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
@@ -238,7 +238,9 @@ def child(args: argparse.Namespace) -> None:
         import safeshard
         from safeshard.runtime.stream import streamer_of
 
-        granularity = "module" if args.route == "stream-module" else "block"
+        granularity: Literal["block", "module"] = (
+            "module" if args.route == "stream-module" else "block"
+        )
         model = safeshard.stream(
             safeshard.empty_model(folder, dtype=dtype),
             folder,

@@ -320,6 +320,7 @@ def test_the_map() -> None:
 
     assert cli.exit_code(e.UsageError("x")) == 2
     assert cli.exit_code(e.SizeParseError("x")) == 2
+    exc: BaseException
     for exc in (
         e.HeaderJSONError("f", "x"),
         e.CheckpointNotFoundError("x"),

@@ -93,7 +93,8 @@ def frame(body: bytes, data: bytes = b"", *, length: int | None = None) -> bytes
     return struct.pack("<Q", len(body) if length is None else length) + body + data
 
 
-def entry(dtype: str, shape: Any, begin: int, end: int) -> dict[str, Any]:
+def entry(dtype: object, shape: Any, begin: object, end: object) -> dict[str, Any]:
+    """One tensor entry; any JSON value in any field (tests feed wrong types on purpose)."""
     return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
 
 
@@ -743,11 +744,11 @@ def test_reader_never_reads_tensor_data(tmp_path: Path, monkeypatch: pytest.Monk
 # --------------------------------------------------------------------------- properties
 
 names_st = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12
+    alphabet=st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12
 ).filter(lambda s: s != "__metadata__")
 meta_st = st.none() | st.dictionaries(
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8),
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8),
+    st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=8),
+    st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=8),
     max_size=4,
 )
 shape_st = st.lists(st.integers(0, 5), max_size=3)
@@ -971,7 +972,7 @@ def near_valid_files(draw: st.DrawFn) -> bytes:
         pairs.append(("__metadata__", meta))
     pos = 0
     names = draw(st.lists(names_st, max_size=5, unique=True))
-    if names and draw(rare):
+    if len(names) > 0 and draw(rare):
         names.append(draw(st.sampled_from([*names, "__metadata__"])))
     for name in names:
         dtype: Any = draw(st.sampled_from(sorted(OFFICIAL_BITS)))
@@ -1009,7 +1010,7 @@ def near_valid_files(draw: st.DrawFn) -> bytes:
         if draw(rare):
             entry_value = [dtype, shape, [begin, end]]
         pairs.append((name, entry_value))
-    text = draw(PADDING) + dump(Obj(draw(st.permutations(pairs)))) + draw(PADDING)
+    text: str = draw(PADDING) + dump(Obj(draw(st.permutations(pairs)))) + draw(PADDING)
     raw = text.encode("utf-8", "surrogatepass")
     data = bytes(i % 251 for i in range(pos))
     if draw(rare):
@@ -1137,7 +1138,7 @@ def reference_header(specs: list[TensorSpec], meta: Any) -> bytes:
     return struct.pack("<Q", len(body) + pad) + body + b" " * pad
 
 
-any_names = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12).filter(
+any_names = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=12).filter(
     lambda s: s != "__metadata__"
 )
 

@@ -139,7 +139,8 @@ def test_malformed_index_rejected(tmp_path: Path, raw: bytes, match: str) -> Non
 
 
 def test_metadata_null_and_absent_are_empty(tmp_path: Path) -> None:
-    for obj in ({"weight_map": {}}, {"metadata": None, "weight_map": {}}):
+    objs: list[dict[str, object]] = [{"weight_map": {}}, {"metadata": None, "weight_map": {}}]
+    for obj in objs:
         idx = read_index(write_index(tmp_path, obj))
         assert idx.metadata == {} and idx.total_size is None
 
@@ -194,7 +195,7 @@ def test_shard_name_matches_shard_re(base: str, n: int) -> None:
 
 def test_every_entry_naming_an_unsafe_shard_is_caught(tmp_path: Path) -> None:
     """Names are checked once each, so an unsafe one after many safe ones still fails."""
-    wm = {f"t{i}": "model-00001-of-00002.safetensors" for i in range(1000)}
+    wm: dict[str, object] = {f"t{i}": "model-00001-of-00002.safetensors" for i in range(1000)}
     wm["last"] = "../model-00001-of-00002.safetensors"
     with pytest.raises(UnsafeIndexPathError, match="'last'"):
         read_index(write_index(tmp_path, {"weight_map": wm}))

@@ -109,12 +109,14 @@ def hf_load(folder: str | os.PathLike[str], *, dtype: Any = None, native: bool =
     cfg = _load_config(folder, native)
     if getattr(cfg, "quantization_config", None):
         raise ClientLoadError(f"{folder}: a quantized model; load it with gptq_logits()")
-    model, info = AutoModelForCausalLM.from_pretrained(
+    # with output_loading_info=True this returns (model, info); transformers types it a model
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
         folder,
         config=cfg,
         dtype=torch.float32 if dtype is None else dtype,
         output_loading_info=True,
     )
+    model, info = loaded
     _check_info(folder, info)
     model.eval()
     return model
@@ -166,7 +168,8 @@ def hub_load_strict(folder: str | os.PathLike[str]) -> Any:
         if not aliases:
             load_torch_model(model, folder, strict=True)
         else:
-            result = load_torch_model(model, folder, strict=False)
+            # typed a bare NamedTuple; it is torch's _IncompatibleKeys
+            result: Any = load_torch_model(model, folder, strict=False)
             missing = [k for k in result.missing_keys if k not in aliases]
             if missing or result.unexpected_keys:
                 raise ClientLoadError(

@@ -2,8 +2,11 @@
 
 - :class:`FaultProxy`: an HTTP proxy in front of an S3 server (moto) that forwards every
   request, except those a :class:`Rule` matches: it answers them with an S3 error (a 500
-  ``InternalError``), resets the connection (``SO_LINGER`` 0), or sends half the body
-  and closes. It records every request it saw.
+  ``InternalError``, or a 501 ``NotImplemented`` as s3rver answers ListMultipartUploads),
+  resets the connection (``SO_LINGER`` 0), or sends half the body and closes. It records
+  every request it saw, counts the ranged GETs and multipart part uploads it is forwarding
+  at once (``peak``, ``count``), can hold each of those for ``delay`` seconds (a slow
+  link, so overlap shows) and can drop the ``Range`` header of GETs (``ignore_range``).
 - :class:`FolderServer`: a static HTTP server over a folder, with ``Range`` support, that
   decodes and normalizes request paths the way many servers do
   (``/a/b/%2E%2E%2Fx`` is ``/a/x``), so an index entry that escapes the checkpoint's
@@ -20,6 +23,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +34,17 @@ S3_ERROR = (
     b"<Message>We encountered an internal error. Please try again.</Message>"
     b"<RequestId>1</RequestId></Error>"
 )
+NOT_IMPLEMENTED = b"<Error><Code>NotImplemented</Code></Error>"
+HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length"}
+"""Request headers not forwarded (hop-by-hop; the length is set again)."""
+KINDS = ("get", "part")
 
 
 @dataclass
 class Rule:
     """Which requests to break (regexes on the method and on the path with its query)
-    and how: ``"500"``, ``"reset"`` or ``"truncate"``; at most ``times`` times (None:
-    always)."""
+    and how: ``"500"``, ``"501"``, ``"reset"`` or ``"truncate"``; at most ``times`` times
+    (None: always)."""
 
     method: str
     target: str
@@ -56,6 +64,11 @@ class _State:
     rules: list[Rule] = field(default_factory=list)
     seen: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    now: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    peak: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    delay: dict[str, float] = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    ignore_range: bool = False
 
 
 def _reset(handler: http.server.BaseHTTPRequestHandler) -> None:
@@ -99,21 +112,41 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if action == "reset":
             _reset(self)
             return
-        if action == "500":
-            self.send_response(500)
+        if action in ("500", "501"):
+            msg = S3_ERROR if action == "500" else NOT_IMPLEMENTED
+            self.send_response(int(action))
             self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(S3_ERROR)))
+            self.send_header("Content-Length", str(len(msg)))
             self.end_headers()
-            self.wfile.write(S3_ERROR)
+            self.wfile.write(msg)
             return
-        up = urllib.parse.urlsplit(state.upstream)
-        conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
         headers["Content-Length"] = str(len(body))
-        conn.request(self.command, self.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
+        kind = None
+        if self.command == "GET" and "Range" in self.headers:
+            kind = "get"
+            if state.ignore_range:
+                headers.pop("Range", None)
+        elif self.command == "PUT" and "partNumber=" in self.path:
+            kind = "part"
+        if kind:
+            with state.lock:
+                state.count[kind] += 1
+                state.now[kind] += 1
+                state.peak[kind] = max(state.peak[kind], state.now[kind])
+        try:
+            if kind:
+                time.sleep(state.delay[kind])
+            up = urllib.parse.urlsplit(state.upstream)
+            conn = http.client.HTTPConnection(up.netloc, timeout=120)
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            conn.close()
+        finally:
+            if kind:
+                with state.lock:
+                    state.now[kind] -= 1
         self.send_response(resp.status)
         for k, v in resp.getheaders():
             if k.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -152,6 +185,37 @@ class FaultProxy:
     def seen(self) -> list[tuple[str, str]]:
         with self.state.lock:
             return list(self.state.seen)
+
+    @property
+    def peak(self) -> dict[str, int]:
+        """The most ranged GETs (``"get"``) and part uploads (``"part"``) at once."""
+        with self.state.lock:
+            return dict(self.state.peak)
+
+    @property
+    def count(self) -> dict[str, int]:
+        """How many ranged GETs and part uploads were forwarded."""
+        with self.state.lock:
+            return dict(self.state.count)
+
+    @property
+    def delay(self) -> dict[str, float]:
+        """Seconds each ranged GET / part upload is held before it is forwarded."""
+        return self.state.delay
+
+    @property
+    def ignore_range(self) -> bool:
+        return self.state.ignore_range
+
+    @ignore_range.setter
+    def ignore_range(self, value: bool) -> None:
+        self.state.ignore_range = value
+
+    def reset(self) -> None:
+        """Zero ``peak`` and ``count``."""
+        with self.state.lock:
+            self.state.peak = dict.fromkeys(KINDS, 0)
+            self.state.count = dict.fromkeys(KINDS, 0)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()

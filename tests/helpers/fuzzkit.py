@@ -41,6 +41,7 @@ prefetching layer walk) and ``load``, and checks:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -730,10 +731,12 @@ def _write_base(base: Base, folder: Path, stage: Path) -> tuple[list[str], str |
     """Write ``base`` into ``folder``; returns weight names, index name, manifest name."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(base.metadata) if base.metadata is not None else None
-    opts = {"order_seed": base.order_seed, "indent": base.indent, "pad": base.pad}
+    write = functools.partial(
+        write_file, order_seed=base.order_seed, indent=base.indent, pad=base.pad
+    )
     if base.layout == "single" or (base.layout == "sharded" and len(base.tensors) < 2):
         name = f"{base.base}.safetensors"
-        write_file(folder / name, base.tensors, meta, **opts)
+        write(folder / name, base.tensors, meta)
         return [name], None, None
     if base.layout == "sharded":
         n = min(base.shards + 1, len(base.tensors))
@@ -742,14 +745,14 @@ def _write_base(base: Base, folder: Path, stage: Path) -> tuple[list[str], str |
         wm: dict[str, str] = {}
         for i, (fname, group) in enumerate(zip(names, groups, strict=True)):
             m = None if base.mixed_metadata and i == 0 else meta
-            write_file(folder / fname, group, m, **opts)
+            write(folder / fname, group, m)
             wm.update({t.name: fname for t in group})
         index = f"{base.base}.safetensors.index.json"
         write_index(folder / index, wm, sum(t.nbytes for t in base.tensors))
         return names, index, None
     # split: safeshard's own output, with a manifest recording the original header
     stage.mkdir(parents=True, exist_ok=True)
-    one = write_file(stage / "orig.safetensors", base.tensors, meta, **opts)
+    one = write(stage / "orig.safetensors", base.tensors, meta)
     size = one.stat().st_size
     result = safeshard.split(
         one,
@@ -760,9 +763,9 @@ def _write_base(base: Base, folder: Path, stage: Path) -> tuple[list[str], str |
         sha256=base.indent,
     )
     names = [f.file for f in result.files]
-    index = result.index.name if result.index is not None else None
-    manifest = result.manifest.name if result.manifest.exists() else None
-    return names, index, manifest
+    index_name = result.index.name if result.index is not None else None
+    man = result.manifest
+    return names, index_name, man.name if man is not None and man.exists() else None
 
 
 def build(case: Case, root: Path) -> Built:
@@ -1488,9 +1491,9 @@ class ReadGuard:
             ) -> int:
                 if offset_src is not None:
                     self._check(src, offset_src, count, "copy_file_range")
-                return real_cfr(src, dst, count, offset_src, offset_dst)
+                return int(real_cfr(src, dst, count, offset_src, offset_dst))
 
-            os.copy_file_range = copy_file_range  # type: ignore[assignment]
+            os.copy_file_range = copy_file_range
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1760,7 +1763,9 @@ class Runner:
                 name=self.case.name,
             ),
         )
-        allowed = (errors.OutputExistsError, errors.StorageError) if b.planted_out else ()
+        allowed: tuple[type[BaseException], ...] = ()
+        if b.planted_out:
+            allowed += (errors.OutputExistsError, errors.StorageError)
         if self.case.name in BAD_SPLIT_NAMES:
             allowed += (errors.UsageError,)
         if self.expect(o, allowed):
@@ -1772,7 +1777,7 @@ class Runner:
             "merge",
             lambda: safeshard.merge(b.input, b.merge_target, force=self.case.force),
         )
-        allowed: tuple[type[BaseException], ...] = ()
+        allowed = ()
         if b.manifest is not None:
             allowed += (errors.ShardMismatchError,)  # a manifest's digest the shard lacks
         if b.planted_merge:

@@ -17,6 +17,7 @@ from safeshard.errors import ReadError
 from safeshard.io import copier as hashcopy
 from safeshard.io.bytesrc import ByteSource, Extent, LocalFile, LocalSink
 from safeshard.io.copier import Hashes, Sha256Follower, Sha256Pool, copy_pieces, plan_runs
+from safeshard.io.localfs import CHUNK
 
 
 def xxh(b: bytes) -> str:
@@ -33,7 +34,8 @@ def copy(
     dst_path = tmp_path / "d.bin"
     dst = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        with LocalFile.open(srcf) as local:
+        local = LocalFile.open(srcf)
+        with local:
             src: ByteSource = NoDescriptor(local) if remote else local
             pieces = [Extent(src, a, b - a, f"t{i}") for i, (a, b) in enumerate(cuts)]
             got = copy_pieces(LocalSink(dst, str(dst_path)), b"HEADER!!", pieces)
@@ -147,7 +149,7 @@ def test_a_source_that_shrinks_while_copied_is_a_read_error(tmp_path: Path) -> N
 
 
 def test_sha256_follower_hashes_the_written_file_and_may_finish_later(tmp_path: Path) -> None:
-    data = os.urandom(3 * hashcopy.CHUNK + 123)
+    data = os.urandom(3 * CHUNK + 123)
     pool = Sha256Pool(1)
     followers = []
     for i in range(3):  # more files than the pool's single slot: they queue, then finish

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from safeshard.errors import DiskFullError, OutputLockedError
+from safeshard.format import filenames
 from safeshard.io import localfs as fsio
 
 
 def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(fsio.TMP_PREFIX))
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(filenames.TMP_PREFIX))
 
 
 def test_atomic_write_appears_complete_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -45,7 +46,7 @@ def test_interrupt_or_error_during_fsync_removes_the_temp(
     def fail(fd: int) -> None:
         raise exc
 
-    monkeypatch.setattr(fsio.os, "fsync", fail)
+    monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(type(exc)), fsio.AtomicWriter(target) as w:
         w.write(b"data", 0)
     assert not target.exists()
@@ -58,7 +59,7 @@ def test_full_disk_during_fsync_is_disk_full_error(
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fsio.os, "fsync", full)
+    monkeypatch.setattr(os, "fsync", full)
     with (
         pytest.raises(DiskFullError, match="disk is full") as e,
         fsio.AtomicWriter(tmp_path / "f.bin") as w,
@@ -111,7 +112,7 @@ def test_second_writer_of_a_folder_is_refused(tmp_path: Path) -> None:
         fsio.DirLock(tmp_path).__enter__()
     with fsio.DirLock(tmp_path):  # released: a later writer gets it
         pass
-    assert not (tmp_path / fsio.LOCK_NAME).exists()
+    assert not (tmp_path / filenames.LOCK_NAME).exists()
 
 
 def test_a_stale_lock_file_opened_before_its_removal_does_not_grant_the_lock(
@@ -120,7 +121,7 @@ def test_a_stale_lock_file_opened_before_its_removal_does_not_grant_the_lock(
     """The race of a lock file removed on release: B opened it, A released (and removed
     it), C created and locked a new one; B's lock on the orphan must not count."""
     a = fsio.DirLock(tmp_path).__enter__()
-    stale_fd = os.open(tmp_path / fsio.LOCK_NAME, os.O_RDWR)  # B opens the old file
+    stale_fd = os.open(tmp_path / filenames.LOCK_NAME, os.O_RDWR)  # B opens the old file
     a.__exit__(None, None, None)  # A removes it and unlocks
     c = fsio.DirLock(tmp_path).__enter__()  # C creates and locks a new file
     b = fsio.DirLock(tmp_path)
@@ -149,7 +150,7 @@ def test_a_failed_copy_file_range_falls_back_for_that_copy_only(
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(*args)
 
-    monkeypatch.setattr(fsio.os, "copy_file_range", flaky)
+    monkeypatch.setattr(os, "copy_file_range", flaky)
     for i in range(2):
         dst = tmp_path / f"dst{i}.bin"
         sfd = os.open(src, os.O_RDONLY)

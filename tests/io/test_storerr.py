@@ -110,7 +110,7 @@ def test_a_ranged_read_that_keeps_failing_says_it_was_retried(
     bucket = base[len("s3://") :]
     client = boto3.client(
         "s3",
-        endpoint_url=opts["client_kwargs"]["endpoint_url"],  # type: ignore[index]
+        endpoint_url=opts["client_kwargs"]["endpoint_url"],
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
@@ -131,7 +131,7 @@ def test_a_ranged_read_that_keeps_failing_says_it_was_retried(
 
 def test_a_missing_destination_bucket_exits_3_and_names_it(s3: S3, tmp_path: Path) -> None:
     _, opts = s3
-    endpoint = opts["client_kwargs"]["endpoint_url"]  # type: ignore[index]
+    endpoint = opts["client_kwargs"]["endpoint_url"]
     src = model(tmp_path)
     for args in (
         ["split", str(src), "s3://h16a-no-such-bucket/out"],
@@ -174,7 +174,7 @@ def test_a_server_error_while_listing_a_source_folder_names_it(
     s3: S3, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     base, opts = s3
-    endpoint = opts["client_kwargs"]["endpoint_url"]  # type: ignore[index]
+    endpoint = opts["client_kwargs"]["endpoint_url"]
     assert cli("split", str(model(tmp_path)), f"{base}/src", *flags(endpoint)).exit_code == 0
     proxy.add(Rule("GET", r"list-type=2", "500"))
     r = cli("inspect", f"{base}/src/", *flags(proxy.url))
@@ -203,7 +203,7 @@ def test_merge_on_a_truncated_index_body_is_no_bug(
     s3: S3, proxy: FaultProxy, tmp_path: Path
 ) -> None:
     base, opts = s3
-    endpoint = opts["client_kwargs"]["endpoint_url"]  # type: ignore[index]
+    endpoint = opts["client_kwargs"]["endpoint_url"]
     folder = model(tmp_path)
     write_st(folder / "x.safetensors", {"c.weight": ("F16", [4])})
     r = cli("split", str(folder / "model.safetensors"), f"{base}/sh", "-s", "250", *flags(endpoint))
@@ -217,7 +217,7 @@ def test_merge_on_a_truncated_index_body_is_no_bug(
 
 def test_merge_on_a_credential_url_is_no_bug_and_shows_no_secret(s3: S3, tmp_path: Path) -> None:
     _, opts = s3
-    endpoint = opts["client_kwargs"]["endpoint_url"]  # type: ignore[index]
+    endpoint = opts["client_kwargs"]["endpoint_url"]
     r = cli(
         "merge",
         "s3://AKIAH16A:very-secret-h16a@bucket/m/",

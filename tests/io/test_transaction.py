@@ -12,7 +12,8 @@ import pytest
 import safeshard
 from helpers.splitkit import llama, write_custom
 from safeshard.errors import OutputLockedError
-from safeshard.io.localfs import TMP_PREFIX
+from safeshard.format.filenames import TMP_PREFIX
+from safeshard.io.bytesrc import Sink
 from safeshard.io.transaction import JOURNAL_NAME, STAGE_PREFIX, FileRecord, OutputFolder
 
 OLD = {
@@ -45,7 +46,11 @@ def transaction(folder: Path, on_step: Callable[[str], None] | None = None) -> N
         moves = []
         for name in ("a.safetensors", "c.safetensors"):
             data = NEW[name]
-            tmp, _ = tx.stage(name, lambda sink, d=data: sink.write(d))
+
+            def fill(sink: Sink, d: bytes = data) -> None:
+                sink.write(d)
+
+            tmp, _ = tx.stage(name, fill)
             tx.record(name, FileRecord(len(data), "sha", staged=tmp))
             moves.append((tmp, name))
         moves.append((tx.stage_link("a.safetensors", "d.safetensors"), "d.safetensors"))

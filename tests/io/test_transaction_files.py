@@ -24,8 +24,9 @@ import pytest
 import safeshard
 from safeshard.checkpoint import read_index
 from safeshard.errors import ReadError, SafeshardError, WriteError
+from safeshard.format.filenames import LOCK_NAME
 from safeshard.io import localfs as fsio
-from safeshard.io.localfs import LOCK_NAME, MAX_SMALL_FILE, read_regular_file
+from safeshard.io.localfs import MAX_SMALL_FILE, read_regular_file
 from safeshard.io.transaction import JOURNAL_NAME, OutputFolder
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")

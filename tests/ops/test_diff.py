@@ -37,7 +37,7 @@ def test_identical_files(src: Path, tmp_path: Path) -> None:
     other = copy_of(src, tmp_path / "b" / "model.safetensors")
     rep = diff(src, other)
     assert rep.identical
-    assert rep.added == rep.removed == rep.changed == []
+    assert rep.added == rep.removed == [] and rep.changed == []
     assert rep.unchanged == len(read_header(src).tensors)
     assert rep.shards == []  # neither side is sharded
 

@@ -32,7 +32,7 @@ from safeshard.errors import (
     ShardMismatchError,
 )
 from safeshard.format.blocks import model_order
-from safeshard.io.localfs import TMP_PREFIX
+from safeshard.format.filenames import TMP_PREFIX
 
 META = {"format": "pt", "quantizer": "test"}
 

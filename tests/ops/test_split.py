@@ -36,10 +36,11 @@ from safeshard.errors import (
     UsageError,
 )
 from safeshard.format.blocks import model_order, split_block
+from safeshard.format.filenames import TMP_PREFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.format.index import SHARD_RE
 from safeshard.format.manifest import header_digest
-from safeshard.io.localfs import TMP_PREFIX, DirLock
+from safeshard.io.localfs import DirLock
 from safeshard.io.transaction import JOURNAL_NAME
 
 split_mod = importlib.import_module("safeshard.ops.split")
@@ -360,7 +361,7 @@ def test_concurrent_writer_refused(src: Path, tmp_path: Path) -> None:
 def test_concurrent_writer_in_another_process_refused(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
+    with subprocess.Popen(  # the context closes the stdout pipe
         [
             sys.executable,
             "-c",
@@ -369,15 +370,14 @@ def test_concurrent_writer_in_another_process_refused(src: Path, tmp_path: Path)
         ],
         stdout=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(OutputLockedError):
-            safeshard.split(src, out, max_shard_size=30_000)
-        assert not shard_files(out)
-    finally:
-        holder.kill()
-        holder.wait()
+    ) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+            with pytest.raises(OutputLockedError):
+                safeshard.split(src, out, max_shard_size=30_000)
+            assert not shard_files(out)
+        finally:
+            holder.kill()
 
 
 def test_output_under_a_file_is_a_clear_error(src: Path, tmp_path: Path) -> None:
@@ -469,7 +469,7 @@ def test_resume_keeps_matching_shards_and_rewrites_the_rest(src: Path, tmp_path:
     (out / "model.safetensors.index.json").unlink()
     man = out / "model.safeshard.json"
     mobj = json.loads(man.read_text())
-    lines = [
+    lines: list[dict[str, object]] = [
         {
             "start": {
                 "format": "safeshard-journal",
@@ -483,7 +483,7 @@ def test_resume_keeps_matching_shards_and_rewrites_the_rest(src: Path, tmp_path:
         tensors = {
             t.name: mobj["tensors"][t.name]["digest"] for t in read_header(out / s["file"]).tensors
         }
-        rec = {
+        rec: dict[str, object] = {
             "size": s["size"],
             "header": s["header"],
             "sha256": s["sha256"],

@@ -519,8 +519,10 @@ def _hand_split(src: Path, dst: Path, base: str) -> None:
         shard = f"{base}-{i:05d}-of-00002.safetensors"
         save_file({n: tensors[n] for n in part}, dst / shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, shard))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}}
-    index["weight_map"] = weight_map
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (dst / f"{base}.safetensors.index.json").write_text(json.dumps(index))
 
 

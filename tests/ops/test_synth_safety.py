@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from safeshard.format import filenames
 from safeshard.io import localfs as fsio
 from safeshard.ops.synth import synthesize
 
@@ -28,7 +29,10 @@ def test_a_symlink_planted_at_synths_temporary_name_is_never_written_through(
     victims = []
     pid = os.getpid()  # synth runs in this process: its temporaries carry this pid
     for name in OUTPUTS:
-        for tmp in (f"{fsio.TMP_PREFIX}{name}.{pid}", f"{fsio.TMP_PREFIX}{name}.{pid}.part"):
+        for tmp in (
+            f"{filenames.TMP_PREFIX}{name}.{pid}",
+            f"{filenames.TMP_PREFIX}{name}.{pid}.part",
+        ):
             victim = tmp_path / f"victim-{tmp}"
             victim.write_text("keep me")
             (out / tmp).symlink_to(victim)

@@ -23,8 +23,9 @@ from safeshard.checkpoint import read_header, read_index, read_manifest
 from safeshard.cli import main
 from safeshard.errors import OutputLockedError, OversizeTensorError, UpdateError, UsageError
 from safeshard.format.blocks import model_order
+from safeshard.format.filenames import TMP_PREFIX
 from safeshard.format.header import TensorSpec, build_header, tensor_nbytes
-from safeshard.io.localfs import TMP_PREFIX, DirLock
+from safeshard.io.localfs import DirLock
 from safeshard.ops import synth
 
 PAST_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: no file written by a test is this old

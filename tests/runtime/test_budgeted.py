@@ -81,7 +81,11 @@ def test_close_removes_the_eviction_hook_after_the_release() -> None:
     res.add("b", 2, 1)
     res.discard("a")
     assert gone == ["a"]
-    life.close(lambda: res.discard("b"))
+
+    def release() -> None:
+        res.discard("b")
+
+    life.close(release)
     assert gone == ["a", "b"]  # the release still saw the hook
     res.add("c", 3, 1)
     res.discard("c")

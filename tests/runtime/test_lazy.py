@@ -6,7 +6,7 @@ import importlib
 import itertools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +367,7 @@ def test_abandoned_walk_stops_its_reader(ckpt: Path) -> None:
     before = threading.active_count()
     with safeshard.open(ckpt, prefetch=2, max_resident_bytes="1MB") as lc:
         walk = lc.iter_layers()
+        assert isinstance(walk, Generator)  # typed an Iterator; its docstring promises close()
         next(walk)
         next(walk)
         walk.close()
@@ -475,6 +476,7 @@ def test_one_budgeted_walk_at_a_time(ckpt: Path) -> None:
     """Two walks under one budget could wait on each other forever: refused, not hung."""
     with safeshard.open(ckpt, max_resident_bytes="4KB", prefetch=1) as lc:
         first = lc.iter_layers()
+        assert isinstance(first, Generator)  # typed an Iterator; its docstring promises close()
         next(first)
         with pytest.raises(UsageError, match="close"):
             lc.iter_layers()

@@ -33,7 +33,9 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<user>", "<bot>"])
     tok.train_from_iterator(CORPUS, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]  # transformers: no annotations
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ def test_the_next_block_is_read_before_this_one_ends_across_tokens_too(
     m = model.streamed(max_resident_bytes=2 * one + 1024)  # room for one block ahead
     s = streamer_of(m)
     late: list[tuple[str, str]] = []
-    checked: list[str] = []
+    checked: list[tuple[str, str]] = []
 
     def wait_next(key: str) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:

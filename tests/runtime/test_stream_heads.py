@@ -98,7 +98,7 @@ def test_an_embedding_with_a_padding_row_streams_by_rows(
 
 def _seq2seq(family: str) -> Any:
     if family == "t5":
-        return T5Config(
+        return T5Config(  # type: ignore[call-arg]  # extra keys go to **kwargs, untyped
             vocab_size=96,
             d_model=32,
             d_kv=8,
@@ -200,7 +200,7 @@ def test_a_seq2seq_checkpoint_built_as_another_head_is_told_why(tmp_path: Path) 
 
 def test_sequence_classification_streams_equal(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    cfg = LlamaConfig(  # type: ignore[call-arg]  # extra keys go to **kwargs, untyped
         vocab_size=96,
         hidden_size=32,
         intermediate_size=64,
@@ -330,7 +330,7 @@ def test_the_head_follows_architectures_then_auto_map() -> None:
     assert choose_task(cfg, "causal-lm", "config.json") == "causal-lm"
     cfg = LlamaConfig()  # no architectures: a causal LM, as before
     assert choose_task(cfg, None, "config.json") == "causal-lm"
-    custom = LlamaConfig(
+    custom = LlamaConfig(  # type: ignore[call-arg]  # extra keys go to **kwargs, untyped
         architectures=["MyOwnLM"], auto_map={"AutoModelForCausalLM": "modeling_mine.MyOwnLM"}
     )
     assert choose_task(custom, None, "config.json") == "causal-lm"

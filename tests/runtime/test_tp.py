@@ -499,9 +499,9 @@ def _rank_main(rank: int, ws: int, port: int, paths: dict[str, str], s3json: str
                 s3["url"], tp_plan="auto", storage_options=s3["options"], tp_stats=stats
             )
             fetched = DEFAULT_LIMITS.stats.bytes - before
-            local = safeshard.load(paths["llama"], tp_plan="auto")
-            for k in local:
-                assert torch.equal(remote[k], local[k]), k
+            from_disk = safeshard.load(paths["llama"], tp_plan="auto")
+            for k in from_disk:
+                assert torch.equal(remote[k], from_disk[k]), k
             assert stats.bytes_read <= fetched <= stats.bytes_read + 16 * 1024  # + headers
             assert stats.bytes_read <= OVERREAD * stats.slice_bytes
             Path(s3["report"]).joinpath(f"rank{rank}.json").write_text(
@@ -518,12 +518,12 @@ def _spawn(fn: Callable[..., None], ws: int, *args: Any) -> None:
     thread pools and fsspec's event loop would not survive a fork."""
     import multiprocessing
 
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import start_processes
 
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(["torch", "transformers", "safeshard", "test_tp"])
-    mp.start_processes(
+    start_processes(  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         fn, args=(ws, _free_port(), *args), nprocs=ws, join=True, start_method=method
     )
 

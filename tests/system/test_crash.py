@@ -22,10 +22,10 @@ import safeshard
 from helpers.splitkit import llama, run_killed, sha256, write_custom
 from safeshard.checkpoint import read_header, read_index
 from safeshard.errors import HeaderError
+from safeshard.format.filenames import TMP_PREFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.io.bytesrc import LocalFile
 from safeshard.io.copier import digest_file
-from safeshard.io.localfs import TMP_PREFIX
 from safeshard.io.transaction import JOURNAL_NAME
 
 CAP = 9_000

@@ -30,9 +30,9 @@ import pytest
 import safeshard
 from safeshard.checkpoint import read_header, read_index
 from safeshard.errors import DiskFullError, HeaderError, ReadError
+from safeshard.format.filenames import TMP_PREFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.io import localfs
-from safeshard.io.localfs import TMP_PREFIX
 from safeshard.io.transaction import JOURNAL_NAME
 
 TRIALS = int(os.environ.get("SAFESHARD_FAULT_TRIALS", "3"))
@@ -238,11 +238,11 @@ def test_merge_onto_a_full_file_system(sources: tuple[Path, Path], tmp_path: Pat
     with small_tmpfs(tmp_path / "small", 40 * MIB) as disk:
         real_free = localfs.free_bytes
         try:  # let the up-front check pass, so the disk fills mid-copy
-            localfs.free_bytes = lambda folder: None  # type: ignore[assignment]
+            localfs.free_bytes = lambda folder: None
             with pytest.raises(DiskFullError, match="disk is full"):
                 safeshard.merge(shards, disk / "merged.safetensors")
         finally:
-            localfs.free_bytes = real_free  # type: ignore[assignment]
+            localfs.free_bytes = real_free
         # and with the check: refused before a byte is written
         with pytest.raises(DiskFullError, match="are free"):
             safeshard.merge(shards, disk / "merged.safetensors")

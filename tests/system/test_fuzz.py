@@ -38,16 +38,16 @@ from safeshard.io.bytesrc import LocalFile
 from safeshard.ops import sidecar
 from safeshard.ops.writer import check_base
 
-FUZZ = {
-    "deadline": None,
-    "database": None,
-    "suppress_health_check": list(HealthCheck),
-    "print_blob": True,
-}
+FUZZ = settings(
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
 
 
 @settings(
-    max_examples=int(os.environ.get("SAFESHARD_FUZZ_EXAMPLES", "150")), derandomize=True, **FUZZ
+    FUZZ, max_examples=int(os.environ.get("SAFESHARD_FUZZ_EXAMPLES", "150")), derandomize=True
 )
 @given(cases())
 def test_fuzz(case: Case) -> None:
@@ -76,7 +76,7 @@ def test_fuzz_campaign() -> None:
             s = first + batch
 
             @seed(s)
-            @settings(max_examples=BATCH, **FUZZ)
+            @settings(FUZZ, max_examples=BATCH)
             @given(cases())
             def one_batch(case: Case) -> None:
                 run_case(case)
@@ -187,7 +187,7 @@ def test_run_case_flags_an_exception_outside_the_tree(monkeypatch: pytest.Monkey
 def test_run_case_flags_wrong_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     real = safeshard.load
 
-    def wrong(*a: object, **k: object) -> dict[str, object]:
+    def wrong(*a: Any, **k: Any) -> dict[str, Any]:
         arrays = real(*a, **k)
         arrays["lm_head.weight"] = arrays["lm_head.weight"] + 1
         return arrays
@@ -200,7 +200,7 @@ def test_run_case_flags_wrong_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_run_case_flags_a_write_beside_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
     real = safeshard.split
 
-    def scribble(src: Path, out: Path, **k: object) -> object:
+    def scribble(src: Path, out: Path, **k: Any) -> object:
         (Path(src) / "scribble").write_text("x")
         return real(src, out, **k)
 
@@ -213,7 +213,7 @@ def test_run_case_flags_a_write_beside_the_source(monkeypatch: pytest.MonkeyPatc
 def test_run_case_flags_a_read_past_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
     real = safeshard.inspect
 
-    def overread(path: Path, **k: object) -> object:
+    def overread(path: Path, **k: Any) -> object:
         shard = next(Path(path).glob("*.safetensors"))
         with LocalFile.open(shard) as f:
             f.readinto([memoryview(bytearray(16))], f.size - 8)
@@ -447,9 +447,9 @@ def test_fuzz_credential_urls(url_server: tuple[Path, str]) -> None:
     root, server = url_server
 
     @settings(
+        FUZZ,
         max_examples=int(os.environ.get("SAFESHARD_FUZZ_URL_EXAMPLES", "12")),
         derandomize=True,
-        **FUZZ,
     )
     @given(cases().filter(fuzzkit.servable), st.sampled_from(fuzzkit.URL_FORMS))
     def one(case: Case, form: str) -> None:

@@ -8,7 +8,6 @@ missing bucket, a missing key, refused credentials, an unreachable endpoint.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -20,30 +19,14 @@ from typing import Any
 import pytest
 
 import safeshard
+from helpers.s3kit import S3, cli_options, random_model, sha, synth_tiny, weights
 from safeshard.checkpoint import read_header
 from safeshard.errors import CheckpointNotFoundError, ReadError, SafeshardError
-from safeshard.format.header import TensorSpec, build_header
 from safeshard.io.remote import filesystem
-from safeshard.ops import synth
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-S3 = tuple[str, dict[str, Any]]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-gptq"
-    synth.synthesize(folder, "tiny-gptq")
-    return folder
-
-
-def weights(folder: Path) -> Path:
-    return next(folder.glob("*.safetensors"))
+tiny = pytest.fixture(scope="module", name="tiny")(synth_tiny)
 
 
 def objects(url: str, options: dict[str, Any]) -> list[str]:
@@ -112,9 +95,9 @@ def test_update_on_s3_uploads_only_changed_shards(tiny: Path, s3: S3, tmp_path: 
         (new / f.name).write_bytes(f.read_bytes())
     h = read_header(weights(new))
     t = h.by_name["model.layers.1.mlp.down_proj.scales"]
-    with open(weights(new), "r+b") as f:
-        f.seek(h.data_start + t.begin)
-        f.write(b"\x00\x3c" * (t.nbytes // 2))  # fp16 1.0
+    with open(weights(new), "r+b") as fh:
+        fh.seek(h.data_start + t.begin)
+        fh.write(b"\x00\x3c" * (t.nbytes // 2))  # fp16 1.0
     r = safeshard.update(new, f"{base}/u", storage_options=opts)
     assert r.rewritten and r.kept and not r.names_changed
     after = {p: fs.info(p)["ETag"] for p in fs.ls(root, refresh=True)}
@@ -128,24 +111,9 @@ def test_update_on_s3_uploads_only_changed_shards(tiny: Path, s3: S3, tmp_path: 
 # --------------------------------------------------------------------------- interrupted uploads
 
 
-def big_source(folder: Path, layers: int = 3) -> Path:
-    """About 15 MB a block: several multipart parts per shard."""
-    specs = [TensorSpec("model.embed_tokens.weight", "F16", (64, 64), 64 * 64 * 2)]
-    for i in range(layers):
-        n = 7 * 1024 * 1024
-        specs.append(TensorSpec(f"model.layers.{i}.mlp.up_proj.weight", "F16", (n,), 2 * n))
-    folder.mkdir(parents=True)
-    path = folder / "model.safetensors"
-    with open(path, "wb") as f:
-        f.write(build_header(specs, {"format": "pt"}))
-        for s in specs:
-            f.write(os.urandom(s.nbytes))
-    return path
-
-
 def test_a_failing_upload_is_aborted_and_leaves_no_index(s3: S3, tmp_path: Path) -> None:
     base, opts = s3
-    src = big_source(tmp_path / "src")
+    src = random_model(tmp_path / "src", layers=3, mib=14, embed=True)  # several parts a shard
     real = os.preadv
     calls = {"n": 0}
 
@@ -160,7 +128,7 @@ def test_a_failing_upload_is_aborted_and_leaves_no_index(s3: S3, tmp_path: Path)
         with pytest.raises(ReadError):
             safeshard.split(src, f"{base}/f", max_shard_size=20_000_000, storage_options=opts)
     finally:
-        os.preadv = real  # type: ignore[assignment]
+        os.preadv = real
     if _exists(f"{base}/f", opts):
         assert "model.safetensors.index.json" not in objects(f"{base}/f", opts)
     assert uploads(f"{base}/f", opts) == []  # the upload in flight was aborted
@@ -189,7 +157,9 @@ def test_an_upload_killed_midway_leaves_no_index_and_the_next_run_cleans_up(
     import json
 
     base, opts = s3
-    src = big_source(tmp_path / "src", layers=10)  # 150 MB: shards of many 16 MiB parts
+    src = random_model(
+        tmp_path / "src", layers=10, mib=14, embed=True
+    )  # 150 MB: shards of many 16 MiB parts
     url = f"{base}/k"
     # The child stalls its reads part-way through, so the upload it began stays in flight
     # until the kill: no race between the upload finishing and the signal landing.
@@ -257,22 +227,6 @@ def test_refused_credentials_are_a_clear_error(s3_auth_endpoint: str) -> None:
         safeshard.inspect("s3://bucket/model.safetensors", storage_options=opts)
     assert e.value.errno == 13
     assert "not-the-secret" not in str(e.value)
-
-
-def cli_options(opts: dict[str, Any]) -> list[str]:
-    ck = opts["client_kwargs"]
-    return [
-        "--storage-option",
-        f"key={opts['key']}",
-        "--storage-option",
-        f"secret={opts['secret']}",
-        "--storage-option",
-        f"client_kwargs.endpoint_url={ck['endpoint_url']}",
-        "--storage-option",
-        "client_kwargs.region_name=us-east-1",
-        "--storage-option",
-        "skip_instance_cache=true",
-    ]
 
 
 def test_cli_split_inspect_verify_and_merge_on_s3(tiny: Path, s3: S3, tmp_path: Path) -> None:

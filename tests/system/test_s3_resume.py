@@ -8,37 +8,20 @@ prefix is refused; a lock whose process is gone, or broken with ``break_lock``, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import safeshard
+from helpers.s3kit import S3, cli_options, sha, synth_tiny, weights
 from helpers.splitkit import run_killed
 from safeshard.errors import OutputExistsError, OutputLockedError
 from safeshard.io.remote import RemoteFolder, filesystem
-from safeshard.ops import synth
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-S3 = tuple[str, dict[str, Any]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "tiny-gptq"
-    synth.synthesize(folder, "tiny-gptq")
-    return folder
-
-
-def weights(folder: Path) -> Path:
-    return next(folder.glob("*.safetensors"))
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+tiny = pytest.fixture(scope="module", name="tiny")(synth_tiny)
 
 
 @pytest.mark.slow
@@ -111,7 +94,6 @@ def test_a_lock_whose_process_is_gone_is_taken_over(tiny: Path, s3: S3) -> None:
 
 def test_cli_a_second_writer_is_refused_and_break_lock_takes_over(tiny: Path, s3: S3) -> None:
     from click.testing import CliRunner
-    from test_s3 import cli_options
 
     from safeshard.cli import main
 
@@ -143,11 +125,11 @@ def test_an_update_on_s3_killed_after_staging_is_resumed(
     for f in tiny.iterdir():
         (new / f.name).write_bytes(f.read_bytes())
     h = read_header(weights(new))
-    with open(weights(new), "r+b") as f:
+    with open(weights(new), "r+b") as fh:
         for name in ("model.layers.0.mlp.down_proj.scales", "model.layers.3.mlp.down_proj.scales"):
             t = h.by_name[name]
-            f.seek(h.data_start + t.begin)
-            f.write(b"\x00\x3c" * (t.nbytes // 2))  # fp16 1.0
+            fh.seek(h.data_start + t.begin)
+            fh.write(b"\x00\x3c" * (t.nbytes // 2))  # fp16 1.0
     plan = safeshard.update(new, url, storage_options=opts, dry_run=True)
     dirty = [f.file for f in plan.files if f.status in ("rewritten", "added")]
     assert len(dirty) == 2

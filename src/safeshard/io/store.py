@@ -24,7 +24,8 @@ from typing import Any, ParamSpec, TypeVar
 from safeshard.errors import SafeshardError
 from safeshard.io.bytesrc import ByteSource, LocalFile
 from safeshard.io.localfs import MAX_SMALL_FILE, read_regular_file
-from safeshard.io.remote import RemoteFile, RemoteFolder, RemoteLimits, filesystem, is_url, url_path
+from safeshard.io.remote import RemoteFile, RemoteFolder, RemoteLimits, filesystem, url_path
+from safeshard.io.remote import is_url as is_url  # re-exported: the one decision asks it here
 from safeshard.io.storerr import classify, from_client, storage_op
 from safeshard.io.transaction import OutputFolder, OutputStore, StepHook
 from safeshard.redact import redact
