@@ -191,7 +191,7 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
     The one rule every command follows (``verify`` included, which then reads the
     index leniently). Raises :class:`CheckpointNotFoundError` when there is none and
     :class:`AmbiguousCheckpointError` when two could be meant. ``path`` may be a URL
-    (:mod:`safeshard.storage`), read with ``storage_options``.
+    (:mod:`safeshard.io.store`), read with ``storage_options``.
     """
     p, place = resolve(path, storage_options)
     return _find(p, place)

@@ -1,4 +1,4 @@
-"""``safeshard split NEW_SRC OUT_DIR --update``: the printing side of :mod:`safeshard.update`.
+"""``safeshard split NEW_SRC OUT_DIR --update``: the printing side of :mod:`safeshard.ops.update`.
 
 Not a command of its own: ``split --update`` calls :func:`run_update`.
 """

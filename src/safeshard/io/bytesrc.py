@@ -7,7 +7,7 @@ Every byte safeshard reads from a checkpoint goes through this module:
   scatter read at an offset that may return fewer bytes than asked. Nothing in its
   interface assumes a file descriptor; :meth:`~ByteSource.fileno` tells a caller whether
   a local zero-copy path (``copy_file_range``) is open to it.
-- :class:`LocalFile` is a local file (``os.preadv``); :class:`safeshard.remote.RemoteFile`
+- :class:`LocalFile` is a local file (``os.preadv``); :class:`safeshard.io.remote.RemoteFile`
   is an object in storage reached through fsspec (parallel ranged GETs).
 - :class:`Extent` is the one range type: ``nbytes`` bytes at ``offset`` of a source,
   with the name of what they hold (a tensor).

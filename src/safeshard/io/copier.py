@@ -279,7 +279,7 @@ def _copy_buffered(
 
 def read_window(runs: Sequence[_Run]) -> int:
     """How many runs :func:`_copy_buffered` reads at once: as many as the remote sources
-    allow ranged GETs in flight (:class:`safeshard.remote.RemoteLimits`), else 2 (one
+    allow ranged GETs in flight (:class:`safeshard.io.remote.RemoteLimits`), else 2 (one
     read overlapping one write)."""
     window = 2
     seen: set[int] = set()

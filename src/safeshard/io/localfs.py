@@ -9,7 +9,7 @@
 - :class:`DirLock` refuses a second writer of the same output folder.
 
 The output transaction built on these (lock, journal, staging, commit) is
-:mod:`safeshard.outdir`.
+:mod:`safeshard.io.transaction`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ protocol fsspec has installed (``hf://``, ``gs://``, ``az://``). Credentials and
 come from the usual places (environment, AWS config) or from ``storage_options``; they
 are handed to fsspec and never printed, logged or written to a manifest.
 
-:class:`RemoteFile` is a :class:`~safeshard.byteio.ByteSource` over one object. A read is
+:class:`RemoteFile` is a :class:`~safeshard.io.bytesrc.ByteSource` over one object. A read is
 cut into ranged GETs of at most :attr:`RemoteLimits.request_bytes` (default 8 MiB),
 issued in parallel, at most :attr:`RemoteLimits.requests` (default 8) in flight across
 every reader sharing the limits, so at most ``requests × request_bytes`` (64 MiB) are in
@@ -445,7 +445,7 @@ def _when(t: object) -> str:
 
 def _classify(name: str, operation: str, e: BaseException, *, attempts: int = 1) -> SafeshardError:
     """A SafeshardError for an fsspec/botocore error (never with credentials in it):
-    see :func:`safeshard.storerr.classify`."""
+    see :func:`safeshard.io.storerr.classify`."""
     return classify(name, operation, e, attempts=attempts)
 
 
@@ -716,7 +716,7 @@ refreshes it after every file it finishes)."""
 class RemoteFolder:
     """The output transaction over a folder (a key prefix) in object storage.
 
-    It offers what :class:`safeshard.outdir.OutputFolder` offers split, update and merge,
+    It offers what :class:`safeshard.io.transaction.OutputFolder` offers split, update and merge,
     within what object storage can do:
 
     - a lock object (``.safeshard.lock``) created with a conditional write

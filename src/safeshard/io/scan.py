@@ -1,8 +1,8 @@
 """Read files once, in parallel, and check their bytes on the way.
 
 One :class:`FileTask` reads one file sequentially, through a byte source
-(:mod:`safeshard.byteio`: a local file or an object in storage), into a reusable
-:data:`~safeshard.fsio.CHUNK` buffer and, from that single pass, can:
+(:mod:`safeshard.io.bytesrc`: a local file or an object in storage), into a reusable
+:data:`~safeshard.io.localfs.CHUNK` buffer and, from that single pass, can:
 
 - compute the SHA-256 of the whole file (the Hugging Face Hub's LFS id);
 - compute a digest per byte range (one tensor each; :data:`manifest.TENSOR_DIGEST`);

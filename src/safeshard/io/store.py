@@ -6,10 +6,10 @@ local paths (and ``file://`` URLs), a ``upath.UPath`` over fsspec for the others
 (``s3://``, ``memory://``, ``hf://``, ...), which carries its file system and the
 ``storage_options`` it was made with. Finding a checkpoint, reading indexes, manifests
 and sidecar files then work the same way on both; tensor bytes are read through
-:func:`open_source` (a :class:`~safeshard.byteio.LocalFile` or a
-:class:`~safeshard.remote.RemoteFile`), and outputs are written through
-:func:`output_folder` (a :class:`~safeshard.outdir.OutputFolder` or a
-:class:`~safeshard.remote.RemoteFolder`).
+:func:`open_source` (a :class:`~safeshard.io.bytesrc.LocalFile` or a
+:class:`~safeshard.io.remote.RemoteFile`), and outputs are written through
+:func:`output_folder` (a :class:`~safeshard.io.transaction.OutputFolder` or a
+:class:`~safeshard.io.remote.RemoteFolder`).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def storage_error(
     e: BaseException, url: object = None, operation: str = "complete a storage request"
 ) -> SafeshardError:
     """A :class:`~safeshard.errors.SafeshardError` for an error of a storage client (see
-    :func:`safeshard.storerr.classify`); ``url`` defaults to the file the error names."""
+    :func:`safeshard.io.storerr.classify`); ``url`` defaults to the file the error names."""
     if url is None:
         url = getattr(e, "filename", None) or "storage"
     return classify(url, operation, e)

@@ -100,7 +100,7 @@ T = TypeVar("T")
 
 class OutputStore(Protocol):
     """What a writer needs of an output transaction: :class:`OutputFolder` (a local
-    folder) and :class:`safeshard.remote.RemoteFolder` (a prefix in object storage)."""
+    folder) and :class:`safeshard.io.remote.RemoteFolder` (a prefix in object storage)."""
 
     folder: Any
     recovered: list[str]
@@ -330,7 +330,7 @@ class OutputFolder:
 
     def read(self, name: str) -> bytes | None:
         """The bytes of ``name`` (None if absent, a symlink, not a regular file, larger
-        than :data:`~safeshard.fsio.MAX_SMALL_FILE`, or unreadable)."""
+        than :data:`~safeshard.io.localfs.MAX_SMALL_FILE`, or unreadable)."""
         try:
             return read_regular_file(self.path(name), follow_symlinks=False)
         except OSError:

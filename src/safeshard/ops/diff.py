@@ -3,7 +3,7 @@
 :func:`diff` compares tensors by name. A tensor *changed* when its dtype, its shape
 or its bytes differ; bytes are compared by digest (XXH3-128, :data:`TENSOR_DIGEST`),
 hashing each side's tensors in one pass per file, files in parallel
-(:mod:`safeshard.scan`). With ``trust_manifests``, the digests a safeshard manifest
+(:mod:`safeshard.io.scan`). With ``trust_manifests``, the digests a safeshard manifest
 records (XXH3-128 per tensor, SHA-256 per file) are used instead of reading (fast,
 but blind to a file corrupted after the split: that is ``safeshard verify``'s job).
 
@@ -13,7 +13,7 @@ tensors (names, dtypes, shapes, bytes) with the same ``__metadata__``, however t
 are sharded.
 
 Every error is a :class:`~safeshard.errors.SafeshardError`: what
-:func:`~safeshard.source.open_checkpoint` raises for a missing or broken input, and
+:func:`~safeshard.checkpoint.open_checkpoint` raises for a missing or broken input, and
 :class:`~safeshard.errors.ReadError` when a file cannot be read to its end.
 """
 
@@ -215,7 +215,7 @@ def diff(
     """Compare the checkpoints at ``a`` and ``b`` (files, folders or indexes; local paths
     or URLs, reached with ``storage_options``).
 
-    Raises what :func:`~safeshard.source.open_checkpoint` raises when an input is
+    Raises what :func:`~safeshard.checkpoint.open_checkpoint` raises when an input is
     missing or broken (run ``safeshard verify`` on it), :class:`ReadError` when a file
     cannot be read to its end, and :class:`UsageError` for ``workers`` < 1.
     """

@@ -250,10 +250,10 @@ def inspect(
     (bytes, or a size string such as ``"4GB"`` or ``"fat32"``).
 
     The prediction is the plan ``split`` would make: the same planner, the same
-    grouping and the same ``__metadata__`` (:func:`~safeshard.source.common_metadata`,
+    grouping and the same ``__metadata__`` (:func:`~safeshard.checkpoint.common_metadata`,
     what every shard of a split carries). Raises the reader's errors for a missing or
     malformed checkpoint; everything about the checkpoint's content (GPTQ problems,
-    oversize tensors) is data. ``path`` may be a URL (:mod:`safeshard.storage`): only the
+    oversize tensors) is data. ``path`` may be a URL (:mod:`safeshard.io.store`): only the
     headers are read, two ranged reads each.
     """
     cap = parse_size(cap)

@@ -199,7 +199,7 @@ def merge(
     the total is the output's size (``MergeResult.size``). ``on_step`` is called with
     each step of the output transaction (:data:`outdir.STEPS`). ``sha256`` also computes
     the output's SHA-256, in a thread of its own that follows the copy. ``src`` and
-    ``out_file`` may be URLs (:mod:`safeshard.storage`), reached with ``storage_options``.
+    ``out_file`` may be URLs (:mod:`safeshard.io.store`), reached with ``storage_options``.
     """
     ckpt = open_checkpoint(src, storage_options=storage_options)
     out = as_path(out_file, storage_options)

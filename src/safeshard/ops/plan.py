@@ -137,7 +137,7 @@ def _entries_len(
 
 class FileSizer:
     """Exact sizes of files holding some of ``specs`` with ``metadata``: what
-    :func:`~safeshard.header.build_header` plus the data would make, without building it.
+    :func:`~safeshard.format.header.build_header` plus the data would make, without building it.
 
     Each tensor's header entry is measured once, here; every size after that is
     arithmetic on sums.

@@ -5,7 +5,7 @@ source's tensors (SRC is a file, a folder or an index; an index means a reshard)
 and writes each shard as its exact planned header followed by its tensors in model
 order, copied by byte ranges from the source (``copy_file_range``), never through
 Python objects the size of a tensor. SHA-256 of each file and an XXH3-128 digest of each tensor are
-computed on the side (:mod:`safeshard.hashcopy`).
+computed on the side (:mod:`safeshard.io.copier`).
 
 Output, in OUT_DIR:
 
@@ -14,9 +14,9 @@ Output, in OUT_DIR:
 - ``{BASE}.safeshard.json``, the manifest: shard sizes and SHA-256, per-tensor
   digests (XXH3-128), and the original file's header so that ``merge`` restores it byte for
   byte (carried forward through reshards of safeshard output);
-- the source folder's other files (:mod:`safeshard.sidecar`).
+- the source folder's other files (:mod:`safeshard.ops.sidecar`).
 
-Crash safety is the output transaction's (:mod:`safeshard.outdir`): an exclusive
+Crash safety is the output transaction's (:mod:`safeshard.io.transaction`): an exclusive
 lock on OUT_DIR; old checkpoint files removed first (indexes, then manifests); each
 shard written under a temporary name, fsynced and renamed; sidecars; then the
 manifest and, last, the index. A folder with an index is complete. The journal
@@ -142,7 +142,7 @@ def split(
 
     ``sha256`` also computes each shard's SHA-256 (the Hub's LFS id), in threads of their
     own, files in parallel; the default integrity record (header and tensor digests)
-    does not need it. ``src`` and ``out_dir`` may be URLs (:mod:`safeshard.storage`),
+    does not need it. ``src`` and ``out_dir`` may be URLs (:mod:`safeshard.io.store`),
     reached with ``storage_options``; into object storage, a journal object makes it
     resumable and a lock object refuses a second writer (``break_lock`` takes over a lock
     whose writer died on another host).

@@ -6,7 +6,7 @@ manifest (``{BASE}.safeshard.json``), which records each shard's size and SHA-25
 each tensor's digest and the cap. The old shards' bytes are never read.
 
 1. **Compare.** The new source is read once: every tensor is hashed (XXH3-128, files
-   and parts of files in parallel, bounded buffers, :mod:`safeshard.scan`) and
+   and parts of files in parallel, bounded buffers, :mod:`safeshard.io.scan`) and
    compared with the manifest's hash and the old header's dtype and shape. Each
    tensor is *unchanged*, *changed*, *added* or *removed*.
 2. **Plan.** The earlier plan (tensor -> shard) is kept. A shard is *dirty* when one
@@ -23,7 +23,7 @@ each tensor's digest and the cap. The old shards' bytes are never read.
    changes, every ``-of-N`` name changes: shards with unchanged content are renamed,
    not rewritten (the name is not inside the file).
 
-Crash safety is the output transaction's (:mod:`safeshard.outdir`). The dirty
+Crash safety is the output transaction's (:mod:`safeshard.io.transaction`). The dirty
 shards are first staged under hidden temporary names (fsynced), and renamed shards
 are staged as hard links, while the old split stays whole; an update killed then
 leaves the old split intact, and the next update keeps the staged shards that its
@@ -462,7 +462,7 @@ def update(
     ``out_dir``, and what :func:`plan.plan_shards` raises for a tensor over the cap.
     ``on_step`` is called with each step of the output transaction (:data:`outdir.STEPS`).
     ``sha256`` also computes the SHA-256 of every shard (files in parallel). Both paths
-    may be URLs (:mod:`safeshard.storage`), reached with ``storage_options``; in object
+    may be URLs (:mod:`safeshard.io.store`), reached with ``storage_options``; in object
     storage, only the changed shards are uploaded too.
     """
     out = as_path(out_dir, storage_options)

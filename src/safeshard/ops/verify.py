@@ -8,7 +8,7 @@ exist or holds no checkpoint, a folder holds two, a bad size); everything wrong
 How it runs:
 
 1. **Find and read.** Which checkpoint PATH means is decided by
-   :func:`safeshard.source.find`, the rule every command follows. The index is then
+   :func:`safeshard.checkpoint.find`, the rule every command follows. The index is then
    read leniently (a malformed one is a ``bad-index`` finding, and what can safely be
    used of it is kept), every weight file's header is read with the strict reader,
    then the manifest (``{BASE}.safeshard.json``), the quantization settings and, with
@@ -21,10 +21,10 @@ How it runs:
    - *size* (with ``max_shard_size``): no file is over the cap;
    - *manifest*: the files and tensors it lists are the checkpoint's, with its sizes;
    - *gptq* (quantized checkpoints): every module has qweight/qzeros/scales/g_idx with
-     the shapes and dtypes that bits and group size imply (:mod:`safeshard.quant`);
+     the shapes and dtypes that bits and group size imply (:mod:`safeshard.format.quant`);
    - *against*: the same tensor names, dtypes, shapes and ``__metadata__`` as the
      source.
-3. **One pass over the data** (:mod:`safeshard.scan`, files in parallel, nothing
+3. **One pass over the data** (:mod:`safeshard.io.scan`, files in parallel, nothing
    read when no check needs data): each tensor of a file the manifest records is
    digested (XXH3-128; with the header's digest, checked from the header, that covers
    every byte); with ``against``, every tensor is compared byte for byte with the
@@ -288,7 +288,7 @@ def discover(
 ) -> tuple[Target, list[Finding]]:
     """The checkpoint at ``path``, found as every command finds it, its index read leniently.
 
-    Raises what :func:`safeshard.source.find` raises; a malformed index is findings.
+    Raises what :func:`safeshard.checkpoint.find` raises; a malformed index is findings.
     """
     found = find(path, storage_options)
     if found.index is None:
@@ -1118,7 +1118,7 @@ def verify(
 
     ``hash_files`` recomputes every file's SHA-256 for the manifest check even when
     the comparison with ``against`` already vouches for each byte. ``path`` and
-    ``against`` may be URLs (:mod:`safeshard.storage`), read with ``storage_options``.
+    ``against`` may be URLs (:mod:`safeshard.io.store`), read with ``storage_options``.
     """
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")

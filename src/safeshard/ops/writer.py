@@ -8,7 +8,7 @@
 - provenance: :func:`source_record` (the original single file the manifest keeps, so merge
   restores it) and :func:`fingerprint` (what an interrupted run must match to be resumed);
 - results: :class:`OutputFile` and :class:`OutputResult`, the base of
-  :class:`~safeshard.split.SplitResult` and :class:`~safeshard.update.UpdateResult`.
+  :class:`~safeshard.ops.split.SplitResult` and :class:`~safeshard.ops.update.UpdateResult`.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ mapping* (``transformers.conversion_mapping``), applied by ``transformers.core_m
 :meth:`Fused.run` runs the converter on real tensors (views of the mapped shards) when the
 target is needed; :meth:`Fused.run_subset` runs it on some experts only (a
 ``MergeModulelist`` stacks whatever list it is given), which is how
-:mod:`safeshard.experts` builds the rows of the experts a router picked.
+:mod:`safeshard.runtime.experts` builds the rows of the experts a router picked.
 """
 
 from __future__ import annotations

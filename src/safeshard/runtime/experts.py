@@ -7,7 +7,7 @@ block, every token would read all ``E`` experts of every layer; here an expert i
 
 - *Sources.* Expert ``e`` of a layer is either a set of per-expert checkpoint tensors
   (a Hub checkpoint: ``experts.3.w1.weight``..., fused by transformers' own converter, see
-  :mod:`safeshard.convert`) or row ``e`` of a fused checkpoint tensor (a byte range).
+  :mod:`safeshard.runtime.convert`) or row ``e`` of a fused checkpoint tensor (a byte range).
 - *The call.* A pre-hook on the experts module reads the experts ``top_k_index`` names
   (those not cached), builds the fused parameters for just those experts (the converter
   run on them, or the rows), installs them, renumbers ``top_k_index`` into them and sets
@@ -16,7 +16,7 @@ block, every token would read all ``E`` experts of every layer; here an expert i
 - *The cache.* Read experts stay mapped in an expert cache, evicted by a decayed use count
   (frequency-aware: an expert's count halves every ``half_life`` passes; ties go to the
   least recently used). Its bytes and the per-call copies are reserved in the model's
-  :class:`~safeshard.residency.Residency`, within the same hard budget.
+  :class:`~safeshard.runtime.residency.Residency`, within the same hard budget.
 - *Prefetch by popularity.* After a layer's experts run, a reader thread reads the most
   popular experts of the next MoE layer that are not cached (as many as the router picks
   per token), where that fits without evicting a more popular expert.
@@ -47,7 +47,7 @@ HALF_LIFE = 8
 
 @dataclass
 class ExpertStats:
-    """What the expert cache did (see :attr:`safeshard.stream.StreamStats.experts`)."""
+    """What the expert cache did (see :attr:`safeshard.runtime.stream.StreamStats.experts`)."""
 
     calls: int = 0
     """Calls of MoE experts modules."""

@@ -9,13 +9,13 @@ tensor's bytes, and only those, the first time it is asked for.
 ``max_resident_bytes`` it keeps its holdings (tensors held, plus reads in flight)
 within that budget by releasing the oldest-read tensors first. A tensor the caller
 still references stays alive, but it is the caller's, not the checkpoint's. The
-accounting is a :class:`~safeshard.residency.Residency` (:attr:`LazyCheckpoint.residency`),
+accounting is a :class:`~safeshard.runtime.residency.Residency` (:attr:`LazyCheckpoint.residency`),
 the one :func:`safeshard.stream` uses too. ``max_resident_bytes="auto"`` (or an
-:class:`~safeshard.membudget.AutoBudget`) sizes the budget from the memory available
+:class:`~safeshard.runtime.membudget.AutoBudget`) sizes the budget from the memory available
 and re-reads it as tensors are read.
 
 *Layer walks.* :meth:`LazyCheckpoint.iter_layers` yields ``(key, {name: tensor})``
-for each group of :func:`safeshard.layout.group_tensors` in model order (each
+for each group of :func:`safeshard.format.blocks.group_tensors` in model order (each
 head tensor, each block such as ``model.layers.7``, each tail tensor) while a
 background thread reads the next ``prefetch`` groups. The group being yielded
 stays held until the caller asks for the next one; then the walk releases what it
@@ -143,7 +143,7 @@ class LazyCheckpoint(Mapping[str, Any]):
         return self._ckpt.entries[name].info
 
     def layers(self) -> list[Group]:
-        """The groups in model order, exactly as :func:`safeshard.layout.group_tensors` makes
+        """The groups in model order, exactly as :func:`safeshard.format.blocks.group_tensors` makes
         them: each head tensor, each numbered block, each tail tensor."""
         return list(self._groups)
 
@@ -185,7 +185,7 @@ class LazyCheckpoint(Mapping[str, Any]):
     def budget(self) -> int | None:
         """The byte budget now (None: no limit). With ``max_resident_bytes="auto"`` it
         follows the memory available, re-read at most every
-        :attr:`safeshard.membudget.AutoBudget.interval` seconds as tensors are read."""
+        :attr:`safeshard.runtime.membudget.AutoBudget.interval` seconds as tensors are read."""
         return self._res.budget
 
     @property

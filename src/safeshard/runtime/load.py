@@ -51,9 +51,9 @@ def load(
     """Read every tensor of the checkpoint at ``path`` into owned memory, in parallel.
 
     ``path`` is a ``.safetensors`` file, a folder, or a ``*.safetensors.index.json``,
-    local or a URL (:mod:`safeshard.storage`, reached with ``storage_options``): from
+    local or a URL (:mod:`safeshard.io.store`, reached with ``storage_options``): from
     object storage, each read job is parallel ranged GETs straight into the tensors'
-    memory, with the bytes in flight bounded (:class:`safeshard.remote.RemoteLimits`).
+    memory, with the bytes in flight bounded (:class:`safeshard.io.remote.RemoteLimits`).
     Returns name -> tensor (torch) or array (numpy), in the checkpoint's data order,
     byte-identical to what ``safetensors`` loads. ``workers`` threads read at once
     (default :func:`default_workers`; 1 reads sequentially in the calling thread).
@@ -61,9 +61,9 @@ def load(
 
     With ``tp_plan`` (a mapping of name patterns to transformers' styles, or ``"auto"``),
     each tensor is ``rank``'s slice of ``world_size`` (torch.distributed's when left out),
-    and only the slices' bytes are read: see :mod:`safeshard.tp` (``tp_config`` gives head
+    and only the slices' bytes are read: see :mod:`safeshard.runtime.tp` (``tp_config`` gives head
     counts where no config.json is beside the weights; ``tp_stats``, a
-    :class:`safeshard.tp.ReadStats`, counts the bytes read).
+    :class:`safeshard.runtime.tp.ReadStats`, counts the bytes read).
     """
     if tp_plan is not None:
         parse_device(backend_for(framework), device)

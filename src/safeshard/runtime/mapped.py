@@ -1,6 +1,6 @@
 """Zero-copy tensors over memory-mapped shards, read ahead and released by page range.
 
-The streaming runner (:mod:`safeshard.stream`) reads a block the way the kernel
+The streaming runner (:mod:`safeshard.runtime.stream`) reads a block the way the kernel
 reads fastest and hands the pages themselves to torch:
 
 - each shard is mapped once, private and copy-on-write (``MAP_PRIVATE``), for the

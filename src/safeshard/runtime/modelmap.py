@@ -1,6 +1,6 @@
 """Where a checkpoint's tensors go in a model built on the meta device, and in what units.
 
-Used by :mod:`safeshard.stream` before any forward pass:
+Used by :mod:`safeshard.runtime.stream` before any forward pass:
 
 - :func:`check_meta`: every parameter is on the meta device (:class:`UsageError`);
 - :func:`match`: every parameter and persistent buffer the model needs is in the
@@ -88,7 +88,7 @@ class ModelTensor:
     """The GPTQ module whose v1 ``qzeros`` this is (converted after each read)."""
     fused: Fused | None = None
     """For a tensor transformers makes from several checkpoint tensors when it loads them
-    (:mod:`safeshard.convert`): the conversion; ``name`` is then the model's name for it."""
+    (:mod:`safeshard.runtime.convert`): the conversion; ``name`` is then the model's name for it."""
     sources: list[TensorInfo] = field(default_factory=list)
     """The checkpoint tensors a fused tensor is made from (``info`` is the first)."""
 

@@ -4,7 +4,7 @@ An :class:`Engine` serves *units* (a model's blocks and the tensors outside them
 to a caller that announces each use with :meth:`Engine.acquire` and its end with
 :meth:`Engine.release`. It needs neither torch nor a model: reading a unit and
 letting it go are the ``load`` and ``unload`` functions it is given, and the bytes
-it holds are accounted in a shared :class:`~safeshard.residency.Residency`.
+it holds are accounted in a shared :class:`~safeshard.runtime.residency.Residency`.
 
 *Predictive prefetch.* A background thread reads the next ``prefetch`` units the
 caller will ask for. The order is learned: during the first pass (between
@@ -22,7 +22,7 @@ time covers the reads of the next pass). The rest is read for each use and relea
 after it, so the bytes read per pass are about the model size minus the resident part.
 
 Under a fixed budget the holdings never exceed it. With an automatic budget
-(:class:`~safeshard.membudget.AutoBudget`), :meth:`Engine.begin_pass` re-reads the
+(:class:`~safeshard.runtime.membudget.AutoBudget`), :meth:`Engine.begin_pass` re-reads the
 memory available and plans again: a smaller budget releases resident units at once
 (those in use when their use ends), a larger one keeps more after their next use.
 """
@@ -72,7 +72,7 @@ class EngineStats:
     extra_bytes: int = 0
     """Bytes read outside whole units (embedding rows)."""
     expert_bytes: int = 0
-    """Bytes of MoE experts read by expert (:mod:`safeshard.experts`)."""
+    """Bytes of MoE experts read by expert (:mod:`safeshard.runtime.experts`)."""
     evictions: int = 0
     loads_by_unit: dict[str, int] = field(default_factory=dict)
 

@@ -245,7 +245,7 @@ def check_dtype(backend: Backend, info: TensorInfo, path: str | Path, unsupporte
 
 Span = Extent
 """A tensor's bytes in a shard: the I/O layer's one range type
-(:class:`safeshard.byteio.Extent`)."""
+(:class:`safeshard.io.bytesrc.Extent`)."""
 
 
 @dataclass
@@ -300,7 +300,7 @@ def job_size(total: int, workers: int) -> int:
 
 
 class ShardFiles:
-    """A checkpoint's shards opened as byte sources (:mod:`safeshard.byteio`: local files,
+    """A checkpoint's shards opened as byte sources (:mod:`safeshard.io.bytesrc`: local files,
     or objects in storage), checked against their headers.
 
     Holds each shard open from the start, so a file replaced later cannot mix with the

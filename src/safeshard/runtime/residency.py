@@ -1,7 +1,7 @@
 """Holdings under a memory budget: what is held, what is pinned, what is being read.
 
 A :class:`Residency` is the accounting that :class:`safeshard.LazyCheckpoint` and the
-streaming runner (:mod:`safeshard.stream`) share. It needs neither torch nor numpy:
+streaming runner (:mod:`safeshard.runtime.stream`) share. It needs neither torch nor numpy:
 values are opaque, sizes are what the caller says they are.
 
 - *Entries* ``key -> (value, nbytes)``, oldest first.

@@ -16,15 +16,15 @@ How it works:
   Tied weights are one tensor installed in every place that shares it, so they stay
   tied. A hook pair on each unit's module(s) acquires the unit before the module runs
   and releases it after (even if it raises).
-- *Reads.* Tensors are views of the shards mapped in memory (:mod:`safeshard.mapped`):
+- *Reads.* Tensors are views of the shards mapped in memory (:mod:`safeshard.runtime.mapped`):
   a unit is read by populating its pages in parallel, and released by unmapping them,
   so nothing is copied and a warm page cache costs almost nothing.
-- *Budget and prefetch* (:mod:`safeshard.prefetch`): a stable subset stays resident,
+- *Budget and prefetch* (:mod:`safeshard.runtime.prefetch`): a stable subset stays resident,
   the rest is streamed, and a background thread reads the next ``prefetch`` units in
   the order learned on the first pass, cyclically across tokens. The holdings are
-  counted in the same :class:`~safeshard.residency.Residency` as
+  counted in the same :class:`~safeshard.runtime.residency.Residency` as
   :func:`safeshard.open`'s, and ``max_resident_bytes`` takes the same values,
-  ``"auto"`` included (:mod:`safeshard.membudget`).
+  ``"auto"`` included (:mod:`safeshard.runtime.membudget`).
 - *Embeddings by rows.* An embedding that is not resident and not tied is not read
   whole: its forward reads just the rows of the ids it is given.
 - *GPTQ.* Models built through transformers' GPTQ integration (``empty_model`` does
@@ -587,7 +587,7 @@ def stream(
 
     - ``max_resident_bytes``: bytes or a size string bounding what is held at once
       (None: no bound, everything is kept after its first use; ``"auto"``: follow the
-      memory available, see :class:`~safeshard.membudget.AutoBudget`, which may also be
+      memory available, see :class:`~safeshard.runtime.membudget.AutoBudget`, which may also be
       passed). A block larger than the budget is a :class:`BudgetError`, now.
     - ``prefetch``: how many units to read ahead of the one running (0: none).
     - ``device``: where the weights go: ``"cpu"`` (they map the page cache, no copy),
@@ -597,9 +597,9 @@ def stream(
       ``"keep"`` leaves them there, ``"auto"`` drops them when the model is bigger
       than the memory available (where caching them would only evict other data).
     - ``rows``: read a streamed embedding row by row instead of whole.
-    - ``granularity``: ``"block"`` or ``"module"`` units (see :mod:`safeshard.modelmap`).
+    - ``granularity``: ``"block"`` or ``"module"`` units (see :mod:`safeshard.runtime.modelmap`).
     - ``experts``: read a MoE model's experts one by one, only those the router picks,
-      into a frequency-aware cache (see :mod:`safeshard.experts`); False reads them with
+      into a frequency-aware cache (see :mod:`safeshard.runtime.experts`); False reads them with
       their block.
 
     See the module docstring for what is checked before the first forward pass.
@@ -647,7 +647,7 @@ def empty_model(
 
     ``task`` picks the head: ``"causal-lm"``, ``"seq2seq-lm"``, ``"image-text-to-text"``
     or ``"sequence-classification"``; by default the one the config's ``architectures``
-    names (:mod:`safeshard.heads`). A config transformers rejects, or a model type with
+    names (:mod:`safeshard.runtime.heads`). A config transformers rejects, or a model type with
     none of these heads, is a :class:`~safeshard.errors.ModelConfigError`, before any read.
 
     GPTQ checkpoints (a ``quantization_config`` with ``quant_method: gptq``) get the

@@ -4,7 +4,7 @@ This module is the plan and the arithmetic, with no torch: given a tensor-parall
 in transformers' vocabulary, a rank and a world size, :meth:`RankPlan.slice_of` says
 which part of each stored tensor the rank holds, and :func:`byte_ranges` /
 :func:`coalesce` turn that part into the few reads that fetch it. The reading itself is
-:mod:`safeshard.tpread`; :func:`safeshard.load` and :func:`safeshard.open` take
+:mod:`safeshard.runtime.tpread`; :func:`safeshard.load` and :func:`safeshard.open` take
 ``tp_plan``, ``rank`` and ``world_size`` and return each rank's slices.
 
 *Plans.* A plan maps name patterns to styles, as ``base_model_tp_plan`` and
