@@ -14,10 +14,13 @@ from safeshard.cli.inspect_cmd import render as render_inspect
 from safeshard.cli.split_cmd import render as render_split
 from safeshard.cli.verify_cmd import render as render_verify
 from safeshard.io.copier import hash_file
+from safeshard.ops.inspect import inspect
 from safeshard.ops.merge import merge
 from safeshard.ops.split import split
 from safeshard.ops.synth import synthesize
 from safeshard.ops.verify import verify
+from safeshard.runtime.lazy import open as lazy_open
+from safeshard.runtime.load import load
 from safeshard.sizes import format_size
 
 
@@ -62,7 +65,6 @@ def _run(work: Path, cap: int) -> None:
     weights = next(src_dir.glob("*.safetensors"))
 
     _step(2, f"safeshard inspect {src_dir.name} --max-shard-size {format_size(cap)}")
-    from safeshard.ops.inspect import inspect
 
     render_inspect(inspect(src_dir, cap=cap))
 
@@ -91,8 +93,6 @@ def _run(work: Path, cap: int) -> None:
 
 
 def _load(out_dir: Path) -> None:
-    from safeshard.runtime.lazy import open as lazy_open
-    from safeshard.runtime.load import load
 
     try:
         import torch  # noqa: F401

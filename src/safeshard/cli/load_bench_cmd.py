@@ -43,6 +43,7 @@ from typing import Any
 
 import click
 
+import safeshard
 from safeshard.checkpoint import open_checkpoint
 from safeshard.cli._text import safe
 from safeshard.cli.app import (
@@ -58,8 +59,8 @@ from safeshard.cli.app import (
     storage_option,
 )
 from safeshard.errors import MissingExtraError, SafeshardError, UsageError
-from safeshard.io.store import is_remote
-from safeshard.runtime.readers import default_workers
+from safeshard.io.store import as_path, is_remote
+from safeshard.runtime.readers import CHUNK_BYTES, default_workers
 from safeshard.sizes import format_size
 
 LOAD_VARIANTS = ("sequential", "parallel", "walk", "baseline")
@@ -354,8 +355,6 @@ def child_main() -> None:
     import safetensors.torch
     import torch
 
-    import safeshard
-
     del safetensors, torch
     base = _rss_now()
     if spec["mode"] == "cold":
@@ -379,7 +378,6 @@ def child_main() -> None:
 
 
 def _v_load(spec: dict[str, Any], workers: int) -> dict[str, Any]:
-    import safeshard
 
     sd = safeshard.load(spec["path"], workers=workers, storage_options=spec.get("storage_options"))
     n = len(sd)
@@ -388,7 +386,6 @@ def _v_load(spec: dict[str, Any], workers: int) -> dict[str, Any]:
 
 
 def _v_walk(spec: dict[str, Any], rate: int | None, prefetch: int) -> dict[str, Any]:
-    import safeshard
 
     waits: list[float] = []  # time the caller waited for each layer
     works: list[float] = []  # simulated work on each layer
@@ -430,8 +427,6 @@ def _v_baseline(spec: dict[str, Any]) -> dict[str, Any]:
     fsspec and loaded from those bytes with ``safetensors.torch.load``."""
     from safetensors.torch import load, load_file
 
-    from safeshard.io.store import as_path
-
     kept: dict[str, Any] = {}
     for f in spec["files"]:
         p = as_path(f, spec.get("storage_options"))
@@ -447,8 +442,6 @@ def _v_fault(spec: dict[str, Any]) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
-
-    from safeshard.runtime.readers import CHUNK_BYTES
 
     ckpt = open_checkpoint(spec["path"], storage_options=spec.get("storage_options"))
     bufs = [torch.empty(e.info.nbytes, dtype=torch.uint8) for e in ckpt.entries.values()]

@@ -12,6 +12,10 @@ from safeshard.cli._text import safe
 from safeshard.cli.app import SIZE, emit_json, json_option, main, out, quiet_option
 from safeshard.errors import UsageError
 from safeshard.runtime.membudget import AutoBudget
+from safeshard.runtime.readers import import_torch
+from safeshard.runtime.stream import empty_model, stream, streamer_of
+from safeshard.runtime.textgen import TextStreamer, load_tokenizer
+from safeshard.runtime.textgen import prompt_ids as encode
 from safeshard.sizes import format_size
 
 
@@ -121,10 +125,6 @@ def run_cmd(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    from safeshard.runtime.readers import import_torch
-    from safeshard.runtime.stream import empty_model, stream, streamer_of
-    from safeshard.runtime.textgen import TextStreamer, load_tokenizer
-    from safeshard.runtime.textgen import prompt_ids as encode
 
     torch = import_torch()
     if (prompt is None) == (prompt_ids is None):

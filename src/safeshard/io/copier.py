@@ -208,8 +208,7 @@ def copy_pieces(
     if sha256 is not None:
         sha256.update(header)
     wrote(len(header))
-    if local:
-        assert dst is not None
+    if local and dst is not None:
         _copy_local(runs, pieces, digests, sink, dst, wrote)
     else:
         _copy_buffered(plan_runs(pieces, BUFFERED_CHUNK), pieces, digests, sink, sha256, wrote)
@@ -312,7 +311,8 @@ def _copy_local(
     try:
         for run in runs:
             src = run.source.fileno()
-            assert src is not None
+            if src is None:  # the caller checked every source is local
+                raise ReadError(f"{run.source.name}: not a local file; it cannot be copied")
             _copy_run(run, pieces, src, dst, sink)
             if digester.error is not None:
                 raise digester.error

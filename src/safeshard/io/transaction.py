@@ -306,7 +306,8 @@ class OutputFolder:
 
     def record(self, name: str, rec: FileRecord) -> None:
         """Note in the journal that ``name`` is finished (``rec.staged``: waiting for commit)."""
-        assert self._journal is not None
+        if self._journal is None:  # start() opens the journal before any file is written
+            raise WriteError(f"{self.folder}: {name} was finished before the run was started")
         self._journal.files[name] = rec
         self._append({"file": [name, rec.to_json()]})
         self.step(f"journaled:{name}")
@@ -554,7 +555,8 @@ def _write_all(fd: int, data: bytes) -> None:
 def _copy_whole(src_fd: int, sink: Sink, size: int) -> None:
     """Copy a whole ``size``-byte file into a local sink."""
     fd = sink.fileno()
-    assert fd is not None
+    if fd is None:  # only called for local sinks
+        raise WriteError("a whole-file copy needs a local file to write to")
     if size:
         copy_range(src_fd, fd, 0, size, 0)
     sink.wrote(size)

@@ -355,7 +355,8 @@ def _float_masks(dtype: str, role: Role) -> tuple[int, int]:
     bias = (1 << (exp_bits - 1)) - 1
     mantissa = (1 << shift) - 1
     base = {"weight": bias - 7, "norm": bias - 1, "scales": bias - 9}[role]
-    assert base % 2 == 0, "the random low exponent bit must not carry"
+    if base % 2:  # the random low exponent bit must not carry: a layout table error
+        raise SynthError(f"{dtype}: exponent base {base} for {role} values is odd")
     and_mask = mantissa | (1 << shift)  # one random low exponent bit
     if role == "weight":
         and_mask |= 1 << sign_bit

@@ -224,7 +224,7 @@ class LazyCheckpoint(Mapping[str, Any]):
 
     # ------------------------------------------------------------------ walking
 
-    def iter_layers(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def iter_layers(self) -> Generator[tuple[str, dict[str, Any]], None, None]:
         """Yield ``(group key, {tensor name: tensor})`` in model order, prefetching.
 
         A background thread reads up to ``prefetch`` groups ahead. When the caller asks

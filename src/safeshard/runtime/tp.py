@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from safeshard.checkpoint import quant_configs, read_json_file
-from safeshard.errors import TensorParallelError, UsageError
+from safeshard.errors import MissingExtraError, TensorParallelError, UsageError
 from safeshard.format.header import DTYPE_BITS, TensorInfo
 from safeshard.format.quant import config_settings
 from safeshard.io.ranges import coalesce as ranges_coalesce
@@ -217,8 +217,6 @@ def auto_plan(folder: str | os.PathLike[str] | Any) -> dict[str, str]:
         import torch
         import transformers
     except ImportError as e:
-        from safeshard.errors import MissingExtraError
-
         raise MissingExtraError(
             f"tp_plan='auto' reads the model's plan through transformers, which is not "
             f"installed ({e}); run: pip install transformers, or pass the plan as a dict"
