@@ -76,6 +76,9 @@ def main() -> int:
     ap.add_argument("--preset", default="llama-2-7b-gptq")
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument(
+        "--only", action="append", default=[], help="run only this operation (repeatable)"
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="safeshard-ab-"))
     trees: dict[str, Path] = {}
@@ -120,6 +123,8 @@ def main() -> int:
         }
         print(f"{'operation':<10} | before s | after s | after/before: median (min, max)")
         for name, op in ops.items():
+            if args.only and name not in args.only:
+                continue
             times: dict[str, list[float]] = {"before": [], "after": []}
             for r in range(args.pairs):
                 for side in ("before", "after") if r % 2 == 0 else ("after", "before"):
