@@ -4,14 +4,14 @@ One safetensors file is written as a header followed by *pieces*: byte ranges of
 source files, one tensor each. Consecutive pieces that are contiguous in one source
 are joined into *runs* of at most :data:`COPY_CHUNK` bytes, so a file of many small
 tensors costs a few system calls, not one per tensor. The calling thread moves each
-run with :func:`fsio.copy_range` (``copy_file_range`` where the kernel has it) and
+run with :func:`safeshard.io.localfs.copy_range` (``copy_file_range`` where the kernel has it) and
 hands it to the kernel's writeback at once (``sync_file_range``), so the disk writes
 while the copy runs and the final fsync has little left to do.
 
 Integrity at disk speed. One background thread follows the copier: it re-reads each
 just-copied run from the *source* with ``os.preadv``, where it is still in the page
-cache, into a reusable :data:`fsio.CHUNK` buffer, and feeds each tensor's bytes to its
-digest (:data:`manifest.TENSOR_DIGEST`, XXH3-128, about 11 GB/s on one core here). The
+cache, into a reusable :data:`safeshard.io.localfs.CHUNK` buffer, and feeds each tensor's
+bytes to its digest (:data:`manifest.TENSOR_DIGEST`, XXH3-128, about 11 GB/s on one core here). The
 digest releases the GIL on large buffers, so hashing and the kernel copy run side by
 side. With the header's digest (computed here too), every byte of the file is covered.
 

@@ -10,7 +10,7 @@ An :class:`OutputFolder` owns a folder while a writer changes it::
         tx.commit([(tmp, name)], gone, finals={"model.safeshard.json": data, ...})
 
 1. **Lock.** Entering takes an exclusive lock on ``.safeshard.lock`` in the folder
-   (:class:`fsio.DirLock`): a second writer gets :class:`OutputLockedError`.
+   (:class:`safeshard.io.localfs.DirLock`): a second writer gets :class:`OutputLockedError`.
 2. **Recover.** A journal (``.safeshard-journal.json``) left by a killed run is read. If it
    holds a *commit record*, the commit was decided and is rolled forward now (whatever the
    command), so a folder is never left half-committed. Otherwise temporaries the journal

@@ -4,7 +4,7 @@
 (:func:`source.open_checkpoint`: every listed tensor in its shard, no extras, no
 duplicates). It then streams tensor bytes by byte ranges into a temporary file
 beside OUT_FILE, fsyncs it and renames it, through the same output transaction as
-split (:class:`outdir.OutputFolder` on OUT_FILE's folder: lock, temporary name,
+split (:class:`safeshard.io.transaction.OutputFolder` on OUT_FILE's folder: lock, temporary name,
 fsync, rename); an existing OUT_FILE is refused unless ``force``.
 
 - **Lossless.** When the shards' manifest (``{BASE}.safeshard.json``) records the
@@ -197,8 +197,8 @@ def merge(
 
     ``progress`` is called with a number of bytes each time that many are written;
     the total is the output's size (``MergeResult.size``). ``on_step`` is called with
-    each step of the output transaction (:data:`outdir.STEPS`). ``sha256`` also computes
-    the output's SHA-256, in a thread of its own that follows the copy. ``src`` and
+    each step of the output transaction (:data:`safeshard.io.journal.STEPS`). ``sha256``
+    also computes the output's SHA-256, in a thread of its own that follows the copy. ``src`` and
     ``out_file`` may be URLs (:mod:`safeshard.io.store`), reached with ``storage_options``.
     """
     ckpt = open_checkpoint(src, storage_options=storage_options)

@@ -33,7 +33,7 @@ be found by some loaders instead of the new shards. Other files are left alone,
 except those the sidecar copy overwrites.
 
 So the code reads as plan (:func:`plan.plan_shards`), stage (:func:`output.write_shard`
-for each shard) and commit (:meth:`outdir.OutputFolder.commit`).
+for each shard) and commit (:meth:`safeshard.io.transaction.OutputFolder.commit`).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def split(
     ``progress`` is called with a number of bytes each time that many are written
     or, for shards kept by ``resume``, re-hashed; the total is the sum of the
     planned file sizes (``SplitResult.files`` of a dry run). ``on_step`` is called with
-    each step of the output transaction (:data:`outdir.STEPS`).
+    each step of the output transaction (:data:`safeshard.io.journal.STEPS`).
     """
     cap = parse_size(max_shard_size)
     base = check_base(name)

@@ -460,7 +460,8 @@ def update(
     :class:`UpdateError` when ``out_dir`` holds no safeshard split that matches its
     manifest, :class:`UsageError` for a bad ``name`` or a ``new_src`` inside
     ``out_dir``, and what :func:`plan.plan_shards` raises for a tensor over the cap.
-    ``on_step`` is called with each step of the output transaction (:data:`outdir.STEPS`).
+    ``on_step`` is called with each step of the output transaction
+    (:data:`safeshard.io.journal.STEPS`).
     ``sha256`` also computes the SHA-256 of every shard (files in parallel). Both paths
     may be URLs (:mod:`safeshard.io.store`), reached with ``storage_options``; in object
     storage, only the changed shards are uploaded too.

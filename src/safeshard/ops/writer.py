@@ -2,7 +2,7 @@
 
 - names: :func:`check_base`, :func:`output_names`;
 - one shard: :func:`write_shard` copies a header and source byte ranges into a file of an
-  output transaction (:class:`outdir.OutputFolder`), hashing on the way;
+  output transaction (:class:`safeshard.io.transaction.OutputFolder`), hashing on the way;
 - the records that describe a finished checkpoint: :func:`describe_checkpoint` builds the
   manifest and index bytes, written last by the transaction's commit;
 - provenance: :func:`source_record` (the original single file the manifest keeps, so merge
