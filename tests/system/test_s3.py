@@ -322,3 +322,44 @@ def test_streaming_needs_local_files(tiny: Path, s3: S3) -> None:
     ckpt = safeshard.open_checkpoint(f"{base}/st", storage_options=opts)
     with ShardFiles(ckpt) as files, pytest.raises(UsageError, match="must be local files"):
         MappedShards(files, TorchBackend())
+
+
+def test_update_with_sha256_hashes_kept_objects_in_storage(
+    tiny: Path, s3: S3, tmp_path: Path
+) -> None:
+    """A split made without --sha256, updated with it: the kept shards are objects, and
+    their SHA-256 is computed by reading them back (ranged GETs), not as local files."""
+    import hashlib
+
+    base, opts = s3
+    cap = weights(tiny).stat().st_size // 3
+    safeshard.split(tiny, f"{base}/h", max_shard_size=cap, storage_options=opts)
+    new = tmp_path / "new"
+    new.mkdir()
+    for f in tiny.iterdir():
+        (new / f.name).write_bytes(f.read_bytes())
+    h = read_header(weights(new))
+    t = h.by_name["model.layers.1.mlp.down_proj.scales"]
+    with open(weights(new), "r+b") as fh:
+        fh.seek(h.data_start + t.begin)
+        fh.write(b"\x00\x3c" * (t.nbytes // 2))
+    r = safeshard.update(new, f"{base}/h", storage_options=opts, sha256=True)
+    assert r.kept and r.rewritten
+    fs, root = filesystem(f"{base}/h", opts)
+    for out in r.files:
+        assert out.sha256 == hashlib.sha256(fs.cat_file(f"{root}/{out.file}")).hexdigest(), out.file
+
+
+def test_split_with_sha256_to_storage_records_each_objects_sha256(tiny: Path, s3: S3) -> None:
+    """A follower cannot read an object back while it uploads: its SHA-256 is computed
+    from the bytes as they are sent, and equals the stored object's."""
+    import hashlib
+
+    base, opts = s3
+    cap = weights(tiny).stat().st_size // 3
+    r = safeshard.split(tiny, f"{base}/s", max_shard_size=cap, storage_options=opts, sha256=True)
+    assert len(r.files) >= 3
+    fs, root = filesystem(f"{base}/s", opts)
+    for out in r.files:
+        assert out.sha256 == hashlib.sha256(fs.cat_file(f"{root}/{out.file}")).hexdigest(), out.file
+    assert safeshard.verify(f"{base}/s", storage_options=opts, hash_files=True).ok

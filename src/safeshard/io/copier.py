@@ -494,14 +494,20 @@ def _digest_source(src: ByteSource, h: Any, progress: Progress | None) -> dict[s
 
 
 def hash_file(path: str | os.PathLike[str], *, progress: Progress | None = None) -> str:
-    """SHA-256 of a whole file, read with a bounded buffer."""
-    h = hashlib.sha256()
-    view = memoryview(bytearray(CHUNK))
+    """SHA-256 of a whole local file, read with a bounded buffer."""
     with LocalFile.open(path) as src:
-        offset = 0
-        while got := read_into(src, [view], offset):
-            h.update(view[:got])
-            offset += got
-            if progress is not None:
-                progress(got)
+        return hash_source(src, progress=progress)
+
+
+def hash_source(src: ByteSource, *, progress: Progress | None = None) -> str:
+    """SHA-256 of all of ``src`` (a local file, or an object read with ranged GETs), read
+    with a bounded buffer."""
+    h = hashlib.sha256()
+    view = memoryview(bytearray(CHUNK if src.fileno() is not None else BUFFERED_CHUNK))
+    offset = 0
+    while got := read_into(src, [view], offset):
+        h.update(view[:got])
+        offset += got
+        if progress is not None:
+            progress(got)
     return h.hexdigest()

@@ -51,9 +51,16 @@ from safeshard.format.blocks import describe_blocks
 from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.format.manifest import manifest_path
-from safeshard.io.copier import Progress, Sha256Pool, hash_file
+from safeshard.io.copier import Progress, Sha256Pool, hash_source
 from safeshard.io.localfs import require_space
-from safeshard.io.store import as_path, local_path, output_folder, same_folder, translate_errors
+from safeshard.io.store import (
+    as_path,
+    local_path,
+    open_source,
+    output_folder,
+    same_folder,
+    translate_errors,
+)
 from safeshard.io.transaction import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
 from safeshard.ops.sidecar import copy_sidecars
@@ -229,7 +236,8 @@ def split(
         if sha256:  # kept shards of a run that did not compute it
             for n in kept:
                 if done[n].sha256 is None:
-                    done[n] = replace(done[n], sha256=hash_file(out / n))
+                    with open_source(out / n) as kept_file:  # a file, or an object
+                        done[n] = replace(done[n], sha256=hash_source(kept_file))
         result.files = [
             _file(n, s, done[n].sha256, "kept" if n in kept else "written")
             for n, s in zip(names, plan.shards, strict=True)

@@ -57,7 +57,7 @@ from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.format.manifest import Manifest, header_digest, manifest_path
 from safeshard.io.bytesrc import read_exact
-from safeshard.io.copier import Sha256Pool, hash_file
+from safeshard.io.copier import Sha256Pool, hash_source
 from safeshard.io.localfs import require_space
 from safeshard.io.scan import FileTask, Range, scan
 from safeshard.io.store import (
@@ -650,7 +650,8 @@ def _write(
         old = recorded[s.old or f]
         sha = old.sha256
         if sha256 and sha is None:  # an earlier split made without --sha256
-            sha = hash_file(out / (s.old or f))
+            with open_source(out / (s.old or f)) as src:  # a file, or an object read back
+                sha = hash_source(src)
         records[f] = FileRecord(old.size, header_digest(head), {n: hashes[n] for n in s.names}, sha)
     with_sha256(records, written)
     result.files = _describe(finals, headers, planner, None, records)

@@ -42,7 +42,7 @@ from safeshard.io.copier import (
     Sha256Pool,
     copy_pieces,
     digest_file,
-    hash_file,
+    hash_source,
 )
 from safeshard.io.transaction import FileRecord, OutputStore
 from safeshard.redact import redact_url
@@ -237,7 +237,18 @@ class Written:
 
     record: FileRecord
     hashes: Hashes
-    sha256: Sha256Follower | None = None
+    sha256: Sha256Follower | Computed | None = None
+
+
+@dataclass(frozen=True)
+class Computed:
+    """A SHA-256 computed inline while the file was written (an object in storage, which
+    a follower cannot read back), offered like a :class:`Sha256Follower`'s."""
+
+    digest: str
+
+    def result(self) -> str:
+        return self.digest
 
 
 def write_shard(
@@ -258,19 +269,26 @@ def write_shard(
     """
     size = len(header) + sum(p.nbytes for p in pieces)
     follower: Sha256Follower | None = None
+    computed: Computed | None = None
 
     def fill(sink: Sink) -> Hashes:
-        nonlocal follower
+        nonlocal follower, computed
         fd = sink.fileno()
         if sha256 is not None and fd is not None:
             follower = Sha256Follower(fd, size, sha256, name=str(tx.folder / name))
-        return copy_pieces(
+        # an object in storage cannot be read back by a follower: hash it as it is sent
+        inline = hashlib.sha256() if sha256 is not None and fd is None else None
+        got = copy_pieces(
             sink,
             header,
             pieces,
             progress=progress,
             on_written=follower.advance if follower is not None else None,
+            sha256=inline,
         )
+        if inline is not None:
+            computed = Computed(inline.hexdigest())
+        return got
 
     try:
         if stage:
@@ -283,7 +301,7 @@ def write_shard(
         raise
     rec = FileRecord(size, hashes.header, hashes.tensors, staged=tmp)
     tx.record(name, rec)
-    return Written(rec, hashes, follower)
+    return Written(rec, hashes, follower if follower is not None else computed)
 
 
 def with_sha256(records: dict[str, FileRecord], written: Mapping[str, Written]) -> None:
@@ -302,7 +320,10 @@ def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> 
         if storage.regular_size(path) != rec.size:
             return False
         if rec.header is None:
-            return rec.sha256 is not None and hash_file(path, progress=progress) == rec.sha256
+            if rec.sha256 is None:
+                return False
+            with storage.open_source(path) as src:
+                return hash_source(src, progress=progress) == rec.sha256
         with storage.open_source(path) as src:
             got = digest_file(src, progress=progress)
     except (SafeshardError, OSError):
