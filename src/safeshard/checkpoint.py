@@ -116,10 +116,7 @@ def read_index(path: str | os.PathLike[str], place: Place | None = None) -> Shar
     """
     try:
         # locally a regular file (never a FIFO, which would hang), of a bounded size
-        if place is not None:  # where the path lives, already decided by the caller
-            data = place.read_small(path, operation="read the index")
-        else:
-            data = read_small_file(path, operation="read the index")
+        data = read_small_file(path, operation="read the index", place=place)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"{path}: no such index") from None
     except OSError as e:
@@ -141,10 +138,7 @@ def read_manifest(
     """
     p = manifest_path(folder, base)
     try:
-        if place is not None:
-            data = place.read_small(p, follow_symlinks=follow_symlinks)
-        else:
-            data = read_small_file(p, follow_symlinks=follow_symlinks)
+        data = read_small_file(p, follow_symlinks=follow_symlinks, place=place)
     except FileNotFoundError:
         return None
     except OSError as e:

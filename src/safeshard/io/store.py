@@ -55,14 +55,7 @@ StorageOptions = Mapping[str, Any] | None
 
 def as_path(path: str | os.PathLike[str], storage_options: StorageOptions = None) -> Path:
     """A local :class:`~pathlib.Path`, or a ``UPath`` for a URL (see the module docs)."""
-    if not isinstance(path, str) and is_remote(path):
-        return path  # type: ignore[return-value]  # already a remote path object
-    text = os.fspath(path) if not isinstance(path, str) else path
-    if not is_url(text):
-        return Path(text)
-    if text.startswith("file://"):
-        return Path(text[len("file://") :])
-    return url_path(text, storage_options)  # type: ignore[no-any-return]
+    return resolve(path, storage_options)[0]
 
 
 def is_remote(path: object) -> bool:
@@ -90,18 +83,16 @@ def read_small_file(
     follow_symlinks: bool = True,
     limit: int = MAX_SMALL_FILE,
     operation: str | None = None,
+    place: Place | None = None,
 ) -> bytes:
     """The bytes of a small file beside a checkpoint (an index, a manifest, a config):
     a local one through :func:`~safeshard.io.localfs.read_regular_file` (a regular file
     only, at most ``limit`` bytes: never a FIFO, a device or a folder), an object read
     whole (an object is always a regular file). With ``operation``, a storage client's
-    error is :func:`~safeshard.io.storerr.storage_op`'s error."""
-    if not is_remote(path):
-        return read_regular_file(path, follow_symlinks=follow_symlinks, limit=limit)
-    if operation is None:
-        return bytes(path.read_bytes())
-    with storage_op(path, operation):
-        return bytes(path.read_bytes())
+    error is :func:`~safeshard.io.storerr.storage_op`'s error. ``place``: where ``path``
+    lives, when the caller has decided it already."""
+    where = place if place is not None else place_of(path)
+    return where.read_small(path, follow_symlinks=follow_symlinks, limit=limit, operation=operation)
 
 
 def url_of(path: object) -> str:
@@ -128,11 +119,16 @@ class Place:
         return path if isinstance(path, Path) else Path(os.fspath(path))
 
     def read_small(
-        self, path: Any, *, follow_symlinks: bool = True, operation: str | None = None
+        self,
+        path: Any,
+        *,
+        follow_symlinks: bool = True,
+        limit: int = MAX_SMALL_FILE,
+        operation: str | None = None,
     ) -> bytes:
         """:func:`read_small_file` of ``path``, a path of this place, without asking again."""
         if self.local is not None:
-            return read_regular_file(path, follow_symlinks=follow_symlinks)
+            return read_regular_file(path, follow_symlinks=follow_symlinks, limit=limit)
         if operation is None:
             return bytes(path.read_bytes())
         with storage_op(path, operation):
@@ -155,10 +151,12 @@ def resolve(
     """``path`` as :func:`as_path` gives it, with its :class:`Place`: the local-or-remote
     decision made once, for a caller to carry (the checkpoint door does, from its first
     look at a path to the copier)."""
-    if not isinstance(path, str):  # a path object: local, or already a remote path
+    if not isinstance(path, str):  # a path object: already a remote path, or local
         if is_remote(path):
             return path, Place(None)  # type: ignore[return-value]  # a UPath
-        return Path(os.fspath(path)), LOCAL
+        if isinstance(path, Path):
+            return path, LOCAL
+        path = os.fspath(path)  # another PathLike: its text decides
     if not is_url(path):
         return Path(path), LOCAL
     for scheme in ("file://", "local://"):  # fsspec's local file system
