@@ -4,9 +4,10 @@
   request, except those a :class:`Rule` matches: it answers them with an S3 error (a 500
   ``InternalError``, or a 501 ``NotImplemented`` as s3rver answers ListMultipartUploads),
   resets the connection (``SO_LINGER`` 0), or sends half the body and closes. It records
-  every request it saw, counts the ranged GETs and multipart part uploads it is forwarding
-  at once (``peak``, ``count``), can hold each of those for ``delay`` seconds (a slow
-  link, so overlap shows) and can drop the ``Range`` header of GETs (``ignore_range``).
+  every request it saw, counts the ranged GETs, multipart part uploads and parts copied on
+  the server (``UploadPartCopy``) it is forwarding at once (``peak``, ``count``), can hold
+  each of those for ``delay`` seconds (a slow link, so overlap shows) and can drop the
+  ``Range`` header of GETs (``ignore_range``).
 - :class:`FolderServer`: a static HTTP server over a folder, with ``Range`` support, that
   decodes and normalizes request paths the way many servers do
   (``/a/b/%2E%2E%2Fx`` is ``/a/x``), so an index entry that escapes the checkpoint's
@@ -37,23 +38,26 @@ S3_ERROR = (
 NOT_IMPLEMENTED = b"<Error><Code>NotImplemented</Code></Error>"
 HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length"}
 """Request headers not forwarded (hop-by-hop; the length is set again)."""
-KINDS = ("get", "part")
+KINDS = ("get", "part", "copy")
 
 
 @dataclass
 class Rule:
-    """Which requests to break (regexes on the method and on the path with its query)
-    and how: ``"500"``, ``"501"``, ``"reset"`` or ``"truncate"``; at most ``times`` times
-    (None: always)."""
+    """Which requests to break (regexes on the method and on the path with its query, and
+    a request header that must be present, if ``header``) and how: ``"500"``, ``"501"``,
+    ``"reset"`` or ``"truncate"``; at most ``times`` times (None: always)."""
 
     method: str
     target: str
     action: str
     times: int | None = None
     hits: int = 0
+    header: str = ""
 
-    def matches(self, method: str, target: str) -> bool:
+    def matches(self, method: str, target: str, headers: Any = None) -> bool:
         if not re.fullmatch(self.method, method) or not re.search(self.target, target):
+            return False
+        if self.header and (headers is None or self.header not in headers):
             return False
         return self.times is None or self.hits < self.times
 
@@ -105,7 +109,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         with state.lock:
             state.seen.append((self.command, self.path))
             for rule in state.rules:
-                if rule.matches(self.command, self.path):
+                if rule.matches(self.command, self.path, self.headers):
                     rule.hits += 1
                     action = rule.action
                     break
@@ -128,7 +132,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             if state.ignore_range:
                 headers.pop("Range", None)
         elif self.command == "PUT" and "partNumber=" in self.path:
-            kind = "part"
+            kind = "copy" if "x-amz-copy-source" in self.headers else "part"
         if kind:
             with state.lock:
                 state.count[kind] += 1
@@ -188,13 +192,14 @@ class FaultProxy:
 
     @property
     def peak(self) -> dict[str, int]:
-        """The most ranged GETs (``"get"``) and part uploads (``"part"``) at once."""
+        """The most ranged GETs (``"get"``), part uploads (``"part"``) and parts copied on
+        the server (``"copy"``) at once."""
         with self.state.lock:
             return dict(self.state.peak)
 
     @property
     def count(self) -> dict[str, int]:
-        """How many ranged GETs and part uploads were forwarded."""
+        """How many ranged GETs, part uploads and copied parts were forwarded."""
         with self.state.lock:
             return dict(self.state.count)
 

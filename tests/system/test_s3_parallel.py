@@ -10,6 +10,7 @@ flight; a server that ignores ``Range`` must not make a read fetch the whole obj
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import safeshard
 from helpers.faultproxy import FaultProxy, Rule
 from helpers.s3kit import S3, random_model
 from safeshard.errors import ReadError
+from safeshard.io import remote
 from safeshard.io.remote import DEFAULT_LIMITS, RemoteFile, filesystem
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -38,16 +40,22 @@ def proxied(s3: S3) -> Iterator[tuple[str, dict[str, Any], FaultProxy]]:
 def test_reshard_s3_to_s3_keeps_gets_and_part_uploads_in_flight(
     proxied: tuple[str, dict[str, Any], FaultProxy], tmp_path: Path
 ) -> None:
+    """Where the server cannot copy parts (like s3rver: a 501 for ``UploadPartCopy``), the
+    bytes stream through this machine, with GETs and part uploads in flight."""
     base, opts, proxy = proxied
     # 48 MiB and a header: 7 parts of 8 MiB in one shard
     src = random_model(tmp_path / "src", layers=6, mib=8)
     fs, root = filesystem(base, opts)
     fs.put_file(str(src), f"{root}/src/model.safetensors")
+    no_copy = proxy.add(Rule("PUT", r"partNumber=", "501", header="x-amz-copy-source"))
     proxy.reset()
     proxy.delay.update(get=0.2, part=0.5)  # a slow link: one request at a time would show
     DEFAULT_LIMITS.upload_stats.max_bytes_in_flight = 0
     r = safeshard.split(f"{base}/src", f"{base}/out", max_shard_size="1GB", storage_options=opts)
     assert len(r.files) == 1
+    said = [n for n in r.notes if "cannot copy parts of objects" in n]
+    assert len(said) == 1, r.notes
+    assert no_copy.hits == 1  # asked once, before any byte was read
     assert proxy.peak["get"] >= 4, proxy.peak
     assert proxy.peak["part"] >= 4, proxy.peak
     assert proxy.peak["get"] <= DEFAULT_LIMITS.requests
@@ -55,6 +63,48 @@ def test_reshard_s3_to_s3_keeps_gets_and_part_uploads_in_flight(
     assert proxy.count["part"] == -(-src.stat().st_size // (8 * 2**20))  # each part once
     assert DEFAULT_LIMITS.upload_stats.max_bytes_in_flight <= DEFAULT_LIMITS.uploads * 8 * 2**20
     assert fs.cat_file(f"{root}/out/model.safetensors") == src.read_bytes()
+
+
+@pytest.mark.slow
+def test_reshard_s3_to_s3_has_the_server_copy_the_bytes(
+    proxied: tuple[str, dict[str, Any], FaultProxy],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 18.1: source and output in one store, so each shard's bytes are copied by
+    the server (``UploadPartCopy``, several in flight); only the header's part is sent
+    from here. The shards are read back for their digests: a verify, a merge to the
+    source's SHA-256 and ``sha256=True`` all agree with the source."""
+    base, opts, proxy = proxied
+    monkeypatch.setattr(remote, "COPY_PART_BYTES", 8 * 2**20)  # many parts from 48 MiB
+    src = random_model(tmp_path / "src", layers=6, mib=8)
+    fs, root = filesystem(base, opts)
+    fs.put_file(str(src), f"{root}/src/model.safetensors")
+    proxy.reset()
+    proxy.delay.update(copy=0.5)
+    copies = DEFAULT_LIMITS.copy_stats.requests
+    r = safeshard.split(
+        f"{base}/src", f"{base}/out", max_shard_size="1GB", storage_options=opts, sha256=True
+    )
+    assert [f.sha256 for f in r.files] == [hashlib.sha256(src.read_bytes()).hexdigest()]
+    assert not [n for n in r.notes if "cannot copy" in n], r.notes
+    assert proxy.count["part"] == 1  # the header and the first bytes
+    assert proxy.count["copy"] == 6, proxy.count
+    assert DEFAULT_LIMITS.copy_stats.requests - copies == 6
+    assert 4 <= proxy.peak["copy"] <= DEFAULT_LIMITS.uploads, proxy.peak
+    assert fs.cat_file(f"{root}/out/model.safetensors") == src.read_bytes()
+    # a reshard into three shards: each one's header is new, its bytes copied
+    proxy.reset()
+    r3 = safeshard.split(
+        f"{base}/out", f"{base}/three", max_shard_size="17MB", storage_options=opts
+    )
+    assert len(r3.files) == 3 and proxy.count["copy"] >= 3, proxy.count
+    assert safeshard.verify(f"{base}/three", storage_options=opts).ok
+    merged = safeshard.merge(f"{base}/three", tmp_path / "merged.safetensors", storage_options=opts)
+    want = safeshard.load(src, framework="numpy")
+    got = safeshard.load(merged.out_file, framework="numpy")
+    assert got.keys() == want.keys()
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
 
 
 @pytest.mark.slow

@@ -45,8 +45,11 @@ from safeshard.errors import (
     WriteError,
 )
 from safeshard.format.filenames import JOURNAL_NAME, LOCK_NAME, TMP_PREFIX, temp_name
-from safeshard.io.bytesrc import ByteSource, Sink, copy_source
+from safeshard.format.manifest import header_digest
+from safeshard.io.bytesrc import ByteSource, Extent, Sink, copy_source, read_exact
+from safeshard.io.copier import Hashes, digest_file, hash_source
 from safeshard.io.journal import FileRecord, Journal, commit_plan, removal_order
+from safeshard.io.parts import CopyPart, Part, Run, SendPart, plan_parts
 from safeshard.io.storerr import classify, translating
 
 __all__ = [
@@ -186,6 +189,8 @@ class RemoteLimits:
         self.stats = RemoteStats()
         self.upload_stats = RemoteStats()
         """Part uploads (and single-request uploads): counts and the most in flight."""
+        self.copy_stats = RemoteStats()
+        """Parts copied on the server (``UploadPartCopy``): their requests and bytes."""
         self._slots = threading.BoundedSemaphore(requests)
         self._put_slots = threading.BoundedSemaphore(uploads)
         self._pool: ThreadPoolExecutor | None = None
@@ -692,6 +697,197 @@ class _PartUploader:
                 self._call("abort_multipart_upload", UploadId=self.upload_id)
 
 
+COPY_PART_BYTES = 64 * MIB
+"""Largest part copied on the server (``UploadPartCopy``) in one request."""
+
+
+class _NoServerCopy(Exception):
+    """The server does not implement ``UploadPartCopy`` (for example s3rver)."""
+
+
+def _same_store(a: Any, b: Any) -> bool:
+    """Whether two file systems reach the same store with the same credentials (so the
+    server can copy an object of one into the other)."""
+    if a is b:
+        return True
+    return (
+        _is_s3(a)
+        and type(a) is type(b)
+        and getattr(a, "storage_options", None) == getattr(b, "storage_options", None)
+    )
+
+
+def _not_implemented(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e} {e.__cause__}".lower().replace(" ", "")
+    return "notimplemented" in text or "501" in text
+
+
+class _CopyUpload:
+    """One multipart upload of :class:`~safeshard.io.parts.Part` s: sent parts are read
+    with ranged GETs into a part buffer and uploaded, copied parts are ``UploadPartCopy``
+    requests; up to :attr:`RemoteLimits.uploads` parts in flight, so the memory held is at
+    most that many part buffers."""
+
+    def __init__(self, fs: Any, path: str, name: str, limits: RemoteLimits) -> None:
+        self.fs = fs
+        self.name = name
+        self.bucket, self.key, _ = fs.split_path(path)
+        self.limits = limits
+        self.upload_id: str | None = None
+        self.etags: dict[int, str] = {}
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return self.fs.call_s3(method, Bucket=self.bucket, Key=self.key, **kwargs)
+
+    def run(self, header: bytes, parts: Sequence[Part], sources: Sequence[RemoteFile]) -> None:
+        """Upload every part and complete the upload; :class:`_NoServerCopy` when the
+        server refuses the first copied part as not implemented."""
+        self.upload_id = str(self._call("create_multipart_upload")["UploadId"])
+        numbered = list(enumerate(parts, start=1))
+        first = next((np for np in numbered if isinstance(np[1], CopyPart)), None)
+        if first is not None:  # alone first: a server without it is found before any GET
+            self._part(first[0], first[1], header, sources)
+            numbered.remove(first)
+        slots = self.limits._put_slots
+        futures: list[Future[None]] = []
+        try:
+            for number, part in numbered:
+                slots.acquire()
+                try:
+                    fut = self.limits.put_pool().submit(self._part, number, part, header, sources)
+                except BaseException:
+                    slots.release()
+                    raise
+                fut.add_done_callback(lambda _: slots.release())
+                futures.append(fut)
+            for f in futures:
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            for f in futures:
+                if not f.cancelled():
+                    with contextlib.suppress(BaseException):
+                        f.result()
+            raise
+        self._call(
+            "complete_multipart_upload",
+            UploadId=self.upload_id,
+            MultipartUpload={
+                "Parts": [{"PartNumber": n, "ETag": self.etags[n]} for n in sorted(self.etags)]
+            },
+        )
+        self.upload_id = None
+
+    def _part(self, number: int, part: Part, header: bytes, sources: Sequence[RemoteFile]) -> None:
+        if isinstance(part, CopyPart):
+            self._copy(number, part.run, sources[part.run.source])
+        else:
+            self._send(number, part, header, sources)
+
+    def _copy(self, number: int, run: Run, src: RemoteFile) -> None:
+        bucket, key, version = src.fs.split_path(src.path)
+        source: dict[str, str] = {"Bucket": bucket, "Key": key}
+        if version:
+            source["VersionId"] = version
+        what = f"copy part {number} (bytes {run.start}-{run.stop - 1} of {src.name})"
+        stats = self.limits.copy_stats
+        last: BaseException | None = None
+        for attempt in range(self.limits.retries + 1):
+            if attempt:
+                stats.retries += 1
+                time.sleep(min(2.0, 0.05 * 2**attempt))
+            stats.begin(run.nbytes)
+            try:
+                out = self._call(
+                    "upload_part_copy",
+                    UploadId=self.upload_id,
+                    PartNumber=number,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={run.start}-{run.stop - 1}",
+                )
+            except PermissionError as e:
+                stats.end(run.nbytes, 0)
+                raise _classify(self.name, what, e) from None
+            except Exception as e:
+                stats.end(run.nbytes, 0)
+                if _not_implemented(e):
+                    raise _NoServerCopy(str(e)) from None
+                last = e
+                continue
+            stats.end(run.nbytes, run.nbytes)
+            self.etags[number] = str(out["CopyPartResult"]["ETag"])
+            return
+        raise _classify(self.name, what, last or OSError(what), attempts=self.limits.retries + 1)
+
+    def _send(
+        self, number: int, part: SendPart, header: bytes, sources: Sequence[RemoteFile]
+    ) -> None:
+        buf = self.limits.take_part(part.nbytes)
+        try:
+            view = memoryview(buf)[: part.nbytes]
+            view[: part.header] = header[: part.header]
+            pos = part.header
+            for r in part.runs:
+                src = sources[r.source]
+                read_exact(src, [view[pos : pos + r.nbytes]], r.start, src.name)
+                pos += r.nbytes
+            body = _PartBody(view)
+            stats = self.limits.upload_stats
+            last: BaseException | None = None
+            for attempt in range(self.limits.retries + 1):
+                if attempt:
+                    stats.retries += 1
+                    time.sleep(min(2.0, 0.05 * 2**attempt))
+                stats.begin(part.nbytes)
+                try:
+                    body.seek(0)
+                    out = self._call(
+                        "upload_part", UploadId=self.upload_id, PartNumber=number, Body=body
+                    )
+                except PermissionError as e:
+                    stats.end(part.nbytes, 0)
+                    raise _classify(self.name, f"upload part {number}", e) from None
+                except Exception as e:
+                    stats.end(part.nbytes, 0)
+                    last = e
+                    continue
+                stats.end(part.nbytes, part.nbytes)
+                self.etags[number] = str(out["ETag"])
+                return
+            raise WriteError(
+                f"{self.name}: uploading part {number} failed after "
+                f"{self.limits.retries + 1} attempts: {last}",
+                filename=self.name,
+            )
+        finally:
+            self.limits.give_part(buf)
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                self._call("abort_multipart_upload", UploadId=self.upload_id)
+            self.upload_id = None
+
+
+def _runs(pieces: Sequence[Extent]) -> tuple[list[Run], list[ByteSource]]:
+    """``pieces`` as runs (adjacent pieces of one source joined) and their sources."""
+    sources: list[ByteSource] = []
+    index: dict[int, int] = {}
+    runs: list[Run] = []
+    for p in pieces:
+        i = index.get(id(p.source))
+        if i is None:
+            i = index[id(p.source)] = len(sources)
+            sources.append(p.source)
+        last = runs[-1] if runs else None
+        if last is not None and last.source == i and last.stop == p.offset:
+            runs[-1] = Run(i, last.start, p.end)
+        else:
+            runs.append(Run(i, p.offset, p.end))
+    return runs, sources
+
+
 LOCK_STALE_AFTER = 6 * 3600.0
 """Seconds after which a lock object that was not refreshed is stale (its writer
 refreshes it after every file it finishes)."""
@@ -708,6 +904,7 @@ refreshes it after every file it finishes)."""
         "remove": ("remove objects under", lambda self, a: self.url + "/"),
         "write": ("upload", lambda self, a: self.path(a[0])),
         "copy_in": ("upload", lambda self, a: self.path(a[1])),
+        "server_copy": ("copy on the server into", lambda self, a: self.path(a[0])),
         "stage": ("upload", lambda self, a: self.path(a[0])),
         "stage_link": ("copy", lambda self, a: self.path(a[1])),
         "commit": ("commit (copy staged objects into place) under", lambda self, a: self.url),
@@ -758,6 +955,7 @@ class RemoteFolder:
         self._journal: Any = None
         self._lock_body: bytes | None = None
         self._cannot_list = False
+        self._no_server_copy = False
 
     # ------------------------------------------------------------------ lifetime
 
@@ -1073,6 +1271,84 @@ class RemoteFolder:
             self.step(f"written:{name}")
             return
         self.write(name, lambda sink: copy_source(source, sink), size=source.size)
+
+    def server_copy(
+        self,
+        name: str,
+        header: bytes,
+        pieces: Sequence[Extent],
+        *,
+        stage: bool = False,
+        sha256: bool = False,
+        progress: Any = None,
+    ) -> tuple[str | None, Hashes, str | None] | None:
+        """Write ``header`` then ``pieces`` as ``name`` (staged under a temporary name with
+        ``stage``) with the pieces' bytes copied by the server (``UploadPartCopy``), when
+        every piece is an object of this store and most bytes can be copied so; else None
+        and nothing is written (the caller streams the file).
+
+        The header, and runs too small to be a part, are sent from here
+        (:func:`~safeshard.io.parts.plan_parts`). The finished object is then read back
+        (parallel ranged GETs) for its digests, and its SHA-256 with ``sha256``; a header
+        that did not land as sent is a :class:`~safeshard.errors.WriteError`. A server
+        without ``UploadPartCopy`` is noted once and not asked again. Returns the
+        temporary name (or None), the digests, and the SHA-256 (or None).
+        """
+        if self._no_server_copy or not _is_s3(self.fs) or not pieces:
+            return None
+        runs, sources = _runs(pieces)
+        objects = [s for s in sources if isinstance(s, RemoteFile) and _same_store(s.fs, self.fs)]
+        if len(objects) != len(sources):
+            return None
+        size = len(header) + sum(r.nbytes for r in runs)
+        parts = plan_parts(
+            len(header),
+            runs,
+            send_bytes=part_size(size),
+            copy_bytes=max(COPY_PART_BYTES, part_size(size)),
+        )
+        if 2 * sum(p.nbytes for p in parts if isinstance(p, CopyPart)) < size:
+            return None  # mostly small runs: streaming them costs no more
+        key_name = temp_name(name, stage=True) if stage else name
+        key = self._key(key_name)
+        self._abort_uploads(key.partition("/")[2], keep=lambda k: k == key.partition("/")[2])
+        shown = str(self.path(name))
+        up = _CopyUpload(self.fs, key, shown, DEFAULT_LIMITS)
+        self._mine.add(key_name)
+        self.step(f"writing:{name}")
+        try:
+            try:
+                up.run(header, parts, objects)
+            except _NoServerCopy:
+                up.abort()
+                self._mine.discard(key_name)
+                self._no_server_copy = True
+                self.recovered.append(
+                    "this storage server cannot copy parts of objects (UploadPartCopy), so "
+                    "shards were streamed through this machine"
+                )
+                return None
+            written = RemoteFile(self.fs, key, name=shown, size=size, limits=DEFAULT_LIMITS)
+            hashes = digest_file(written, progress=progress)
+            if hashes.header != header_digest(header):
+                raise WriteError(
+                    f"{shown}: the header read back differs from the one sent; the object "
+                    "was removed, run the command again",
+                    filename=shown,
+                )
+            digest = hash_source(written) if sha256 else None
+        except BaseException:
+            try:
+                up.abort()
+            finally:
+                self._rm(key_name)
+            raise
+        if stage:
+            self.step(f"staged:{name}")
+            return key_name, hashes, digest
+        self._mine.discard(name)
+        self.step(f"written:{name}")
+        return None, hashes, digest
 
     def stage(self, name: str, fill: Any, *, size: int | None = None) -> tuple[str, Any]:
         tmp = temp_name(name, stage=True)

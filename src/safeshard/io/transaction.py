@@ -57,7 +57,8 @@ from safeshard.format.filenames import (
     is_plain_name,
     temp_name,
 )
-from safeshard.io.bytesrc import ByteSource, LocalSink, Sink, copy_source
+from safeshard.io.bytesrc import ByteSource, Extent, LocalSink, Sink, copy_source
+from safeshard.io.copier import Hashes
 from safeshard.io.journal import (
     STEPS,
     FileRecord,
@@ -126,6 +127,16 @@ class OutputStore(Protocol):
         self, name: str, fill: Callable[[Sink], T], *, size: int | None = None
     ) -> tuple[str, T]: ...
     def stage_link(self, old: str, name: str) -> str: ...
+    def server_copy(
+        self,
+        name: str,
+        header: bytes,
+        pieces: Sequence[Extent],
+        *,
+        stage: bool = False,
+        sha256: bool = False,
+        progress: Any = None,
+    ) -> tuple[str | None, Hashes, str | None] | None: ...
     def commit(
         self,
         moves: Sequence[tuple[str, str]] = (),
@@ -449,6 +460,20 @@ class OutputFolder:
                 os.close(sfd)
         self.step(f"staged:{name}")
         return tmp
+
+    def server_copy(
+        self,
+        name: str,
+        header: bytes,
+        pieces: Sequence[Extent],
+        *,
+        stage: bool = False,
+        sha256: bool = False,
+        progress: Any = None,
+    ) -> None:
+        """Never: a local folder's files are written by :func:`~safeshard.io.copier.copy_pieces`
+        (``copy_file_range`` already copies in the kernel)."""
+        return None
 
     # ------------------------------------------------------------------ commit
 

@@ -207,6 +207,7 @@ def split(
     with output_folder(
         out, on_step=on_step, storage_options=storage_options, break_lock=break_lock
     ) as tx:
+        recovered_at = len(tx.recovered)
         result.notes += tx.recovered
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names)
         kept = _resume(tx, result, names, fp, resume=resume, force=force, progress=progress)
@@ -250,6 +251,7 @@ def split(
             open_file=ckpt.place.open,
         )
         result.copied, result.skipped = side.copied, side.skipped
+        result.notes += tx.recovered[recovered_at:]  # what writing the shards found
         result.notes += side.notes
         index_meta: dict[str, Any] = {}
         if ckpt.index is not None:

@@ -557,8 +557,10 @@ def _update(
         bytes_hashed=hashed,
     )
     if tx is not None:
+        recovered_at = len(tx.recovered)
         result.notes += tx.recovered
         _write(tx, result, man, new, finals, headers, planner, hashes, record, progress, sha256)
+        result.notes += tx.recovered[recovered_at:]  # what writing the shards found
     if metadata_changed:
         result.notes.append("the __metadata__ changed, and every shard's header carries it")
     _note_names(result)

@@ -263,11 +263,21 @@ def write_shard(
 ) -> Written:
     """Write ``header`` then ``pieces`` as the file ``name`` of ``tx`` and journal it.
 
-    With ``stage`` the file waits under its temporary name for the commit. With a
-    ``sha256`` pool, the file's SHA-256 is computed by a thread of its own that may finish
-    later (:func:`with_sha256` waits for it).
+    Where ``tx`` can have the server copy the pieces' bytes (objects in the same store:
+    :meth:`~safeshard.io.remote.RemoteFolder.server_copy`), it does. With ``stage`` the
+    file waits under its temporary name for the commit. With a ``sha256`` pool, the file's
+    SHA-256 is computed by a thread of its own that may finish later (:func:`with_sha256`
+    waits for it).
     """
     size = len(header) + sum(p.nbytes for p in pieces)
+    copied = tx.server_copy(
+        name, header, pieces, stage=stage, sha256=sha256 is not None, progress=progress
+    )
+    if copied is not None:  # the server copied the bytes, and they were read back
+        tmp, hashes, digest = copied
+        rec = FileRecord(size, hashes.header, hashes.tensors, staged=tmp)
+        tx.record(name, rec)
+        return Written(rec, hashes, None if digest is None else Computed(digest))
     follower: Sha256Follower | None = None
     computed: Computed | None = None
 
