@@ -3,7 +3,8 @@
 Each model is written by ``save_pretrained`` (so under the Hub's names: transformers 5
 reverts its conversion when it saves) and compared with ``torch.equal`` to the same
 checkpoint loaded by ``from_pretrained``: forward logits and greedy tokens, with no budget
-and at a budget that streams.
+and at a budget that streams. The LLaVA model is also run through its image path
+(``pixel_values``), so the vision tower and the multi-modal projector are streamed too.
 """
 
 from __future__ import annotations
@@ -146,6 +147,52 @@ def test_hub_checkpoint_streams_equal(tmp_path: Path, family: str) -> None:
             assert torch.equal(model(IDS).logits, logits), (family, budget)
             out = model.generate(IDS, max_new_tokens=NEW, do_sample=False)
             assert torch.equal(out, tokens), (family, budget)
+        s = streamer_of(model).stats
+        if budget is not None:
+            assert s.peak_resident_bytes <= budget
+        streamer_of(model).close()
+
+
+def _llava_image_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    cfg = _config("llava")
+    vision = cfg.vision_config
+    # strategy "default" drops the CLS token: one image token per patch
+    assert cfg.vision_feature_select_strategy == "default"
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(
+        1, vision.num_channels, vision.image_size, vision.image_size, generator=gen
+    )
+    ids = torch.tensor([[1, 15, 72] + [cfg.image_token_index] * n_image + [61, 18, 8, 11]])
+    return ids, pixels
+
+
+@pytest.mark.slow
+def test_llava_image_streams_equal(tmp_path: Path) -> None:
+    """LLaVA with pixel_values: the vision tower and the projector stream equal too."""
+    _save(tmp_path, "llava")
+    ids, pixels = _llava_image_inputs()
+    full = LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = full(input_ids=ids, pixel_values=pixels).logits
+        tokens = full.generate(
+            input_ids=ids, pixel_values=pixels, max_new_tokens=NEW, do_sample=False
+        )
+        # the image changes the logits: the image path really ran
+        assert not torch.equal(full(input_ids=ids, pixel_values=pixels * 0).logits, logits)
+    model = safeshard.stream(_empty(tmp_path, "llava"), tmp_path)
+    need, _ = streamer_of(model).engine.minimum_budget()
+    total = streamer_of(model).model_bytes
+    streamer_of(model).close()
+    for budget in [None, need, max(need, total // 2)]:
+        model = safeshard.stream(_empty(tmp_path, "llava"), tmp_path, max_resident_bytes=budget)
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=pixels).logits
+            assert torch.equal(out, logits), budget
+            gen = model.generate(
+                input_ids=ids, pixel_values=pixels, max_new_tokens=NEW, do_sample=False
+            )
+            assert torch.equal(gen, tokens), budget
         s = streamer_of(model).stats
         if budget is not None:
             assert s.peak_resident_bytes <= budget
