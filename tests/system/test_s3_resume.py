@@ -14,14 +14,60 @@ from pathlib import Path
 import pytest
 
 import safeshard
-from helpers.s3kit import S3, cli_options, sha, synth_tiny, weights
+from helpers.s3kit import S3, cli_options, random_model, sha, synth_tiny, weights
 from helpers.splitkit import run_killed
 from safeshard.errors import OutputExistsError, OutputLockedError
-from safeshard.io.remote import RemoteFolder, filesystem
+from safeshard.io.remote import DEFAULT_LIMITS, RemoteFolder, filesystem
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 tiny = pytest.fixture(scope="module", name="tiny")(synth_tiny)
+
+
+@pytest.mark.slow
+def test_a_reshard_copied_on_the_server_killed_midway_is_finished_by_resume(
+    s3: S3, tmp_path: Path
+) -> None:
+    """S3 -> S3 in one store: each shard's bytes are copied by the server (UploadPartCopy).
+    Killed after the first shard is copied but before it is journaled, and while the third
+    is starting, a rerun with ``resume=True`` copies again exactly the shards that were not
+    journaled, leaves no incomplete upload, and merges back to the source's SHA-256."""
+    base, opts = s3
+    src = random_model(tmp_path / "src", layers=6, mib=12)  # 3 shards of 24 MiB
+    fs, root = filesystem(base, opts)
+    fs.put_file(str(src), f"{root}/src/model.safetensors")
+    cap = 26 * 1024 * 1024
+    names = [
+        f.file
+        for f in safeshard.split(src, tmp_path / "plan", max_shard_size=cap, dry_run=True).files
+    ]
+    assert len(names) == 3
+    for i, (point, done) in enumerate({f"written:{names[0]}": 0, f"writing:{names[2]}": 2}.items()):
+        url = f"{base}/c{i}"
+        killed = run_killed(
+            "split", point, f"{base}/src", url, max_shard_size=cap, storage_options=opts
+        )
+        assert killed.returncode < 0, (point, killed.stderr[-2000:])
+        steps: list[str] = []
+        before = DEFAULT_LIMITS.copy_stats.requests
+        r = safeshard.split(
+            f"{base}/src",
+            url,
+            max_shard_size=cap,
+            storage_options=opts,
+            resume=True,
+            on_step=steps.append,
+        )
+        uploaded = [s.split(":", 1)[1] for s in steps if s.startswith("writing:")]
+        assert [n for n in uploaded if n.endswith(".safetensors")] == names[done:], point
+        assert DEFAULT_LIMITS.copy_stats.requests - before >= len(names) - done  # copied
+        assert [f.status for f in r.files] == ["kept"] * done + ["written"] * (len(names) - done)
+        assert safeshard.verify(url, against=src, storage_options=opts).ok, point
+        merged = tmp_path / f"merged{i}.safetensors"
+        safeshard.merge(url, merged, storage_options=opts)
+        assert sha(merged) == sha(src), point
+        pending = fs.list_multipart_uploads(root.split("/")[0]) or []
+        assert not [u for u in pending if f"/c{i}/" in "/" + u["Key"]], pending
 
 
 @pytest.mark.slow
