@@ -58,9 +58,7 @@ def peak():
     return 0
 """
 
-CHILDREN = {
-    "split s3->s3": CHILD_PRELUDE
-    + """
+SPLIT_S3 = """
 import safeshard
 from safeshard.io.remote import DEFAULT_LIMITS
 t0 = time.perf_counter()
@@ -68,8 +66,15 @@ r = safeshard.split(sys.argv[1], sys.argv[2], max_shard_size=os.environ["BENCH_C
                     storage_options=opts, force=True)
 print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(),
                   "stats": DEFAULT_LIMITS.stats.to_json(),
-                  "puts": DEFAULT_LIMITS.upload_stats.to_json(), "files": len(r.files)}))
-""",
+                  "puts": DEFAULT_LIMITS.upload_stats.to_json(),
+                  "copies": DEFAULT_LIMITS.copy_stats.to_json(), "files": len(r.files)}))
+"""
+
+CHILDREN = {
+    "split s3->s3": CHILD_PRELUDE + SPLIT_S3,
+    "split s3->s3, streamed (no server copy)": CHILD_PRELUDE
+    + "from safeshard.io.remote import DEFAULT_LIMITS\nDEFAULT_LIMITS.server_copy = False\n"
+    + SPLIT_S3,
     "split local": CHILD_PRELUDE
     + """
 import safeshard
@@ -323,6 +328,7 @@ def bench_server(
     }
     if "split" in only:
         variants["split s3->s3"] = ["s3://bench/src", "s3://bench/out"]
+        variants["split s3->s3, streamed (no server copy)"] = ["s3://bench/src", "s3://bench/out2"]
         if server == "moto":  # the local and naive routes once, beside moto
             variants["split local"] = [str(src), str(work / "out-local")]
         variants["split naive (download, then split)"] = [
@@ -362,6 +368,7 @@ def bench_server(
             "peak_rss_MB": max(x["rss"] for x in rs) / 1e6,
             **({"remote": rs[-1]["stats"]} if "stats" in rs[-1] else {}),
             **({"puts": rs[-1]["puts"]} if "puts" in rs[-1] else {}),
+            **({"copies": rs[-1]["copies"]} if "copies" in rs[-1] else {}),
         }
     ratios = {}
     get8 = summary["ceiling: 8 parallel 8 MiB ranged GETs"]["MB/s"]
@@ -371,8 +378,9 @@ def bench_server(
     if "load s3, client set up first" in summary:
         warm = summary["load s3, client set up first"]["MB/s"]
         ratios["load s3, client set up first / 8 parallel ranged GETs"] = warm / get8
-    if "split s3->s3" in summary:
-        ratios["split s3->s3 / multipart PUT 8 in flight"] = summary["split s3->s3"]["MB/s"] / put8
+    for n in ("split s3->s3", "split s3->s3, streamed (no server copy)"):
+        if n in summary:
+            ratios[f"{n} / multipart PUT 8 in flight"] = summary[n]["MB/s"] / put8
     for k in ("dl-split", "dl-load", "out-local", "out-naive"):
         shutil.rmtree(work / k, ignore_errors=True)
     return {"variants": summary, "ratios": ratios}
@@ -467,14 +475,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{server}: {res.get('skipped') or ''}")
         if "variants" not in res:
             continue
-        print(f"{'variant':<44} | median s | MB/s  | peak RSS MB | most GETs / PUTs in flight")
+        print(
+            f"{'variant':<44} | median s | MB/s  | peak RSS MB | "
+            "most GETs / PUTs / server copies in flight"
+        )
         for n, v in res["variants"].items():
-            rem, puts = v.get("remote"), v.get("puts")
+            rem, puts, copies = v.get("remote"), v.get("puts"), v.get("copies")
             flight = "-"
             if rem:
                 flight = f"{rem['max_requests_in_flight']}"
                 if puts:
                     flight += f" / {puts['max_requests_in_flight']}"
+                if copies:
+                    flight += f" / {copies['max_requests_in_flight']}"
             print(
                 f"{n:<44} | {v['median_s']:>8.2f} | {v['MB/s']:>5.0f} | "
                 f"{v['peak_rss_MB']:>11.0f} | {flight}"

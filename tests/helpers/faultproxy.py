@@ -2,7 +2,8 @@
 
 - :class:`FaultProxy`: an HTTP proxy in front of an S3 server (moto) that forwards every
   request, except those a :class:`Rule` matches: it answers them with an S3 error (a 500
-  ``InternalError``, or a 501 ``NotImplemented`` as s3rver answers ListMultipartUploads),
+  ``InternalError``, a 400 ``InvalidRequest``, or a 501 ``NotImplemented`` as s3rver
+  answers ListMultipartUploads),
   resets the connection (``SO_LINGER`` 0), or sends half the body and closes. It records
   every request it saw, counts the ranged GETs, multipart part uploads and parts copied on
   the server (``UploadPartCopy``) it is forwarding at once (``peak``, ``count``), can hold
@@ -36,6 +37,8 @@ S3_ERROR = (
     b"<RequestId>1</RequestId></Error>"
 )
 NOT_IMPLEMENTED = b"<Error><Code>NotImplemented</Code></Error>"
+INVALID_REQUEST = b"<Error><Code>InvalidRequest</Code><Message>Bad request</Message></Error>"
+ANSWERS = {"400": INVALID_REQUEST, "500": S3_ERROR, "501": NOT_IMPLEMENTED}
 HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "content-length"}
 """Request headers not forwarded (hop-by-hop; the length is set again)."""
 KINDS = ("get", "part", "copy")
@@ -116,8 +119,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if action == "reset":
             _reset(self)
             return
-        if action in ("500", "501"):
-            msg = S3_ERROR if action == "500" else NOT_IMPLEMENTED
+        if action in ANSWERS:
+            msg = ANSWERS[action]
             self.send_response(int(action))
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(msg)))

@@ -107,6 +107,25 @@ def test_reshard_s3_to_s3_has_the_server_copy_the_bytes(
     assert all(got[k].tobytes() == want[k].tobytes() for k in want)
 
 
+def test_a_server_whose_copies_fail_gets_the_shard_streamed(
+    proxied: tuple[str, dict[str, Any], FaultProxy], tmp_path: Path
+) -> None:
+    """A server that refuses ``UploadPartCopy`` with another error than a 501 (a 400 here):
+    the first part's failure makes the shard stream through this machine, said once;
+    nothing else fails."""
+    base, opts, proxy = proxied
+    src = random_model(tmp_path / "src", layers=3, mib=8)
+    fs, root = filesystem(base, opts)
+    fs.put_file(str(src), f"{root}/src/model.safetensors")
+    broken = proxy.add(Rule("PUT", r"partNumber=", "400", header="x-amz-copy-source"))
+    r = safeshard.split(f"{base}/src", f"{base}/out", max_shard_size="1GB", storage_options=opts)
+    said = [n for n in r.notes if "cannot copy parts of objects" in n]
+    assert len(said) == 1 and "failed" in said[0], r.notes
+    assert broken.hits >= 1
+    assert fs.cat_file(f"{root}/out/model.safetensors") == src.read_bytes()
+    assert not fs.list_multipart_uploads(root.split("/")[0])
+
+
 @pytest.mark.slow
 def test_load_keeps_gets_in_flight_and_reads_the_same_bytes(
     proxied: tuple[str, dict[str, Any], FaultProxy], tmp_path: Path

@@ -63,6 +63,11 @@ BUFFERED_CHUNK = 8 * 1024 * 1024
 """Run size on the buffered path (object storage): one ranged GET each; up to
 :func:`read_window` such buffers are in use."""
 
+READBACK_CHUNK = 8 * BUFFERED_CHUNK
+"""Read size when an object is read whole for its digests (:func:`digest_file`,
+:func:`hash_source`): one call, which a remote source cuts into up to 8 ranged GETs in
+flight at once (a read of one GET at a time would wait on each)."""
+
 MAX_LAG = 4
 """Runs the digest thread may fall behind the copier (so at most 256 MiB of source)."""
 
@@ -479,7 +484,7 @@ def _digest_source(src: ByteSource, h: Any, progress: Progress | None) -> dict[s
     """Each tensor's digest, reading ``src`` in runs of :data:`BUFFERED_CHUNK`."""
     pieces = [Extent(src, h.data_start + t.begin, t.nbytes, t.name) for t in h.tensors]
     digests = _Digests(pieces)
-    runs = plan_runs(pieces, BUFFERED_CHUNK)
+    runs = plan_runs(pieces, READBACK_CHUNK)
     view = memoryview(bytearray(max((r.nbytes for r in runs), default=0)))
     for run in runs:
         data = view[: run.nbytes]
@@ -503,7 +508,7 @@ def hash_source(src: ByteSource, *, progress: Progress | None = None) -> str:
     """SHA-256 of all of ``src`` (a local file, or an object read with ranged GETs), read
     with a bounded buffer."""
     h = hashlib.sha256()
-    view = memoryview(bytearray(CHUNK if src.fileno() is not None else BUFFERED_CHUNK))
+    view = memoryview(bytearray(CHUNK if src.fileno() is not None else READBACK_CHUNK))
     offset = 0
     while got := read_into(src, [view], offset):
         h.update(view[:got])

@@ -166,7 +166,10 @@ class RemoteLimits:
 
     ``requests`` ranged GETs of at most ``request_bytes`` and ``uploads`` multipart part
     uploads run at once, so what is in flight is bounded by
-    ``requests × request_bytes + (uploads + 1) × part size``.
+    ``requests × request_bytes + (uploads + 1) × part size``. With ``server_copy`` (the
+    default), a file written to object storage from objects of the same store has its
+    bytes copied by the server (:meth:`RemoteFolder.server_copy`); set it to False to
+    stream every byte through this machine instead.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class RemoteLimits:
         request_bytes: int = 8 * MIB,
         retries: int = 3,
         uploads: int = 8,
+        server_copy: bool = True,
     ) -> None:
         if requests < 1 or request_bytes < 1 or retries < 0 or uploads < 1:
             raise UsageError(
@@ -186,6 +190,7 @@ class RemoteLimits:
         self.request_bytes = request_bytes
         self.retries = retries
         self.uploads = uploads
+        self.server_copy = server_copy
         self.stats = RemoteStats()
         self.upload_stats = RemoteStats()
         """Part uploads (and single-request uploads): counts and the most in flight."""
@@ -702,7 +707,8 @@ COPY_PART_BYTES = 64 * MIB
 
 
 class _NoServerCopy(Exception):
-    """The server does not implement ``UploadPartCopy`` (for example s3rver)."""
+    """The server does not implement ``UploadPartCopy`` (s3rver), or the first part
+    copied failed for another reason than a refused permission."""
 
 
 def _same_store(a: Any, b: Any) -> bool:
@@ -746,7 +752,8 @@ class _CopyUpload:
         numbered = list(enumerate(parts, start=1))
         first = next((np for np in numbered if isinstance(np[1], CopyPart)), None)
         if first is not None:  # alone first: a server without it is found before any GET
-            self._part(first[0], first[1], header, sources)
+            assert isinstance(first[1], CopyPart)
+            self._copy(first[0], first[1].run, sources[first[1].run.source], first=True)
             numbered.remove(first)
         slots = self.limits._put_slots
         futures: list[Future[None]] = []
@@ -785,7 +792,9 @@ class _CopyUpload:
         else:
             self._send(number, part, header, sources)
 
-    def _copy(self, number: int, run: Run, src: RemoteFile) -> None:
+    def _copy(self, number: int, run: Run, src: RemoteFile, *, first: bool = False) -> None:
+        """Copy one part; for the ``first`` part, a failure other than a refused
+        permission is :class:`_NoServerCopy` (the file is then streamed instead)."""
         bucket, key, version = src.fs.split_path(src.path)
         source: dict[str, str] = {"Bucket": bucket, "Key": key}
         if version:
@@ -812,12 +821,14 @@ class _CopyUpload:
             except Exception as e:
                 stats.end(run.nbytes, 0)
                 if _not_implemented(e):
-                    raise _NoServerCopy(str(e)) from None
+                    raise _NoServerCopy("not implemented") from None
                 last = e
                 continue
             stats.end(run.nbytes, run.nbytes)
             self.etags[number] = str(out["CopyPartResult"]["ETag"])
             return
+        if first:
+            raise _NoServerCopy(f"failed: {type(last).__name__}")
         raise _classify(self.name, what, last or OSError(what), attempts=self.limits.retries + 1)
 
     def _send(
@@ -1294,7 +1305,9 @@ class RemoteFolder:
         without ``UploadPartCopy`` is noted once and not asked again. Returns the
         temporary name (or None), the digests, and the SHA-256 (or None).
         """
-        if self._no_server_copy or not _is_s3(self.fs) or not pieces:
+        if not DEFAULT_LIMITS.server_copy or self._no_server_copy or not _is_s3(self.fs):
+            return None
+        if not pieces:
             return None
         runs, sources = _runs(pieces)
         objects = [s for s in sources if isinstance(s, RemoteFile) and _same_store(s.fs, self.fs)]
@@ -1319,13 +1332,13 @@ class RemoteFolder:
         try:
             try:
                 up.run(header, parts, objects)
-            except _NoServerCopy:
+            except _NoServerCopy as e:
                 up.abort()
                 self._mine.discard(key_name)
                 self._no_server_copy = True
                 self.recovered.append(
-                    "this storage server cannot copy parts of objects (UploadPartCopy), so "
-                    "shards were streamed through this machine"
+                    f"this storage server cannot copy parts of objects (UploadPartCopy {e}), "
+                    "so shards were streamed through this machine"
                 )
                 return None
             written = RemoteFile(self.fs, key, name=shown, size=size, limits=DEFAULT_LIMITS)
