@@ -195,13 +195,50 @@ class NumpyBackend(Backend):
         return self.np.dtype(attr).newbyteorder("<") if attr else None
 
     def empty(self, nbytes: int) -> tuple[Any, memoryview]:
-        a = self.np.empty(nbytes, dtype=self.np.uint8)
+        a = numpy_empty(self.np, nbytes)
         return a, memoryview(a).cast("B")
 
     def finish(self, buf: Any, info: TensorInfo, raw: bool) -> Any:
         if raw:
             return buf
         return buf.view(self.native_dtype(info.dtype)).reshape(info.shape)
+
+
+HUGEPAGE_FROM = 4 * 1024 * 1024
+"""numpy advises the kernel to back allocations of this size and more with huge pages."""
+
+_hugepage_lock = threading.Lock()
+
+
+def numpy_empty(np: Any, nbytes: int) -> Any:
+    """``np.empty(nbytes, uint8)`` without numpy's huge-page advice, as torch allocates.
+
+    numpy calls ``madvise(MADV_HUGEPAGE)`` on large allocations. Where the kernel's THP
+    ``defrag`` setting is ``madvise`` (the default), each first touch of such memory may
+    compact memory synchronously: on the 2-core VM of docs/object-storage.md, faulting in
+    1 GiB took 1.27 s with the advice and 0.49 s without (torch: 0.49 s), and a ``load``
+    spends that time inside its copies. The switch is numpy's own
+    (``_set_madvise_hugepage``), turned off for this allocation only, under a lock so
+    concurrent loads restore the caller's setting."""
+    setter = _hugepage_setter(np)
+    if setter is None or nbytes < HUGEPAGE_FROM:
+        return np.empty(nbytes, dtype=np.uint8)
+    with _hugepage_lock:
+        previous = setter(False)
+        try:
+            return np.empty(nbytes, dtype=np.uint8)
+        finally:
+            setter(previous)
+
+
+def _hugepage_setter(np: Any) -> Callable[[bool], bool] | None:
+    for mod in ("_core", "core"):
+        setter = getattr(
+            getattr(getattr(np, mod, None), "multiarray", None), "_set_madvise_hugepage", None
+        )
+        if callable(setter):
+            return setter  # type: ignore[no-any-return]
+    return None
 
 
 def backend_for(framework: str) -> Backend:
