@@ -750,11 +750,11 @@ class _CopyUpload:
         server refuses the first copied part as not implemented."""
         self.upload_id = str(self._call("create_multipart_upload")["UploadId"])
         numbered = list(enumerate(parts, start=1))
-        first = next((np for np in numbered if isinstance(np[1], CopyPart)), None)
-        if first is not None:  # alone first: a server without it is found before any GET
-            assert isinstance(first[1], CopyPart)
-            self._copy(first[0], first[1].run, sources[first[1].run.source], first=True)
-            numbered.remove(first)
+        copies = [(n, p) for n, p in numbered if isinstance(p, CopyPart)]
+        if copies:  # one alone first: a server without it is found before any GET
+            at, copy = copies[0]
+            self._copy(at, copy.run, sources[copy.run.source], first=True)
+            numbered = [np for np in numbered if np[0] != at]
         slots = self.limits._put_slots
         futures: list[Future[None]] = []
         try:
