@@ -30,7 +30,7 @@ from safeshard.runtime.load import load
 from safeshard.runtime.membudget import AutoBudget, MemoryReading
 from safeshard.runtime.stream import empty_model, stream, streamer_of
 from safeshard.runtime.textgen import TextStreamer
-from safeshard.runtime.tp import ReadStats
+from safeshard.tpplan import ReadStats
 from safeshard.sizes import FAT32_LIMIT, parse_size
 
 # `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.

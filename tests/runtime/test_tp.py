@@ -27,7 +27,7 @@ import safeshard
 from safeshard import TensorParallelError, UsageError
 from safeshard.format.header import TensorInfo
 from safeshard.ops.synth import Preset, synthesize
-from safeshard.runtime.tp import (
+from safeshard.tpplan import (
     OVERREAD,
     Plan,
     RankPlan,
