@@ -94,6 +94,11 @@ class TpRecord:
     heads: dict[str, int] | None = None
 
     @property
+    def total_bytes(self) -> int:
+        """Bytes of the full tensors."""
+        return sum(tensor_nbytes(t.dtype, t.shape) for t in self.tensors.values())
+
+    @property
     def ranks(self) -> list[str]:
         return [rank_folder_name(r, self.world_size) for r in range(self.world_size)]
 
