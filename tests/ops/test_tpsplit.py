@@ -20,6 +20,7 @@ from safeshard import TensorParallelError
 from safeshard.cli import main
 from safeshard.errors import IndexFormatError, OutputExistsError
 from safeshard.ops.synth import synthesize
+from safeshard.ops.tpsplit import TpSplitResult
 
 torch = pytest.importorskip("torch")
 st_torch = pytest.importorskip("safetensors.torch")
@@ -112,7 +113,7 @@ def test_rank_folders_hold_the_rank_slices_and_merge_back(
     plan: Any = PHI3_SECTIONS if plan_name == "sections" else "auto"
     out = tmp_path / "tp"
     res = safeshard.split(src, out, tp=ws, tp_plan=plan, max_shard_size="40KB")
-    assert res.world_size == ws  # type: ignore[attr-defined]
+    assert isinstance(res, TpSplitResult) and res.world_size == ws
     folders = [out / f"rank-{r:05d}-of-{ws:05d}" for r in range(ws)]
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f.name for f in folders), "tp.json"])
     record = json.loads((out / "tp.json").read_text())
