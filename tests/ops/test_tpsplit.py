@@ -8,6 +8,7 @@ merge against the source's tensors and against a plain ``merge`` of the source.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import safeshard
 from safeshard import TensorParallelError
 from safeshard.cli import main
 from safeshard.errors import IndexFormatError, OutputExistsError
+from safeshard.ops import tpmerge
 from safeshard.ops.synth import synthesize
 from safeshard.ops.tpsplit import TpSplitResult
 
@@ -169,18 +171,25 @@ def test_gqa_head_on_several_ranks_is_taken_once(models: dict[str, Path], tmp_pa
     assert rec["tensors"]["model.layers.0.self_attn.k_proj.weight"]["dim"] is None
 
 
-def test_lossless_source_comes_back_byte_for_byte(models: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [None, 3])
+def test_lossless_source_comes_back_byte_for_byte(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int | None
+) -> None:
     """A safeshard split of a single file records the original: split --tp of it carries
-    the original header and the tensor digests, and merge restores the file exactly."""
+    the original header and the tensor digests, and merge restores the file exactly (also
+    copied in batches of a few extents, with --sha256)."""
+    if batch is not None:
+        monkeypatch.setattr(tpmerge, "BATCH", batch)
     first = tmp_path / "split"
     safeshard.split(models["llama"], first, max_shard_size="100KB")
     out = tmp_path / "tp"
     res = safeshard.split(first, out, tp=2)
     assert res.lossless
-    merged = safeshard.merge(out, tmp_path / "m.safetensors")
+    merged = safeshard.merge(out, tmp_path / "m.safetensors", sha256=True)
     assert merged.lossless and merged.verified == merged.tensors
     original = (models["llama"] / "model.safetensors").read_bytes()
     assert (tmp_path / "m.safetensors").read_bytes() == original
+    assert merged.sha256 == hashlib.sha256(original).hexdigest()
 
 
 def test_a_changed_rank_file_fails_the_digest_check(

@@ -26,7 +26,7 @@ import errno
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +240,7 @@ def merge(
             else None,
             record_name=manifest_path(ckpt.folder, ckpt.located.base).name,
             sources=lambda: open_sources(ckpt),
-            pieces=lambda sources: tensor_extents(ckpt, layout.order, sources),
+            pieces=lambda sources: iter([tensor_extents(ckpt, layout.order, sources)]),
             path_of=lambda name: str(ckpt.path_of(name)),
         )
     return _write(job, src, out, warnings, progress, on_step, sha256, storage_options, break_lock)
@@ -257,7 +257,8 @@ class _Job:
     """Digests to check each tensor against (None: no record at all)."""
     record_name: str
     sources: Callable[[], AbstractContextManager[Any]]
-    pieces: Callable[[Any], list[Extent]]
+    pieces: Callable[[Any], Iterator[list[Extent]]]
+    """Given the open sources, the pieces in batches of whole tensors."""
     path_of: Callable[[str], str]
 
 
@@ -282,18 +283,34 @@ def _write(
     inline = hashlib.sha256() if sha256 and local is None else None  # no descriptor to follow
 
     def fill(sink: Sink, sources: Any) -> Hashes:
-        pieces = job.pieces(sources)
         fd = sink.fileno()
         if sha256 and fd is not None:
             follower.append(Sha256Follower(fd, size, Sha256Pool(1), name=str(out)))
-        hashes = copy_pieces(
-            sink,
-            layout.header,
-            pieces,
-            progress=progress,
-            on_written=follower[0].advance if follower else None,
-            sha256=inline,
-        )
+        head = layout.header
+        hashes: Hashes | None = None
+        for batch in job.pieces(sources):  # whole tensors per batch: bounded memory
+            got = copy_pieces(
+                sink,
+                head,
+                batch,
+                progress=progress,
+                on_written=follower[0].advance if follower else None,
+                sha256=inline,
+            )
+            if hashes is None:
+                hashes = got
+            else:
+                hashes.tensors.update(got.tensors)
+            head = b""
+        if hashes is None:  # no tensors: the header alone
+            hashes = copy_pieces(
+                sink,
+                head,
+                [],
+                progress=progress,
+                on_written=follower[0].advance if follower else None,
+                sha256=inline,
+            )
         bad = [n for n, digest in hashes.tensors.items() if n in recorded and recorded[n] != digest]
         if bad:
             raise ShardMismatchError(

@@ -285,12 +285,19 @@ def cover(t: TpTensor) -> list[tuple[int, int, int, int]]:
     return out
 
 
+BATCH = 1 << 16
+"""Extents held at once while merging (a batch ends with a whole tensor): a rowwise split
+has one extent per row and rank, millions for a large model."""
+
+
 def merged_extents(
-    tp: TpCheckpoint, order: Sequence[str], sources: Sequence[Sources]
-) -> list[Extent]:
-    """Where the bytes of each full tensor in ``order`` lie in the ranks' files, in order
-    (consecutive extents of one tensor carry its name: the copier digests them as one)."""
+    tp: TpCheckpoint, order: Sequence[str], sources: Sequence[Sources], *, batch: int | None = None
+) -> Iterator[list[Extent]]:
+    """Where the bytes of each full tensor in ``order`` lie in the ranks' files, in order,
+    in batches of whole tensors of about ``batch`` extents (consecutive extents of one
+    tensor carry its name: the copier digests them as one)."""
     rec = tp.record
+    limit = BATCH if batch is None else batch
     opened: dict[tuple[int, int], tuple[Any, int]] = {}
 
     def place(r: int, name: str) -> tuple[Any, int, int]:
@@ -306,6 +313,9 @@ def merged_extents(
 
     out: list[Extent] = []
     for name in order:
+        if len(out) >= limit:
+            yield out
+            out = []
         t = rec.tensors[name]
         if t.dim is None or tensor_nbytes(t.dtype, t.shape) == 0:
             src, off, n = place(0, name)
@@ -335,4 +345,5 @@ def merged_extents(
                     out[-1] = Extent(src, last.offset, last.nbytes + n, name)
                 else:
                     out.append(Extent(src, at, n, name))
-    return out
+    if out:
+        yield out
