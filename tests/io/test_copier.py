@@ -205,7 +205,8 @@ def test_a_tensor_in_several_extents_has_one_digest_of_them_all(
     cuts = {"a": [(100, 50), (10, 30), (500, 0), (2000, 1000)], "b": [(0, 0)], "c": [(7, 9)]}
     dst = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
-        with LocalFile.open(srcf) as local:
+        local = LocalFile.open(srcf)
+        with local:
             src: ByteSource = NoDescriptor(local) if remote else local
             pieces = [Extent(src, o, n, name) for name, cs in cuts.items() for o, n in cs]
             got = copy_pieces(LocalSink(dst, str(dst_path)), b"HEADER!!", pieces)
