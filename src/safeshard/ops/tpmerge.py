@@ -258,7 +258,8 @@ def cover(t: TpTensor) -> list[tuple[int, int, int, int]]:
     """``(start, stop, rank, local start)``: the rows ``[0, shape[dim])`` of ``t`` in
     order, each segment from the first rank that holds it, at row ``local start`` of
     that rank's slice; :class:`ShardMismatchError` if a row is on no rank."""
-    assert t.dim is not None
+    if t.dim is None:
+        raise ValueError(f"tensor {t.name!r} is not split")
     n = t.shape[t.dim]
     held: list[tuple[int, int, int, int]] = []  # (a, b, rank, local a)
     for r, s in enumerate(t.slices):

@@ -168,8 +168,9 @@ def split_tp(
     ]
     # every rank's slices first: a refused world size writes nothing
     slices = [[p.slice_of(t) for t in infos] for p in plans]
-    for sl in slices[0]:
-        _check_bytes(sl)
+    for per_rank in slices:
+        for sl in per_rank:
+            _check_bytes(sl)
     manifest = manifest_of(ckpt, warnings)
     layout = merge_layout(ckpt, manifest)
     recorded = manifest.tensors if manifest is not None else {}
