@@ -1,4 +1,4 @@
-"""Rank-local tensor-parallel loading (safeshard.tp, safeshard.tpread).
+"""Rank-local tensor-parallel loading (safeshard.tpplan, safeshard.runtime.tpread).
 
 References, said per test:
 - transformers' own TP sharding (``from_pretrained(tp_plan="auto")`` under gloo on the
