@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import safeshard  # noqa: E402
 from safeshard.ops.synth import Preset, synthesize  # noqa: E402
-from safeshard.runtime.tp import RankPlan, ReadStats  # noqa: E402
+from safeshard.tpplan import RankPlan, ReadStats  # noqa: E402
 
 
 def preset(layers: int) -> Preset:

@@ -22,6 +22,7 @@ from safeshard.ops.inspect import InspectReport, inspect
 from safeshard.ops.merge import MergeResult, merge
 from safeshard.ops.split import SplitResult, split
 from safeshard.ops.synth import synthesize
+from safeshard.ops.tpsplit import TpSplitResult
 from safeshard.ops.update import UpdateResult, update
 from safeshard.ops.verify import Finding, VerifyReport, verify
 from safeshard.runtime.lazy import LazyCheckpoint
@@ -30,8 +31,8 @@ from safeshard.runtime.load import load
 from safeshard.runtime.membudget import AutoBudget, MemoryReading
 from safeshard.runtime.stream import empty_model, stream, streamer_of
 from safeshard.runtime.textgen import TextStreamer
-from safeshard.runtime.tp import ReadStats
 from safeshard.sizes import FAT32_LIMIT, parse_size
+from safeshard.tpplan import ReadStats
 
 # `open` is exported but left out of __all__ so `from safeshard import *` keeps the builtin.
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "RemoteLimits",
     "RemoteStats",
     "TextStreamer",
+    "TpSplitResult",
     "synthesize",
     "Checkpoint",
     "DiffReport",

@@ -62,6 +62,7 @@ ADDED = {
     "RemoteLimits",
     "RemoteStats",
     "TextStreamer",
+    "TpSplitResult",
     "synthesize",
 }
 

@@ -190,3 +190,28 @@ def test_digest_file_agrees_with_what_the_copy_computed(tmp_path: Path) -> None:
         got = hashcopy.digest_file(src)
     assert got.header == xxh(header)
     assert got.tensors == {"a": xxh(body[:5]), "b": xxh(b""), "c": xxh(body[5:])}
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_tensor_in_several_extents_has_one_digest_of_them_all(
+    tmp_path: Path, remote: bool
+) -> None:
+    """Consecutive pieces with one name are one tensor (a tensor-parallel slice): its digest
+    covers every piece in order, out of order in the source included."""
+    data = bytes(range(256)) * 40
+    srcf = tmp_path / "s.bin"
+    srcf.write_bytes(data)
+    dst_path = tmp_path / "d.bin"
+    cuts = {"a": [(100, 50), (10, 30), (500, 0), (2000, 1000)], "b": [(0, 0)], "c": [(7, 9)]}
+    dst = os.open(dst_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        local = LocalFile.open(srcf)
+        with local:
+            src: ByteSource = NoDescriptor(local) if remote else local
+            pieces = [Extent(src, o, n, name) for name, cs in cuts.items() for o, n in cs]
+            got = copy_pieces(LocalSink(dst, str(dst_path)), b"HEADER!!", pieces)
+    finally:
+        os.close(dst)
+    want = {n: b"".join(data[o : o + k] for o, k in cs) for n, cs in cuts.items()}
+    assert got.tensors == {n: xxh(b) for n, b in want.items()}
+    assert dst_path.read_bytes() == b"HEADER!!" + b"".join(want.values())

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from safeshard.io.ranges import Run, coalesce
-from safeshard.runtime.tp import coalesce as tp_coalesce
+from safeshard.tpplan import coalesce as tp_coalesce
 
 
 def _ranges(draw: st.DrawFn, disjoint: bool) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""Rank-local tensor-parallel loading (safeshard.tp, safeshard.tpread).
+"""Rank-local tensor-parallel loading (safeshard.tpplan, safeshard.runtime.tpread).
 
 References, said per test:
 - transformers' own TP sharding (``from_pretrained(tp_plan="auto")`` under gloo on the
@@ -27,7 +27,7 @@ import safeshard
 from safeshard import TensorParallelError, UsageError
 from safeshard.format.header import TensorInfo
 from safeshard.ops.synth import Preset, synthesize
-from safeshard.runtime.tp import (
+from safeshard.tpplan import (
     OVERREAD,
     Plan,
     RankPlan,

@@ -19,6 +19,7 @@ from safeshard.cli.app import (
     warn,
 )
 from safeshard.ops.merge import merge
+from safeshard.ops.tpmerge import read_tp
 from safeshard.sizes import format_size
 
 
@@ -52,11 +53,19 @@ def merge_cmd(
 ) -> None:
     """Merge the shards of SRC (a folder or an index) into OUT_FILE.
 
+    SRC may also be the output of `split --tp N` (a folder with tp.json and rank
+    folders): each tensor is rebuilt from the ranks' slices.
+
     The index is checked against the shards first. Shards written by safeshard
     come back as the original file, byte for byte (the same SHA-256); shards from
     elsewhere become a canonical file, and the result says so.
     """
-    total = open_checkpoint(src, storage_options=storage_options).total_tensor_bytes
+    tp = read_tp(src, storage_options)
+    total = (
+        tp.record.total_bytes
+        if tp is not None
+        else open_checkpoint(src, storage_options=storage_options).total_tensor_bytes
+    )
     with byte_progress(total, "merge", quiet or as_json) as advance:
         result = merge(
             src,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import click
@@ -22,6 +23,7 @@ from safeshard.cli.app import (
 from safeshard.cli.app import quiet_option as quiet_opt
 from safeshard.cli.split_update import run_update
 from safeshard.ops.split import DEFAULT_MAX_SHARD_SIZE, SplitResult, describe, split
+from safeshard.ops.tpsplit import TpSplitResult
 from safeshard.sizes import format_size
 
 
@@ -71,6 +73,24 @@ from safeshard.sizes import format_size
     help="Object storage: take over the prefix's lock object even if its writer may be alive "
     "(only when you know it died).",
 )
+@click.option(
+    "--tp",
+    "tp",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Tensor parallelism: write one checkpoint per rank, OUT_DIR/rank-0000r-of-0000N/, "
+    "each holding that rank's slices, and OUT_DIR/tp.json (merge rebuilds the source).",
+)
+@click.option(
+    "--tp-plan",
+    "tp_plan_arg",
+    default="auto",
+    show_default=True,
+    metavar="auto|FILE.json",
+    help="With --tp: the model's own plan from transformers (auto), or a JSON file of "
+    "name patterns to styles.",
+)
 @storage_option
 @json_option
 @quiet_opt
@@ -87,6 +107,8 @@ def split_cmd(
     update: bool,
     sha256: bool,
     break_lock: bool,
+    tp: int | None,
+    tp_plan_arg: str,
     storage_options: dict[str, Any] | None,
     as_json: bool,
     quiet: bool,
@@ -98,7 +120,20 @@ def split_cmd(
     index is always complete. A manifest (BASE.safeshard.json) records shard and
     tensor digests and the original header, so `safeshard merge` restores the
     original file exactly.
+
+    With --tp N, OUT_DIR gets one such checkpoint per tensor-parallel rank
+    (rank-00000-of-0000N/ ...), each tensor sliced as `safeshard.load(SRC,
+    tp_plan=..., rank=r, world_size=N)` slices it, and tp.json, the plan and every
+    slice; `safeshard merge OUT_DIR FILE` rebuilds the unsharded checkpoint.
     """
+    tp_plan: dict[str, str] | str = "auto"
+    if tp is None and tp_plan_arg != "auto":
+        raise click.UsageError("--tp-plan needs --tp N")
+    if tp is not None:
+        if update:
+            raise click.UsageError("--update and --tp cannot be combined")
+        if tp_plan_arg != "auto":
+            tp_plan = _read_plan(tp_plan_arg)
     run = functools.partial(
         split,
         src,
@@ -112,6 +147,8 @@ def split_cmd(
         sha256=sha256,
         storage_options=storage_options,
         break_lock=break_lock,
+        tp=tp,
+        tp_plan=tp_plan,
     )
     if update:
         run_update(
@@ -144,6 +181,22 @@ def split_cmd(
     render(result, quiet)
 
 
+def _read_plan(path: str) -> dict[str, str]:
+    """The plan in the JSON file at ``path``: an object of name patterns to styles."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"{path}: {e}", param_hint="--tp-plan") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in obj.items()
+    ):
+        raise click.BadParameter(
+            f"{path}: not a JSON object of name patterns to styles", param_hint="--tp-plan"
+        )
+    return obj
+
+
 def render(result: SplitResult, quiet: bool) -> None:
     """Human output: warnings on stderr, the plan or what was written on stdout."""
     for w in result.warnings:
@@ -161,6 +214,12 @@ def render(result: SplitResult, quiet: bool) -> None:
         say(text)
     if result.index is not None:
         say(f"index: {result.index.name} (total_size {result.total_size})")
+    if isinstance(result, TpSplitResult):
+        record = result.tp_record.name if result.tp_record is not None else "tp.json"
+        say(
+            f"tensor parallel: {result.world_size} ranks, each folder a checkpoint with its "
+            f"index and manifest; plan and slices in {record}"
+        )
     if result.manifest is not None and not result.dry_run:
         kind = "lossless merge" if result.lossless else "canonical merge (source was sharded)"
         say(f"manifest: {result.manifest.name} ({kind})")

@@ -15,10 +15,13 @@ __all__ = [
     "JOURNAL_NAME",
     "LOCK_NAME",
     "MANIFEST_SUFFIX",
+    "RANK_RE",
     "SHARD_RE",
     "STAGE_PREFIX",
     "TMP_PREFIX",
+    "TP_RECORD_NAME",
     "is_plain_name",
+    "rank_folder_name",
     "shard_name",
     "temp_name",
 ]
@@ -41,6 +44,22 @@ SHARD_RE = re.compile(r"^(?P<base>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$
 def shard_name(base: str, i: int, n: int) -> str:
     """``{base}-{i:05d}-of-{n:05d}.safetensors`` with ``i`` counted from 1."""
     return f"{base}-{i:05d}-of-{n:05d}.safetensors"
+
+
+# --------------------------------------------------------------------------- tensor-parallel output
+
+TP_RECORD_NAME = "tp.json"
+"""The record of a tensor-parallel split (``split --tp``): plan, world size, each tensor's
+slice per rank; written last, beside the rank folders."""
+
+RANK_RE = re.compile(r"^rank-(?P<r>\d{5})-of-(?P<n>\d{5})$")
+"""``rank-{r:05d}-of-{n:05d}``"""
+
+
+def rank_folder_name(rank: int, world_size: int) -> str:
+    """``rank-{rank:05d}-of-{world_size:05d}``: the folder of one rank's checkpoint (ranks
+    counted from 0, as torch.distributed counts them)."""
+    return f"rank-{rank:05d}-of-{world_size:05d}"
 
 
 # --------------------------------------------------------------------------- an output folder's own

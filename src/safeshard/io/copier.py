@@ -106,12 +106,26 @@ def plan_runs(pieces: Sequence[Extent], chunk: int | None = None) -> list[_Run]:
 
 
 class _Digests:
-    """Each piece's digest, fed the bytes of runs in order (a piece may span runs)."""
+    """Each piece's digest, fed the bytes of runs in order (a piece may span runs).
+
+    Consecutive pieces with one name are one tensor in several extents (a tensor-parallel
+    rank's slice, or a tensor rebuilt from ranks): their digest covers them all, in order.
+    """
 
     def __init__(self, pieces: Sequence[Extent]) -> None:
         self.pieces = pieces
         self.digests: dict[str, str] = {}
         self._hasher: Hasher | None = None
+
+    def _continues(self, index: int) -> bool:
+        """Whether the tensor of piece ``index`` goes on in a later piece."""
+        name = self.pieces[index].name
+        j = index + 1
+        while j < len(self.pieces) and self.pieces[j].name == name:
+            if self.pieces[j].nbytes:
+                return True
+            j += 1
+        return False
 
     def feed(self, cursor: _Cursor, view: memoryview) -> None:
         """Feed the next ``len(view)`` bytes of the run ``cursor`` walks."""
@@ -126,7 +140,7 @@ class _Digests:
             cursor.left -= n
             if cursor.left == 0:
                 piece = self.pieces[index]
-                if start + length == piece.nbytes:
+                if start + length == piece.nbytes and not self._continues(index):
                     self.digests[piece.name] = self._hasher.hexdigest()
                     self._hasher = None
                 cursor.k += 1
@@ -218,7 +232,7 @@ def copy_pieces(
     else:
         _copy_buffered(plan_runs(pieces, BUFFERED_CHUNK), pieces, digests, sink, sha256, wrote)
     for p in pieces:
-        if p.nbytes == 0:
+        if p.nbytes == 0 and p.name not in digests.digests:
             digests.digests[p.name] = EMPTY_DIGEST
     return Hashes(header=header_digest(header), tensors=digests.digests)
 
@@ -493,7 +507,7 @@ def _digest_source(src: ByteSource, h: Any, progress: Progress | None) -> dict[s
         if progress is not None:
             progress(run.nbytes)
     for p in pieces:
-        if p.nbytes == 0:
+        if p.nbytes == 0 and p.name not in digests.digests:
             digests.digests[p.name] = EMPTY_DIGEST
     return digests.digests
 

@@ -7,7 +7,7 @@ groups; it opens and reads nothing. Its users:
   pieces only, at most a chunk per run);
 - :func:`safeshard.runtime.readers.plan_jobs`: tensors read job by job (the same, at most
   ``IOV_MAX`` buffers per read);
-- :func:`safeshard.runtime.tp.coalesce`: a rank's strided slice, its gaps read through
+- :func:`safeshard.tpplan.coalesce`: a rank's strided slice, its gaps read through
   when small, within an over-read allowance.
 """
 

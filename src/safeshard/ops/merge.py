@@ -26,7 +26,8 @@ import errno
 import hashlib
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ from safeshard.errors import (
     ShardMismatchError,
 )
 from safeshard.format.blocks import model_order
+from safeshard.format.filenames import TP_RECORD_NAME
 from safeshard.format.header import Header, TensorSpec, build_header
 from safeshard.format.manifest import Manifest, manifest_path
-from safeshard.io.bytesrc import Sink, Sources
+from safeshard.io.bytesrc import Extent, Sink
 from safeshard.io.copier import Hashes, Progress, Sha256Follower, Sha256Pool, copy_pieces
 from safeshard.io.localfs import require_space
 from safeshard.io.store import (
@@ -56,10 +58,11 @@ from safeshard.io.store import (
 )
 from safeshard.io.storerr import storage_op
 from safeshard.io.transaction import StepHook
+from safeshard.ops.tpmerge import merged_extents, rank_sources, read_tp
 from safeshard.ops.writer import open_sources, tensor_extents
 from safeshard.redact import redact_url
 
-__all__ = ["MergeResult", "merge", "merge_layout"]
+__all__ = ["MergeResult", "manifest_of", "merge", "merge_layout"]
 
 
 @dataclass
@@ -107,7 +110,8 @@ class Layout:
         return len(self.header)
 
 
-def _read_manifest(ckpt: Checkpoint, warnings: list[str]) -> Manifest | None:
+def manifest_of(ckpt: Checkpoint, warnings: list[str]) -> Manifest | None:
+    """The checkpoint's safeshard manifest, or None (an unreadable one noted in ``warnings``)."""
     try:
         return read_manifest(ckpt.folder, ckpt.located.base)
     except IndexFormatError as e:
@@ -201,44 +205,117 @@ def merge(
     also computes the output's SHA-256, in a thread of its own that follows the copy. ``src`` and
     ``out_file`` may be URLs (:mod:`safeshard.io.store`), reached with ``storage_options``.
     """
-    ckpt = open_checkpoint(src, storage_options=storage_options)
+    tp = read_tp(src, storage_options)
     out = as_path(out_file, storage_options)
-    with storage_op(url_of(out), "look up the output"):
-        _check_output(out, ckpt, force)
     warnings: list[str] = []
-    manifest = _read_manifest(ckpt, warnings)
-    layout = merge_layout(ckpt, manifest)
-    size = layout.header_len + ckpt.total_tensor_bytes
+    job: _Job
+    if tp is not None:
+        with storage_op(url_of(out), "look up the output"):
+            _check_output(out, tp.paths, force)
+        framed, header = tp.record.merged(tp.where)
+        tp_order = [t.name for t in header.tensors]
+        layout = Layout(framed, tp_order, tp.record.lossless, tp.record.reason)
+        job = _Job(
+            layout=layout,
+            size=header.file_size,
+            tensors=len(tp.record.tensors),
+            recorded=tp.record.digests,
+            record_name=TP_RECORD_NAME,
+            sources=lambda: rank_sources(tp),
+            pieces=lambda sources: merged_extents(tp, tp_order, sources),
+            path_of=lambda name: str(tp.folder / tp.record.ranks[0]),
+        )
+    else:
+        ckpt = open_checkpoint(src, storage_options=storage_options)
+        with storage_op(url_of(out), "look up the output"):
+            _check_output(out, list(ckpt.located.paths), force)
+        manifest = manifest_of(ckpt, warnings)
+        layout = merge_layout(ckpt, manifest)
+        job = _Job(
+            layout=layout,
+            size=layout.header_len + ckpt.total_tensor_bytes,
+            tensors=len(ckpt.entries),
+            recorded={n: r.digest for n, r in manifest.tensors.items()}
+            if manifest is not None
+            else None,
+            record_name=manifest_path(ckpt.folder, ckpt.located.base).name,
+            sources=lambda: open_sources(ckpt),
+            pieces=lambda sources: iter([tensor_extents(ckpt, layout.order, sources)]),
+            path_of=lambda name: str(ckpt.path_of(name)),
+        )
+    return _write(job, src, out, warnings, progress, on_step, sha256, storage_options, break_lock)
+
+
+@dataclass
+class _Job:
+    """What one merge writes: the layout, and where its pieces come from."""
+
+    layout: Layout
+    size: int
+    tensors: int
+    recorded: Mapping[str, str] | None
+    """Digests to check each tensor against (None: no record at all)."""
+    record_name: str
+    sources: Callable[[], AbstractContextManager[Any]]
+    pieces: Callable[[Any], Iterator[list[Extent]]]
+    """Given the open sources, the pieces in batches of whole tensors."""
+    path_of: Callable[[str], str]
+
+
+def _write(
+    job: _Job,
+    src: str | os.PathLike[str],
+    out: Path,
+    warnings: list[str],
+    progress: Progress | None,
+    on_step: StepHook | None,
+    sha256: bool,
+    storage_options: Mapping[str, Any] | None,
+    break_lock: bool,
+) -> MergeResult:
+    layout, size = job.layout, job.size
     local = local_path(out)  # None: an object in storage
     if local is not None:
         require_space(local.parent, size, f"{out.name}: the merged file would")
-    recorded = manifest.tensors if manifest is not None else {}
+    recorded = job.recorded or {}
 
     follower: list[Sha256Follower] = []
     inline = hashlib.sha256() if sha256 and local is None else None  # no descriptor to follow
 
-    def fill(sink: Sink, sources: Sources) -> Hashes:
-        pieces = tensor_extents(ckpt, layout.order, sources)
+    def fill(sink: Sink, sources: Any) -> Hashes:
         fd = sink.fileno()
         if sha256 and fd is not None:
             follower.append(Sha256Follower(fd, size, Sha256Pool(1), name=str(out)))
-        hashes = copy_pieces(
-            sink,
-            layout.header,
-            pieces,
-            progress=progress,
-            on_written=follower[0].advance if follower else None,
-            sha256=inline,
-        )
-        bad = [
-            n
-            for n, digest in hashes.tensors.items()
-            if n in recorded and recorded[n].digest != digest
-        ]
+        head = layout.header
+        hashes: Hashes | None = None
+        for batch in job.pieces(sources):  # whole tensors per batch: bounded memory
+            got = copy_pieces(
+                sink,
+                head,
+                batch,
+                progress=progress,
+                on_written=follower[0].advance if follower else None,
+                sha256=inline,
+            )
+            if hashes is None:
+                hashes = got
+            else:
+                hashes.tensors.update(got.tensors)
+            head = b""
+        if hashes is None:  # no tensors: the header alone
+            hashes = copy_pieces(
+                sink,
+                head,
+                [],
+                progress=progress,
+                on_written=follower[0].advance if follower else None,
+                sha256=inline,
+            )
+        bad = [n for n, digest in hashes.tensors.items() if n in recorded and recorded[n] != digest]
         if bad:
             raise ShardMismatchError(
-                f"{ckpt.path_of(bad[0])}: tensor {bad[0]!r} does not match the digest "
-                f"recorded in {manifest_path(ckpt.folder, ckpt.located.base).name}"
+                f"{job.path_of(bad[0])}: tensor {bad[0]!r} does not match the digest "
+                f"recorded in {job.record_name}"
                 + (f" ({len(bad)} tensors differ)" if len(bad) > 1 else "")
                 + "; the shard is corrupted or was changed, so nothing was written. "
                 "Run `safeshard verify` to see every difference."
@@ -247,7 +324,7 @@ def merge(
 
     try:
         with (
-            open_sources(ckpt) as sources,
+            job.sources() as sources,
             output_folder(
                 out.parent,
                 on_step=on_step,
@@ -262,9 +339,9 @@ def merge(
             f.cancel()
         raise
     verified = sum(1 for n in hashes.tensors if n in recorded)
-    if manifest is not None and verified < len(ckpt.entries):
+    if job.recorded is not None and verified < job.tensors:
         warnings.append(
-            f"{len(ckpt.entries) - verified} tensors have no hash in the manifest and were "
+            f"{job.tensors - verified} tensors have no hash in {job.record_name} and were "
             "not checked"
         )
     return MergeResult(
@@ -280,7 +357,7 @@ def merge(
     )
 
 
-def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
+def _check_output(out: Path, sources: Sequence[Any], force: bool) -> None:
     if out.is_dir():
         raise OutputExistsError(f"{out}: is a folder; give the path of the file to write")
     # (object storage has no folders to create)
@@ -292,7 +369,7 @@ def _check_output(out: Path, ckpt: Checkpoint, force: bool) -> None:
             err=errno.ENOENT,
         )
     if out.exists():
-        for p in ckpt.located.paths:
+        for p in sources:
             if same_file(out, p):
                 raise OutputExistsError(
                     f"{out}: is one of the checkpoint's own files; write the merged file "

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from safeshard import gcpause
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
 from safeshard.errors import IndexFormatError, OutputExistsError, UsageError
-from safeshard.format.blocks import describe_blocks
 from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.format.manifest import manifest_path
@@ -64,12 +63,11 @@ from safeshard.io.store import (
 from safeshard.io.transaction import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
 from safeshard.ops.sidecar import copy_sidecars
+from safeshard.ops.tpsplit import split_tp
 from safeshard.ops.writer import (
     CHECKPOINT_SUFFIXES,
     DEFAULT_MAX_SHARD_SIZE,
-    FileStatus,
-    OutputFile,
-    OutputResult,
+    SplitResult,
     Written,
     check_base,
     describe_checkpoint,
@@ -77,6 +75,7 @@ from safeshard.ops.writer import (
     intact,
     open_sources,
     output_names,
+    shard_file,
     source_record,
     tensor_extents,
     with_sha256,
@@ -86,41 +85,6 @@ from safeshard.redact import redact_url
 from safeshard.sizes import format_size, parse_size
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "JOURNAL_NAME", "SplitResult", "describe", "split"]
-
-
-@dataclass
-class SplitResult(OutputResult):
-    """What ``split`` planned or did; ``plan`` is the shard plan."""
-
-    plan: Plan = field(default_factory=lambda: Plan((), 0, None))
-
-    @property
-    def kept(self) -> list[str]:
-        """Shards of an interrupted run kept by ``resume``."""
-        return self.with_status("kept")
-
-    @property
-    def written(self) -> list[str]:
-        return self.with_status("written")
-
-    def to_json(self) -> dict[str, Any]:
-        obj = super().to_json()
-        obj["split_groups"] = list(self.plan.split_groups)
-        obj["kept"] = self.kept
-        obj["written"] = self.written
-        return obj
-
-
-def _file(name: str, shard: ShardPlan, sha: str | None, status: FileStatus) -> OutputFile:
-    return OutputFile(
-        file=name,
-        size=shard.file_size,
-        sha256=sha,
-        tensors=len(shard.tensors),
-        blocks=describe_blocks(shard.groups),
-        status=status,
-        oversize=shard.oversize,
-    )
 
 
 # --------------------------------------------------------------------------- split
@@ -144,6 +108,9 @@ def split(
     sha256: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     break_lock: bool = False,
+    tp: int | None = None,
+    tp_plan: Mapping[str, str] | str = "auto",
+    tp_config: Mapping[str, Any] | None = None,
 ) -> SplitResult:
     """Split (or reshard) the checkpoint at ``src`` into ``out_dir``; see the module docs.
 
@@ -158,7 +125,34 @@ def split(
     or, for shards kept by ``resume``, re-hashed; the total is the sum of the
     planned file sizes (``SplitResult.files`` of a dry run). ``on_step`` is called with
     each step of the output transaction (:data:`safeshard.io.journal.STEPS`).
+
+    ``tp=N`` writes one checkpoint per tensor-parallel rank instead, in
+    ``out_dir/rank-0000r-of-0000N/``, sliced by ``tp_plan`` (``"auto"`` or a mapping of
+    name patterns to styles; ``tp_config`` gives head counts), with ``out_dir/tp.json``
+    recording the slices; ``merge(out_dir, FILE)`` rebuilds the source
+    (:mod:`safeshard.ops.tpsplit`; returns a :class:`~safeshard.ops.tpsplit.TpSplitResult`).
     """
+    if tp is not None:
+        if resume:
+            raise UsageError("--resume is not supported with --tp; use --force to write again")
+        return split_tp(
+            src,
+            out_dir,
+            tp=tp,
+            tp_plan=tp_plan,
+            tp_config=tp_config,
+            max_shard_size=max_shard_size,
+            balance=balance,
+            allow_oversize=allow_oversize,
+            name=name,
+            dry_run=dry_run,
+            force=force,
+            progress=progress,
+            on_step=on_step,
+            sha256=sha256,
+            storage_options=storage_options,
+            break_lock=break_lock,
+        )
     cap = parse_size(max_shard_size)
     base = check_base(name)
     if resume and force:
@@ -189,7 +183,7 @@ def split(
         base=base,
         cap=plan.cap,
         dry_run=dry_run,
-        files=[_file(n, s, None, "planned") for n, s in zip(names, plan.shards, strict=True)],
+        files=[shard_file(n, s, None, "planned") for n, s in zip(names, plan.shards, strict=True)],
         index=None if len(names) == 1 else out / f"{base}{INDEX_SUFFIX}",
         manifest=manifest_path(out, base),
         lossless=record is not None,
@@ -240,7 +234,7 @@ def split(
                     with open_source(out / n) as kept_file:  # a file, or an object
                         done[n] = replace(done[n], sha256=hash_source(kept_file))
         result.files = [
-            _file(n, s, done[n].sha256, "kept" if n in kept else "written")
+            shard_file(n, s, done[n].sha256, "kept" if n in kept else "written")
             for n, s in zip(names, plan.shards, strict=True)
         ]
         side = copy_sidecars(

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from safeshard.checkpoint import Checkpoint, read_manifest
 from safeshard.errors import HeaderError, IndexFormatError, SafeshardError, UsageError
+from safeshard.format.blocks import describe_blocks
 from safeshard.format.filenames import INDEX_SUFFIX, shard_name
 from safeshard.format.header import TensorSpec
 from safeshard.format.index import index_json
@@ -45,6 +46,7 @@ from safeshard.io.copier import (
     hash_source,
 )
 from safeshard.io.transaction import FileRecord, OutputStore
+from safeshard.ops.plan import Plan, ShardPlan
 from safeshard.redact import redact_url
 
 __all__ = [
@@ -53,12 +55,14 @@ __all__ = [
     "FileStatus",
     "OutputFile",
     "OutputResult",
+    "SplitResult",
     "check_base",
     "describe_checkpoint",
     "fingerprint",
     "intact",
     "open_sources",
     "output_names",
+    "shard_file",
     "source_record",
     "tensor_extents",
     "with_sha256",
@@ -159,6 +163,42 @@ class OutputResult:
             "warnings": list(self.warnings),
             "notes": list(self.notes),
         }
+
+
+@dataclass
+class SplitResult(OutputResult):
+    """What ``split`` planned or did; ``plan`` is the shard plan."""
+
+    plan: Plan = field(default_factory=lambda: Plan((), 0, None))
+
+    @property
+    def kept(self) -> list[str]:
+        """Shards of an interrupted run kept by ``resume``."""
+        return self.with_status("kept")
+
+    @property
+    def written(self) -> list[str]:
+        return self.with_status("written")
+
+    def to_json(self) -> dict[str, Any]:
+        obj = super().to_json()
+        obj["split_groups"] = list(self.plan.split_groups)
+        obj["kept"] = self.kept
+        obj["written"] = self.written
+        return obj
+
+
+def shard_file(name: str, shard: ShardPlan, sha: str | None, status: FileStatus) -> OutputFile:
+    """The :class:`OutputFile` of a planned shard."""
+    return OutputFile(
+        file=name,
+        size=shard.file_size,
+        sha256=sha,
+        tensors=len(shard.tensors),
+        blocks=describe_blocks(shard.groups),
+        status=status,
+        oversize=shard.oversize,
+    )
 
 
 # --------------------------------------------------------------------------- names

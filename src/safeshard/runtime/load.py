@@ -61,9 +61,9 @@ def load(
 
     With ``tp_plan`` (a mapping of name patterns to transformers' styles, or ``"auto"``),
     each tensor is ``rank``'s slice of ``world_size`` (torch.distributed's when left out),
-    and only the slices' bytes are read: see :mod:`safeshard.runtime.tp` (``tp_config`` gives head
+    and only the slices' bytes are read: see :mod:`safeshard.tpplan` (``tp_config`` gives head
     counts where no config.json is beside the weights; ``tp_stats``, a
-    :class:`safeshard.runtime.tp.ReadStats`, counts the bytes read).
+    :class:`safeshard.tpplan.ReadStats`, counts the bytes read).
     """
     if tp_plan is not None:
         parse_device(backend_for(framework), device)

@@ -1,7 +1,7 @@
 """Reading a rank's tensor-parallel slices: only their bytes, scattered into the tensors.
 
-The slices come from :mod:`safeshard.runtime.tp`. Each slice's byte ranges are grouped into
-reads by :func:`safeshard.runtime.tp.coalesce`; a read is one scatter read (``os.preadv`` for a
+The slices come from :mod:`safeshard.tpplan`. Each slice's byte ranges are grouped into
+reads by :func:`safeshard.tpplan.coalesce`; a read is one scatter read (``os.preadv`` for a
 local file, parallel ranged GETs for an object in storage) whose buffers are the pieces
 of the destination tensor and, for a gap read through, a scratch buffer whose bytes are
 dropped. Reads are cut into jobs of at most :data:`safeshard.runtime.readers.CHUNK_BYTES` and run on
@@ -30,7 +30,7 @@ from safeshard.runtime.readers import (
     check_workers,
     run_all,
 )
-from safeshard.runtime.tp import (
+from safeshard.tpplan import (
     LOCAL_GAP,
     OVERREAD,
     REMOTE_GAP,
@@ -207,7 +207,7 @@ def load_rank(
     unsupported: str = "error",
     storage_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """:func:`safeshard.load` for one tensor-parallel rank (see :mod:`safeshard.runtime.tp`)."""
+    """:func:`safeshard.load` for one tensor-parallel rank (see :mod:`safeshard.tpplan`)."""
     nworkers = check_workers(workers)
     backend = backend_for(framework)
     ckpt = open_checkpoint(path, storage_options=storage_options)

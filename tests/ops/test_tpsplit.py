@@ -1,0 +1,304 @@
+"""split --tp: one ordinary checkpoint per tensor-parallel rank, and merge back.
+
+References: each rank folder's tensors against ``safeshard.load(src, tp_plan=..., rank=r,
+world_size=N)`` (itself checked against transformers' own TP sharding in
+tests/runtime/test_tp.py), read with the official ``safetensors.torch.load_file``; the
+merge against the source's tensors and against a plain ``merge`` of the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import safeshard
+from safeshard import TensorParallelError
+from safeshard.cli import main
+from safeshard.errors import IndexFormatError, OutputExistsError
+from safeshard.ops import tpmerge
+from safeshard.ops.synth import synthesize
+from safeshard.ops.tpsplit import TpSplitResult
+
+torch = pytest.importorskip("torch")
+st_torch = pytest.importorskip("safetensors.torch")
+
+PHI3_SECTIONS = {
+    "layers.*.self_attn.qkv_proj": "qkv_colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+    "embed_tokens": "embedding_rowwise",
+    "lm_head": "colwise_gather_output",
+}
+
+
+def _llama(folder: Path, *, tied: bool, kv: int) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=kv,
+        vocab_size=128,
+        tie_word_embeddings=tied,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+def _phi3(folder: Path) -> Path:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(4)
+    cfg = Phi3Config(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=128,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    Phi3ForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tpsplit-models")
+    return {
+        # fewer key/value heads than ranks at both world sizes: whole heads, replicated
+        "llama": _llama(root / "llama", tied=False, kv=2),
+        "llama-tied": _llama(root / "llama-tied", tied=True, kv=1),
+        "phi3": _phi3(root / "phi3"),
+    }
+
+
+def _shards(folder: Path) -> dict[str, Any]:
+    """Every tensor of a rank folder through the official reader, after checking the
+    index against the files."""
+    idx = json.loads((folder / "model.safetensors.index.json").read_text())
+    out: dict[str, Any] = {}
+    files = sorted(set(idx["weight_map"].values()))
+    assert files == sorted(p.name for p in folder.glob("model-*-of-*.safetensors"))
+    for f in files:
+        part = st_torch.load_file(folder / f)
+        assert {n for n, v in idx["weight_map"].items() if v == f} == set(part)
+        out.update(part)
+    assert idx["metadata"]["total_size"] == sum(t.nbytes for t in out.values())
+    return out
+
+
+CASES = [
+    ("llama", "auto"),
+    ("llama-tied", "auto"),
+    ("phi3", "auto"),
+    ("phi3", "sections"),
+]
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+@pytest.mark.parametrize(("model", "plan_name"), CASES)
+def test_rank_folders_hold_the_rank_slices_and_merge_back(
+    models: dict[str, Path], tmp_path: Path, model: str, plan_name: str, ws: int
+) -> None:
+    src = models[model]
+    plan: Any = PHI3_SECTIONS if plan_name == "sections" else "auto"
+    out = tmp_path / "tp"
+    res = safeshard.split(src, out, tp=ws, tp_plan=plan, max_shard_size="40KB")
+    assert isinstance(res, TpSplitResult) and res.world_size == ws
+    folders = [out / f"rank-{r:05d}-of-{ws:05d}" for r in range(ws)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f.name for f in folders), "tp.json"])
+    record = json.loads((out / "tp.json").read_text())
+    assert record["world_size"] == ws
+    assert record["ranks"] == [f.name for f in folders]
+    for r, folder in enumerate(folders):
+        assert (folder / "config.json").is_file()
+        assert (folder / "model.safeshard.json").is_file()
+        ref = safeshard.load(src, tp_plan=plan, rank=r, world_size=ws)
+        got = _shards(folder)
+        again = safeshard.load(folder)
+        assert set(got) == set(ref) == set(again)
+        for n, t in ref.items():
+            assert torch.equal(got[n], t), n
+            assert torch.equal(again[n], t), n
+            entry = record["tensors"][n]
+            if entry["dim"] is not None:
+                rows = sum(b - a for a, b in entry["slices"][r])
+                assert t.shape[entry["dim"]] == rows
+        assert safeshard.verify(folder).ok
+    # the merge rebuilds the source, and writes what a plain merge of the source writes
+    merged = safeshard.merge(out, tmp_path / "merged.safetensors")
+    plain = safeshard.merge(src, tmp_path / "plain.safetensors")
+    full = st_torch.load_file(src / "model.safetensors")
+    back = st_torch.load_file(tmp_path / "merged.safetensors")
+    assert list(back) == list(full) or set(back) == set(full)
+    for n, t in full.items():
+        assert torch.equal(back[n], t), n
+    assert (tmp_path / "merged.safetensors").read_bytes() == (
+        tmp_path / "plain.safetensors"
+    ).read_bytes()
+    assert (merged.size, merged.tensors, merged.lossless) == (
+        plain.size,
+        plain.tensors,
+        plain.lossless,
+    )
+
+
+def test_gqa_head_on_several_ranks_is_taken_once(models: dict[str, Path], tmp_path: Path) -> None:
+    """Two key/value heads and 4 ranks: each head is on two ranks; the record says so and
+    merge takes each head once. One head on every rank is recorded as whole."""
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=4)
+    rec = json.loads((out / "tp.json").read_text())
+    k = rec["tensors"]["model.layers.0.self_attn.k_proj.weight"]
+    assert k["dim"] == 0 and k["slices"] == [[[0, 8]], [[0, 8]], [[8, 16]], [[8, 16]]]
+    safeshard.merge(out, tmp_path / "m.safetensors")
+    got = st_torch.load_file(tmp_path / "m.safetensors")
+    full = st_torch.load_file(models["llama"] / "model.safetensors")
+    assert all(torch.equal(got[n], full[n]) for n in full)
+    safeshard.split(models["llama-tied"], tmp_path / "tied", tp=4)
+    rec = json.loads((tmp_path / "tied" / "tp.json").read_text())
+    assert rec["tensors"]["model.layers.0.self_attn.k_proj.weight"]["dim"] is None
+
+
+@pytest.mark.parametrize("batch", [None, 3])
+def test_lossless_source_comes_back_byte_for_byte(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch: int | None
+) -> None:
+    """A safeshard split of a single file records the original: split --tp of it carries
+    the original header and the tensor digests, and merge restores the file exactly (also
+    copied in batches of a few extents, with --sha256)."""
+    if batch is not None:
+        monkeypatch.setattr(tpmerge, "BATCH", batch)
+    first = tmp_path / "split"
+    safeshard.split(models["llama"], first, max_shard_size="100KB")
+    out = tmp_path / "tp"
+    res = safeshard.split(first, out, tp=2)
+    assert res.lossless
+    merged = safeshard.merge(out, tmp_path / "m.safetensors", sha256=True)
+    assert merged.lossless and merged.verified == merged.tensors
+    original = (models["llama"] / "model.safetensors").read_bytes()
+    assert (tmp_path / "m.safetensors").read_bytes() == original
+    assert merged.sha256 == hashlib.sha256(original).hexdigest()
+
+
+def test_a_changed_rank_file_fails_the_digest_check(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    first = tmp_path / "split"
+    safeshard.split(models["llama"], first, max_shard_size="100KB")
+    out = tmp_path / "tp"
+    safeshard.split(first, out, tp=2)
+    shard = out / "rank-00001-of-00002" / "model.safetensors"
+    if not shard.exists():
+        shard = sorted((out / "rank-00001-of-00002").glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(safeshard.errors.ShardMismatchError, match="does not match the digest"):
+        safeshard.merge(out, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_gptq_world_size_that_breaks_a_group_writes_nothing(tmp_path: Path) -> None:
+    folder = synthesize(tmp_path / "g", "tiny-gptq", tokenizer=False)  # group 128, hidden 256
+    out = tmp_path / "tp"
+    with pytest.raises(TensorParallelError, match="splits a GPTQ group"):
+        safeshard.split(folder, out, tp=4)
+    assert not out.exists()
+    safeshard.split(folder, out, tp=2)
+    for r in range(2):
+        ref = safeshard.load(folder, tp_plan="auto", rank=r, world_size=2)
+        got = safeshard.load(out / f"rank-{r:05d}-of-00002")
+        assert all(torch.equal(got[n], ref[n]) for n in ref)
+    safeshard.merge(out, tmp_path / "m.safetensors")
+    full = safeshard.load(folder)
+    back = st_torch.load_file(tmp_path / "m.safetensors")
+    assert set(back) == set(full) and all(torch.equal(back[n], full[n]) for n in full)
+
+
+def test_an_existing_output_needs_force(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2)
+    with pytest.raises(OutputExistsError):
+        safeshard.split(models["llama"], out, tp=2)
+    safeshard.split(models["llama"], out, tp=2, force=True, max_shard_size="40KB")
+    assert len(list((out / "rank-00000-of-00002").glob("model-*.safetensors"))) > 1
+    assert not (out / "rank-00000-of-00002" / "model.safetensors").exists()
+
+
+def test_a_bad_record_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2)
+    rec = json.loads((out / "tp.json").read_text())
+    rec["ranks"] = ["../elsewhere", "rank-00001-of-00002"]
+    (out / "tp.json").write_text(json.dumps(rec))
+    with pytest.raises(IndexFormatError):
+        safeshard.merge(out, tmp_path / "m.safetensors")
+
+
+def test_cli_split_tp_json_and_merge(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tp"
+    runner = CliRunner()
+    got = runner.invoke(
+        main, ["split", str(models["llama"]), str(out), "--tp", "2", "-s", "60KB", "--json"]
+    )
+    assert got.exit_code == 0, got.output
+    obj = json.loads(got.stdout)
+    assert obj["world_size"] == 2 and obj["tp_record"] == "tp.json"
+    assert [r["folder"] for r in obj["ranks"]] == ["rank-00000-of-00002", "rank-00001-of-00002"]
+    assert all(r["index"] == "model.safetensors.index.json" for r in obj["ranks"])
+    assert {s["file"].split("/")[0] for s in obj["shards"]} == {
+        "rank-00000-of-00002",
+        "rank-00001-of-00002",
+    }
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers.*.mlp.down_proj": "rowwise"}))
+    got = runner.invoke(
+        main,
+        ["split", str(models["llama"]), str(tmp_path / "p"), "--tp", "2", "--tp-plan", str(plan)],
+    )
+    assert got.exit_code == 0, got.output
+    rec = json.loads((tmp_path / "p" / "tp.json").read_text())
+    assert rec["tp_plan"] == {"layers.*.mlp.down_proj": "rowwise"}
+    assert rec["tensors"]["model.layers.0.self_attn.q_proj.weight"]["dim"] is None
+    got = runner.invoke(main, ["merge", str(out), str(tmp_path / "m.safetensors"), "--json"])
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout)["tensors"] == len(st_torch.load_file(tmp_path / "m.safetensors"))
+    bad = runner.invoke(
+        main, ["split", str(models["llama"]), str(tmp_path / "q"), "--tp-plan", str(plan)]
+    )
+    assert bad.exit_code == 2
+
+
+def test_s3_to_s3_split_tp_and_merge(
+    models: dict[str, Path], tmp_path: Path, s3: tuple[str, dict[str, Any]]
+) -> None:
+    """In object storage both ways: the ranks written to a prefix (server copies where the
+    source is in the same store), loaded from there, and merged back."""
+    import fsspec
+
+    base, options = s3
+    fs = fsspec.filesystem("s3", **options)
+    src = f"{base}/llama"
+    for f in models["llama"].iterdir():
+        fs.put_file(str(f), f"{src[len('s3://') :]}/{f.name}")
+    out = f"{base}/tp"
+    safeshard.split(src, out, tp=2, max_shard_size="60KB", storage_options=options)
+    for r in range(2):
+        ref = safeshard.load(models["llama"], tp_plan="auto", rank=r, world_size=2)
+        got = safeshard.load(f"{out}/rank-{r:05d}-of-00002", storage_options=options)
+        assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    safeshard.merge(out, tmp_path / "m.safetensors", storage_options=options)
+    safeshard.merge(models["llama"], tmp_path / "p.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "p.safetensors").read_bytes()
