@@ -6,6 +6,13 @@ local file, parallel ranged GETs for an object in storage) whose buffers are the
 of the destination tensor and, for a gap read through, a scratch buffer whose bytes are
 dropped. Reads are cut into jobs of at most :data:`safeshard.runtime.readers.CHUNK_BYTES` and run on
 the same thread pool as :func:`safeshard.load`.
+
+A strided slice (a split along a later dim: one range per outer row) of a *local* shard is
+instead copied out of the shard mapped into memory, one strided copy per interval of the
+split dim (:class:`_Maps`): a read call per row cost more CPU than the disk took (a rank of
+a 2.2 GB Llama: 1.6 s warm with a call per row, 0.36 s with the copies). Only the slice's
+bytes are copied; the pages the copy touches come from the page cache or the disk as for a
+read, dense ones read ahead (``POSIX_FADV_WILLNEED``).
 """
 
 from __future__ import annotations
@@ -113,7 +120,7 @@ def read_slices(
             # (a read call per row cost more CPU than the disk took)
             if stats is not None:
                 stats.note(info.name, sl.nbytes, sl.nbytes, 1)
-            _prefetch_dense(fd, span.offset, [(o, n, None) for o, n in ranges])
+            _prefetch_dense(fd, span.offset, ranges)
             tasks.append(functools.partial(maps.copy_out, fd, span, sl, view))
             continue
         reads = coalesce(ranges, gap=gap, overread=overread)
@@ -230,21 +237,30 @@ disk reads them at sequential speed instead of page by page. Only the slice's by
 copied out; the others stay in the page cache, reclaimable."""
 
 
-def _prefetch_dense(fd: int, base: int, reads: Sequence[tuple[int, int, Any]]) -> None:
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:  # pragma: no cover - not Linux
-        return
-    first, last = base + reads[0][0], base + reads[-1][0] + reads[-1][1]
+def _is_dense(base: int, reads: Sequence[tuple[Any, ...]]) -> bool:
+    """Whether ``reads`` (``(offset, length, ...)`` from ``base``) touch at least
+    :data:`DENSE` of the pages between their first and last byte."""
+    first = base + int(reads[0][0])
+    last = base + int(reads[-1][0]) + int(reads[-1][1])
     span_pages = (last - 1) // PAGE - first // PAGE + 1
     touched = 0
     prev = -1
-    for off, length, _ in reads:
+    for r in reads:
+        off, length = int(r[0]), int(r[1])
         a, b = (base + off) // PAGE, (base + off + length - 1) // PAGE
         a = max(a, prev + 1)
         if b >= a:
             touched += b - a + 1
             prev = b
-    if touched >= DENSE * span_pages:
+    return touched >= DENSE * span_pages
+
+
+def _prefetch_dense(fd: int, base: int, reads: Sequence[tuple[Any, ...]]) -> None:
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # pragma: no cover - not Linux
+        return
+    first, last = base + reads[0][0], base + reads[-1][0] + reads[-1][1]
+    if _is_dense(base, reads):
         with contextlib.suppress(OSError):  # advice only
             advise(fd, first, last - first, os.POSIX_FADV_WILLNEED)
 
