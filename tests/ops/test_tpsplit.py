@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 import safeshard
+from helpers.tpkit import tiny_llama, tiny_phi3
 from safeshard import TensorParallelError
 from safeshard.cli import main
 from safeshard.errors import IndexFormatError, OutputExistsError
@@ -37,49 +38,14 @@ PHI3_SECTIONS = {
 }
 
 
-def _llama(folder: Path, *, tied: bool, kv: int) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=kv,
-        vocab_size=128,
-        tie_word_embeddings=tied,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
-def _phi3(folder: Path) -> Path:
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    torch.manual_seed(4)
-    cfg = Phi3Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=128,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    Phi3ForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tpsplit-models")
     return {
         # fewer key/value heads than ranks at both world sizes: whole heads, replicated
-        "llama": _llama(root / "llama", tied=False, kv=2),
-        "llama-tied": _llama(root / "llama-tied", tied=True, kv=1),
-        "phi3": _phi3(root / "phi3"),
+        "llama": tiny_llama(root / "llama", tied=False, kv=2, seed=3),
+        "llama-tied": tiny_llama(root / "llama-tied", tied=True, kv=1, seed=3),
+        "phi3": tiny_phi3(root / "phi3", seed=4),
     }
 
 

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import safeshard
+from helpers.tpkit import tiny_llama, tiny_phi3
 from safeshard import TensorParallelError, UsageError
 from safeshard.format.header import TensorInfo
 from safeshard.ops.synth import Preset, synthesize
@@ -56,41 +57,6 @@ LLAMA_PLAN = {
 # --------------------------------------------------------------------------- models
 
 
-def _llama(folder: Path, *, tied: bool, heads: int = 8, kv: int = 4) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=128,
-        tie_word_embeddings=tied,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
-def _phi3(folder: Path) -> Path:
-    from transformers import Phi3Config, Phi3ForCausalLM
-
-    torch.manual_seed(2)
-    cfg = Phi3Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=128,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    Phi3ForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
 GPTQ_PRESET = Preset(
     name="tp-gptq",
     description="GPTQ Llama for TP tests",
@@ -110,9 +76,9 @@ GPTQ_PRESET = Preset(
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp-models")
     out = {
-        "llama": _llama(root / "llama", tied=False),
-        "llama-tied": _llama(root / "llama-tied", tied=True),
-        "phi3": _phi3(root / "phi3"),
+        "llama": tiny_llama(root / "llama", tied=False, seed=1),
+        "llama-tied": tiny_llama(root / "llama-tied", tied=True, seed=1),
+        "phi3": tiny_phi3(root / "phi3", seed=2),
         "gptq": synthesize(root / "gptq", GPTQ_PRESET, tokenizer=False),
     }
     return out
@@ -261,7 +227,7 @@ def test_llama_slices_and_bytes(models: dict[str, Path], ws: int) -> None:
 def test_gqa_kv_heads_replicated_over_more_ranks(tmp_path: Path) -> None:
     """2 kv heads over 4 ranks: each rank holds one whole head, each head on 2 ranks
     (torch reference: transformers would cut the head in halves)."""
-    folder = _llama(tmp_path / "m", tied=False, heads=4, kv=2)
+    folder = tiny_llama(tmp_path / "m", tied=False, heads=4, kv=2, seed=1)
     full = safeshard.load(folder)
     for r in range(4):
         out = safeshard.load(folder, tp_plan="auto", rank=r, world_size=4)
