@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -624,37 +624,10 @@ class _PartUploader:
         self._fill = 0
 
     def _put_part(self, number: int, buf: bytearray, size: int) -> None:
-        stats = self.limits.upload_stats
         try:
             if self._error is not None or self._done:
                 return
-            body = _PartBody(memoryview(buf)[:size])
-            last: BaseException | None = None
-            for attempt in range(self.limits.retries + 1):
-                if attempt:
-                    stats.retries += 1
-                    time.sleep(min(2.0, 0.05 * 2**attempt))
-                stats.begin(size)
-                try:
-                    body.seek(0)
-                    out = self._call(
-                        "upload_part", UploadId=self.upload_id, PartNumber=number, Body=body
-                    )
-                    self.etags[number] = str(out["ETag"])
-                    stats.end(size, size)
-                    break
-                except PermissionError as e:
-                    stats.end(size, 0)
-                    raise _classify(self.name, f"upload part {number}", e) from None
-                except Exception as e:
-                    stats.end(size, 0)
-                    last = e
-            else:
-                raise WriteError(
-                    f"{self.name}: uploading part {number} failed after "
-                    f"{self.limits.retries + 1} attempts: {last}",
-                    filename=self.name,
-                )
+            _upload_part(self, number, memoryview(buf)[:size])
         except BaseException as e:
             if self._error is None:
                 self._error = e
@@ -700,6 +673,78 @@ class _PartUploader:
         if self.upload_id is not None:
             with contextlib.suppress(Exception):
                 self._call("abort_multipart_upload", UploadId=self.upload_id)
+
+
+class _GaveUp(Exception):
+    """A request failed on every attempt; ``last`` is its last error."""
+
+    def __init__(self, last: Exception) -> None:
+        super().__init__(str(last))
+        self.last = last
+
+
+def _retried(
+    limits: RemoteLimits,
+    stats: RemoteStats,
+    nbytes: int,
+    request: Callable[[], Any],
+    *,
+    refused: Callable[[PermissionError], BaseException],
+    final: Callable[[Exception], BaseException | None] = lambda e: None,
+) -> Any:
+    """``request()``, moving ``nbytes``, counted in ``stats`` and tried up to
+    ``limits.retries`` more times with backoff. A refused permission raises
+    ``refused(e)`` at once, and so does any error for which ``final`` gives an exception;
+    after the last attempt, :class:`_GaveUp`."""
+    last: Exception | None = None
+    for attempt in range(limits.retries + 1):
+        if attempt:
+            stats.retries += 1
+            time.sleep(min(2.0, 0.05 * 2**attempt))
+        stats.begin(nbytes)
+        try:
+            out = request()
+        except PermissionError as e:
+            stats.end(nbytes, 0)
+            raise refused(e) from None
+        except Exception as e:
+            stats.end(nbytes, 0)
+            stop = final(e)
+            if stop is not None:
+                raise stop from None
+            last = e
+            continue
+        stats.end(nbytes, nbytes)
+        return out
+    raise _GaveUp(last or OSError("no attempt was made"))
+
+
+def _upload_part(up: Any, number: int, data: memoryview) -> None:
+    """Upload ``data`` as part ``number`` of ``up``'s multipart upload (an object with
+    ``_call``, ``upload_id``, ``etags``, ``limits`` and ``name``), sent from its buffer
+    as a seekable file, with retries; its ETag lands in ``up.etags``."""
+    body = _PartBody(data)
+    number_of = f"upload part {number}"
+
+    def send() -> Any:
+        body.seek(0)
+        return up._call("upload_part", UploadId=up.upload_id, PartNumber=number, Body=body)
+
+    try:
+        out = _retried(
+            up.limits,
+            up.limits.upload_stats,
+            len(data),
+            send,
+            refused=lambda e: _classify(up.name, number_of, e),
+        )
+    except _GaveUp as e:
+        raise WriteError(
+            f"{up.name}: uploading part {number} failed after "
+            f"{up.limits.retries + 1} attempts: {e.last}",
+            filename=up.name,
+        ) from None
+    up.etags[number] = str(out["ETag"])
 
 
 COPY_PART_BYTES = 64 * MIB
@@ -800,36 +845,26 @@ class _CopyUpload:
         if version:
             source["VersionId"] = version
         what = f"copy part {number} (bytes {run.start}-{run.stop - 1} of {src.name})"
-        stats = self.limits.copy_stats
-        last: BaseException | None = None
-        for attempt in range(self.limits.retries + 1):
-            if attempt:
-                stats.retries += 1
-                time.sleep(min(2.0, 0.05 * 2**attempt))
-            stats.begin(run.nbytes)
-            try:
-                out = self._call(
+        try:
+            out = _retried(
+                self.limits,
+                self.limits.copy_stats,
+                run.nbytes,
+                lambda: self._call(
                     "upload_part_copy",
                     UploadId=self.upload_id,
                     PartNumber=number,
                     CopySource=source,
                     CopySourceRange=f"bytes={run.start}-{run.stop - 1}",
-                )
-            except PermissionError as e:
-                stats.end(run.nbytes, 0)
-                raise _classify(self.name, what, e) from None
-            except Exception as e:
-                stats.end(run.nbytes, 0)
-                if _not_implemented(e):
-                    raise _NoServerCopy("not implemented") from None
-                last = e
-                continue
-            stats.end(run.nbytes, run.nbytes)
-            self.etags[number] = str(out["CopyPartResult"]["ETag"])
-            return
-        if first:
-            raise _NoServerCopy(f"failed: {type(last).__name__}")
-        raise _classify(self.name, what, last or OSError(what), attempts=self.limits.retries + 1)
+                ),
+                refused=lambda e: _classify(self.name, what, e),
+                final=lambda e: _NoServerCopy("not implemented") if _not_implemented(e) else None,
+            )
+        except _GaveUp as e:
+            if first:
+                raise _NoServerCopy(f"failed: {type(e.last).__name__}") from None
+            raise _classify(self.name, what, e.last, attempts=self.limits.retries + 1) from None
+        self.etags[number] = str(out["CopyPartResult"]["ETag"])
 
     def _send(
         self, number: int, part: SendPart, header: bytes, sources: Sequence[RemoteFile]
@@ -843,34 +878,7 @@ class _CopyUpload:
                 src = sources[r.source]
                 read_exact(src, [view[pos : pos + r.nbytes]], r.start, src.name)
                 pos += r.nbytes
-            body = _PartBody(view)
-            stats = self.limits.upload_stats
-            last: BaseException | None = None
-            for attempt in range(self.limits.retries + 1):
-                if attempt:
-                    stats.retries += 1
-                    time.sleep(min(2.0, 0.05 * 2**attempt))
-                stats.begin(part.nbytes)
-                try:
-                    body.seek(0)
-                    out = self._call(
-                        "upload_part", UploadId=self.upload_id, PartNumber=number, Body=body
-                    )
-                except PermissionError as e:
-                    stats.end(part.nbytes, 0)
-                    raise _classify(self.name, f"upload part {number}", e) from None
-                except Exception as e:
-                    stats.end(part.nbytes, 0)
-                    last = e
-                    continue
-                stats.end(part.nbytes, part.nbytes)
-                self.etags[number] = str(out["ETag"])
-                return
-            raise WriteError(
-                f"{self.name}: uploading part {number} failed after "
-                f"{self.limits.retries + 1} attempts: {last}",
-                filename=self.name,
-            )
+            _upload_part(self, number, view)
         finally:
             self.limits.give_part(buf)
 
