@@ -247,9 +247,6 @@ def split(
         result.copied, result.skipped = side.copied, side.skipped
         result.notes += tx.recovered[recovered_at:]  # what writing the shards found
         result.notes += side.notes
-        index_meta: dict[str, Any] = {}
-        if ckpt.index is not None:
-            index_meta.update({k: v for k, v in ckpt.index.metadata.items() if k != "total_size"})
         tx.commit(
             finals=describe_checkpoint(
                 out,
@@ -260,7 +257,7 @@ def split(
                 cap=plan.cap,
                 source=record,
                 fingerprint=fp,
-                index_metadata=index_meta,
+                index_metadata=None if ckpt.index is None else ckpt.index.metadata,
             )
         )
     return result

@@ -374,9 +374,6 @@ def _write_rank(
         )
         res.copied, res.skipped = side.copied, side.skipped
         res.notes += side.notes
-        index_meta: dict[str, Any] = {}
-        if ckpt.index is not None:
-            index_meta.update({k: v for k, v in ckpt.index.metadata.items() if k != "total_size"})
         tx.commit(
             finals=describe_checkpoint(
                 folder,
@@ -387,6 +384,6 @@ def _write_rank(
                 cap=plan.cap,
                 source=None,
                 fingerprint=fp,
-                index_metadata=index_meta,
+                index_metadata=None if ckpt.index is None else ckpt.index.metadata,
             )
         )

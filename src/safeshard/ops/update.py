@@ -657,9 +657,6 @@ def _write(
         records[f] = FileRecord(old.size, header_digest(head), {n: hashes[n] for n in s.names}, sha)
     with_sha256(records, written)
     result.files = _describe(finals, headers, planner, None, records)
-    index_meta: dict[str, Any] = {}
-    if new.index is not None:
-        index_meta.update({k: v for k, v in new.index.metadata.items() if k != "total_size"})
     tx.commit(
         moves,
         result.removed,
@@ -672,7 +669,7 @@ def _write(
             cap=result.cap,
             source=record,
             fingerprint=fp,
-            index_metadata=index_meta,
+            index_metadata=None if new.index is None else new.index.metadata,
         ),
     )
 

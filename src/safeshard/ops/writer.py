@@ -397,7 +397,9 @@ def describe_checkpoint(
     index_metadata: Mapping[str, Any] | None = None,
 ) -> dict[str, bytes | None]:
     """The manifest and index of a finished checkpoint, in the order they are written
-    (index last; None: a single file has no index). ``records[name]`` is each file's."""
+    (index last; None: a single file has no index). ``records[name]`` is each file's;
+    ``index_metadata`` (a source index's ``metadata``) is carried into the index, with
+    its ``total_size`` made the new one's."""
     manifest = Manifest(
         base=base,
         cap=cap,
@@ -414,7 +416,7 @@ def describe_checkpoint(
     )
     index: bytes | None = None
     if len(names) > 1:
-        meta = dict(index_metadata or {})
+        meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
         meta["total_size"] = sum(t.nbytes for tensors in shards for t in tensors)
         weight_map = {t.name: n for n, tensors in zip(names, shards, strict=True) for t in tensors}
         index = index_json(weight_map, meta)
