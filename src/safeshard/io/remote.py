@@ -46,6 +46,7 @@ from safeshard.errors import (
 )
 from safeshard.format.filenames import JOURNAL_NAME, LOCK_NAME, TMP_PREFIX, temp_name
 from safeshard.format.manifest import header_digest
+from safeshard.futures import settle, wait_all
 from safeshard.io.bytesrc import ByteSource, Extent, Sink, copy_source, read_exact
 from safeshard.io.copier import Hashes, digest_file, hash_source
 from safeshard.io.journal import FileRecord, Journal, commit_plan, removal_order
@@ -292,15 +293,9 @@ class RemoteFile(ByteSource):
                     slots.release()
                     raise
                 futures[-1].add_done_callback(lambda _: slots.release())
-            for f in futures:
-                f.result()
+            wait_all(futures)  # on an error, running GETs finish before their buffers go
         except BaseException:
-            for f in futures:
-                f.cancel()
-            for f in futures:  # let running GETs finish before their buffers go away
-                if not f.cancelled():
-                    with contextlib.suppress(BaseException):
-                        f.result()
+            settle(futures)  # the futures submitted before an interrupted submit
             raise
         return end - offset
 
@@ -812,15 +807,9 @@ class _CopyUpload:
                     raise
                 fut.add_done_callback(lambda _: slots.release())
                 futures.append(fut)
-            for f in futures:
-                f.result()
+            wait_all(futures)
         except BaseException:
-            for f in futures:
-                f.cancel()
-            for f in futures:
-                if not f.cancelled():
-                    with contextlib.suppress(BaseException):
-                        f.result()
+            settle(futures)  # the futures submitted before an interrupted submit
             raise
         self._call(
             "complete_multipart_upload",

@@ -43,6 +43,7 @@ from typing import Any
 
 from safeshard.errors import UsageError, read_error
 from safeshard.format.header import TensorInfo
+from safeshard.futures import settle
 from safeshard.io.bytesrc import Extent
 from safeshard.runtime.readers import ShardFiles, TorchBackend, check_dtype, plan_jobs, run_all
 
@@ -243,12 +244,7 @@ class MappedShards:
                 for f in futures:
                     f.result()
             finally:
-                for f in futures:
-                    f.cancel()
-                for f in futures:
-                    if not f.cancelled():
-                        with contextlib.suppress(BaseException):
-                            f.result()
+                settle(futures)
         with self._lock:
             self.bytes_populated += total
         return total

@@ -30,7 +30,6 @@ while the worker reads the next one; without CUDA it raises :class:`DeviceError`
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import sys
@@ -50,6 +49,7 @@ from safeshard.errors import (
     UsageError,
 )
 from safeshard.format.header import TensorInfo
+from safeshard.futures import wait_all
 from safeshard.io.bytesrc import IOV_MAX, ByteSource, Extent, read_exact
 from safeshard.io.ranges import coalesce
 from safeshard.io.store import open_source
@@ -406,16 +406,7 @@ def run_all(
     ex = pool or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="safeshard-read")
     futures = [ex.submit(fn, j) for j in jobs]
     try:
-        for f in futures:
-            f.result()
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        for f in futures:  # let running reads finish before their buffers go away
-            if not f.cancelled():
-                with contextlib.suppress(BaseException):
-                    f.result()
-        raise
+        wait_all(futures)  # on an error, running reads finish before their buffers go
     finally:
         if own:
             ex.shutdown(wait=True)
