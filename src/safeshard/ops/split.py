@@ -62,7 +62,6 @@ from safeshard.io.store import (
 )
 from safeshard.io.transaction import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
-from safeshard.ops.sidecar import copy_sidecars
 from safeshard.ops.tpsplit import split_tp
 from safeshard.ops.writer import (
     CHECKPOINT_SUFFIXES,
@@ -70,8 +69,8 @@ from safeshard.ops.writer import (
     SplitResult,
     Written,
     check_base,
-    describe_checkpoint,
     fingerprint,
+    finish_split,
     intact,
     open_sources,
     output_names,
@@ -237,29 +236,12 @@ def split(
             shard_file(n, s, done[n].sha256, "kept" if n in kept else "written")
             for n, s in zip(names, plan.shards, strict=True)
         ]
-        side = copy_sidecars(
-            ckpt.folder,
-            tx,
-            base=base,
-            only_known=Path(src).name.endswith(".safetensors"),
-            open_file=ckpt.place.open,
+        result.notes += tx.recovered[recovered_at:]  # what writing the shards found
+        side = finish_split(
+            tx, ckpt, src, out, base, names, plan, done, source=record, fingerprint=fp
         )
         result.copied, result.skipped = side.copied, side.skipped
-        result.notes += tx.recovered[recovered_at:]  # what writing the shards found
         result.notes += side.notes
-        tx.commit(
-            finals=describe_checkpoint(
-                out,
-                base,
-                names,
-                [s.tensors for s in plan.shards],
-                done,
-                cap=plan.cap,
-                source=record,
-                fingerprint=fp,
-                index_metadata=None if ckpt.index is None else ckpt.index.metadata,
-            )
-        )
     return result
 
 

@@ -40,15 +40,14 @@ from safeshard.io.store import as_path, local_path, output_folder, same_folder
 from safeshard.io.transaction import FileRecord, StepHook, prepare_folder
 from safeshard.ops.merge import manifest_of, merge_layout
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
-from safeshard.ops.sidecar import copy_sidecars
 from safeshard.ops.tpmerge import TpRecord, TpTensor
 from safeshard.ops.writer import (
     CHECKPOINT_SUFFIXES,
     SplitResult,
     Written,
     check_base,
-    describe_checkpoint,
     fingerprint,
+    finish_split,
     open_sources,
     output_names,
     shard_file,
@@ -365,25 +364,8 @@ def _write_rank(
             shard_file(n, s, done[n].sha256, "written")
             for n, s in zip(names, plan.shards, strict=True)
         ]
-        side = copy_sidecars(
-            ckpt.folder,
-            tx,
-            base=base,
-            only_known=Path(src).name.endswith(".safetensors"),
-            open_file=ckpt.place.open,
+        side = finish_split(
+            tx, ckpt, src, folder, base, names, plan, done, source=None, fingerprint=fp
         )
         res.copied, res.skipped = side.copied, side.skipped
         res.notes += side.notes
-        tx.commit(
-            finals=describe_checkpoint(
-                folder,
-                base,
-                names,
-                [s.tensors for s in plan.shards],
-                done,
-                cap=plan.cap,
-                source=None,
-                fingerprint=fp,
-                index_metadata=None if ckpt.index is None else ckpt.index.metadata,
-            )
-        )

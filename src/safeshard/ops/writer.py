@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +48,7 @@ from safeshard.io.copier import (
 )
 from safeshard.io.transaction import FileRecord, OutputStore
 from safeshard.ops.plan import Plan, ShardPlan
+from safeshard.ops.sidecar import SidecarResult, copy_sidecars
 from safeshard.redact import redact_url
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "check_base",
     "describe_checkpoint",
     "fingerprint",
+    "finish_split",
     "intact",
     "open_sources",
     "output_names",
@@ -424,6 +427,46 @@ def describe_checkpoint(
         manifest_path(out, base).name: manifest.to_json(),
         f"{base}{INDEX_SUFFIX}": index,
     }
+
+
+def finish_split(
+    tx: OutputStore,
+    ckpt: Checkpoint,
+    src: str | os.PathLike[str],
+    out: Path,
+    base: str,
+    names: Sequence[str],
+    plan: Plan,
+    records: Mapping[str, FileRecord],
+    *,
+    source: SourceRecord | None,
+    fingerprint: str | None,
+) -> SidecarResult:
+    """Finish a split whose shards ``names`` (of ``plan``) are written: copy ``ckpt``'s
+    sidecar files (only the known ones when ``src`` named a single file), then commit the
+    manifest and the index (:func:`describe_checkpoint`, the source index's metadata
+    carried over). Returns what the sidecar copy did."""
+    side = copy_sidecars(
+        ckpt.folder,
+        tx,
+        base=base,
+        only_known=Path(src).name.endswith(".safetensors"),
+        open_file=ckpt.place.open,
+    )
+    tx.commit(
+        finals=describe_checkpoint(
+            out,
+            base,
+            names,
+            [s.tensors for s in plan.shards],
+            records,
+            cap=plan.cap,
+            source=source,
+            fingerprint=fingerprint,
+            index_metadata=None if ckpt.index is None else ckpt.index.metadata,
+        )
+    )
+    return side
 
 
 def _same_tensors(header_tensors: Any, ckpt: Checkpoint) -> str | None:
