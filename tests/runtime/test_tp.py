@@ -358,6 +358,57 @@ def test_strided_slices_copied_from_the_mapping_equal_narrowed_full_tensors(
     assert strided >= 4 * ws
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_local_reads_without_readahead_and_strided_spans_prefetched_in_steps(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every local shard gets POSIX_FADV_RANDOM before anything is prefetched (no 8 MiB
+    readahead past each slice), and the span of each strided slice, first to last byte,
+    is asked for with POSIX_FADV_WILLNEED in steps of at most PREFETCH_STEP (the kernel
+    drops what one call asks beyond its readahead maximum)."""
+    from safeshard.runtime import tpread
+
+    folder = models["phi3"]
+    plan = {"layers.*.self_attn.o_proj": "rowwise", "layers.*.mlp.down_proj": "rowwise"}
+    calls: list[tuple[int, int, int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((fd, offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(tpread, "PREFETCH_STEP", 4096)
+    out = safeshard.load(folder, tp_plan=plan, rank=1, world_size=4)
+    ckpt = safeshard.open_checkpoint(folder)
+    rp = RankPlan.build(
+        plan, 1, 4, folder=folder, tensors={n: e.info for n, e in ckpt.entries.items()}
+    )
+    randomized = [c[0] for c in calls if c[3] == os.POSIX_FADV_RANDOM]
+    assert len(randomized) == len(set(randomized)) == len(ckpt.headers)
+    first_willneed = next(i for i, c in enumerate(calls) if c[3] == os.POSIX_FADV_WILLNEED)
+    assert all(c[3] == os.POSIX_FADV_RANDOM for c in calls[:first_willneed][-len(randomized) :])
+    asked = sorted((c[1], c[1] + c[2]) for c in calls if c[3] == os.POSIX_FADV_WILLNEED)
+    assert all(b - a <= 4096 for a, b in asked)
+    spans = []
+    for name, e in ckpt.entries.items():
+        sl = rp.slice_of(e.info)
+        if sl.dim is None or sl.dim == 0 or sl.whole:
+            continue
+        h = ckpt.headers[e.shard]
+        ranges = byte_ranges(sl)
+        base = h.data_start + e.info.begin
+        spans.append((base + ranges[0][0], base + ranges[-1][0] + ranges[-1][1]))
+        assert out[name].shape == tuple(sl.shape)
+    assert len(spans) >= 4
+    # the steps tile each span exactly: consecutive, no gaps, no overlap
+    for lo, hi in spans:
+        steps = [(a, b) for a, b in asked if lo <= a < hi]
+        assert steps[0][0] == lo and steps[-1][1] == hi
+        assert all(x[1] == y[0] for x, y in itertools.pairwise(steps))
+    assert sum(b - a for a, b in asked) == sum(hi - lo for lo, hi in spans)
+
+
 def test_numpy_and_rchar(models: dict[str, Path]) -> None:
     """The process's own read counter (/proc/self/io rchar) agrees with the stats."""
     io = Path("/proc/self/io")
