@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,36 @@ def test_an_existing_output_needs_force(models: dict[str, Path], tmp_path: Path)
     assert not (out / "rank-00000-of-00002" / "model.safetensors").exists()
 
 
+def test_force_with_another_world_size_removes_the_old_rank_folders(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Rank folders of an earlier split with another world size need --force, which
+    empties them (weights, index, manifest, copied sidecars) and removes them; a file
+    safeshard did not write stays, with its folder."""
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=4, max_shard_size="60KB")
+    (out / "tp.json").unlink()  # even without the old record
+    (out / "rank-00003-of-00004" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"rank-00000-of-00004/"):
+        safeshard.split(models["llama"], out, tp=2)
+    assert len(list(out.iterdir())) == 4
+    res = safeshard.split(models["llama"], out, tp=2, force=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "rank-00000-of-00002",
+        "rank-00001-of-00002",
+        "rank-00003-of-00004",
+        "tp.json",
+    ]
+    assert [p.name for p in (out / "rank-00003-of-00004").iterdir()] == ["notes.txt"]
+    assert "rank-00000-of-00004/model.safetensors.index.json" in res.removed
+    assert "rank-00002-of-00004/config.json" in res.removed
+    rep = safeshard.verify(out)
+    assert rep.codes == {"tp-stray-rank"}  # the folder kept for the user's file
+    (out / "rank-00003-of-00004" / "notes.txt").unlink()
+    (out / "rank-00003-of-00004").rmdir()
+    assert safeshard.verify(out).ok
+
+
 def test_a_bad_record_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "tp"
     safeshard.split(models["llama"], out, tp=2)
@@ -211,6 +242,57 @@ def test_a_bad_record_is_refused(models: dict[str, Path], tmp_path: Path) -> Non
     (out / "tp.json").write_text(json.dumps(rec))
     with pytest.raises(IndexFormatError):
         safeshard.merge(out, tmp_path / "m.safetensors")
+
+
+def test_verify_checks_tp_json_and_every_rank_folder(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """verify on a split --tp folder checks each rank folder (findings named
+    rank-.../FILE), that each holds the slices tp.json records, and that no other rank
+    folder lies beside them."""
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB")
+    rep = safeshard.verify(out)
+    assert rep.ok, rep.findings
+    assert rep.ranks == 2 and "tensor-parallel" in rep.checks and "manifest" in rep.checks
+    one = safeshard.verify(out / "rank-00000-of-00002")
+    assert rep.tensors == one.tensors and rep.shards > one.shards
+    assert rep.bytes_verified > one.bytes_verified
+
+    got = CliRunner().invoke(main, ["verify", str(out)])
+    assert got.exit_code == 0 and "2 tensor-parallel rank folders" in got.output, got.output
+    with pytest.raises(safeshard.UsageError, match="merge it first"):
+        safeshard.verify(out, against=models["llama"])
+
+    # a changed byte in rank 1: the rank's manifest check names the file
+    shard = sorted((out / "rank-00001-of-00002").glob("model-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    rep = safeshard.verify(out)
+    assert rep.codes == {"manifest-tensor-hash"}
+    assert {f.file for f in rep.findings} == {f"rank-00001-of-00002/{shard.name}"}
+
+    # a stray rank folder of another world size, and a record of other slices
+    safeshard.split(models["llama"], tmp_path / "tp4", tp=4)
+    (tmp_path / "tp4" / "rank-00003-of-00004").rename(out / "rank-00003-of-00004")
+    rec = json.loads((out / "tp.json").read_text())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    rec["tensors"][q]["slices"] = [[[0, 8]], [[8, rec["tensors"][q]["shape"][0]]]]
+    (out / "tp.json").write_text(json.dumps(rec))
+    rep = safeshard.verify(out)
+    assert {"tp-stray-rank", "tp-rank-tensors"} <= rep.codes
+    assert [f.file for f in rep.by_code("tp-stray-rank")] == ["rank-00003-of-00004"]
+    assert {f.tensor for f in rep.by_code("tp-rank-tensors")} == {q}
+
+    # a missing rank folder; an unreadable record
+    shutil.rmtree(out / "rank-00000-of-00002")
+    assert "tp-rank-missing" in safeshard.verify(out).codes
+    (out / "tp.json").write_text("{not json")
+    rep = safeshard.verify(out)
+    assert rep.codes == {"tp-record"} and rep.ranks == 0
+    got = CliRunner().invoke(main, ["verify", str(out), "--json"])
+    assert got.exit_code == 1 and json.loads(got.stdout)["findings"][0]["code"] == "tp-record"
 
 
 def test_cli_split_tp_json_and_merge(models: dict[str, Path], tmp_path: Path) -> None:

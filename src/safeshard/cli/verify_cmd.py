@@ -65,7 +65,8 @@ def verify_cmd(
 ) -> None:
     """Check shards, index, manifest hashes and GPTQ tensors; report every problem.
 
-    PATH is a .safetensors file, a model folder, or a *.safetensors.index.json.
+    PATH is a .safetensors file, a model folder, or a *.safetensors.index.json; or the
+    output folder of split --tp, whose tp.json and every rank folder are checked.
     Exit code 0 when clean, 1 with findings, 2 on a usage error, 3 when PATH is not a
     checkpoint, 4 on an I/O error.
     """
@@ -94,8 +95,9 @@ def render(report: VerifyReport) -> None:
             what = f"{report.bytes_verified:,} bytes verified"
         else:
             what = "headers verified; no manifest and no --against, so no tensor bytes were read"
+        ranks = f"{report.ranks} tensor-parallel rank folders, " if report.ranks else ""
         say(
-            f"OK: {report.shards} shard{'s' if report.shards != 1 else ''}, "
+            f"OK: {ranks}{report.shards} shard{'s' if report.shards != 1 else ''}, "
             f"{report.tensors} tensors, {what} ({format_size(report.total_size)}; "
             f"checks: {checks})"
         )

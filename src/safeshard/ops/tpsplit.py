@@ -20,6 +20,7 @@ one last (:mod:`safeshard.ops.tpmerge`), so a folder with ``tp.json`` is complet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from typing import Any
 
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint
 from safeshard.errors import OutputExistsError, TensorParallelError, UsageError
-from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX, TP_RECORD_NAME
+from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX, RANK_RE, TP_RECORD_NAME
 from safeshard.format.filenames import rank_folder_name as rank_folder
 from safeshard.format.header import DTYPE_BITS, TensorSpec, build_header
 from safeshard.format.manifest import manifest_path
@@ -254,8 +255,10 @@ def split_tp(
     ) as top:
         result.notes += top.recovered
         existing = top.checkpoint_files((*CHECKPOINT_SUFFIXES, TP_RECORD_NAME))
-        if existing and not force:
-            listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+        stale = _other_rank_folders(out, tp)
+        if (existing or stale) and not force:
+            found = existing + [f"{n}/" for n in stale]
+            listed = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
             raise OutputExistsError(
                 f"{out}: already holds a checkpoint ({listed}); pass --force to replace it"
             )
@@ -280,9 +283,45 @@ def split_tp(
                 )
         result.files = _all_files(ranks, tp)
         result.copied = sorted({c for r in ranks for c in r.copied})
+        for name in stale:  # after the new ranks: the old ones go before tp.json is written
+            result.removed += _empty_rank_folder(
+                out / name, result.copied, on_step, storage_options, break_lock
+            )
         result.notes += [f"rank {r}: {n}" for r, res in enumerate(ranks) for n in res.notes]
         top.commit(finals={TP_RECORD_NAME: record.to_json()})
     return result
+
+
+def _other_rank_folders(out: Any, tp: int) -> list[str]:
+    """Folders of ``out`` named like rank folders but not of world size ``tp``: left by an
+    earlier ``split --tp`` with another world size."""
+    try:
+        found = [p.name for p in out.iterdir() if RANK_RE.match(p.name) and p.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ours = {rank_folder(r, tp) for r in range(tp)}
+    return sorted(n for n in found if n not in ours)
+
+
+def _empty_rank_folder(
+    folder: Any,
+    sidecars: Sequence[str],
+    on_step: StepHook | None,
+    storage_options: Mapping[str, Any] | None,
+    break_lock: bool,
+) -> list[str]:
+    """Remove what a rank folder of an earlier split holds (its weights, index, manifest
+    and the sidecar files a split copies), then the folder if that left it empty; the
+    names removed, as ``FOLDER/FILE``. Other files are left where they are."""
+    with output_folder(
+        folder, on_step=on_step, storage_options=storage_options, break_lock=break_lock
+    ) as tx:
+        gone = tx.remove([*tx.checkpoint_files(CHECKPOINT_SUFFIXES), *sidecars])
+    local = local_path(folder)
+    if local is not None:
+        with contextlib.suppress(OSError):
+            local.rmdir()  # only when empty
+    return [f"{folder.name}/{n}" for n in gone]
 
 
 def _ordered(

@@ -66,6 +66,7 @@ from safeshard.checkpoint import (
     quant_configs,
     read_header,
     read_index,
+    read_json_file,
     read_manifest,
 )
 from safeshard.errors import (
@@ -77,13 +78,14 @@ from safeshard.errors import (
     UsageError,
 )
 from safeshard.format import quant
-from safeshard.format.filenames import SHARD_RE
+from safeshard.format.filenames import RANK_RE, SHARD_RE, TP_RECORD_NAME
 from safeshard.format.header import Header, TensorInfo, build_header
 from safeshard.format.index import ShardIndex, check_shard_name
 from safeshard.format.manifest import Manifest, ShardRecord, header_digest, manifest_path
 from safeshard.io.localfs import stale_temporaries
 from safeshard.io.scan import FileResult, FileTask, Range, scan
 from safeshard.io.store import as_path, translate_errors
+from safeshard.ops.tpmerge import TpRecord
 from safeshard.redact import redact_url
 from safeshard.sizes import format_size, parse_size
 
@@ -119,6 +121,10 @@ CODES: dict[str, str] = {
     "against-shape": "a tensor's shape differs from the source's",
     "against-bytes": "a tensor's bytes differ from the source's",
     "against-metadata": "a file's __metadata__ differs from the source's",
+    "tp-record": "tp.json (a split --tp folder's record) is unreadable or not one safeshard wrote",
+    "tp-rank-missing": "a rank folder that tp.json lists does not exist",
+    "tp-rank-tensors": "a rank folder's tensors differ from the slices tp.json records",
+    "tp-stray-rank": "a rank folder tp.json does not list (left by a split of another world size)",
 }
 """Every finding code, with what it means. Codes are stable: scripts may match on them."""
 
@@ -176,6 +182,8 @@ class VerifyReport:
     """Files whose header and tensor digests were checked against the manifest."""
     compared_files: int = 0
     """Files with a manifest whose SHA-256 was left out: every byte was compared instead."""
+    ranks: int = 0
+    """Rank folders of a ``split --tp`` output checked (0: not such a folder)."""
 
     @property
     def ok(self) -> bool:
@@ -202,6 +210,7 @@ class VerifyReport:
             "hashed_files": self.hashed_files,
             "compared_files": self.compared_files,
             "digested_files": self.digested_files,
+            "ranks": self.ranks,
             "findings": [f.to_json() for f in self.findings],
         }
 
@@ -1123,6 +1132,22 @@ def verify(
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     cap = None if max_shard_size is None else parse_size(max_shard_size)
+    tp_folder = _tp_folder(path, storage_options)
+    if tp_folder is not None:
+        if against is not None:
+            raise UsageError(
+                f"{redact_url(path)}: a tensor-parallel split (tp.json) cannot be compared "
+                "with --against; merge it first (safeshard merge) and verify the merged file"
+            )
+        return verify_tp(
+            tp_folder,
+            max_shard_size=max_shard_size,
+            deep=deep,
+            hash_files=hash_files,
+            workers=workers,
+            progress=progress,
+            storage_options=storage_options,
+        )
     src = as_path(against, storage_options) if against is not None else None
     if src is not None and not src.exists():
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
@@ -1169,3 +1194,137 @@ def verify(
         compared_files=plan.compared_files,
         digested_files=len(plan.digested_files),
     )
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+
+def _tp_folder(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Any:
+    """``path`` as a folder if it is the output of ``split --tp`` (a ``tp.json`` and no
+    weight file or index of its own), else None."""
+    folder = as_path(path, storage_options)
+    try:
+        if not folder.is_dir() or not (folder / TP_RECORD_NAME).is_file():
+            return None
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return None
+    return None if any(".safetensors" in n for n in names) else folder
+
+
+def verify_tp(
+    folder: Any,
+    *,
+    max_shard_size: int | str | None,
+    deep: bool,
+    hash_files: bool,
+    workers: int | None,
+    progress: ProgressFactory | None,
+    storage_options: Mapping[str, Any] | None,
+) -> VerifyReport:
+    """Verify a ``split --tp`` folder: ``tp.json`` is readable, every rank folder it lists
+    exists, is a sound checkpoint (:func:`verify` on each, their findings named
+    ``rank-0000r-of-0000N/FILE``) and holds exactly the recorded slices (names, dtypes,
+    shapes), and no other rank folder lies beside them. The counts add up the ranks'."""
+    report = VerifyReport(path=redact_url(folder), checks=["tensor-parallel"])
+    where = f"{redact_url(folder)}/{TP_RECORD_NAME}"
+    obj = read_json_file(folder / TP_RECORD_NAME)
+    try:
+        if obj is None:
+            raise IndexFormatError(f"{where}: not a readable JSON object")
+        record = TpRecord.parse(obj, where)
+    except IndexFormatError as e:
+        report.findings.append(
+            Finding("tp-record", TP_RECORD_NAME, None, f"{e}; rerun split --tp with --force")
+        )
+        return report
+    listed = set(record.ranks)
+    for rank, name in enumerate(record.ranks):
+        rank_dir = folder / name
+        if not rank_dir.is_dir():
+            report.findings.append(
+                Finding(
+                    "tp-rank-missing",
+                    name,
+                    None,
+                    f"{where} lists rank {rank} of {record.world_size} in {name}/, which does "
+                    "not exist; rerun split --tp with --force",
+                )
+            )
+            continue
+        sub = verify(
+            rank_dir,
+            max_shard_size=max_shard_size,
+            deep=deep,
+            hash_files=hash_files,
+            workers=workers,
+            progress=progress,
+            storage_options=storage_options,
+        )
+        report.findings += [
+            Finding(f.code, f"{name}/{f.file}" if f.file else name, f.tensor, f.message)
+            for f in sub.findings
+        ]
+        report.findings += _rank_tensors(rank_dir, name, rank, record, where, storage_options)
+        report.shards += sub.shards
+        report.tensors = max(report.tensors, sub.tensors)
+        report.total_size += sub.total_size
+        report.bytes_read += sub.bytes_read
+        report.bytes_verified += sub.bytes_verified
+        report.hashed_files += sub.hashed_files
+        report.compared_files += sub.compared_files
+        report.digested_files += sub.digested_files
+        report.checks += [c for c in sub.checks if c not in report.checks]
+        report.ranks += 1
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if RANK_RE.match(p.name) and p.name not in listed and p.is_dir():
+            report.findings.append(
+                Finding(
+                    "tp-stray-rank",
+                    p.name,
+                    None,
+                    f"{p.name}/ is not one of the {record.world_size} rank folders {where} "
+                    "lists (a split with another world size left it); remove it",
+                )
+            )
+    return report
+
+
+def _rank_tensors(
+    rank_dir: Any,
+    name: str,
+    rank: int,
+    record: TpRecord,
+    where: str,
+    storage_options: Mapping[str, Any] | None,
+) -> list[Finding]:
+    """Findings where the rank folder's tensors are not the slices ``record`` gives it."""
+    try:
+        entries = open_checkpoint(rank_dir, storage_options=storage_options).entries
+    except SafeshardError:
+        return []  # verify of the rank folder has said why
+    out: list[Finding] = []
+    for t in sorted(set(record.tensors) - set(entries)):
+        out.append(
+            Finding(
+                "tp-rank-tensors",
+                name,
+                t,
+                f"{where} records a slice on rank {rank}; the rank folder has no such tensor",
+            )
+        )
+    for t in sorted(set(entries) - set(record.tensors)):
+        out.append(Finding("tp-rank-tensors", name, t, f"not in {where}"))
+    for t, rt in record.tensors.items():
+        e = entries.get(t)
+        if e is not None and (e.info.dtype, e.info.shape) != (rt.dtype, rt.rank_shape(rank)):
+            out.append(
+                Finding(
+                    "tp-rank-tensors",
+                    name,
+                    t,
+                    f"is {e.info.dtype} {list(e.info.shape)}, not the {rt.dtype} "
+                    f"{list(rt.rank_shape(rank))} {where} records for rank {rank}",
+                )
+            )
+    return out
