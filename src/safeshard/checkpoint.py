@@ -30,7 +30,13 @@ from safeshard.errors import (
     ShardMismatchError,
     read_error,
 )
-from safeshard.format.filenames import ANY_INDEX_SUFFIX, INDEX_SUFFIX, SHARD_RE
+from safeshard.format.filenames import (
+    ANY_INDEX_SUFFIX,
+    INDEX_SUFFIX,
+    RANK_RE,
+    SHARD_RE,
+    TP_RECORD_NAME,
+)
 from safeshard.format.header import Header, TensorInfo
 from safeshard.format.index import ShardIndex, index_base, parse_index_bytes
 from safeshard.format.manifest import Manifest, manifest_path
@@ -255,6 +261,15 @@ def _find_in_folder(folder: Path, place: Place) -> Found:
             f"{', ...' if len(orphans) > 3 else ''}); the *.safetensors.index.json that lists "
             "them is missing, so which tensors they hold cannot be trusted. Pass one shard "
             "file to read it alone"
+        )
+    if not candidates and (folder / TP_RECORD_NAME).is_file():
+        ranks = sorted(p.name for p in folder.iterdir() if RANK_RE.match(p.name))
+        raise CheckpointNotFoundError(
+            f"{folder}: the output of split --tp ({TP_RECORD_NAME} and "
+            f"{len(ranks)} rank folder{'s' if len(ranks) != 1 else ''}"
+            + (f": {ranks[0]} .." if ranks else "")
+            + "), not one checkpoint: pass a rank folder, "
+            "or rebuild the whole checkpoint with safeshard merge (verify checks it as a whole)"
         )
     if not candidates:
         raise CheckpointNotFoundError(

@@ -21,7 +21,7 @@ import safeshard
 from helpers.tpkit import tiny_llama, tiny_phi3
 from safeshard import TensorParallelError
 from safeshard.cli import main
-from safeshard.errors import IndexFormatError, OutputExistsError
+from safeshard.errors import CheckpointNotFoundError, IndexFormatError, OutputExistsError
 from safeshard.ops import tpmerge
 from safeshard.ops.synth import synthesize
 from safeshard.ops.tpsplit import TpSplitResult
@@ -202,6 +202,19 @@ def test_an_existing_output_needs_force(models: dict[str, Path], tmp_path: Path)
     safeshard.split(models["llama"], out, tp=2, force=True, max_shard_size="40KB")
     assert len(list((out / "rank-00000-of-00002").glob("model-*.safetensors"))) > 1
     assert not (out / "rank-00000-of-00002" / "model.safetensors").exists()
+
+
+def test_other_commands_on_a_tp_folder_say_what_it_is(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2)
+    with pytest.raises(
+        CheckpointNotFoundError, match=r"output of split --tp .*2 rank folders: rank-00000-of"
+    ):
+        safeshard.load(out)
+    got = CliRunner().invoke(main, ["inspect", str(out)])
+    assert got.exit_code == 3 and "safeshard merge" in got.output, got.output
 
 
 def test_force_with_another_world_size_removes_the_old_rank_folders(
