@@ -190,7 +190,7 @@ def test_a_manifest_in_out_dir_is_never_read_through_a_symlink(out: Path, tmp_pa
     manifest.unlink()
     manifest.symlink_to(outside)
     # the manifest a resume or an update would trust links to a file outside OUT_DIR
-    from safeshard.ops.split import read_manifest_quiet
+    from safeshard.ops.writer import read_manifest_quiet
 
     assert read_manifest_quiet(out, "model") is None
     with pytest.raises(SafeshardError, match="not a manifest"):

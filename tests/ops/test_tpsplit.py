@@ -247,6 +247,56 @@ def test_force_with_another_world_size_removes_the_old_rank_folders(
     assert safeshard.verify(out).ok
 
 
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("at", [1, 4, 7])
+def test_an_interrupted_split_tp_is_finished_by_resume(
+    models: dict[str, Path], tmp_path: Path, at: int
+) -> None:
+    """A split --tp stopped after its ``at``-th journaled shard (rank 0's, the middle of
+    rank 1's, its last) leaves no tp.json; --resume keeps every finished shard of every
+    rank (re-hashed), writes only the rest, and the result merges to the bytes an
+    uninterrupted split --tp merges to."""
+    out = tmp_path / "tp"
+    ref = safeshard.split(models["llama"], tmp_path / "ref", tp=2, max_shard_size="60KB")
+    per_rank = [len(r.files) for r in ref.ranks]
+    assert at < sum(per_rank) and per_rank[0] >= 2
+    seen = 0
+
+    def kill(step: str) -> None:
+        nonlocal seen
+        if step.startswith("journaled:"):
+            seen += 1
+            if seen == at:
+                raise _Killed(step)
+
+    with pytest.raises(_Killed):
+        safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB", on_step=kill)
+    assert not (out / "tp.json").exists()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB")
+    res = safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB", resume=True)
+    kept = [f.file for r in res.ranks for f in r.files if f.status == "kept"]
+    written = [f.file for r in res.ranks for f in r.files if f.status == "written"]
+    assert len(kept) == at and len(written) == sum(per_rank) - at
+    assert safeshard.verify(out).ok
+    safeshard.merge(out, tmp_path / "m.safetensors")
+    safeshard.merge(tmp_path / "ref", tmp_path / "ref.safetensors")
+    merged = (tmp_path / "m.safetensors").read_bytes()
+    assert merged == (tmp_path / "ref.safetensors").read_bytes()
+    for rank in ("rank-00000-of-00002", "rank-00001-of-00002"):
+        files = sorted(p.name for p in (out / rank).glob("*.safetensors"))
+        assert files == sorted(p.name for p in (tmp_path / "ref" / rank).glob("*.safetensors"))
+        for f in files:
+            assert (out / rank / f).read_bytes() == (tmp_path / "ref" / rank / f).read_bytes()
+    again = safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB", resume=True)
+    assert all(f.status == "kept" for r in again.ranks for f in r.files)
+    with pytest.raises(safeshard.UsageError, match="pick one"):
+        safeshard.split(models["llama"], out, tp=2, resume=True, force=True)
+
+
 def test_a_bad_record_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "tp"
     safeshard.split(models["llama"], out, tp=2)

@@ -39,28 +39,26 @@ for each shard) and commit (:meth:`safeshard.io.transaction.OutputFolder.commit`
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safeshard import gcpause
-from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint, read_manifest
-from safeshard.errors import IndexFormatError, OutputExistsError, UsageError
+from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint
+from safeshard.errors import OutputExistsError, UsageError
 from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.format.manifest import manifest_path
-from safeshard.io.copier import Progress, Sha256Pool, hash_source
+from safeshard.io.copier import Progress, Sha256Pool
 from safeshard.io.localfs import require_space
 from safeshard.io.store import (
     as_path,
     local_path,
-    open_source,
     output_folder,
     same_folder,
     translate_errors,
 )
-from safeshard.io.transaction import JOURNAL_NAME, FileRecord, OutputStore, StepHook, prepare_folder
+from safeshard.io.transaction import JOURNAL_NAME, StepHook, prepare_folder
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
 from safeshard.ops.tpsplit import split_tp
 from safeshard.ops.writer import (
@@ -71,7 +69,8 @@ from safeshard.ops.writer import (
     check_base,
     fingerprint,
     finish_split,
-    intact,
+    hash_kept,
+    kept_on_resume,
     open_sources,
     output_names,
     shard_file,
@@ -132,8 +131,6 @@ def split(
     (:mod:`safeshard.ops.tpsplit`; returns a :class:`~safeshard.ops.tpsplit.TpSplitResult`).
     """
     if tp is not None:
-        if resume:
-            raise UsageError("--resume is not supported with --tp; use --force to write again")
         return split_tp(
             src,
             out_dir,
@@ -145,6 +142,7 @@ def split(
             allow_oversize=allow_oversize,
             name=name,
             dry_run=dry_run,
+            resume=resume,
             force=force,
             progress=progress,
             on_step=on_step,
@@ -203,7 +201,7 @@ def split(
         recovered_at = len(tx.recovered)
         result.notes += tx.recovered
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names)
-        kept = _resume(tx, result, names, fp, resume=resume, force=force, progress=progress)
+        kept = kept_on_resume(tx, result, names, fp, resume=resume, force=force, progress=progress)
         tx.start("split", fp, keep=kept)
         existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
         removed = tx.remove(n for n in existing if n not in kept)
@@ -228,10 +226,7 @@ def split(
                 written[fname], done[fname] = w, w.record
         with_sha256(done, written)
         if sha256:  # kept shards of a run that did not compute it
-            for n in kept:
-                if done[n].sha256 is None:
-                    with open_source(out / n) as kept_file:  # a file, or an object
-                        done[n] = replace(done[n], sha256=hash_source(kept_file))
+            hash_kept(done, kept, out)
         result.files = [
             shard_file(n, s, done[n].sha256, "kept" if n in kept else "written")
             for n, s in zip(names, plan.shards, strict=True)
@@ -251,95 +246,6 @@ def _check_not_source(out: Path, ckpt: Checkpoint) -> None:
             f"{out}: OUT_DIR is the source's own folder; write the shards to another folder "
             "(the source is never modified)"
         )
-
-
-# --------------------------------------------------------------------------- resume
-
-
-def _resume(
-    tx: OutputStore,
-    result: SplitResult,
-    names: Sequence[str],
-    fp: str,
-    *,
-    resume: bool,
-    force: bool,
-    progress: Progress | None,
-) -> dict[str, FileRecord]:
-    """Refuse a folder that holds a checkpoint unless asked; the shards ``resume`` keeps."""
-    existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
-    if existing and not (resume or force):
-        listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
-        raise OutputExistsError(
-            f"{tx.folder}: already holds a checkpoint ({listed}); pass --force to replace it or "
-            "--resume to finish an interrupted split"
-        )
-    if not resume:
-        return {}
-    vouched = tx.resumable("split", fp)
-    if not vouched:
-        vouched = _finished(tx.folder, result.base, fp, names, result.plan)
-    if not vouched and existing:
-        why = (
-            "no journal of an earlier run was found"
-            if tx.earlier_run is None and read_manifest_quiet(tx.folder, result.base) is None
-            else "the earlier run planned other shards or read a source that has changed since"
-        )
-        result.notes.append(f"resume: {why}: every shard is written")
-    return _check_kept(tx.folder, names, result.plan, vouched, progress)
-
-
-def read_manifest_quiet(folder: Path, base: str) -> object | None:
-    try:
-        return read_manifest(folder, base, follow_symlinks=False)
-    except (IndexFormatError, OSError):
-        return None
-
-
-def _finished(
-    out: Path, base: str, fp: str, names: Sequence[str], plan: Plan
-) -> dict[str, FileRecord]:
-    """Shards a finished split with the same fingerprint vouches for through its manifest."""
-    try:
-        man = read_manifest(out, base, follow_symlinks=False)
-    except (IndexFormatError, OSError):
-        return {}
-    if man is None or man.fingerprint != fp:
-        return {}
-    by_file = {s.file: s for s in man.shards}
-    vouched: dict[str, FileRecord] = {}
-    for name, shard in zip(names, plan.shards, strict=True):
-        rec = by_file.get(name)
-        tensors = {t.name: man.tensors.get(t.name) for t in shard.tensors}
-        if rec is None or any(r is None for r in tensors.values()):
-            continue
-        vouched[name] = FileRecord(
-            rec.size,
-            rec.header,
-            {n: r.digest for n, r in tensors.items() if r is not None},
-            sha256=rec.sha256,
-        )
-    return vouched
-
-
-def _check_kept(
-    out: Path,
-    names: Sequence[str],
-    plan: Plan,
-    vouched: Mapping[str, FileRecord],
-    progress: Progress | None,
-) -> dict[str, FileRecord]:
-    """Vouched shards on disk whose bytes still match the plan and the record."""
-    kept: dict[str, FileRecord] = {}
-    for name, shard in zip(names, plan.shards, strict=True):
-        d = vouched.get(name)
-        if d is None or d.staged is not None or d.size != shard.file_size:
-            continue
-        if set(d.tensors) != {t.name for t in shard.tensors}:
-            continue
-        if intact(out / name, d, progress=progress):
-            kept[name] = d
-    return kept
 
 
 def describe(result: SplitResult) -> str:

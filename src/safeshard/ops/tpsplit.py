@@ -49,6 +49,8 @@ from safeshard.ops.writer import (
     check_base,
     fingerprint,
     finish_split,
+    hash_kept,
+    kept_on_resume,
     open_sources,
     output_names,
     shard_file,
@@ -135,6 +137,7 @@ def split_tp(
     allow_oversize: bool = False,
     name: str = "model",
     dry_run: bool = False,
+    resume: bool = False,
     force: bool = False,
     progress: Progress | None = None,
     on_step: StepHook | None = None,
@@ -145,6 +148,8 @@ def split_tp(
     """See the module docs; the options are :func:`safeshard.split`'s."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise UsageError(f"--tp must be a world size of at least 1, not {tp!r}")
+    if resume and force:
+        raise UsageError("--resume keeps finished shards and --force replaces them: pick one")
     cap = parse_size(max_shard_size)
     base = check_base(name)
     ckpt = open_checkpoint(src, storage_options=storage_options)
@@ -256,11 +261,12 @@ def split_tp(
         result.notes += top.recovered
         existing = top.checkpoint_files((*CHECKPOINT_SUFFIXES, TP_RECORD_NAME))
         stale = _other_rank_folders(out, tp)
-        if (existing or stale) and not force:
+        if (existing and not (force or resume)) or (stale and not force):
             found = existing + [f"{n}/" for n in stale]
             listed = ", ".join(found[:4]) + (" ..." if len(found) > 4 else "")
             raise OutputExistsError(
                 f"{out}: already holds a checkpoint ({listed}); pass --force to replace it"
+                + ("" if stale else " or --resume to finish an interrupted split")
             )
         top.start("split-tp", fp)
         # the old record goes first: until the new one is written the folder is incomplete
@@ -274,6 +280,7 @@ def split_tp(
                     slices[r],
                     extra=(f"tp rank {r} of {tp}", json.dumps(rules, sort_keys=True)),
                     src=src,
+                    resume=resume,
                     force=force,
                     progress=progress,
                     on_step=on_step,
@@ -362,6 +369,7 @@ def _write_rank(
     *,
     extra: Sequence[str],
     src: str | os.PathLike[str],
+    resume: bool,
     force: bool,
     progress: Progress | None,
     on_step: StepHook | None,
@@ -379,28 +387,29 @@ def _write_rank(
         folder, on_step=on_step, storage_options=storage_options, break_lock=break_lock
     ) as tx:
         res.notes += tx.recovered
-        existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
-        if existing and not force:
-            raise OutputExistsError(
-                f"{folder}: already holds a checkpoint; pass --force to replace it"
-            )
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names, *extra)
-        tx.start("split", fp)
+        kept = kept_on_resume(tx, res, names, fp, resume=resume, force=force, progress=progress)
+        tx.start("split", fp, keep=kept)
+        existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
         finals = {*names, f"{base}{INDEX_SUFFIX}", f"{base}{MANIFEST_SUFFIX}"}
-        res.removed = [n for n in tx.remove(existing) if n not in finals]
+        removed = tx.remove(n for n in existing if n not in kept)
+        res.removed = [n for n in removed if n not in finals]
+        todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
         if local is not None:
-            require_space(local, sum(s.file_size for s in plan.shards), "the shards")
+            require_space(local, sum(s.file_size for _, s in todo), "the shards")
         by_name = {sl.name: sl for sl in slices}
         pool = Sha256Pool() if sha256 else None
-        done: dict[str, FileRecord] = {}
+        done: dict[str, FileRecord] = dict(kept)
         written: dict[str, Written] = {}
-        for fname, shard in zip(names, plan.shards, strict=True):
+        for fname, shard in todo:
             pieces = rank_extents(ckpt, [by_name[t.name] for t in shard.tensors], sources)
             w = write_shard(tx, fname, shard.header, pieces, progress=progress, sha256=pool)
             written[fname], done[fname] = w, w.record
         with_sha256(done, written)
+        if sha256:  # kept shards of a run that did not compute it
+            hash_kept(done, kept, folder)
         res.files = [
-            shard_file(n, s, done[n].sha256, "written")
+            shard_file(n, s, done[n].sha256, "kept" if n in kept else "written")
             for n, s in zip(names, plan.shards, strict=True)
         ]
         side = finish_split(

@@ -16,13 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from safeshard.checkpoint import Checkpoint, read_manifest
-from safeshard.errors import HeaderError, IndexFormatError, SafeshardError, UsageError
+from safeshard.errors import (
+    HeaderError,
+    IndexFormatError,
+    OutputExistsError,
+    SafeshardError,
+    UsageError,
+)
 from safeshard.format.blocks import describe_blocks
 from safeshard.format.filenames import INDEX_SUFFIX, shard_name
 from safeshard.format.header import TensorSpec
@@ -364,6 +370,15 @@ def with_sha256(records: dict[str, FileRecord], written: Mapping[str, Written]) 
             records[name] = replace(records[name], sha256=w.sha256.result())
 
 
+def hash_kept(done: dict[str, FileRecord], kept: Iterable[str], folder: Any) -> None:
+    """Fill in the SHA-256 of each kept shard whose record (of a run without ``sha256``)
+    lacks it, reading the file or object in ``folder``."""
+    for n in kept:
+        if done[n].sha256 is None:
+            with storage.open_source(folder / n) as kept_file:
+                done[n] = replace(done[n], sha256=hash_source(kept_file))
+
+
 def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> bool:
     """Whether the file at ``path`` still has the bytes ``rec`` describes: its size, then
     its header and tensor digests (or, for a record of an older safeshard with only a
@@ -385,6 +400,97 @@ def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> 
 
 
 # --------------------------------------------------------------------------- records
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def kept_on_resume(
+    tx: OutputStore,
+    result: SplitResult,
+    names: Sequence[str],
+    fp: str,
+    *,
+    resume: bool,
+    force: bool,
+    progress: Progress | None,
+) -> dict[str, FileRecord]:
+    """Refuse a folder that holds a checkpoint unless asked; the shards ``resume`` keeps
+    (those an earlier run's journal or a finished run's manifest vouches for, re-hashed).
+    Shared by split and ``split --tp`` (each rank folder)."""
+    existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
+    if existing and not (resume or force):
+        listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
+        raise OutputExistsError(
+            f"{tx.folder}: already holds a checkpoint ({listed}); pass --force to replace it or "
+            "--resume to finish an interrupted split"
+        )
+    if not resume:
+        return {}
+    vouched = tx.resumable("split", fp)
+    if not vouched:
+        vouched = _finished(tx.folder, result.base, fp, names, result.plan)
+    if not vouched and existing:
+        why = (
+            "no journal of an earlier run was found"
+            if tx.earlier_run is None and read_manifest_quiet(tx.folder, result.base) is None
+            else "the earlier run planned other shards or read a source that has changed since"
+        )
+        result.notes.append(f"resume: {why}: every shard is written")
+    return _check_kept(tx.folder, names, result.plan, vouched, progress)
+
+
+def read_manifest_quiet(folder: Path, base: str) -> object | None:
+    try:
+        return read_manifest(folder, base, follow_symlinks=False)
+    except (IndexFormatError, OSError):
+        return None
+
+
+def _finished(
+    out: Path, base: str, fp: str, names: Sequence[str], plan: Plan
+) -> dict[str, FileRecord]:
+    """Shards a finished split with the same fingerprint vouches for through its manifest."""
+    try:
+        man = read_manifest(out, base, follow_symlinks=False)
+    except (IndexFormatError, OSError):
+        return {}
+    if man is None or man.fingerprint != fp:
+        return {}
+    by_file = {s.file: s for s in man.shards}
+    vouched: dict[str, FileRecord] = {}
+    for name, shard in zip(names, plan.shards, strict=True):
+        rec = by_file.get(name)
+        tensors = {t.name: man.tensors.get(t.name) for t in shard.tensors}
+        if rec is None or any(r is None for r in tensors.values()):
+            continue
+        vouched[name] = FileRecord(
+            rec.size,
+            rec.header,
+            {n: r.digest for n, r in tensors.items() if r is not None},
+            sha256=rec.sha256,
+        )
+    return vouched
+
+
+def _check_kept(
+    out: Path,
+    names: Sequence[str],
+    plan: Plan,
+    vouched: Mapping[str, FileRecord],
+    progress: Progress | None,
+) -> dict[str, FileRecord]:
+    """Vouched shards on disk whose bytes still match the plan and the record."""
+    kept: dict[str, FileRecord] = {}
+    for name, shard in zip(names, plan.shards, strict=True):
+        d = vouched.get(name)
+        if d is None or d.staged is not None or d.size != shard.file_size:
+            continue
+        if set(d.tensors) != {t.name for t in shard.tensors}:
+            continue
+        if intact(out / name, d, progress=progress):
+            kept[name] = d
+    return kept
 
 
 def describe_checkpoint(
