@@ -261,6 +261,7 @@ def test_an_interrupted_split_tp_is_finished_by_resume(
     uninterrupted split --tp merges to."""
     out = tmp_path / "tp"
     ref = safeshard.split(models["llama"], tmp_path / "ref", tp=2, max_shard_size="60KB")
+    assert isinstance(ref, TpSplitResult)
     per_rank = [len(r.files) for r in ref.ranks]
     assert at < sum(per_rank) and per_rank[0] >= 2
     seen = 0
@@ -278,6 +279,7 @@ def test_an_interrupted_split_tp_is_finished_by_resume(
     with pytest.raises(OutputExistsError, match="--resume"):
         safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB")
     res = safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB", resume=True)
+    assert isinstance(res, TpSplitResult)
     kept = [f.file for r in res.ranks for f in r.files if f.status == "kept"]
     written = [f.file for r in res.ranks for f in r.files if f.status == "written"]
     assert len(kept) == at and len(written) == sum(per_rank) - at
@@ -292,6 +294,7 @@ def test_an_interrupted_split_tp_is_finished_by_resume(
         for f in files:
             assert (out / rank / f).read_bytes() == (tmp_path / "ref" / rank / f).read_bytes()
     again = safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB", resume=True)
+    assert isinstance(again, TpSplitResult)
     assert all(f.status == "kept" for r in again.ranks for f in r.files)
     with pytest.raises(safeshard.UsageError, match="pick one"):
         safeshard.split(models["llama"], out, tp=2, resume=True, force=True)
