@@ -47,6 +47,7 @@ a GPTQ module.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -1139,8 +1140,8 @@ def verify(
                 f"{redact_url(path)}: a tensor-parallel split (tp.json) cannot be compared "
                 "with --against; merge it first (safeshard merge) and verify the merged file"
             )
-        return verify_tp(
-            tp_folder,
+        each_rank = functools.partial(
+            verify,
             max_shard_size=max_shard_size,
             deep=deep,
             hash_files=hash_files,
@@ -1148,6 +1149,7 @@ def verify(
             progress=progress,
             storage_options=storage_options,
         )
+        return verify_tp(tp_folder, each_rank, storage_options)
     src = as_path(against, storage_options) if against is not None else None
     if src is not None and not src.exists():
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
@@ -1214,16 +1216,12 @@ def _tp_folder(path: str | os.PathLike[str], storage_options: Mapping[str, Any] 
 
 def verify_tp(
     folder: Any,
-    *,
-    max_shard_size: int | str | None,
-    deep: bool,
-    hash_files: bool,
-    workers: int | None,
-    progress: ProgressFactory | None,
+    each_rank: Callable[[Any], VerifyReport],
     storage_options: Mapping[str, Any] | None,
 ) -> VerifyReport:
     """Verify a ``split --tp`` folder: ``tp.json`` is readable, every rank folder it lists
-    exists, is a sound checkpoint (:func:`verify` on each, their findings named
+    exists, is a sound checkpoint (``each_rank``: :func:`verify` with the caller's options;
+    their findings named
     ``rank-0000r-of-0000N/FILE``) and holds exactly the recorded slices (names, dtypes,
     shapes), and no other rank folder lies beside them. The counts add up the ranks'."""
     report = VerifyReport(path=redact_url(folder), checks=["tensor-parallel"])
@@ -1252,15 +1250,7 @@ def verify_tp(
                 )
             )
             continue
-        sub = verify(
-            rank_dir,
-            max_shard_size=max_shard_size,
-            deep=deep,
-            hash_files=hash_files,
-            workers=workers,
-            progress=progress,
-            storage_options=storage_options,
-        )
+        sub = each_rank(rank_dir)
         report.findings += [
             Finding(f.code, f"{name}/{f.file}" if f.file else name, f.tensor, f.message)
             for f in sub.findings
