@@ -416,3 +416,31 @@ def test_s3_to_s3_split_tp_and_merge(
     safeshard.merge(out, tmp_path / "m.safetensors", storage_options=options)
     safeshard.merge(models["llama"], tmp_path / "p.safetensors")
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "p.safetensors").read_bytes()
+
+
+def test_s3_split_tp_interrupted_is_finished_by_resume(
+    models: dict[str, Path], tmp_path: Path, s3: tuple[str, dict[str, Any]]
+) -> None:
+    """Into object storage: a split --tp stopped after rank 1's first shard is journaled is
+    finished by --resume, which keeps the shards the ranks' journal objects vouch for."""
+    base, options = s3
+    out = f"{base}/tp-resume"
+    seen = 0
+
+    def kill(step: str) -> None:
+        nonlocal seen
+        if step.startswith("journaled:"):
+            seen += 1
+            if seen == 4:
+                raise _Killed(step)
+
+    opts = {"tp": 2, "max_shard_size": "60KB", "storage_options": options}
+    with pytest.raises(_Killed):
+        safeshard.split(models["llama"], out, on_step=kill, **opts)  # type: ignore[arg-type]
+    res = safeshard.split(models["llama"], out, resume=True, **opts)  # type: ignore[arg-type]
+    assert isinstance(res, TpSplitResult)
+    statuses = [f.status for r in res.ranks for f in r.files]
+    assert statuses.count("kept") == 4 and "written" in statuses
+    safeshard.merge(out, tmp_path / "m.safetensors", storage_options=options)
+    safeshard.merge(models["llama"], tmp_path / "p.safetensors")
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "p.safetensors").read_bytes()
