@@ -172,7 +172,7 @@ def run(folder: Path, world: int, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--world-size", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5, help="single loads vary by 0.1 s here")
     ap.add_argument("--layers", type=int, default=22, help="22: about 2.2 GB")
     ap.add_argument("--keep", type=Path, help="work in this folder and reuse the model there")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
