@@ -46,7 +46,7 @@ from typing import Any
 from safeshard import gcpause
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint
 from safeshard.errors import OutputExistsError, UsageError
-from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX
+from safeshard.format.filenames import INDEX_SUFFIX
 from safeshard.format.header import TensorSpec, build_header
 from safeshard.format.manifest import manifest_path
 from safeshard.io.copier import Progress, Sha256Pool
@@ -62,15 +62,14 @@ from safeshard.io.transaction import JOURNAL_NAME, StepHook, prepare_folder
 from safeshard.ops.plan import Plan, ShardPlan, plan_shards
 from safeshard.ops.tpsplit import split_tp
 from safeshard.ops.writer import (
-    CHECKPOINT_SUFFIXES,
     DEFAULT_MAX_SHARD_SIZE,
     SplitResult,
     Written,
+    begin_split,
     check_base,
     fingerprint,
     finish_split,
     hash_kept,
-    kept_on_resume,
     open_sources,
     output_names,
     shard_file,
@@ -201,12 +200,7 @@ def split(
         recovered_at = len(tx.recovered)
         result.notes += tx.recovered
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names)
-        kept = kept_on_resume(tx, result, names, fp, resume=resume, force=force, progress=progress)
-        tx.start("split", fp, keep=kept)
-        existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
-        removed = tx.remove(n for n in existing if n not in kept)
-        finals = {*names, f"{base}{INDEX_SUFFIX}", f"{base}{MANIFEST_SUFFIX}"}
-        result.removed = [n for n in removed if n not in finals]
+        kept = begin_split(tx, result, names, fp, resume=resume, force=force, progress=progress)
         todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
         if local is not None:
             require_space(local, sum(s.file_size for _, s in todo), "the shards")

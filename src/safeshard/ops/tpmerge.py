@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safeshard.checkpoint import Checkpoint, open_checkpoint, read_json_file
+from safeshard.checkpoint import Checkpoint, Entry, open_checkpoint, read_json_file
 from safeshard.errors import HeaderError, IndexFormatError, ShardMismatchError
 from safeshard.format.filenames import TP_RECORD_NAME, rank_folder_name
 from safeshard.format.header import DTYPE_BITS, Header, parse_header, tensor_nbytes
@@ -38,6 +38,7 @@ __all__ = [
     "TpRecord",
     "TpTensor",
     "merged_extents",
+    "rank_mismatches",
     "read_tp",
 ]
 
@@ -231,20 +232,35 @@ def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpChe
     rec = TpRecord.parse(obj, where)
     ranks = [open_checkpoint(folder / name, storage_options=storage_options) for name in rec.ranks]
     for r, ck in enumerate(ranks):
-        entries = ck.entries
-        if set(entries) != set(rec.tensors):
-            extra = sorted(set(entries) ^ set(rec.tensors))
-            raise ShardMismatchError(
-                f"{folder / rec.ranks[r]}: its tensors differ from {where} (e.g. {extra[0]!r})"
-            )
-        for name, t in rec.tensors.items():
-            info = entries[name].info
-            if (info.dtype, info.shape) != (t.dtype, t.rank_shape(r)):
-                raise ShardMismatchError(
-                    f"{folder / rec.ranks[r]}: tensor {name!r} is {info.dtype} {list(info.shape)}"
-                    f", not the {t.dtype} {list(t.rank_shape(r))} {where} records for rank {r}"
-                )
+        bad = rank_mismatches(rec, r, ck.entries, where)
+        if bad:
+            tensor, why = bad[0]
+            raise ShardMismatchError(f"{folder / rec.ranks[r]}: tensor {tensor!r} {why}")
     return TpCheckpoint(folder, rec, ranks)
+
+
+def rank_mismatches(
+    rec: TpRecord, rank: int, entries: Mapping[str, Entry], where: str
+) -> list[tuple[str, str]]:
+    """``(tensor, what is wrong)`` wherever the tensors of rank ``rank``'s checkpoint
+    (``entries``) are not the slices ``rec`` (read from ``where``) gives that rank: a
+    tensor missing or extra, or another dtype or shape."""
+    out = [
+        (t, f"has a slice on rank {rank} in {where}; the rank folder has no such tensor")
+        for t in sorted(set(rec.tensors) - set(entries))
+    ]
+    out += [(t, f"is not in {where}") for t in sorted(set(entries) - set(rec.tensors))]
+    for name, t in rec.tensors.items():
+        e = entries.get(name)
+        if e is not None and (e.info.dtype, e.info.shape) != (t.dtype, t.rank_shape(rank)):
+            out.append(
+                (
+                    name,
+                    f"is {e.info.dtype} {list(e.info.shape)}, not the {t.dtype} "
+                    f"{list(t.rank_shape(rank))} {where} records for rank {rank}",
+                )
+            )
+    return out
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from typing import Any
 
 from safeshard.checkpoint import Checkpoint, common_metadata, open_checkpoint
 from safeshard.errors import OutputExistsError, TensorParallelError, UsageError
-from safeshard.format.filenames import INDEX_SUFFIX, MANIFEST_SUFFIX, RANK_RE, TP_RECORD_NAME
+from safeshard.format.filenames import INDEX_SUFFIX, RANK_RE, TP_RECORD_NAME
 from safeshard.format.filenames import rank_folder_name as rank_folder
 from safeshard.format.header import DTYPE_BITS, TensorSpec, build_header
 from safeshard.format.manifest import manifest_path
@@ -46,11 +46,11 @@ from safeshard.ops.writer import (
     CHECKPOINT_SUFFIXES,
     SplitResult,
     Written,
+    begin_split,
     check_base,
     fingerprint,
     finish_split,
     hash_kept,
-    kept_on_resume,
     open_sources,
     output_names,
     shard_file,
@@ -388,12 +388,7 @@ def _write_rank(
     ) as tx:
         res.notes += tx.recovered
         fp = fingerprint(ckpt, [s.header for s in plan.shards], names, *extra)
-        kept = kept_on_resume(tx, res, names, fp, resume=resume, force=force, progress=progress)
-        tx.start("split", fp, keep=kept)
-        existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
-        finals = {*names, f"{base}{INDEX_SUFFIX}", f"{base}{MANIFEST_SUFFIX}"}
-        removed = tx.remove(n for n in existing if n not in kept)
-        res.removed = [n for n in removed if n not in finals]
+        kept = begin_split(tx, res, names, fp, resume=resume, force=force, progress=progress)
         todo = [(n, s) for n, s in zip(names, plan.shards, strict=True) if n not in kept]
         if local is not None:
             require_space(local, sum(s.file_size for _, s in todo), "the shards")

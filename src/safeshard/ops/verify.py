@@ -86,7 +86,7 @@ from safeshard.format.manifest import Manifest, ShardRecord, header_digest, mani
 from safeshard.io.localfs import stale_temporaries
 from safeshard.io.scan import FileResult, FileTask, Range, scan
 from safeshard.io.store import as_path, translate_errors
-from safeshard.ops.tpmerge import TpRecord
+from safeshard.ops.tpmerge import TpRecord, rank_mismatches
 from safeshard.redact import redact_url
 from safeshard.sizes import format_size, parse_size
 
@@ -1293,28 +1293,7 @@ def _rank_tensors(
         entries = open_checkpoint(rank_dir, storage_options=storage_options).entries
     except SafeshardError:
         return []  # verify of the rank folder has said why
-    out: list[Finding] = []
-    for t in sorted(set(record.tensors) - set(entries)):
-        out.append(
-            Finding(
-                "tp-rank-tensors",
-                name,
-                t,
-                f"{where} records a slice on rank {rank}; the rank folder has no such tensor",
-            )
-        )
-    for t in sorted(set(entries) - set(record.tensors)):
-        out.append(Finding("tp-rank-tensors", name, t, f"not in {where}"))
-    for t, rt in record.tensors.items():
-        e = entries.get(t)
-        if e is not None and (e.info.dtype, e.info.shape) != (rt.dtype, rt.rank_shape(rank)):
-            out.append(
-                Finding(
-                    "tp-rank-tensors",
-                    name,
-                    t,
-                    f"is {e.info.dtype} {list(e.info.shape)}, not the {rt.dtype} "
-                    f"{list(rt.rank_shape(rank))} {where} records for rank {rank}",
-                )
-            )
-    return out
+    return [
+        Finding("tp-rank-tensors", name, t, why)
+        for t, why in rank_mismatches(record, rank, entries, where)
+    ]

@@ -399,13 +399,10 @@ def intact(path: Path, rec: FileRecord, *, progress: Progress | None = None) -> 
     return got.header == rec.header and got.tensors == rec.tensors
 
 
-# --------------------------------------------------------------------------- records
-
-
 # --------------------------------------------------------------------------- resume
 
 
-def kept_on_resume(
+def begin_split(
     tx: OutputStore,
     result: SplitResult,
     names: Sequence[str],
@@ -415,10 +412,35 @@ def kept_on_resume(
     force: bool,
     progress: Progress | None,
 ) -> dict[str, FileRecord]:
-    """Refuse a folder that holds a checkpoint unless asked; the shards ``resume`` keeps
-    (those an earlier run's journal or a finished run's manifest vouches for, re-hashed).
-    Shared by split and ``split --tp`` (each rank folder)."""
+    """Start a split's run in ``tx`` (split, and each rank folder of ``split --tp``):
+    refuse a folder that holds a checkpoint unless asked, start the journal with the
+    shards ``resume`` keeps, remove the other checkpoint files (``result.removed``: those
+    the new checkpoint will not have), and return the kept shards' records."""
     existing = tx.checkpoint_files(CHECKPOINT_SUFFIXES)
+    kept = _kept_on_resume(
+        tx, result, names, fp, existing, resume=resume, force=force, progress=progress
+    )
+    tx.start("split", fp, keep=kept)
+    removed = tx.remove(n for n in existing if n not in kept)
+    finals = {*names, f"{result.base}{INDEX_SUFFIX}", f"{result.base}{MANIFEST_SUFFIX}"}
+    result.removed = [n for n in removed if n not in finals]
+    return kept
+
+
+def _kept_on_resume(
+    tx: OutputStore,
+    result: SplitResult,
+    names: Sequence[str],
+    fp: str,
+    existing: Sequence[str],
+    *,
+    resume: bool,
+    force: bool,
+    progress: Progress | None,
+) -> dict[str, FileRecord]:
+    """Refuse a folder that holds a checkpoint (``existing``) unless asked; the shards
+    ``resume`` keeps (those an earlier run's journal or a finished run's manifest vouches
+    for, re-hashed)."""
     if existing and not (resume or force):
         listed = ", ".join(existing[:4]) + (" ..." if len(existing) > 4 else "")
         raise OutputExistsError(
@@ -491,6 +513,9 @@ def _check_kept(
         if intact(out / name, d, progress=progress):
             kept[name] = d
     return kept
+
+
+# --------------------------------------------------------------------------- records
 
 
 def describe_checkpoint(
