@@ -64,6 +64,7 @@ dim-0 splits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -90,6 +91,7 @@ __all__ = [
     "chunk",
     "coalesce",
     "resolve_rank",
+    "row_extent",
 ]
 
 OVERREAD = 2.0
@@ -232,8 +234,15 @@ def auto_plan(folder: str | os.PathLike[str] | Any) -> dict[str, str]:
     cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     plan: dict[str, str] = {}
     if cls is not None:
-        with torch.device("meta"):
-            model = cls(config)
+        model = None
+        few = _one_layer(cfg)
+        if few is not None:
+            # the plan is the classes' and the config's, gathered over the model's
+            # submodels: the same with one layer as with all, and built 3-4x faster
+            with contextlib.suppress(Exception):
+                model = _on_meta(torch, transformers, cls, transformers.AutoConfig.for_model(**few))
+        if model is None:
+            model = _on_meta(torch, transformers, cls, config)
         plan = dict(getattr(model, "tp_plan", None) or getattr(model, "_tp_plan", None) or {})
     if not plan:
         plan = dict(getattr(config, "base_model_tp_plan", None) or {})
@@ -243,6 +252,37 @@ def auto_plan(folder: str | os.PathLike[str] | Any) -> dict[str, str]:
             f"{arch or cfg.get('model_type')!r}; pass the plan as a dict"
         )
     return plan
+
+
+def _on_meta(torch: Any, transformers: Any, cls: Any, config: Any) -> Any:
+    """``cls(config)`` on the meta device, without running weight initializers where
+    transformers can skip them."""
+    init = getattr(getattr(transformers, "initialization", None), "no_init_weights", None)
+    with init() if callable(init) else contextlib.nullcontext(), torch.device("meta"):
+        return cls(config)
+
+
+def _one_layer(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``cfg`` with ``num_hidden_layers`` 1, here and in the sub-configs it holds (a
+    list with one entry per layer cut to its first), or None if it names no layer count
+    above 1."""
+
+    def cut(d: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        out, changed = dict(d), False
+        n = d.get("num_hidden_layers")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            for k, v in d.items():
+                if isinstance(v, list) and len(v) == n:
+                    out[k] = v[:1]
+            out["num_hidden_layers"], changed = 1, True
+        for k, v in d.items():
+            if isinstance(v, Mapping) and k != "quantization_config":
+                out[k], sub = cut(v)
+                changed = changed or sub
+        return out, changed
+
+    few, changed = cut(cfg)
+    return few if changed else None
 
 
 def _read_config(folder: Any) -> dict[str, Any] | None:
@@ -627,14 +667,8 @@ def byte_ranges(sl: TensorSlice) -> list[tuple[int, int]]:
     dim = sl.dim
     if dim is None or sl.whole:
         return [(0, sl.nbytes)] if sl.nbytes else []
-    if sl.dtype not in DTYPE_BITS or DTYPE_BITS[sl.dtype] % 8:
-        raise TensorParallelError(
-            f"tensor {sl.name!r} has dtype {sl.dtype}, whose elements are not whole bytes; "
-            "it can only be replicated (plan it 'replicate')"
-        )
     shape = sl.full_shape
-    item = DTYPE_BITS[sl.dtype] // 8
-    inner = item
+    inner = _whole_bytes(sl)
     for d in shape[dim + 1 :]:
         inner *= d
     outer = 1
@@ -653,6 +687,38 @@ def byte_ranges(sl: TensorSlice) -> list[tuple[int, int]]:
             else:
                 out.append((off, n))
     return out
+
+
+def row_extent(sl: TensorSlice) -> tuple[int, int] | None:
+    """For a slice with a range in every outer row (split along a dim after the first,
+    not whole: :func:`byte_ranges` would list one or more ranges per row), the offsets of
+    its first byte and of the end of its last byte inside the tensor's bytes; None for any
+    other slice. Constant time, where listing the ranges costs one tuple per row."""
+    dim = sl.dim
+    if dim is None or sl.whole or dim == 0:
+        return None
+    item = _whole_bytes(sl)
+    inner = item
+    for d in sl.full_shape[dim + 1 :]:
+        inner *= d
+    outer = 1
+    for d in sl.full_shape[:dim]:
+        outer *= d
+    spans = [(a, b) for a, b in sl.intervals if b > a]
+    if outer < 2 or not spans:
+        return None
+    row = sl.full_shape[dim] * inner
+    return spans[0][0] * inner, (outer - 1) * row + spans[-1][1] * inner
+
+
+def _whole_bytes(sl: TensorSlice) -> int:
+    """Bytes of one element of ``sl``; a sub-byte dtype cannot be sliced."""
+    if sl.dtype not in DTYPE_BITS or DTYPE_BITS[sl.dtype] % 8:
+        raise TensorParallelError(
+            f"tensor {sl.name!r} has dtype {sl.dtype}, whose elements are not whole bytes; "
+            "it can only be replicated (plan it 'replicate')"
+        )
+    return DTYPE_BITS[sl.dtype] // 8
 
 
 def coalesce(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import safeshard
 from helpers.tpkit import tiny_llama, tiny_phi3
-from safeshard import TensorParallelError, UsageError
+from safeshard import TensorParallelError, UsageError, tpplan
 from safeshard.format.header import TensorInfo
 from safeshard.ops.synth import Preset, synthesize
 from safeshard.tpplan import (
@@ -34,9 +34,11 @@ from safeshard.tpplan import (
     RankPlan,
     ReadStats,
     TensorSlice,
+    auto_plan,
     byte_ranges,
     chunk,
     coalesce,
+    row_extent,
 )
 
 torch = pytest.importorskip("torch")
@@ -194,6 +196,98 @@ def test_byte_ranges_and_coalesce_match_numpy(shape: list[int], item: str, data:
         assert pieces[0][0] == off and pieces[-1][0] + pieces[-1][1] == off + length
         for a, b in itertools.pairwise(pieces):
             assert b[0] - (a[0] + a[1]) <= gap
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    item=st.sampled_from(["U8", "F16", "F32"]),
+    data=st.data(),
+)
+def test_row_extent_is_the_first_and_last_byte_of_a_row_split(
+    shape: list[int], item: str, data: Any
+) -> None:
+    dim = data.draw(st.integers(0, len(shape) - 1))
+    cuts = sorted(data.draw(st.lists(st.integers(0, shape[dim]), min_size=2, max_size=6)))
+    intervals = tuple((cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2))
+    sl = TensorSlice("t", item, tuple(shape), dim, intervals)
+    ranges = byte_ranges(sl)
+    outer = 1
+    for d in shape[:dim]:
+        outer *= d
+    ext = row_extent(sl)
+    if dim == 0 or outer < 2 or sl.whole or not ranges:
+        assert ext is None
+    else:
+        assert ext == (ranges[0][0], ranges[-1][0] + ranges[-1][1])
+    if len(ranges) >= 2 and outer >= 2:
+        assert ext is not None
+
+
+def _plan_of_full_model(folder: Path) -> dict[str, str]:
+    import transformers
+
+    cfg = json.loads((folder / "config.json").read_text())
+    with torch.device("meta"):
+        model = getattr(transformers, cfg["architectures"][0])(
+            transformers.AutoConfig.for_model(**cfg)
+        )
+    return dict(model.tp_plan)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "arch", "extra"),
+    [
+        ("llama", "LlamaForCausalLM", {}),
+        ("phi3", "Phi3ForCausalLM", {}),
+        ("gpt_neox", "GPTNeoXForCausalLM", {}),
+        ("mixtral", "MixtralForCausalLM", {"num_local_experts": 4}),
+        ("qwen2_moe", "Qwen2MoeForCausalLM", {"num_experts": 4, "mlp_only_layers": [1]}),
+        (
+            "gemma3_text",
+            "Gemma3ForCausalLM",
+            {"layer_types": ["sliding_attention"] * 2 + ["full_attention"]},
+        ),
+    ],
+)
+def test_auto_plan_built_on_one_layer_is_the_full_models(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model_type: str,
+    arch: str,
+    extra: dict[str, Any],
+) -> None:
+    """tp_plan="auto" builds the model with one layer (3-4x faster); the plan must be
+    the one transformers gives the model with all its layers."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
+    config.architectures = [arch]
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    want = _plan_of_full_model(tmp_path)
+    assert want
+    built: list[int] = []
+    real = tpplan._on_meta
+
+    def on_meta(torch_: Any, tf: Any, cls: Any, cfg: Any) -> Any:
+        built.append(cfg.num_hidden_layers)
+        return real(torch_, tf, cls, cfg)
+
+    monkeypatch.setattr(tpplan, "_on_meta", on_meta)
+    assert auto_plan(tmp_path) == want
+    assert built == [1]  # the fast build, not its fallback
 
 
 def test_rank_defaults_need_torch_distributed_or_integers(models: dict[str, Path]) -> None:
@@ -407,6 +501,43 @@ def test_local_reads_without_readahead_and_strided_spans_prefetched_in_steps(
         assert steps[0][0] == lo and steps[-1][1] == hi
         assert all(x[1] == y[0] for x, y in itertools.pairwise(steps))
     assert sum(b - a for a, b in asked) == sum(hi - lo for lo, hi in spans)
+
+
+@pytest.mark.parametrize("framework", ["torch", "numpy"])
+def test_each_shard_unmapped_after_its_last_strided_copy(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, framework: Literal["torch", "numpy"]
+) -> None:
+    """A mapped shard is unmapped by the worker that copies its last strided slice, not
+    at the end of the load: when the load closes what is left, nothing is."""
+    from safeshard.runtime import tpread
+
+    mapped: list[int] = []
+    left: list[int] = []
+    real_map, real_close = tpread._Maps._map, tpread._Maps.close
+
+    def map_(self: Any, fd: int) -> Any:
+        mm = real_map(self, fd)
+        if fd not in mapped:
+            mapped.append(fd)
+        return mm
+
+    def close(self: Any) -> None:
+        left.append(len(self._maps))
+        real_close(self)
+
+    monkeypatch.setattr(tpread._Maps, "_map", map_)
+    monkeypatch.setattr(tpread._Maps, "close", close)
+    folder = models["phi3"]
+    out = safeshard.load(folder, tp_plan="auto", rank=1, world_size=2, framework=framework)
+    full = safeshard.load(folder, framework=framework)
+    assert len(mapped) == len(safeshard.open_checkpoint(folder).headers)
+    assert left == [0]
+    name = next(n for n in out if n.endswith("o_proj.weight"))
+    got, want = out[name], full[name][:, full[name].shape[1] // 2 :]
+    if framework == "numpy":
+        assert got.tobytes() == want.tobytes()
+    else:
+        assert torch.equal(got, want)
 
 
 def test_numpy_and_rchar(models: dict[str, Path]) -> None:
