@@ -18,7 +18,7 @@ from safeshard.format.index import ShardIndex
 from safeshard.io.remote import DEFAULT_LIMITS as DEFAULT_REMOTE_LIMITS
 from safeshard.io.remote import RemoteLimits, RemoteStats
 from safeshard.ops.diff import DiffReport, diff
-from safeshard.ops.inspect import InspectReport, inspect
+from safeshard.ops.inspect import InspectReport, TpInspectReport, inspect, inspect_tp
 from safeshard.ops.merge import MergeResult, merge
 from safeshard.ops.split import SplitResult, split
 from safeshard.ops.synth import synthesize
@@ -44,7 +44,9 @@ __all__ = [
     "RemoteLimits",
     "RemoteStats",
     "TextStreamer",
+    "TpInspectReport",
     "TpSplitResult",
+    "inspect_tp",
     "synthesize",
     "Checkpoint",
     "DiffReport",

@@ -268,8 +268,9 @@ def _find_in_folder(folder: Path, place: Place) -> Found:
             f"{folder}: the output of split --tp ({TP_RECORD_NAME} and "
             f"{len(ranks)} rank folder{'s' if len(ranks) != 1 else ''}"
             + (f": {ranks[0]} .." if ranks else "")
-            + "), not one checkpoint: pass a rank folder, "
-            "or rebuild the whole checkpoint with safeshard merge (verify checks it as a whole)"
+            + "), not one checkpoint: pass a rank folder, or rebuild the whole checkpoint "
+            "with safeshard merge (safeshard inspect and verify read it as a whole; in Python, "
+            "safeshard.inspect_tp and safeshard.verify)"
         )
     if not candidates:
         raise CheckpointNotFoundError(

@@ -417,6 +417,7 @@ def test_llama_2_13b_gptq_shapes_in_under_a_second(big_dir: Path) -> None:
 
 
 JSON_KEYS = {
+    "kind",
     "path",
     "index",
     "files",

@@ -23,6 +23,7 @@ from safeshard import TensorParallelError
 from safeshard.cli import main
 from safeshard.errors import CheckpointNotFoundError, IndexFormatError, OutputExistsError
 from safeshard.ops import tpmerge
+from safeshard.ops.inspect import inspect_tp
 from safeshard.ops.synth import synthesize
 from safeshard.ops.tpsplit import TpSplitResult
 
@@ -213,8 +214,68 @@ def test_other_commands_on_a_tp_folder_say_what_it_is(
         CheckpointNotFoundError, match=r"output of split --tp .*2 rank folders: rank-00000-of"
     ):
         safeshard.load(out)
+    with pytest.raises(CheckpointNotFoundError, match=r"safeshard\.inspect_tp and"):
+        safeshard.inspect(out)
+    assert safeshard.inspect_tp(out) is not None
+    assert safeshard.inspect_tp(models["llama"]) is None  # an ordinary checkpoint
+
+
+@pytest.mark.parametrize("manifest", [True, False])
+def test_inspect_shows_the_record_and_each_rank_folder(
+    models: dict[str, Path], tmp_path: Path, manifest: bool
+) -> None:
+    """inspect on a split --tp folder: the rank folders as their checkpoints read, and
+    the file merge writes, to the byte."""
+    src = models["phi3"]
+    if manifest:  # a source split by safeshard has a manifest: tp.json gets the digests
+        safeshard.split(src, tmp_path / "src", max_shard_size="60KB")
+        src = tmp_path / "src"
+    out = tmp_path / "tp"
+    safeshard.split(src, out, tp=2)
+    got = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    assert got.exit_code == 0, got.output
+    rep = json.loads(got.output)
+    assert rep["kind"] == "tensor-parallel" and rep["world_size"] == 2
+    assert [r["name"] for r in rep["ranks"]] == ["rank-00000-of-00002", "rank-00001-of-00002"]
+    for r in rep["ranks"]:
+        ck = safeshard.open_checkpoint(out / r["name"])
+        assert (r["files"], r["file_size"], r["tensors"], r["tensor_bytes"]) == (
+            len(ck.headers),
+            ck.file_size,
+            len(ck.entries),
+            ck.total_tensor_bytes,
+        )
+    assert rep["file_size"] == sum(r["file_size"] for r in rep["ranks"])
+    whole = safeshard.open_checkpoint(src)
+    assert rep["tensor_count"] == len(whole.entries)
+    assert rep["total_tensor_bytes"] == whole.total_tensor_bytes
+    assert rep["sliced_tensors"] + rep["replicated_tensors"] == rep["tensor_count"]
+    assert rep["sliced_tensors"] > rep["replicated_tensors"] > 0
+    assert rep["tp_plan"] == json.loads((out / "tp.json").read_text())["tp_plan"]
+    assert rep["digests"] is manifest
+    merged = safeshard.merge(out, tmp_path / "merged.safetensors")
+    assert rep["merged_file_size"] == (tmp_path / "merged.safetensors").stat().st_size
+    assert rep["lossless"] is merged.lossless and rep["reason"] == merged.reason
+    text = CliRunner().invoke(main, ["inspect", str(out)])
+    assert text.exit_code == 0, text.output
+    assert "world size 2" in text.output and "rank-00001-of-00002" in text.output
+    assert f"{rep['sliced_tensors']} sliced" in text.output
+
+
+def test_inspect_of_a_tp_folder_escapes_the_record_and_names_a_missing_rank(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2)
+    rec = json.loads((out / "tp.json").read_text())
+    rec["tp_plan"] = {"[red]lm_head[/red]\x1b[2J": "colwise_gather_output", **rec["tp_plan"]}
+    (out / "tp.json").write_text(json.dumps(rec))
+    got = CliRunner().invoke(main, ["inspect", str(out)], color=True)
+    assert got.exit_code == 0, got.output
+    assert "[red]lm_head[/red]" in got.output and "\x1b[2J" not in got.output
+    shutil.rmtree(out / "rank-00001-of-00002")
     got = CliRunner().invoke(main, ["inspect", str(out)])
-    assert got.exit_code == 3 and "safeshard merge" in got.output, got.output
+    assert got.exit_code == 3 and "rank-00001-of-00002" in got.output, got.output
 
 
 def test_force_with_another_world_size_removes_the_old_rank_folders(
@@ -413,9 +474,15 @@ def test_s3_to_s3_split_tp_and_merge(
         ref = safeshard.load(models["llama"], tp_plan="auto", rank=r, world_size=2)
         got = safeshard.load(f"{out}/rank-{r:05d}-of-00002", storage_options=options)
         assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    rep = inspect_tp(out, storage_options=options)
+    assert rep is not None and [r.files for r in rep.ranks] == [
+        len(fs.glob(f"{out[len('s3://') :]}/rank-{r:05d}-of-00002/model-*.safetensors"))
+        for r in range(2)
+    ]
     safeshard.merge(out, tmp_path / "m.safetensors", storage_options=options)
     safeshard.merge(models["llama"], tmp_path / "p.safetensors")
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "p.safetensors").read_bytes()
+    assert rep.merged_file_size == (tmp_path / "m.safetensors").stat().st_size
 
 
 def test_s3_split_tp_interrupted_is_finished_by_resume(

@@ -19,7 +19,7 @@ from safeshard.cli.app import (
     say,
     storage_option,
 )
-from safeshard.ops.inspect import DEFAULT_CAP, InspectReport, inspect
+from safeshard.ops.inspect import DEFAULT_CAP, InspectReport, TpInspectReport, inspect, inspect_tp
 from safeshard.sizes import format_size
 
 MAX_ROWS = 8
@@ -43,10 +43,14 @@ def inspect_cmd(path: str, cap: int, storage_options: dict[str, Any] | None, as_
 
     PATH is a .safetensors file, a model folder, or a *.safetensors.index.json index,
     local or a URL (s3://bucket/prefix: only the headers are read, two ranged reads each).
+    The output folder of split --tp is shown as its record (tp.json) and rank folders.
     """
-    report = inspect(path, cap, storage_options=storage_options)
+    tp = inspect_tp(path, storage_options=storage_options)
+    report = tp if tp is not None else inspect(path, cap, storage_options=storage_options)
     if as_json:
         emit_json(report.to_json())
+    elif isinstance(report, TpInspectReport):
+        render_tp(report)
     else:
         render(report)
 
@@ -189,3 +193,47 @@ def render(r: InspectReport) -> None:
         if w.startswith("GPTQ check"):
             continue
         say(("warning:", "bold yellow"), f" {w}")
+
+
+def render_tp(r: TpInspectReport) -> None:
+    """Human output for a ``split --tp`` folder: the rank folders, the plan, what merge
+    would write; every file-derived string escaped."""
+    say(
+        (r.path, "bold"),
+        f" (split --tp: world size {r.world_size}, {len(r.ranks)} rank folders, "
+        f"base name {safe(r.base)})",
+    )
+    ranks = _table("Rank folders")
+    for col in ("folder", "files", "size", "tensors", "tensor data"):
+        ranks.add_column(col, justify="left" if col == "folder" else "right")
+    for k in r.ranks[:MAX_ROWS]:
+        ranks.add_row(
+            safe(k.name), str(k.files), _size(k.file_size), str(k.tensors), _size(k.tensor_bytes)
+        )
+    if len(r.ranks) > MAX_ROWS:
+        ranks.add_row(line(_more(len(r.ranks) - MAX_ROWS)), "", "", "", "")
+    ranks.add_row(
+        line(("total", "bold")), str(sum(k.files for k in r.ranks)), _size(r.file_size), "", ""
+    )
+    out.print(ranks)
+    say(
+        f"{r.tensor_count} tensors ({_size(r.total_tensor_bytes)} of tensor data): "
+        f"{r.sliced} sliced, {r.replicated} replicated on every rank"
+    )
+    rules = ", ".join(f"{safe(k)}: {safe(v)}" for k, v in list(r.plan.items())[:MAX_ROWS])
+    rest = len(r.plan) - MAX_ROWS
+    say(f"Plan ({len(r.plan)} rules): {rules}", *((", ", _more(rest)) if rest > 0 else ()))
+    how = (
+        "the source's own file, byte for byte"
+        if r.lossless
+        else f"not the source's own bytes: {safe(r.reason or 'canonical')}"
+    )
+    say(f"Merge: one file of {_size(r.merged_file_size)}, {how}")
+    say(
+        "Digests of the full tensors: "
+        + (
+            "recorded in tp.json (merge checks them)"
+            if r.digests
+            else "none (the source had no manifest)"
+        )
+    )

@@ -24,6 +24,7 @@ from safeshard.format.quant import QuantReport, analyze
 from safeshard.io.store import translate_errors
 from safeshard.ops import plan
 from safeshard.ops.plan import FileSizer
+from safeshard.ops.tpmerge import read_tp, tp_folder
 from safeshard.redact import redact_url
 from safeshard.sizes import FAT32_LIMIT, format_size, parse_size
 
@@ -153,6 +154,7 @@ class InspectReport:
     def to_json(self) -> dict[str, Any]:
         q = self.quant
         return {
+            "kind": "checkpoint",
             "path": self.path,
             "index": self.index,
             "files": [f.to_json() for f in self.files],
@@ -189,6 +191,115 @@ class InspectReport:
             ),
             "stream_no_read_budget": self.stream_no_read_budget,
         }
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """One rank folder of a ``split --tp`` output."""
+
+    name: str
+    files: int
+    file_size: int
+    tensors: int
+    tensor_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "files": self.files,
+            "file_size": self.file_size,
+            "tensors": self.tensors,
+            "tensor_bytes": self.tensor_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class TpInspectReport:
+    """What ``safeshard inspect`` reports on the output of ``split --tp``: the record
+    (``tp.json``) and each rank folder. See ``docs/inspect-json.md``."""
+
+    path: str
+    world_size: int
+    base: str
+    plan: dict[str, str]
+    tensor_count: int
+    sliced: int
+    replicated: int
+    total_tensor_bytes: int
+    merged_file_size: int
+    lossless: bool
+    reason: str
+    """Why merge writes a canonical file and not the source's own (empty when lossless)."""
+    digests: bool
+    """Whether ``tp.json`` holds the full tensors' digests (the source had a manifest)."""
+    ranks: tuple[RankReport, ...]
+
+    @property
+    def file_size(self) -> int:
+        return sum(r.file_size for r in self.ranks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": "tensor-parallel",
+            "path": self.path,
+            "world_size": self.world_size,
+            "base": self.base,
+            "tp_plan": dict(self.plan),
+            "tensor_count": self.tensor_count,
+            "sliced_tensors": self.sliced,
+            "replicated_tensors": self.replicated,
+            "total_tensor_bytes": self.total_tensor_bytes,
+            "merged_file_size": self.merged_file_size,
+            "lossless": self.lossless,
+            "reason": self.reason,
+            "digests": self.digests,
+            "ranks": [r.to_json() for r in self.ranks],
+            "file_size": self.file_size,
+        }
+
+
+@gcpause.pausing
+@translate_errors
+def inspect_tp(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> TpInspectReport | None:
+    """The report on ``path`` if it is the output of ``split --tp`` (a folder with
+    ``tp.json``), else None. Reads ``tp.json`` and every rank folder's headers, and raises
+    the reader's errors where a rank folder is missing or holds other tensors than the
+    record gives it (``safeshard verify`` says every problem)."""
+    folder = tp_folder(path, storage_options)
+    if folder is None:
+        return None
+    tp = read_tp(folder, storage_options)
+    if tp is None:  # pragma: no cover - tp_folder saw tp.json a moment ago
+        return None
+    rec = tp.record
+    framed, _ = rec.merged(tp.where)
+    sliced = sum(1 for t in rec.tensors.values() if t.dim is not None)
+    return TpInspectReport(
+        path=redact_url(path),
+        world_size=rec.world_size,
+        base=rec.base,
+        plan=rec.plan,
+        tensor_count=len(rec.tensors),
+        sliced=sliced,
+        replicated=len(rec.tensors) - sliced,
+        total_tensor_bytes=rec.total_bytes,
+        merged_file_size=len(framed) + rec.total_bytes,
+        lossless=rec.lossless,
+        reason=rec.reason,
+        digests=rec.digests is not None,
+        ranks=tuple(
+            RankReport(
+                name,
+                len(ck.headers),
+                ck.file_size,
+                len(ck.entries),
+                ck.total_tensor_bytes,
+            )
+            for name, ck in zip(rec.ranks, tp.ranks, strict=True)
+        ),
+    )
 
 
 def _families(groups: Sequence[Group], infos: Mapping[str, TensorInfo]) -> list[BlockFamily]:

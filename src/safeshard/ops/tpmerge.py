@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -40,6 +41,7 @@ __all__ = [
     "merged_extents",
     "rank_mismatches",
     "read_tp",
+    "tp_folder",
 ]
 
 TP_FORMAT = "safeshard-tp"
@@ -219,6 +221,19 @@ class TpCheckpoint:
     @property
     def paths(self) -> list[Any]:
         return [p for c in self.ranks for p in c.located.paths]
+
+
+def tp_folder(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Any:
+    """``path`` as a folder if it is the output of ``split --tp`` (a ``tp.json`` and no
+    weight file or index of its own), else None."""
+    folder = as_path(path, storage_options)
+    try:
+        if not folder.is_dir() or not (folder / TP_RECORD_NAME).is_file():
+            return None
+        names = [p.name for p in folder.iterdir()]
+    except OSError:
+        return None
+    return None if any(".safetensors" in n for n in names) else folder
 
 
 def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpCheckpoint | None:

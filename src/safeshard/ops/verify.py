@@ -86,7 +86,7 @@ from safeshard.format.manifest import Manifest, ShardRecord, header_digest, mani
 from safeshard.io.localfs import stale_temporaries
 from safeshard.io.scan import FileResult, FileTask, Range, scan
 from safeshard.io.store import as_path, translate_errors
-from safeshard.ops.tpmerge import TpRecord, rank_mismatches
+from safeshard.ops.tpmerge import TpRecord, rank_mismatches, tp_folder
 from safeshard.redact import redact_url
 from safeshard.sizes import format_size, parse_size
 
@@ -1133,8 +1133,8 @@ def verify(
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     cap = None if max_shard_size is None else parse_size(max_shard_size)
-    tp_folder = _tp_folder(path, storage_options)
-    if tp_folder is not None:
+    folder = tp_folder(path, storage_options)
+    if folder is not None:
         if against is not None:
             raise UsageError(
                 f"{redact_url(path)}: a tensor-parallel split (tp.json) cannot be compared "
@@ -1149,7 +1149,7 @@ def verify(
             progress=progress,
             storage_options=storage_options,
         )
-        return verify_tp(tp_folder, each_rank, storage_options)
+        return verify_tp(folder, each_rank, storage_options)
     src = as_path(against, storage_options) if against is not None else None
     if src is not None and not src.exists():
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
@@ -1199,19 +1199,6 @@ def verify(
 
 
 # --------------------------------------------------------------------------- tensor parallel
-
-
-def _tp_folder(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Any:
-    """``path`` as a folder if it is the output of ``split --tp`` (a ``tp.json`` and no
-    weight file or index of its own), else None."""
-    folder = as_path(path, storage_options)
-    try:
-        if not folder.is_dir() or not (folder / TP_RECORD_NAME).is_file():
-            return None
-        names = [p.name for p in folder.iterdir()]
-    except OSError:
-        return None
-    return None if any(".safetensors" in n for n in names) else folder
 
 
 def verify_tp(
