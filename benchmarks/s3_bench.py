@@ -362,6 +362,9 @@ def bench_server(
         for n in names[r % len(names) :] + names[: r % len(names)]:
             for d in ("dl-split", "dl-load", "out-local", "out-naive"):
                 shutil.rmtree(work / d, ignore_errors=True)
+            # what the last variant wrote (a split's output stays; the PUT ceilings delete
+            # their object) is flushed now, not by the kernel during the next variant
+            os.sync()
             got = run_child(n, variants[n], opts)
             runs[n].append(got)
             log(
