@@ -503,6 +503,54 @@ def test_local_reads_without_readahead_and_strided_spans_prefetched_in_steps(
     assert sum(b - a for a, b in asked) == sum(hi - lo for lo, hi in spans)
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_sections_of_fused_weights_are_read_alone(
+    models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dim-0 slice in sections (Phi-3's fused QKV and gate/up: a rank's q, k and v rows)
+    is read section by section; nothing between them (the other ranks' sections) is asked
+    of the disk: every POSIX_FADV_WILLNEED lies inside a strided slice's span."""
+    folder = models["phi3"]
+    plan = {
+        "layers.*.self_attn.qkv_proj": "qkv_colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    calls: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            calls.append((offset, offset + length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    stats = ReadStats()
+    safeshard.load(folder, tp_plan=plan, rank=1, world_size=2, tp_stats=stats)
+    ckpt = safeshard.open_checkpoint(folder)
+    rp = RankPlan.build(
+        plan,
+        1,
+        2,
+        folder=folder,
+        tensors={n: e.info for n, e in ckpt.entries.items()},
+        metadata=ckpt.metadata,
+    )
+    spans, sectioned = [], 0
+    for e in ckpt.entries.values():
+        sl = rp.slice_of(e.info)
+        base = ckpt.headers[e.shard].data_start + e.info.begin
+        ext = row_extent(sl)
+        if ext is not None:
+            spans.append((base + ext[0], base + ext[1]))
+        elif len(byte_ranges(sl)) > 1:
+            sectioned += 1
+            assert stats.tensors[e.info.name] == (sl.nbytes, sl.nbytes)  # the sections alone
+    assert sectioned >= 2 and spans
+    assert all(any(lo <= a and b <= hi for lo, hi in spans) for a, b in calls), calls
+
+
 @pytest.mark.parametrize("framework", ["torch", "numpy"])
 def test_each_shard_unmapped_after_its_last_strided_copy(
     models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, framework: Literal["torch", "numpy"]

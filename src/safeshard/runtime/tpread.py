@@ -141,8 +141,6 @@ def read_slices(
         reads = coalesce(ranges, gap=gap, overread=overread)
         if stats is not None:
             stats.note(info.name, sum(r[1] for r in reads), sl.nbytes, len(reads))
-        if fd is not None and len(reads) > 1:
-            _prefetch(fd, span.offset + reads[0][0], span.offset + reads[-1][0] + reads[-1][1])
         first_read = len(reads_all)
         dest = 0
         for off, _length, pieces in reads:
