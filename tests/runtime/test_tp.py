@@ -55,6 +55,14 @@ LLAMA_PLAN = {
     "lm_head": "colwise_gather_output",
 }
 
+PHI3_SECTIONS = {
+    "layers.*.self_attn.qkv_proj": "qkv_colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+"""safeshard's own styles for Phi-3's fused weights: qkv by whole heads, gate/up by halves."""
+
 
 # --------------------------------------------------------------------------- models
 
@@ -336,12 +344,7 @@ def test_phi3_fused_sections(models: dict[str, Path]) -> None:
     safeshard's sections: qkv by whole heads, gate/up by halves (torch references)."""
     folder = models["phi3"]
     full = safeshard.load(folder)
-    plan = {
-        "layers.*.self_attn.qkv_proj": "qkv_colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
+    plan = PHI3_SECTIONS
     hd, q, kv = 8, 64, 32
     for r in range(2):
         auto = safeshard.load(folder, tp_plan="auto", rank=r, world_size=2)
@@ -511,12 +514,7 @@ def test_sections_of_fused_weights_are_read_alone(
     is read section by section; nothing between them (the other ranks' sections) is asked
     of the disk: every POSIX_FADV_WILLNEED lies inside a strided slice's span."""
     folder = models["phi3"]
-    plan = {
-        "layers.*.self_attn.qkv_proj": "qkv_colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-    }
+    plan = PHI3_SECTIONS
     calls: list[tuple[int, int]] = []
     real = os.posix_fadvise
 
