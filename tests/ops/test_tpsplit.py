@@ -422,6 +422,27 @@ def test_verify_checks_tp_json_and_every_rank_folder(
     assert got.exit_code == 1 and json.loads(got.stdout)["findings"][0]["code"] == "tp-record"
 
 
+def test_verify_of_a_tp_folder_reads_each_header_once(
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slice check uses the headers the rank's verify read (in object storage each
+    header read is two ranged GETs)."""
+    from safeshard.format.header import read_header_with as real
+
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2, max_shard_size="60KB")
+    shards = sorted(p.relative_to(out) for p in out.glob("rank-*/model-*.safetensors"))
+    read: list[str] = []
+
+    def count(fetch: Any, size: int, name: str) -> Any:
+        read.append(name)
+        return real(fetch, size, name)
+
+    monkeypatch.setattr("safeshard.io.bytesrc.read_header_with", count)
+    assert safeshard.verify(out).ok
+    assert len(shards) > 2 and sorted(read) == sorted(str(out / p) for p in shards)
+
+
 def test_cli_split_tp_json_and_merge(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "tp"
     runner = CliRunner()

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safeshard.checkpoint import Checkpoint, Entry, open_checkpoint, read_json_file
+from safeshard.checkpoint import Checkpoint, open_checkpoint, read_json_file
 from safeshard.errors import HeaderError, IndexFormatError, ShardMismatchError
 from safeshard.format.filenames import TP_RECORD_NAME, rank_folder_name
-from safeshard.format.header import DTYPE_BITS, Header, parse_header, tensor_nbytes
+from safeshard.format.header import DTYPE_BITS, Header, TensorInfo, parse_header, tensor_nbytes
 from safeshard.io.bytesrc import Extent, Sources
 from safeshard.io.store import as_path
 from safeshard.ops.writer import open_sources
@@ -247,7 +247,7 @@ def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpChe
     rec = TpRecord.parse(obj, where)
     ranks = [open_checkpoint(folder / name, storage_options=storage_options) for name in rec.ranks]
     for r, ck in enumerate(ranks):
-        bad = rank_mismatches(rec, r, ck.entries, where)
+        bad = rank_mismatches(rec, r, {n: e.info for n, e in ck.entries.items()}, where)
         if bad:
             tensor, why = bad[0]
             raise ShardMismatchError(f"{folder / rec.ranks[r]}: tensor {tensor!r} {why}")
@@ -255,23 +255,23 @@ def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpChe
 
 
 def rank_mismatches(
-    rec: TpRecord, rank: int, entries: Mapping[str, Entry], where: str
+    rec: TpRecord, rank: int, tensors: Mapping[str, TensorInfo], where: str
 ) -> list[tuple[str, str]]:
     """``(tensor, what is wrong)`` wherever the tensors of rank ``rank``'s checkpoint
-    (``entries``) are not the slices ``rec`` (read from ``where``) gives that rank: a
-    tensor missing or extra, or another dtype or shape."""
+    (``tensors``, by name) are not the slices ``rec`` (read from ``where``) gives that
+    rank: a tensor missing or extra, or another dtype or shape."""
     out = [
         (t, f"has a slice on rank {rank} in {where}; the rank folder has no such tensor")
-        for t in sorted(set(rec.tensors) - set(entries))
+        for t in sorted(set(rec.tensors) - set(tensors))
     ]
-    out += [(t, f"is not in {where}") for t in sorted(set(entries) - set(rec.tensors))]
+    out += [(t, f"is not in {where}") for t in sorted(set(tensors) - set(rec.tensors))]
     for name, t in rec.tensors.items():
-        e = entries.get(name)
-        if e is not None and (e.info.dtype, e.info.shape) != (t.dtype, t.rank_shape(rank)):
+        info = tensors.get(name)
+        if info is not None and (info.dtype, info.shape) != (t.dtype, t.rank_shape(rank)):
             out.append(
                 (
                     name,
-                    f"is {e.info.dtype} {list(e.info.shape)}, not the {t.dtype} "
+                    f"is {info.dtype} {list(info.shape)}, not the {t.dtype} "
                     f"{list(t.rank_shape(rank))} {where} records for rank {rank}",
                 )
             )

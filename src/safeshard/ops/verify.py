@@ -1141,15 +1141,40 @@ def verify(
                 "with --against; merge it first (safeshard merge) and verify the merged file"
             )
         each_rank = functools.partial(
-            verify,
-            max_shard_size=max_shard_size,
+            _verify_one,
+            cap=cap,
             deep=deep,
             hash_files=hash_files,
             workers=workers,
             progress=progress,
             storage_options=storage_options,
         )
-        return verify_tp(folder, each_rank, storage_options)
+        return verify_tp(folder, each_rank)
+    return _verify_one(
+        path,
+        against=against,
+        cap=cap,
+        deep=deep,
+        hash_files=hash_files,
+        workers=workers,
+        progress=progress,
+        storage_options=storage_options,
+    )[0]
+
+
+def _verify_one(
+    path: str | os.PathLike[str],
+    *,
+    against: str | os.PathLike[str] | None = None,
+    cap: int | None,
+    deep: bool,
+    hash_files: bool,
+    workers: int | None,
+    progress: ProgressFactory | None,
+    storage_options: Mapping[str, Any] | None,
+) -> tuple[VerifyReport, Context]:
+    """:func:`verify` of one checkpoint, and the context its checks read (the headers,
+    for the caller to check more without reading them again)."""
     src = as_path(against, storage_options) if against is not None else None
     if src is not None and not src.exists():
         raise CheckpointNotFoundError(f"{src}: no such file or folder (given as --against)")
@@ -1180,7 +1205,7 @@ def verify(
     findings.extend(check_gidx_values(ctx, results))
     findings.extend(check_digests(ctx, results))
     findings.extend(check_hashes(ctx, plan, results, _by_name(again, second)))
-    return VerifyReport(
+    report = VerifyReport(
         path=redact_url(path),
         findings=findings,
         shards=len(ctx.target.files),
@@ -1196,21 +1221,21 @@ def verify(
         compared_files=plan.compared_files,
         digested_files=len(plan.digested_files),
     )
+    return report, ctx
 
 
 # --------------------------------------------------------------------------- tensor parallel
 
 
 def verify_tp(
-    folder: Any,
-    each_rank: Callable[[Any], VerifyReport],
-    storage_options: Mapping[str, Any] | None,
+    folder: Any, each_rank: Callable[[Any], tuple[VerifyReport, Context]]
 ) -> VerifyReport:
     """Verify a ``split --tp`` folder: ``tp.json`` is readable, every rank folder it lists
-    exists, is a sound checkpoint (``each_rank``: :func:`verify` with the caller's options;
-    their findings named
+    exists, is a sound checkpoint (``each_rank``: :func:`verify` of one checkpoint with the
+    caller's options, and the headers it read; their findings named
     ``rank-0000r-of-0000N/FILE``) and holds exactly the recorded slices (names, dtypes,
-    shapes), and no other rank folder lies beside them. The counts add up the ranks'."""
+    shapes; from those same headers), and no other rank folder lies beside them. The counts
+    add up the ranks'."""
     report = VerifyReport(path=redact_url(folder), checks=["tensor-parallel"])
     where = f"{redact_url(folder)}/{TP_RECORD_NAME}"
     obj = read_json_file(folder / TP_RECORD_NAME)
@@ -1237,12 +1262,17 @@ def verify_tp(
                 )
             )
             continue
-        sub = each_rank(rank_dir)
+        sub, ctx = each_rank(rank_dir)
         report.findings += [
             Finding(f.code, f"{name}/{f.file}" if f.file else name, f.tensor, f.message)
             for f in sub.findings
         ]
-        report.findings += _rank_tensors(rank_dir, name, rank, record, where, storage_options)
+        if not ctx.bad:  # else its verify has said which files cannot be read
+            infos = {t.name: t for h in ctx.headers.values() for t in h.tensors}
+            report.findings += [
+                Finding("tp-rank-tensors", name, t, why)
+                for t, why in rank_mismatches(record, rank, infos, where)
+            ]
         report.shards += sub.shards
         report.tensors = max(report.tensors, sub.tensors)
         report.total_size += sub.total_size
@@ -1265,22 +1295,3 @@ def verify_tp(
                 )
             )
     return report
-
-
-def _rank_tensors(
-    rank_dir: Any,
-    name: str,
-    rank: int,
-    record: TpRecord,
-    where: str,
-    storage_options: Mapping[str, Any] | None,
-) -> list[Finding]:
-    """Findings where the rank folder's tensors are not the slices ``record`` gives it."""
-    try:
-        entries = open_checkpoint(rank_dir, storage_options=storage_options).entries
-    except SafeshardError:
-        return []  # verify of the rank folder has said why
-    return [
-        Finding("tp-rank-tensors", name, t, why)
-        for t, why in rank_mismatches(record, rank, entries, where)
-    ]
