@@ -1133,33 +1133,24 @@ def verify(
     if workers is not None and workers < 1:
         raise UsageError(f"workers must be at least 1, got {workers}")
     cap = None if max_shard_size is None else parse_size(max_shard_size)
-    folder = tp_folder(path, storage_options)
-    if folder is not None:
-        if against is not None:
-            raise UsageError(
-                f"{redact_url(path)}: a tensor-parallel split (tp.json) cannot be compared "
-                "with --against; merge it first (safeshard merge) and verify the merged file"
-            )
-        each_rank = functools.partial(
-            _verify_one,
-            cap=cap,
-            deep=deep,
-            hash_files=hash_files,
-            workers=workers,
-            progress=progress,
-            storage_options=storage_options,
-        )
-        return verify_tp(folder, each_rank)
-    return _verify_one(
-        path,
-        against=against,
+    one = functools.partial(
+        _verify_one,
         cap=cap,
         deep=deep,
         hash_files=hash_files,
         workers=workers,
         progress=progress,
         storage_options=storage_options,
-    )[0]
+    )
+    folder = tp_folder(path, storage_options)
+    if folder is None:
+        return one(path, against=against)[0]
+    if against is not None:
+        raise UsageError(
+            f"{redact_url(path)}: a tensor-parallel split (tp.json) cannot be compared "
+            "with --against; merge it first (safeshard merge) and verify the merged file"
+        )
+    return verify_tp(folder, one)
 
 
 def _verify_one(
