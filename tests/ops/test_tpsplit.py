@@ -371,6 +371,20 @@ def test_a_bad_record_is_refused(models: dict[str, Path], tmp_path: Path) -> Non
         safeshard.merge(out, tmp_path / "m.safetensors")
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_an_unreadable_record_is_named_by_merge_and_inspect(
+    models: dict[str, Path], tmp_path: Path, text: str
+) -> None:
+    out = tmp_path / "tp"
+    safeshard.split(models["llama"], out, tp=2)
+    (out / "tp.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(IndexFormatError, match=r"tp\.json: not a readable JSON object"):
+        safeshard.merge(out, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    got = CliRunner().invoke(main, ["inspect", str(out)])
+    assert got.exit_code == 3 and "not a readable JSON object" in got.output, got.output
+
+
 def test_verify_checks_tp_json_and_every_rank_folder(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -238,12 +238,18 @@ def tp_folder(path: str | os.PathLike[str], storage_options: Mapping[str, Any] |
 
 def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpCheckpoint | None:
     """The tensor-parallel split in the folder ``src``, or None when ``src`` holds no
-    ``tp.json``. Each rank folder is opened and checked against the record."""
+    ``tp.json``; :class:`IndexFormatError` when it is not a record safeshard wrote. Each
+    rank folder is opened and checked against the record."""
     folder = as_path(src, storage_options)
     obj = read_json_file(folder / TP_RECORD_NAME)
-    if obj is None:
-        return None
     where = str(folder / TP_RECORD_NAME)
+    if obj is None:
+        if (folder / TP_RECORD_NAME).is_file():
+            raise IndexFormatError(
+                f"{where}: not a readable JSON object, so the rank folders beside it cannot "
+                "be put together; rerun split --tp with --force"
+            )
+        return None
     rec = TpRecord.parse(obj, where)
     ranks = [open_checkpoint(folder / name, storage_options=storage_options) for name in rec.ranks]
     for r, ck in enumerate(ranks):
