@@ -385,6 +385,27 @@ def test_an_unreadable_record_is_named_by_merge_and_inspect(
     assert got.exit_code == 3 and "not a readable JSON object" in got.output, got.output
 
 
+@pytest.mark.parametrize("form", ["userinfo", "userinfo_pct", "presigned", "query_token"])
+def test_an_unreadable_record_behind_a_credential_url_names_no_secret(
+    models: dict[str, Path], tmp_path: Path, form: str
+) -> None:
+    from helpers import fuzzkit
+    from helpers.faultproxy import FolderServer
+
+    root = tmp_path / "served"
+    safeshard.split(models["llama"], root / "tp", tp=2)
+    (root / "tp" / "tp.json").write_text("{not json")
+    with FolderServer(root) as srv:
+        url = fuzzkit.credential_url(srv.url, "tp", form)
+        for call in (
+            lambda: safeshard.merge(url, tmp_path / "m.safetensors"),
+            lambda: safeshard.inspect_tp(url),
+        ):
+            with pytest.raises(IndexFormatError, match="not a readable JSON object") as got:
+                call()
+            assert fuzzkit.leaked(str(got.value)) == []
+
+
 def test_verify_checks_tp_json_and_every_rank_folder(
     models: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from safeshard.format.header import DTYPE_BITS, Header, TensorInfo, parse_header
 from safeshard.io.bytesrc import Extent, Sources
 from safeshard.io.store import as_path
 from safeshard.ops.writer import open_sources
+from safeshard.redact import redact_url
 
 __all__ = [
     "TP_FORMAT",
@@ -216,7 +217,7 @@ class TpCheckpoint:
 
     @property
     def where(self) -> str:
-        return str(self.folder / TP_RECORD_NAME)
+        return redact_url(self.folder / TP_RECORD_NAME)
 
     @property
     def paths(self) -> list[Any]:
@@ -242,7 +243,7 @@ def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpChe
     rank folder is opened and checked against the record."""
     folder = as_path(src, storage_options)
     obj = read_json_file(folder / TP_RECORD_NAME)
-    where = str(folder / TP_RECORD_NAME)
+    where = redact_url(folder / TP_RECORD_NAME)
     if obj is None:
         if (folder / TP_RECORD_NAME).is_file():
             raise IndexFormatError(
@@ -256,7 +257,9 @@ def read_tp(src: Any, storage_options: Mapping[str, Any] | None = None) -> TpChe
         bad = rank_mismatches(rec, r, {n: e.info for n, e in ck.entries.items()}, where)
         if bad:
             tensor, why = bad[0]
-            raise ShardMismatchError(f"{folder / rec.ranks[r]}: tensor {tensor!r} {why}")
+            raise ShardMismatchError(
+                f"{redact_url(folder / rec.ranks[r])}: tensor {tensor!r} {why}"
+            )
     return TpCheckpoint(folder, rec, ranks)
 
 
