@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 
-from safeshard.io.remote import RemoteFolder, filesystem, part_size
+from safeshard.errors import WriteError
+from safeshard.io.journal import FileRecord
+from safeshard.io.remote import RemoteFolder, _PartUploader, filesystem, part_size
 
 
 def uploads(fs: Any, bucket: str) -> list[str]:
@@ -92,3 +95,89 @@ def test_only_uploads_of_keys_this_run_writes_are_aborted(
         assert sum("aborted an incomplete upload" in r for r in tx.recovered) == 2
         tx.commit()
     assert fs.cat_file(f"{root}/model.safetensors") == b"new"
+
+
+def _fill(n: int, byte: bytes = b"x") -> Any:
+    def fill(sink: Any) -> int:
+        sink.write(byte * n)
+        return n
+
+    return fill
+
+
+def test_a_file_finishes_while_the_next_is_written(
+    s3: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first file's last parts and completion go on while the second is written: its
+    completion is held until the second has begun (a folder that finished each file
+    before the next would wait out the timeout, and the order below would differ). Its
+    journal record waits for the completion, and the commit for both files."""
+    base, options = s3
+    url = f"{base}/overlap"
+    fs, root = filesystem(url, options)
+    second_begun = threading.Event()
+    held: list[bool] = []
+    complete = _PartUploader.complete
+
+    def held_complete(self: _PartUploader) -> None:
+        if not held:
+            held.append(second_begun.wait(timeout=10))
+        complete(self)
+
+    monkeypatch.setattr(_PartUploader, "complete", held_complete)
+    steps: list[str] = []
+
+    def on_step(step: str) -> None:
+        steps.append(step)
+        if step == "writing:b.safetensors":
+            second_begun.set()
+
+    size = 9 * 2**20  # two parts
+    with RemoteFolder(url, storage_options=options, on_step=on_step) as tx:
+        tx.start("split", "fp")
+        tx.write("a.safetensors", _fill(size, b"a"), size=size)
+        tx.record("a.safetensors", FileRecord(size, None))
+        tx.write("b.safetensors", _fill(size, b"b"), size=size)
+        tx.record("b.safetensors", FileRecord(size, None))
+        tx.commit()
+    assert held == [True]
+    assert steps.index("writing:b.safetensors") < steps.index("written:a.safetensors")
+    assert steps.index("written:a.safetensors") < steps.index("journaled:a.safetensors")
+    assert steps.index("journaled:a.safetensors") < steps.index("journaled:b.safetensors")
+    assert steps.index("journaled:b.safetensors") < steps.index("committing")
+    assert fs.cat_file(f"{root}/a.safetensors") == b"a" * size
+    assert fs.cat_file(f"{root}/b.safetensors") == b"b" * size
+
+
+def test_a_completion_failing_in_the_background_is_raised_and_leaves_nothing(
+    s3: tuple[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error of a completion that failed while the next file was written is raised
+    by the next step; the failed file is neither journaled nor left behind, nor are its
+    parts, and the lock is released."""
+    base, options = s3
+    url = f"{base}/failing"
+    fs, root = filesystem(url, options)
+    bucket = root.split("/")[0]
+    complete = _PartUploader.complete
+
+    def failing_complete(self: _PartUploader) -> None:
+        if self.key.endswith("a.safetensors"):
+            raise WriteError("the server refused the completion", filename="a.safetensors")
+        complete(self)
+
+    monkeypatch.setattr(_PartUploader, "complete", failing_complete)
+    steps: list[str] = []
+    size = 9 * 2**20
+    with (
+        pytest.raises(WriteError, match="refused the completion"),
+        RemoteFolder(url, storage_options=options, on_step=steps.append) as tx,
+    ):
+        tx.start("split", "fp")
+        tx.write("a.safetensors", _fill(size), size=size)
+        tx.record("a.safetensors", FileRecord(size, None))
+        tx.write("b.safetensors", _fill(size), size=size)
+    assert not [s for s in steps if s.endswith(":a.safetensors") and "writing" not in s]
+    left = {p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True)} if fs.exists(root) else set()
+    assert not {"a.safetensors", "b.safetensors", ".safeshard.lock"} & left, left
+    assert uploads(fs, bucket) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +18,8 @@ import safeshard
 from helpers.s3kit import S3, cli_options, random_model, sha, synth_tiny, weights
 from helpers.splitkit import run_killed
 from safeshard.errors import OutputExistsError, OutputLockedError
+from safeshard.format.filenames import JOURNAL_NAME
+from safeshard.io.journal import Journal
 from safeshard.io.remote import DEFAULT_LIMITS, RemoteFolder, filesystem
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -82,15 +85,20 @@ def test_a_split_to_s3_killed_anywhere_is_finished_by_resume(
         for f in safeshard.split(src, tmp_path / "plan", max_shard_size=cap, dry_run=True).files
     ]
     assert len(names) >= 4
-    points = {  # kill point -> shards finished (journaled) before it
-        f"written:{names[0]}": 0,
-        f"writing:{names[2]}": 2,
-        "committing": len(names),
+    # kill point -> the shards finished (journaled) before it: while the third is written,
+    # the second may still be finishing in the background (its last parts, its completion)
+    points = {
+        f"written:{names[0]}": {0},
+        f"writing:{names[2]}": {1, 2},
+        "committing": {len(names)},
     }
-    for i, (point, done) in enumerate(points.items()):
+    for i, (point, could) in enumerate(points.items()):
         url = f"{base}/r{i}"
         killed = run_killed("split", point, src, url, max_shard_size=cap, storage_options=opts)
         assert killed.returncode < 0, (point, killed.stderr[-2000:])
+        done = len(journaled(url, opts))
+        assert done in could, (point, done)
+        assert journaled(url, opts) == set(names[:done]), point
         if done:  # issue 16.15: the rerun without --resume suggests it, and it works
             with pytest.raises(OutputExistsError, match="--resume"):
                 safeshard.split(src, url, max_shard_size=cap, storage_options=opts)
@@ -109,6 +117,15 @@ def test_a_split_to_s3_killed_anywhere_is_finished_by_resume(
         fs, root = filesystem(url, opts)
         left = {p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True)}
         assert not {".safeshard-journal.json", ".safeshard.lock"} & left, point
+
+
+def journaled(url: str, opts: dict[str, Any]) -> set[str]:
+    """The files a killed run's journal under ``url`` vouches for."""
+    fs, root = filesystem(url, opts)
+    data = fs.cat_file(f"{root}/{JOURNAL_NAME}")
+    journal = Journal.parse(data)
+    assert journal is not None
+    return set(journal.files)
 
 
 def test_a_second_writer_of_a_prefix_is_refused(tiny: Path, s3: S3) -> None:

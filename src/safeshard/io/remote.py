@@ -51,7 +51,7 @@ from safeshard.io.bytesrc import ByteSource, Extent, Sink, copy_source, read_exa
 from safeshard.io.copier import Hashes, digest_file, hash_source
 from safeshard.io.journal import FileRecord, Journal, commit_plan, removal_order
 from safeshard.io.parts import CopyPart, Part, Run, SendPart, plan_parts
-from safeshard.io.storerr import classify, translating
+from safeshard.io.storerr import classify, storage_op, translating
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -576,7 +576,7 @@ class _PartUploader:
         self.limits = limits or DEFAULT_LIMITS
         self.upload_id: str | None = None
         self.etags: dict[int, str] = {}
-        self._buf = self.limits.take_part(part)
+        self._buf: bytearray | None = self.limits.take_part(part)
         self._fill = 0
         self._futures: list[Future[None]] = []
         self._error: BaseException | None = None
@@ -589,6 +589,7 @@ class _PartUploader:
     def write(self, data: memoryview) -> None:
         while len(data):
             n = min(len(data), self.part - self._fill)
+            assert self._buf is not None, "written after the last part"
             self._buf[self._fill : self._fill + n] = data[:n]
             self._fill += n
             data = data[n:]
@@ -599,13 +600,15 @@ class _PartUploader:
         if self._error is not None:
             raise self._error
 
-    def _send(self) -> None:
-        """Hand the filled part to an upload thread (waiting for a free slot)."""
+    def _send(self, *, last: bool = False) -> None:
+        """Hand the filled part to an upload thread (waiting for a free slot); unless it
+        is the ``last``, take a buffer for the next part."""
         self._check()
         if self.upload_id is None:
             self.upload_id = str(self._call("create_multipart_upload")["UploadId"])
         number = len(self._futures) + 1
         buf, size = self._buf, self._fill
+        assert buf is not None, "sent after the last part"
         slots = self.limits._put_slots
         slots.acquire()
         try:
@@ -615,7 +618,7 @@ class _PartUploader:
             raise
         self._futures.append(fut)
         with self._lock:
-            self._buf = self.limits.take_part(self.part)
+            self._buf = None if last else self.limits.take_part(self.part)
         self._fill = 0
 
     def _put_part(self, number: int, buf: bytearray, size: int) -> None:
@@ -637,6 +640,7 @@ class _PartUploader:
 
     def complete(self) -> None:
         if self.upload_id is None:  # smaller than a part: one PUT
+            assert self._buf is not None
             stats = self.limits.upload_stats
             stats.begin(self._fill)
             try:
@@ -644,10 +648,11 @@ class _PartUploader:
             finally:
                 stats.end(self._fill, self._fill)
             self._done = True
-            self.limits.give_part(self._buf)
+            self._give_back()
             return
         if self._fill:
-            self._send()
+            self._send(last=True)
+        self._give_back()  # no buffer is held while the last parts upload
         self._wait()
         self._check()
         parts = [{"PartNumber": n, "ETag": self.etags[n]} for n in sorted(self.etags)]
@@ -657,14 +662,19 @@ class _PartUploader:
             MultipartUpload={"Parts": parts},
         )
         self._done = True
-        self.limits.give_part(self._buf)
+
+    def _give_back(self) -> None:
+        with self._lock:
+            buf, self._buf = self._buf, None
+        if buf is not None:
+            self.limits.give_part(buf)
 
     def abort(self) -> None:
         if self._done:
             return
         self._done = True
         self._wait()
-        self.limits.give_part(self._buf)
+        self._give_back()
         if self.upload_id is not None:
             with contextlib.suppress(Exception):
                 self._call("abort_multipart_upload", UploadId=self.upload_id)
@@ -933,6 +943,10 @@ class RemoteFolder:
       is whole (so no reader sees a partial object) and aborted on any error; before a
       file is written, incomplete uploads of that key (a killed run's) are aborted, and
       uploads of safeshard's temporaries under the prefix are aborted on entry;
+    - a file's last parts and its completion (which a server may take a second over for a
+      large object) go on in the background while the next file is written, one file at
+      a time: its journal record waits for them, every other step waits for them first,
+      and an error there is raised by the next step;
     - object storage cannot rename: a staged file is uploaded under a temporary key and
       copied into place on the server at the commit;
     - a journal object (``.safeshard-journal.json``, rewritten whole as each file is
@@ -964,6 +978,11 @@ class RemoteFolder:
         self._lock_body: bytes | None = None
         self._cannot_list = False
         self._no_server_copy = False
+        self._finishing: Future[None] | None = None
+        self._finisher: ThreadPoolExecutor | None = None
+        self._unfinished: set[str] = set()
+        self._to_record: dict[str, Any] = {}
+        self._journal_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -979,6 +998,11 @@ class RemoteFolder:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
+            try:
+                self._settle()
+            except BaseException:
+                if exc is None:
+                    raise
             if exc is not None and not self._committing:
                 for name in list(self._mine):
                     self._rm(name)
@@ -988,6 +1012,9 @@ class RemoteFolder:
                 ):
                     self._rm(JOURNAL_NAME)
         finally:
+            if self._finisher is not None:
+                self._finisher.shutdown(wait=True)
+                self._finisher = None
             self._unlock()
 
     def step(self, name: str) -> None:
@@ -1002,6 +1029,12 @@ class RemoteFolder:
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"not a plain file name: {name!r}")
         return f"{self.root}/{name}"
+
+    def _settle(self) -> None:
+        """Wait for the file finishing in the background, raising its error."""
+        fut, self._finishing = self._finishing, None
+        if fut is not None:
+            fut.result()
 
     # ------------------------------------------------------------------ lock
 
@@ -1178,12 +1211,13 @@ class RemoteFolder:
         self.step("started")
 
     def _save_journal(self) -> None:
-        if self._journal is None:
-            return
-        try:
-            self.fs.pipe_file(self._key(JOURNAL_NAME), self._journal.encode())
-        except Exception as e:
-            raise _classify(self.path(JOURNAL_NAME), "write the journal", e) from None
+        with self._journal_lock:
+            if self._journal is None:
+                return
+            try:
+                self.fs.pipe_file(self._key(JOURNAL_NAME), self._journal.encode())
+            except Exception as e:
+                raise _classify(self.path(JOURNAL_NAME), "write the journal", e) from None
 
     def resumable(self, kind: str, fingerprint: str) -> dict[str, Any]:
         """Files an earlier, interrupted run of the same work finished (its journal's
@@ -1198,8 +1232,18 @@ class RemoteFolder:
         return self._found.kind if self._found is not None else None
 
     def record(self, name: str, rec: Any) -> None:
+        """Journal ``name`` as finished: now, or when its upload finishes in the
+        background."""
+        with self._journal_lock:
+            if name in self._unfinished:
+                self._to_record[name] = rec
+                return
+        self._record(name, rec)
+
+    def _record(self, name: str, rec: Any) -> None:
         if self._journal is not None:
-            self._journal.files[name] = rec
+            with self._journal_lock:
+                self._journal.files[name] = rec
             self._save_journal()
         self._refresh_lock()
         self.step(f"journaled:{name}")
@@ -1207,6 +1251,7 @@ class RemoteFolder:
     # ------------------------------------------------------------------ files
 
     def _names(self) -> list[str]:
+        self._settle()
         try:
             entries = self.fs.ls(self.root, detail=True, refresh=True)
         except FileNotFoundError:
@@ -1222,9 +1267,11 @@ class RemoteFolder:
         return [n for n in self._names() if n.endswith(tuple(suffixes))]
 
     def exists(self, name: str) -> bool:
+        self._settle()
         return bool(self.fs.exists(self._key(name)))
 
     def read(self, name: str) -> bytes | None:
+        self._settle()
         try:
             return bytes(self.fs.cat_file(self._key(name)))
         except FileNotFoundError:
@@ -1236,6 +1283,7 @@ class RemoteFolder:
         self._mine.discard(name)
 
     def remove(self, names: Iterable[str]) -> list[str]:
+        self._settle()
         order = removal_order(names)
         gone = [n for n in order if self.exists(n)]
         for n in order:
@@ -1244,7 +1292,11 @@ class RemoteFolder:
             self.step("removed")
         return gone
 
-    def _upload(self, name: str, key_name: str, fill: Any, size: int | None) -> Any:
+    def _upload(
+        self, name: str, key_name: str, fill: Any, size: int | None, done: str, *, later: bool
+    ) -> Any:
+        """Upload ``fill(sink)`` as ``key_name``, then step ``done``; with ``later``, the
+        last parts and the completion go on in the background (see the class docs)."""
         key = self._key(key_name).partition("/")[2]
         self._abort_uploads(key, keep=lambda k: k == key)  # a killed run's, of this key
         sink = RemoteSink(self.fs, self._key(key_name), str(self.path(name)), size)
@@ -1252,28 +1304,60 @@ class RemoteFolder:
         try:
             self.step(f"writing:{name}")
             result = fill(sink)
-            sink.commit()
         except BaseException:
-            try:
-                sink.abort()
-            finally:
-                self._rm(key_name)
+            self._drop(sink, key_name)
             raise
+        try:
+            self._settle()  # the file before, one at a time
+        except BaseException:
+            self._drop(sink, key_name)
+            raise
+        if not later:
+            self._finish(name, key_name, sink, done)
+            return result
+        with self._journal_lock:
+            self._unfinished.add(name)
+        if self._finisher is None:
+            self._finisher = ThreadPoolExecutor(1, thread_name_prefix="safeshard-finish")
+        self._finishing = self._finisher.submit(self._finish, name, key_name, sink, done)
         return result
+
+    def _drop(self, sink: RemoteSink, key_name: str) -> None:
+        try:
+            sink.abort()
+        finally:
+            self._rm(key_name)
+
+    def _finish(self, name: str, key_name: str, sink: RemoteSink, done: str) -> None:
+        """Complete ``sink``'s upload, step ``done``, then journal the record the writer
+        left for it, if any."""
+        try:
+            with storage_op(self.path(name), "upload"):  # named as `write` names it
+                sink.commit()
+        except BaseException:
+            self._drop(sink, key_name)  # and the file stays unfinished: never journaled
+            raise
+        if key_name == name:
+            self._mine.discard(name)
+        self.step(done)
+        with self._journal_lock:
+            self._unfinished.discard(name)
+            rec = self._to_record.pop(name, None)
+        if rec is not None:
+            self._record(name, rec)
 
     def write(self, name: str, fill: Any, *, size: int | None = None) -> Any:
-        result = self._upload(name, name, fill, size)
-        self._mine.discard(name)
-        self.step(f"written:{name}")
-        return result
+        return self._upload(name, name, fill, size, f"written:{name}", later=True)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        self.write(name, lambda sink: sink.write(data), size=len(data))
+        write = lambda sink: sink.write(data)  # noqa: E731
+        self._upload(name, name, write, len(data), f"written:{name}", later=False)
 
     def copy_in(self, source: ByteSource, name: str) -> None:
         """Copy all of ``source`` (a local file, or an object) to ``name``: on the server
         when it is an object on this storage, else streamed through a bounded buffer (never
         whole)."""
+        self._settle()
         if isinstance(source, RemoteFile) and type(source.fs) is type(self.fs):
             self.fs.copy(source.path, self._key(name))
             self.step(f"written:{name}")
@@ -1319,6 +1403,7 @@ class RemoteFolder:
         )
         if 2 * sum(p.nbytes for p in parts if isinstance(p, CopyPart)) < size:
             return None  # mostly small runs: streaming them costs no more
+        self._settle()
         key_name = temp_name(name, stage=True) if stage else name
         key = self._key(key_name)
         self._abort_uploads(key.partition("/")[2], keep=lambda k: k == key.partition("/")[2])
@@ -1362,11 +1447,11 @@ class RemoteFolder:
 
     def stage(self, name: str, fill: Any, *, size: int | None = None) -> tuple[str, Any]:
         tmp = temp_name(name, stage=True)
-        result = self._upload(name, tmp, fill, size)
-        self.step(f"staged:{name}")
+        result = self._upload(name, tmp, fill, size, f"staged:{name}", later=True)
         return tmp, result
 
     def stage_link(self, old: str, name: str) -> str:
+        self._settle()
         tmp = temp_name(name, stage=True)
         self.fs.copy(self._key(old), self._key(tmp))
         self._mine.add(tmp)
@@ -1382,6 +1467,7 @@ class RemoteFolder:
     ) -> None:
         # removing a missing object costs nothing, and the file system's listing cache
         # may miss objects this run uploaded: every final is removed without asking
+        self._settle()
         plan = commit_plan(
             moves, remove, dict(finals or {}), exists=lambda name: True, current=self.read
         )
