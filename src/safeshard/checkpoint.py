@@ -16,7 +16,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from safeshard.format.header import Header, TensorInfo
 from safeshard.format.index import ShardIndex, index_base, parse_index_bytes
 from safeshard.format.manifest import Manifest, manifest_path
 from safeshard.format.quant import QuantConfigs
+from safeshard.futures import wait_all
 from safeshard.io.bytesrc import ByteSource, header_of
 from safeshard.io.store import (
     LOCAL,
@@ -112,6 +114,22 @@ def _header_at(path: Any, open_file: Callable[[Any], ByteSource]) -> Header:
         raise
     with src:
         return header_of(src)
+
+
+HEADER_READERS = 8
+"""Shard headers of a checkpoint in object storage read at once (each costs two requests
+in a row: its length, then the header)."""
+
+
+def _headers(files: Sequence[Any], place: Place) -> list[Header]:
+    """Every file's header, in order: in object storage up to :data:`HEADER_READERS` at
+    once, since each read waits out a round trip or two; locally one after another."""
+    if place.local is not None or len(files) < 2:
+        return [_header_at(f, place.open) for f in files]
+    with ThreadPoolExecutor(min(HEADER_READERS, len(files))) as pool:
+        futures = [pool.submit(_header_at, f, place.open) for f in files]
+        wait_all(futures)
+    return [f.result() for f in futures]
 
 
 def read_index(path: str | os.PathLike[str], place: Place | None = None) -> ShardIndex:
@@ -372,7 +390,7 @@ def open_checkpoint(
             f"{', '.join(m.name for m in missing)} listed in the index does not exist"
         )
     place = loc.place  # local or in object storage: decided once, by find()
-    headers = [_header_at(f, place.open) for f in loc.files]
+    headers = _headers(loc.files, place)
     entries: dict[str, Entry] = {}
     problems: list[str] = []
     new, setattr_ = object.__new__, object.__setattr__

@@ -53,6 +53,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -60,6 +61,7 @@ from typing import Any
 
 from safeshard import gcpause
 from safeshard.checkpoint import (
+    HEADER_READERS,
     Checkpoint,
     common_metadata,
     find,
@@ -83,9 +85,10 @@ from safeshard.format.filenames import RANK_RE, SHARD_RE, TP_RECORD_NAME
 from safeshard.format.header import Header, TensorInfo, build_header
 from safeshard.format.index import ShardIndex, check_shard_name
 from safeshard.format.manifest import Manifest, ShardRecord, header_digest, manifest_path
+from safeshard.futures import wait_all
 from safeshard.io.localfs import stale_temporaries
 from safeshard.io.scan import FileResult, FileTask, Range, scan
-from safeshard.io.store import as_path, translate_errors
+from safeshard.io.store import as_path, is_remote, translate_errors
 from safeshard.ops.tpmerge import TpRecord, rank_mismatches, tp_folder
 from safeshard.redact import redact_url
 from safeshard.sizes import format_size, parse_size
@@ -404,33 +407,43 @@ def _read_headers(
     bad: set[str] = set()
     sizes: dict[str, int | None] = {}
     found: list[Finding] = []
-    for name in t.files:
-        p = t.path(name)
-        sizes[name] = _size(p)
-        if not p.is_file():
+    for name, (size, header, finding) in zip(t.files, _each_header(t), strict=True):
+        sizes[name] = size
+        if header is not None:
+            headers[name] = header
+        if finding is not None:
             bad.add(name)
-            if t.index_path is not None:
-                found.append(
-                    Finding(
-                        "missing-shard",
-                        name,
-                        None,
-                        f"{p}: listed in {t.index_path.name} but does not exist; "
-                        "copy it again or re-run the split",
-                    )
-                )
-            continue
-        try:
-            headers[name] = read_header(p)
-        except HeaderError as e:
-            bad.add(name)
-            found.append(
-                Finding("bad-header", name, None, f"{e}; copy the file again or re-run the split")
-            )
-        except OSError as e:
-            bad.add(name)
-            found.append(Finding("bad-header", name, None, f"{e}; check the file and the disk"))
+            if finding.code != "missing-shard" or t.index_path is not None:
+                found.append(finding)
     return headers, frozenset(bad), sizes, found
+
+
+def _each_header(t: Target) -> list[tuple[int | None, Header | None, Finding | None]]:
+    """Each weight file's size, and its header or what is wrong with it, in order: in
+    object storage several at once (each costs round trips), locally one by one."""
+    if len(t.files) < 2 or not is_remote(t.folder):
+        return [_one_header(t, name) for name in t.files]
+    with ThreadPoolExecutor(min(HEADER_READERS, len(t.files))) as pool:
+        futures = [pool.submit(_one_header, t, name) for name in t.files]
+        wait_all(futures)
+    return [f.result() for f in futures]
+
+
+def _one_header(t: Target, name: str) -> tuple[int | None, Header | None, Finding | None]:
+    p = t.path(name)
+    size = _size(p)
+    if not p.is_file():
+        message = (
+            f"{p}: listed in {t.index_name} but does not exist; copy it again or re-run the split"
+        )
+        return size, None, Finding("missing-shard", name, None, message)
+    try:
+        return size, read_header(p), None
+    except HeaderError as e:
+        message = f"{e}; copy the file again or re-run the split"
+        return size, None, Finding("bad-header", name, None, message)
+    except OSError as e:
+        return size, None, Finding("bad-header", name, None, f"{e}; check the file and the disk")
 
 
 def _where(headers: Mapping[str, Header]) -> dict[str, tuple[str, ...]]:
