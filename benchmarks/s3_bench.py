@@ -11,14 +11,16 @@ for safeshard the most ranged GETs and part uploads in flight at once:
 
 - the server's own ceiling: one whole GET of the object; 8 parallel 8 MiB ranged GETs
   (s3fs ``cat_file``); a multipart PUT of 8 MiB parts with 1 and with 8 parts in flight
-  (boto3);
-- split: S3 -> S3 (``safeshard split s3://.../src s3://.../out``), local -> local, and
-  the naive route (download every object with ``s3fs.get``, then split locally);
+  (boto3); and a copy of the object through the client (boto3: each 8 MiB range fetched,
+  then uploaded as a part, 8 at once), which moves the same bytes as a split S3 -> S3 on a
+  server that cannot copy parts itself;
+- split: S3 -> S3 (``safeshard split s3://.../src s3://.../out``), local -> S3, local ->
+  local, and the naive route (download every object with ``s3fs.get``, then split locally);
 - load: ``safeshard.load`` from S3, from local files, and the naive route.
 
 Each safeshard number is printed beside the ceiling it is bounded by, as a ratio:
-load against 8 parallel ranged GETs, split S3 -> S3 against the 8-in-flight multipart
-PUT. The ceilings' clocks start after their client is made and has had one answer; so
+load against 8 parallel ranged GETs, split local -> S3 against the 8-in-flight multipart
+PUT, and split S3 -> S3 against both that PUT and the copy through the client. The ceilings' clocks start after their client is made and has had one answer; so
 ``load s3`` and the S3 -> S3 split are each timed twice: from nothing (the imports of
 s3fs and universal-pathlib, and numpy for load, and the client's setup included), and, like
 the ceilings, with those libraries imported and the client made and answered once. Everything it
@@ -79,8 +81,17 @@ fs.info(sorted(fs.ls(sys.argv[1].removeprefix("s3://"), refresh=True))[0])
 fs.invalidate_cache()
 """
 
+WARM_OUT = """
+import s3fs, upath, safeshard
+# the same for an upload from local files: the client made and one request answered
+fs = s3fs.S3FileSystem(**opts)
+fs.ls(sys.argv[2].removeprefix("s3://").split("/")[0], refresh=True)
+fs.invalidate_cache()
+"""
+
 CHILDREN = {
     "split s3->s3": CHILD_PRELUDE + SPLIT_S3,
+    "split local->s3, client set up first": CHILD_PRELUDE + WARM_OUT + SPLIT_S3,
     "split s3->s3, client set up first": CHILD_PRELUDE + WARM_CLIENT + SPLIT_S3,
     "split s3->s3, streamed (no server copy)": CHILD_PRELUDE
     + "from safeshard.io.remote import DEFAULT_LIMITS\nDEFAULT_LIMITS.server_copy = False\n"
@@ -185,6 +196,34 @@ from concurrent.futures import ThreadPoolExecutor
 flight = 8
 """,
 }
+CEILINGS["ceiling: copy through the client, 8 in flight"] = (
+    CHILD_PRELUDE
+    + """
+import boto3
+from concurrent.futures import ThreadPoolExecutor
+ck = opts["client_kwargs"]
+c = boto3.client("s3", endpoint_url=ck["endpoint_url"], region_name=ck["region_name"],
+                 aws_access_key_id=opts["key"], aws_secret_access_key=opts["secret"])
+bucket, key = sys.argv[1].split("/", 1)
+out = sys.argv[2].split("/", 1)[1]
+size = c.head_object(Bucket=bucket, Key=key)["ContentLength"]
+step = 8 * 2**20
+t0 = time.perf_counter()
+up = c.create_multipart_upload(Bucket=bucket, Key=out)["UploadId"]
+def copy(i):
+    end = min(size, (i + 1) * step) - 1
+    body = c.get_object(Bucket=bucket, Key=key, Range=f"bytes={i * step}-{end}")["Body"].read()
+    r = c.upload_part(Bucket=bucket, Key=out, UploadId=up, PartNumber=i + 1, Body=body)
+    return {"PartNumber": i + 1, "ETag": r["ETag"]}
+with ThreadPoolExecutor(8) as ex:
+    done = list(ex.map(copy, range(-(-size // step))))
+c.complete_multipart_upload(Bucket=bucket, Key=out, UploadId=up,
+                            MultipartUpload={"Parts": done})
+s = time.perf_counter() - t0
+c.delete_object(Bucket=bucket, Key=out)
+print(json.dumps({"s": s, "rss": peak(), "bytes": size}))
+"""
+)
 PUT = """
 ck = opts["client_kwargs"]
 c = boto3.client("s3", endpoint_url=ck["endpoint_url"], region_name=ck["region_name"],
@@ -337,6 +376,8 @@ def bench_server(
         "ceiling: multipart PUT, 8 parts in flight": ["bench/ceiling-put", str(size)],
     }
     if "split" in only:
+        variants["ceiling: copy through the client, 8 in flight"] = [obj, "bench/ceiling-copy"]
+        variants["split local->s3, client set up first"] = [str(src), "s3://bench/out-up"]
         variants["split s3->s3"] = ["s3://bench/src", "s3://bench/out"]
         variants["split s3->s3, client set up first"] = ["s3://bench/src", "s3://bench/out3"]
         variants["split s3->s3, streamed (no server copy)"] = ["s3://bench/src", "s3://bench/out2"]
@@ -392,13 +433,17 @@ def bench_server(
     if "load s3, client set up first" in summary:
         warm = summary["load s3, client set up first"]["MB/s"]
         ratios["load s3, client set up first / 8 parallel ranged GETs"] = warm / get8
+    copy = summary.get("ceiling: copy through the client, 8 in flight", {}).get("MB/s")
     for n in (
+        "split local->s3, client set up first",
         "split s3->s3",
         "split s3->s3, client set up first",
         "split s3->s3, streamed (no server copy)",
     ):
         if n in summary:
             ratios[f"{n} / multipart PUT 8 in flight"] = summary[n]["MB/s"] / put8
+            if copy and "s3->s3" in n:
+                ratios[f"{n} / copy through the client"] = summary[n]["MB/s"] / copy
     for k in ("dl-split", "dl-load", "out-local", "out-naive"):
         shutil.rmtree(work / k, ignore_errors=True)
     return {"variants": summary, "ratios": ratios}
@@ -494,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "variants" not in res:
             continue
         print(
-            f"{'variant':<44} | median s | MB/s  | peak RSS MB | "
+            f"{'variant':<50} | median s | MB/s  | peak RSS MB | "
             "most GETs / PUTs / server copies in flight"
         )
         for n, v in res["variants"].items():
@@ -507,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if copies:
                     flight += f" / {copies['max_requests_in_flight']}"
             print(
-                f"{n:<44} | {v['median_s']:>8.2f} | {v['MB/s']:>5.0f} | "
+                f"{n:<50} | {v['median_s']:>8.2f} | {v['MB/s']:>5.0f} | "
                 f"{v['peak_rss_MB']:>11.0f} | {flight}"
             )
         for k, ratio in res["ratios"].items():
