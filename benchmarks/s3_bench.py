@@ -10,17 +10,19 @@ of its own (``--repeats`` times, rotated), reporting wall time, throughput, peak
 for safeshard the most ranged GETs and part uploads in flight at once:
 
 - the server's own ceiling: one whole GET of the object; 8 parallel 8 MiB ranged GETs
-  (s3fs ``cat_file``); a multipart PUT of 8 MiB parts with 1 and with 8 parts in flight
-  (boto3); and a copy of the object through the client (boto3: each 8 MiB range fetched,
-  then uploaded as a part, 8 at once), which moves the same bytes as a split S3 -> S3 on a
-  server that cannot copy parts itself;
+  (s3fs ``cat_file``), their bytes dropped as they come (so memory is reused) or kept
+  (so they land in fresh memory, as a load's tensors do); a multipart PUT of 8 MiB parts
+  with 1 and with 8 parts in flight (boto3); and a copy of the object through the client
+  (boto3: each 8 MiB range fetched, then uploaded as a part, 8 at once), which moves the
+  same bytes as a split S3 -> S3 on a server that cannot copy parts itself;
 - split: S3 -> S3 (``safeshard split s3://.../src s3://.../out``), local -> S3, local ->
   local, and the naive route (download every object with ``s3fs.get``, then split locally);
 - load: ``safeshard.load`` from S3, from local files, and the naive route.
 
 Each safeshard number is printed beside the ceiling it is bounded by, as a ratio:
-load against 8 parallel ranged GETs, split local -> S3 against the 8-in-flight multipart
-PUT, and split S3 -> S3 against both that PUT and the copy through the client. The ceilings' clocks start after their client is made and has had one answer; so
+load against 8 parallel ranged GETs (dropped, and kept), split local -> S3 against the
+8-in-flight multipart PUT, and split S3 -> S3 against both that PUT and the copy through
+the client. The ceilings' clocks start after their client is made and has had one answer; so
 ``load s3`` and the S3 -> S3 split are each timed twice: from nothing (the imports of
 s3fs and universal-pathlib, and numpy for load, and the client's setup included), and, like
 the ceilings, with those libraries imported and the client made and answered once. Everything it
@@ -181,6 +183,21 @@ t0 = time.perf_counter()
 with ThreadPoolExecutor(8) as ex:
     n = sum(ex.map(lambda s: len(fs.cat_file(path, start=s, end=min(s + step, size))),
                    range(0, size, step)))
+print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(), "bytes": n}))
+""",
+    "ceiling: 8 parallel 8 MiB ranged GETs, kept": CHILD_PRELUDE
+    + """
+import s3fs
+from concurrent.futures import ThreadPoolExecutor
+fs = s3fs.S3FileSystem(**opts)
+path = sys.argv[1]
+size = fs.info(path)["size"]
+step = 8 * 2**20
+t0 = time.perf_counter()
+with ThreadPoolExecutor(8) as ex:
+    kept = list(ex.map(lambda s: fs.cat_file(path, start=s, end=min(s + step, size)),
+                       range(0, size, step)))
+n = sum(len(b) for b in kept)
 print(json.dumps({"s": time.perf_counter() - t0, "rss": peak(), "bytes": n}))
 """,
     "ceiling: multipart PUT, 1 part in flight": CHILD_PRELUDE
@@ -389,6 +406,7 @@ def bench_server(
             str(work / "dl-split"),
         ]
     if "load" in only:
+        variants["ceiling: 8 parallel 8 MiB ranged GETs, kept"] = [obj]
         variants["load s3"] = ["s3://bench/shards"]
         variants["load s3, client set up first"] = ["s3://bench/shards"]
         if server == "moto":
@@ -433,6 +451,8 @@ def bench_server(
     if "load s3, client set up first" in summary:
         warm = summary["load s3, client set up first"]["MB/s"]
         ratios["load s3, client set up first / 8 parallel ranged GETs"] = warm / get8
+        kept = summary["ceiling: 8 parallel 8 MiB ranged GETs, kept"]["MB/s"]
+        ratios["load s3, client set up first / 8 parallel ranged GETs, kept"] = warm / kept
     copy = summary.get("ceiling: copy through the client, 8 in flight", {}).get("MB/s")
     for n in (
         "split local->s3, client set up first",
