@@ -215,10 +215,25 @@ def find(path: str | os.PathLike[str], storage_options: StorageOptions = None) -
     return _find(p, place)
 
 
+def _kind(p: Path, place: Place) -> str | None:
+    """``"file"``, ``"directory"``, or None where nothing is: in object storage one
+    lookup (``exists`` then ``is_file`` would each ask the server, twice for a prefix)."""
+    fs = getattr(p, "fs", None)
+    if place.local is not None or fs is None:
+        if not p.exists():
+            return None
+        return "file" if p.is_file() else "directory"
+    try:
+        info = fs.info(getattr(p, "path", str(p)))
+    except FileNotFoundError:
+        return None
+    return "file" if info.get("type") == "file" else "directory"
+
+
 def _find(p: Path, place: Place) -> Found:
     with storage_op(p, "look up"):
-        exists = p.exists()
-        is_file = exists and p.is_file()
+        kind = _kind(p, place)
+    exists, is_file = kind is not None, kind == "file"
     if not exists:
         raise CheckpointNotFoundError(f"{p}: no such file or folder")
     if is_file:

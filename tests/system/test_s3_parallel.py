@@ -21,6 +21,7 @@ import pytest
 import safeshard
 from helpers.faultproxy import FaultProxy, Rule
 from helpers.s3kit import S3, random_model
+from safeshard.checkpoint import find
 from safeshard.errors import ReadError
 from safeshard.io import remote
 from safeshard.io.remote import DEFAULT_LIMITS, RemoteFile, filesystem
@@ -176,3 +177,20 @@ def test_a_server_that_cannot_list_uploads_is_named_once(
     assert len(r.files) == 3
     said = [n for n in r.notes if "cannot list incomplete multipart uploads" in n]
     assert len(said) == 1, r.notes
+
+
+def test_finding_a_checkpoint_asks_the_server_once_what_its_path_is(
+    proxied: tuple[str, dict[str, Any], FaultProxy], tmp_path: Path
+) -> None:
+    """Whether the path is an object, a prefix or nothing is one lookup (s3fs's ``info``:
+    a HEAD, then a listing for a prefix), not one for ``exists`` and another for
+    ``is_file``: each is a round trip to a remote server."""
+    base, opts, proxy = proxied
+    src = random_model(tmp_path / "src", layers=2, mib=1)
+    fs, root = filesystem(base, opts)
+    fs.put_file(str(src), f"{root}/m/model.safetensors")
+    proxy.reset()
+    found = find(f"{base}/m", opts)
+    assert found.file is not None and found.file.name == "model.safetensors"
+    heads = [t for m, t in proxy.seen if m == "HEAD" and t.split("?")[0].rstrip("/").endswith("/m")]
+    assert len(heads) == 1, proxy.seen
