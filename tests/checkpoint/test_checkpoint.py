@@ -300,27 +300,17 @@ def test_the_headers_of_shards_in_object_storage_are_read_at_once(
     """Each header in object storage waits out a round trip or two: the shards' headers
     are read in parallel (two reads meet at a barrier, which one reader after another
     would never reach), and come back in the shards' order."""
-    import threading
-
     import safeshard.checkpoint as door
+    from helpers.reads import Meeting
     from safeshard.io.remote import filesystem
 
-    shards = [{f"t{i}": ("F16", [i + 1])} for i in range(4)]
+    shards: list[Mapping[str, TensorDecl]] = [{f"t{i}": ("F16", [i + 1])} for i in range(4)]
     folder = write_sharded(st_file, tmp_path / "m", shards).parent
     base, opts = s3
     fs, root = filesystem(base, opts)
     fs.put(str(folder) + "/", f"{root}/m/", recursive=True)
-    meet = threading.Barrier(2, timeout=10)
-    met: list[bool] = []
-    header_at = door._header_at
-
-    def meeting(path: object, open_file: object) -> object:
-        if len(met) < 2:
-            met.append(True)
-            meet.wait()
-        return header_at(path, open_file)  # type: ignore[arg-type]
-
+    meeting = Meeting(door._header_at)
     monkeypatch.setattr(door, "_header_at", meeting)
     ckpt = open_checkpoint(f"{base}/m", storage_options=opts)
     assert [[t.name for t in h.tensors] for h in ckpt.headers] == [["t0"], ["t1"], ["t2"], ["t3"]]
-    assert not meet.broken
+    assert not meeting.broken

@@ -815,9 +815,8 @@ def test_headers_in_object_storage_are_read_at_once_with_the_same_findings(
     """verify reads the shards' headers in object storage in parallel (two reads meet at
     a barrier, which one reader after another would never reach), and a missing shard and
     a bad header are found as they are locally."""
-    import threading
-
     import safeshard.ops.verify as verify_module
+    from helpers.reads import Meeting
     from safeshard.io.remote import filesystem
 
     base, opts = s3
@@ -826,18 +825,9 @@ def test_headers_in_object_storage_are_read_at_once_with_the_same_findings(
     names = [p.name for p in clean.shards]
     fs.rm_file(f"{root}/out/{names[0]}")
     fs.pipe_file(f"{root}/out/{names[1]}", struct.pack("<Q", 10**9) + b"{}")
-    meet = threading.Barrier(2, timeout=10)
-    met: list[bool] = []
-    one_header = verify_module._one_header
-
-    def meeting(t: Any, name: str) -> Any:
-        if len(met) < 2:
-            met.append(True)
-            meet.wait()
-        return one_header(t, name)
-
+    meeting = Meeting(verify_module._one_header)
     monkeypatch.setattr(verify_module, "_one_header", meeting)
     rep = verify(f"{base}/out", storage_options=opts)
-    assert not meet.broken
+    assert not meeting.broken
     assert find(rep, "missing-shard") == [(names[0], None)]
     assert find(rep, "bad-header") == [(names[1], None)]
