@@ -9,7 +9,7 @@ import pytest
 
 from safeshard.errors import WriteError
 from safeshard.io.journal import FileRecord
-from safeshard.io.remote import RemoteFolder, _PartUploader, filesystem, part_size
+from safeshard.io.remote import RemoteFolder, RemoteSink, _PartUploader, filesystem, part_size
 
 
 def uploads(fs: Any, bucket: str) -> list[str]:
@@ -181,3 +181,16 @@ def test_a_completion_failing_in_the_background_is_raised_and_leaves_nothing(
     left = {p.rsplit("/", 1)[-1] for p in fs.ls(root, refresh=True)} if fs.exists(root) else set()
     assert not {"a.safetensors", "b.safetensors", ".safeshard.lock"} & left, left
     assert uploads(fs, bucket) == []
+
+
+def test_a_sink_written_after_its_upload_finished_says_so(s3: tuple[str, dict[str, Any]]) -> None:
+    """A finished upload holds no part buffer: writing to it again is a WriteError naming
+    the object, not bytes silently lost."""
+    base, options = s3
+    fs, root = filesystem(f"{base}/done", options)
+    sink = RemoteSink(fs, f"{root}/a.safetensors", "a.safetensors", 9 * 2**20)
+    sink.write(b"x" * (9 * 2**20))
+    sink.commit()
+    with pytest.raises(WriteError, match=r"a\.safetensors: written to after its upload"):
+        sink.write(b"y")
+    assert fs.cat_file(f"{root}/a.safetensors") == b"x" * (9 * 2**20)

@@ -589,12 +589,20 @@ class _PartUploader:
     def write(self, data: memoryview) -> None:
         while len(data):
             n = min(len(data), self.part - self._fill)
-            assert self._buf is not None, "written after the last part"
-            self._buf[self._fill : self._fill + n] = data[:n]
+            self._buffer()[self._fill : self._fill + n] = data[:n]
             self._fill += n
             data = data[n:]
             if self._fill == self.part:
                 self._send()
+
+    def _buffer(self) -> bytearray:
+        """The part being filled; there is none once the last part was sent."""
+        if self._buf is None:
+            raise WriteError(
+                f"{self.name}: written to after its upload was completed or aborted",
+                filename=self.name,
+            )
+        return self._buf
 
     def _check(self) -> None:
         if self._error is not None:
@@ -607,8 +615,7 @@ class _PartUploader:
         if self.upload_id is None:
             self.upload_id = str(self._call("create_multipart_upload")["UploadId"])
         number = len(self._futures) + 1
-        buf, size = self._buf, self._fill
-        assert buf is not None, "sent after the last part"
+        buf, size = self._buffer(), self._fill
         slots = self.limits._put_slots
         slots.acquire()
         try:
@@ -640,11 +647,10 @@ class _PartUploader:
 
     def complete(self) -> None:
         if self.upload_id is None:  # smaller than a part: one PUT
-            assert self._buf is not None
             stats = self.limits.upload_stats
             stats.begin(self._fill)
             try:
-                self._call("put_object", Body=bytes(memoryview(self._buf)[: self._fill]))
+                self._call("put_object", Body=bytes(memoryview(self._buffer())[: self._fill]))
             finally:
                 stats.end(self._fill, self._fill)
             self._done = True
