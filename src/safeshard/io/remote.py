@@ -1356,8 +1356,12 @@ class RemoteFolder:
         return self._upload(name, name, fill, size, f"written:{name}", later=True)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        write = lambda sink: sink.write(data)  # noqa: E731
-        self._upload(name, name, write, len(data), f"written:{name}", later=False)
+        """Upload ``data`` as ``name``, finished before this returns (the commit's index)."""
+
+        def fill(sink: RemoteSink) -> None:
+            sink.write(data)
+
+        self._upload(name, name, fill, len(data), f"written:{name}", later=False)
 
     def copy_in(self, source: ByteSource, name: str) -> None:
         """Copy all of ``source`` (a local file, or an object) to ``name``: on the server
