@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,7 @@ class FileReport:
     header_size: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "size": self.size,
-            "tensors": self.tensors,
-            "header_size": self.header_size,
-        }
+        return asdict(self)  # every field, in order; all plain values
 
 
 @dataclass(frozen=True)
@@ -204,13 +199,7 @@ class RankReport:
     tensor_bytes: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "files": self.files,
-            "file_size": self.file_size,
-            "tensors": self.tensors,
-            "tensor_bytes": self.tensor_bytes,
-        }
+        return asdict(self)  # every field, in order; all plain values
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -154,12 +154,7 @@ class Finding:
     message: str
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "code": self.code,
-            "file": self.file,
-            "tensor": self.tensor,
-            "message": self.message,
-        }
+        return asdict(self)  # every field, in order; all plain values
 
 
 @dataclass
